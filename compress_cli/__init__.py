@@ -1,0 +1,37 @@
+"""compress: make PyTorch models smaller and faster, and tune them, from YAML recipes.
+
+Public API::
+
+    import compress_cli
+    model = compress_cli.load("runs/quickstart/model")      # rebuild a compressed model
+    report = compress_cli.run("recipes/quickstart.yaml")    # run a recipe, returns report dict
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["__version__", "load", "run"]
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode."""
+    from .checkpoint import load as _load
+
+    return _load(path)
+
+
+def run(recipe: str | Path, *, overrides: list[str] | None = None, force: bool = False, device: str | None = None,
+        output: str | None = None) -> dict[str, Any]:
+    """Validate and run a recipe file; returns the report (as written to report.json)."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    r, _ = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
+    return run_recipe(r, force=force, device=device)

@@ -1,0 +1,21 @@
+"""``compress validate --model``: load model and data, and let each stage say what it would touch."""
+
+from __future__ import annotations
+
+from .recipe import Recipe
+
+
+def dry_run(recipe: Recipe) -> list[str]:
+    from .pipeline import build_state, resolve_device
+    from .registry import get_stage
+
+    state = build_state(recipe, resolve_device(recipe.device), recipe.output_dir())
+    n = sum(p.numel() for p in state.model.parameters())
+    lines = [f"model {recipe.model.source}: {n:,} parameters; data {recipe.data.source}: "
+             f"{len(state.data.train_dataset)} train / {len(state.data.test_dataset)} test, "
+             f"input {list(state.data.input_shape)}, {state.data.num_classes} classes"]
+    for i, cfg in enumerate(recipe.stages, start=1):
+        stage = get_stage(cfg.type)(cfg, i)
+        lines.append(f"{i}. {stage.name}")
+        lines += [f"   {line}" for line in stage.preview(state)]
+    return lines

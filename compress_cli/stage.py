@@ -1,0 +1,94 @@
+"""Base classes for stage plugins: a frozen pydantic config plus the code that applies it.
+
+A stage module must stay cheap to import (no torch at module level): ``compress validate`` and
+``compress stages`` import every stage to read its config. Import torch inside ``run``.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from .state import State
+
+
+class StageConfig(BaseModel):
+    """Fields every stage accepts. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="registered stage type")
+    name: str | None = Field(None, description="label shown in the report (default: the type)")
+    on_violation: Literal["fail", "revert", "warn"] | None = Field(
+        None, description="what a guard violation after this stage does (default: the guard's)"
+    )
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+@dataclass
+class StageResult:
+    """What a stage tells the pipeline besides the model it leaves in the state."""
+
+    notes: str = ""
+    details: dict[str, Any] = field(default_factory=dict)  # goes into report.json under the stage
+    artifacts: list[str] = field(default_factory=list)  # files written into the output dir
+
+
+class Stage(Generic[C]):
+    """Subclass as ``class Prune(Stage[PruneConfig])`` and decorate with ``@register_stage``."""
+
+    type_name: ClassVar[str] = ""
+    config_class: ClassVar[type[StageConfig]] = StageConfig
+    #: a config (without ``type``) that runs on the digits test model in about a second
+    example: ClassVar[dict[str, Any]] = {}
+    #: hyperparameters this stage writes into ``state.hparams`` (enables ``auto`` in later stages)
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        for base in getattr(cls, "__orig_bases__", ()):
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type) and issubclass(args[0], StageConfig):
+                cls.config_class = args[0]
+
+    def __init__(self, config: C, index: int = 0):
+        self.config = config
+        self.index = index
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.type_name
+
+    # --- properties the cross-stage rules read -------------------------------------------
+    @classmethod
+    def trains(cls, config: StageConfig) -> bool:
+        """True if this stage updates weights by gradient descent."""
+        return False
+
+    @classmethod
+    def modifies(cls, config: StageConfig) -> bool:
+        """False for stages that only read the model (evaluate, export)."""
+        return True
+
+    @classmethod
+    def freezes(cls, config: StageConfig) -> bool:
+        """True if after this stage the model can no longer be trained (real int8 conversion)."""
+        return False
+
+    @classmethod
+    def check(cls, config: StageConfig, device: str) -> list[str]:
+        """Extra static checks (e.g. scheme not available on this device). One message each."""
+        return []
+
+    def preview(self, state: State) -> list[str]:
+        """Dry run (``compress validate --model``): what this stage would touch. Must not modify."""
+        return []
+
+    def run(self, state: State) -> StageResult:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Built-in stages, one module each; importing a module registers its stage."""

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from ..registry import register_stage
+from ..stage import Stage, StageConfig, StageResult
+from ..state import State
+
+
+class EvaluateConfig(StageConfig):
+    """An explicit measuring point (the pipeline measures after every stage)."""
+
+
+@register_stage("evaluate")
+class Evaluate(Stage[EvaluateConfig]):
+    """An explicit measuring point: changes nothing; the pipeline measures the model after it."""
+
+    example: dict = {}
+
+    @classmethod
+    def modifies(cls, config: StageConfig) -> bool:
+        return False
+
+    def run(self, state: State) -> StageResult:
+        return StageResult(notes="measured")

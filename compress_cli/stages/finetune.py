@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from ..registry import register_stage
+from ..stage import Stage, StageConfig, StageResult
+from ..state import State
+from ..training import TrainOptions, train
+
+
+class FinetuneConfig(StageConfig, TrainOptions):
+    """Train the current model (from its checkpoint, or from random init when there is none)."""
+
+
+@register_stage("finetune")
+class Finetune(Stage[FinetuneConfig]):
+    """Train the current model with the shared training loop (optimizers, schedules, L1/L2, AMP)."""
+
+    example = {"epochs": 1, "lr": 0.01, "max_steps_per_epoch": 5}
+
+    @classmethod
+    def trains(cls, config: StageConfig) -> bool:
+        return True
+
+    def run(self, state: State) -> StageResult:
+        res = train(state.model, state, self.config, label=self.name)
+        last = res.history[-1] if res.history else {}
+        notes = f"{res.epochs_run} epoch(s)"
+        if "val_accuracy" in last:
+            notes += f", val {last['val_accuracy'] * 100:.2f}%"
+        if res.stopped_early:
+            notes += ", stopped early (best weights restored)"
+        return StageResult(notes=notes, details=res.summary())

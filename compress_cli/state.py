@@ -1,0 +1,141 @@
+"""State passed from stage to stage: the model, the frozen original, data, device, found hparams."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from .recipe import ModelConfig, Recipe
+
+
+@dataclass
+class DataBundle:
+    """Loaders over the train / validation / test splits plus a few calibration batches.
+
+    ``train_dataset`` is kept so stages can ask for a loader with another batch size.
+    """
+
+    train_dataset: Dataset
+    val_dataset: Dataset | None
+    test_dataset: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    batch_size: int
+    eval_batch_size: int = 256
+    calibration_batches: int = 8
+    seed: int = 0
+    num_workers: int = 0
+    labelled: bool = True
+    _calib: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+
+    def loader(self, split: str, batch_size: int | None = None, shuffle: bool | None = None) -> DataLoader:
+        import torch
+        from torch.utils.data import DataLoader
+
+        ds = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
+        if ds is None:
+            ds = self.test_dataset
+        train = split == "train"
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            shuffle=train if shuffle is None else shuffle,
+            generator=g,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
+
+    def calibration(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``calibration_batches`` training batches (fixed order, cached)."""
+        if self._calib is None:
+            out = []
+            for i, batch in enumerate(self.loader("train", shuffle=False)):
+                if i >= self.calibration_batches:
+                    break
+                out.append((batch[0], batch[1]))
+            self._calib = out
+        return self._calib
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        import torch
+
+        return torch.randn(batch, *self.input_shape)
+
+
+@dataclass
+class Edit:
+    stage: str
+    op: str
+    details: dict[str, Any]
+
+
+@dataclass
+class EditLog:
+    items: list[Edit] = field(default_factory=list)
+
+    def record(self, stage: str, op: str | None = None, **details: Any) -> None:
+        self.items.append(Edit(stage, op or stage, details))
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"stage": e.stage, "op": e.op, **e.details} for e in self.items]
+
+
+@dataclass
+class State:
+    model: nn.Module
+    original: nn.Module  # the model as loaded, frozen; the teacher and the baseline
+    data: DataBundle
+    device: torch.device
+    recipe: Recipe
+    model_spec: ModelConfig  # how to rebuild the current architecture's base (changes on student swap)
+    output_dir: Path
+    hparams: dict[str, Any] = field(default_factory=dict)
+    edits: EditLog = field(default_factory=EditLog)
+    #: load-time transforms a stage needs replayed by load() (e.g. quantization); see checkpoint.py
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    runner: Any = None  # runners.Runner that measures the model; None = torch eager
+    seed: int = 0
+    emit: Callable[..., None] = field(default=lambda *a, **k: None, repr=False)
+    stage_dir: Path | None = None  # the running stage's snapshot folder (for epoch checkpoints)
+    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
+
+    def select_modules(
+        self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()
+    ) -> list[tuple[str, nn.Module]]:
+        return select_modules(self.model, include, exclude, kinds)
+
+    def resolve(self, value: Any, key: str, default: Any = None) -> Any:
+        """Turn ``auto`` into the value an earlier stage found (lr_find, batch_size_find)."""
+        if value == "auto":
+            if key in self.hparams:
+                return self.hparams[key]
+            if default is not None:
+                return default
+            from .errors import StageError
+
+            raise StageError(f"{key}: 'auto' but no earlier stage found a value")
+        return value
+
+
+def select_modules(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()
+) -> list[tuple[str, nn.Module]]:
+    inc, exc = list(include), list(exclude)
+    out = []
+    for name, mod in model.named_modules():
+        if not name or (kinds and not isinstance(mod, kinds)):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(fnmatch.fnmatchcase(name, p) for p in exc):
+            out.append((name, mod))
+    return out
