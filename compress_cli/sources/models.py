@@ -101,7 +101,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
+        if "global" not in str(e).lower():
             raise SourceError(f"model.checkpoint {p}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
         if not allow_pickle:
             raise SourceError(
@@ -178,6 +178,6 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 def _pickle_reason(e: Exception) -> str:
     for line in str(e).splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
+        if "global" in line.lower():
             return line.strip().rstrip(".")
     return "objects other than tensors"
