@@ -4,6 +4,7 @@ way for all of them. Nothing here prints: progress goes out through ``emit``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -223,7 +224,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
         "stages": [],
     }
     snap_root = out / "stages"
-    base_dir = snap_root / "00-baseline"
+    base_dir = snap_root / "00-baseline" / "model"
     save_snapshot(state, base_dir)
     baseline = measure(state, base_dir, None)
     baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
@@ -295,7 +296,5 @@ def _write_partial(report: dict[str, Any], out: Path, last: dict[str, Any], erro
     if "baseline" not in report:
         return
     report = dict(report, final=last, error=error, incomplete=True)
-    try:
+    with contextlib.suppress(Exception):
         write_report(report, out)
-    except Exception:
-        pass
