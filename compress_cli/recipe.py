@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,8 +264,9 @@ def _pydantic_problems(
     err: ValidationError, raw: RawRecipe, prefix: tuple[Any, ...], model: type[BaseModel], stage_types: dict[int, str]
 ) -> list[str]:
     problems = []
+    merged: dict[tuple[Any, ...], list[str]] = {}  # union branches: one line per path, alternatives joined
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
         path = prefix + loc
         kind = e["type"]
         if kind == "extra_forbidden":
@@ -281,9 +283,17 @@ def _pydantic_problems(
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed.replace(' or ', ', ')}"
         else:
-            msg = msg.replace("Value error, ", "").replace("Input should be", "must be")
-        problems.append(f"{raw.where(path)}: {_fmt_path(path, stage_types)}: {msg} (got {_fmt_value(e.get('input'))})")
-    return problems
+            msg = re.sub(r"^(Input|List|String|Dictionary|Tuple|Set) should ", "must ", msg.replace("Value error, ", ""))
+        line = f"{raw.where(path)}: {_fmt_path(path, stage_types)}: "
+        if line in merged:
+            merged[line].append(msg.replace("must be ", "", 1))
+            continue
+        merged[line] = [msg, f" (got {_fmt_value(e.get('input'))})"]
+        problems.append(line)
+    return [p + " or ".join(merged[p][:1] + merged[p][2:]) + merged[p][1] if p in merged else p for p in problems]
+
+
+_UNION_BRANCH = re.compile(r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*)$")
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

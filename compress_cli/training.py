@@ -212,6 +212,9 @@ def train(
                     f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
                 )
             state.emit("step", label=label)
+            if state.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
+                result.stopped_early = True
+                break
         mean_loss = float(run_loss) / max(1, seen)
         if not math.isfinite(mean_loss):
             raise StageError(f"{label}: loss became {mean_loss} in epoch {epoch + 1}; lower the lr or set grad_clip")

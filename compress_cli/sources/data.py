@@ -426,7 +426,7 @@ def _idx_source(cfg: DataConfig, seed: int, source: str) -> DataBundle:
     root = Path(cfg.root or DEFAULT_ROOTS[source]).expanduser()
     if not root.is_dir():
         hint = " (apt-get install dataset-fashion-mnist provides it)" if source == "fashion_mnist" else ""
-        where = "data.root" if cfg.root else f"data.root is not set and the default {root}"
+        where = f"data.root {root}" if cfg.root else f"data.root is not set and the default {root}"
         raise SourceError(f"{source}: {where} does not exist or is not a folder{hint}")
     x_tr, y_tr = _load_idx_split(root, source, "train")
     x_te, y_te = _load_idx_split(root, source, "test")

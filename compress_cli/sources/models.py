@@ -109,8 +109,9 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
                 "loading it would run code from the file. If you trust it, set model.allow_pickle: true"
             ) from None
         obj = torch.load(p, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"model.checkpoint {p}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # zip/pickle/storage errors of a damaged or foreign file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"model.checkpoint {p}: corrupt or truncated checkpoint ({first})") from None
     from torch import nn
 
     if isinstance(obj, nn.Module):
