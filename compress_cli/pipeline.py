@@ -189,8 +189,12 @@ def guard_violations(recipe: Recipe, m: dict[str, Any], base: dict[str, Any]) ->
 
 
 def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None, emit: Emit = _noop) -> dict[str, Any]:
-    """Run every stage; write OUTPUT/{recipe.yaml, report.*, model/, stages/}. Returns the report."""
-    from . import __version__
+    """Run every stage; write OUTPUT/{recipe.yaml, report.*, model/, stages/}. Returns the report.
+
+    Under torchrun every rank runs the stages (training is data-parallel) but only rank 0 writes
+    files and measures; the other ranks return a report without metrics.
+    """
+    from . import __version__, distributed
     from .checkpoint import atomic_write_text
     from .measure import fp32_state_dict_bytes
     from .registry import get_stage
@@ -200,9 +204,12 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
     if device:
         recipe = recipe.model_copy(update={"device": device})
     out = recipe.output_dir()
-    dev = resolve_device(recipe.device)
-    prepare_output(out, force)
-    atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    dev = distributed.setup(resolve_device(recipe.device))
+    main = distributed.is_main()
+    if main:
+        prepare_output(out, force)
+        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    distributed.barrier()
     emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
     state = build_state(recipe, dev, out, emit)
     report: dict[str, Any] = {
@@ -215,6 +222,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
     }
     snap_root = out / "stages"
     base_dir = snap_root / "00-baseline"
+    if not main:
+        return _run_stages_secondary(state, report)
     save_snapshot(state, base_dir)
     baseline = measure(state, base_dir, None)
     baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
@@ -277,6 +286,24 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
     emit("done", report=report)
     if violations:
         raise GuardError(violations)
+    return report
+
+
+def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: run the same stages (so collective operations match),
+    write nothing, measure nothing."""
+    from .registry import get_stage
+
+    for i, cfg in enumerate(state.recipe.stages, start=1):
+        state.stage_dir = None
+        try:
+            get_stage(cfg.type)(cfg, i).run(state)
+        except CompressError as e:
+            e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
+            raise
+        except Exception as e:
+            raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
+    report["hparams"] = state.hparams
     return report
 
 
