@@ -27,6 +27,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -113,7 +114,21 @@ def storage_url(spec: str | None, state: State, index: int) -> str | None:
         path = Path(state.output_dir).resolve() / f"hpo-{index:02d}.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
-    return spec
+    return with_driver(spec)
+
+
+def with_driver(url: str) -> str:
+    """``postgresql://`` without a driver: name one that is installed (SQLAlchemy 2.1 assumes
+    psycopg 3, older versions psycopg2; the ``postgres`` extra installs psycopg2-binary)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    return f"postgresql://{rest}"
 
 
 def redact(url: str | None) -> str:
@@ -202,7 +217,7 @@ class Search:
         self.state = state
         self.directions = [OBJECTIVES[o] for o in self.cfg.objectives]
         self.paths = {k: resolve_space_key(self.cfg.stages, k) for k in self.cfg.space}
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this search
         self.kept: dict[int, Outcome] = {}
         self.study: Any = None
 

@@ -195,8 +195,9 @@ def train(
     hook_stop = False
     for epoch in range(opts.epochs):
         model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        epoch_sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
+        if hasattr(epoch_sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+            epoch_sampler.set_epoch(epoch)
         state.emit("epoch_start", label=label, epoch=epoch + 1, epochs=opts.epochs, steps=steps)
         run_loss = torch.zeros((), device=device)
         seen = 0
