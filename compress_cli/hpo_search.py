@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -360,6 +361,17 @@ class Search:
         strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, self.directions, strict=True)]
         return all(better) and any(strictly)
 
+    def defaults(self) -> dict[str, Any]:
+        """The wrapped stages' configured values of the space's parameters that the space contains."""
+        out = {}
+        for key, (index, path) in self.paths.items():
+            node: Any = self.cfg.stages[index].model_dump(mode="python")
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None and self.cfg.space[key].contains(node):
+                out[key] = node
+        return out
+
     # ------------------------------------------------------------------ the study
     def study_count(self) -> int:
         return sum(1 for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow"))
@@ -384,7 +396,11 @@ class Search:
                 existing = len(probe.trials)
             except KeyError:
                 existing = 0
-            seed = state.seed * 7919 + existing + (os.getpid() if shared else 0)
+            # a fresh run is reproducible; a resumed one does not replay the draws of the first; workers
+            # sharing a study draw apart from each other (their order is not reproducible anyway)
+            seed = state.seed * 7919 + existing
+            if shared:
+                seed = zlib.crc32(f"{seed}:{self.worker}".encode())
             try:
                 self.study = optuna.create_study(
                     storage=storage, study_name=study_name, directions=self.directions,
@@ -395,6 +411,11 @@ class Search:
             if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
                 raise StageError(f"study {study_name!r} in {redact(url)} was created with other objectives; "
                                  "use another study_name")
+
+            if cfg.enqueue_defaults and not self.study.get_trials(deepcopy=False):
+                defaults = self.defaults()
+                if defaults:
+                    self.study.enqueue_trial(defaults, user_attrs={"defaults": True}, skip_if_exists=True)
 
             def stop_when_done(study: Any, trial: Any) -> None:
                 if state.should_stop() or (cfg.n_trials is not None and self.study_count() >= cfg.n_trials):
@@ -496,6 +517,8 @@ def _row(t: Any, worker: str) -> dict[str, Any]:
         "duration_s": None if dur is None else round(dur, 3),
         "ran_here": t.user_attrs.get("worker") == worker,
     }
+    if t.user_attrs.get("defaults"):
+        row["defaults"] = True
     if t.user_attrs.get("error"):
         row["error"] = t.user_attrs["error"]
     return row

@@ -74,6 +74,22 @@ class Distribution(BaseModel):
         rng = self.float_ if self.float_ is not None else self.int_
         return list(rng) if rng is not None else []
 
+    def contains(self, v: Any) -> bool:
+        """Whether ``v`` is a value this distribution can produce."""
+        if self.categorical is not None:
+            return v in self.categorical
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        rng = self.float_ if self.float_ is not None else self.int_
+        assert rng is not None
+        lo, hi = rng
+        if not lo <= v <= hi or (self.int_ is not None and v != int(v)):
+            return False
+        if self.step:
+            k = (v - lo) / self.step
+            return abs(k - round(k)) < 1e-9
+        return True
+
     def describe(self) -> str:
         if self.categorical is not None:
             return f"one of {self.categorical}"
@@ -104,6 +120,10 @@ class HpoConfig(StageConfig):
     )
     pruner_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
     pruner_warmup_epochs: int = Field(0, ge=0, description="median: epochs of each trial that are never pruned")
+    enqueue_defaults: bool = Field(
+        True, description="trial 0 runs the wrapped stages' configured values (those inside the space), "
+        "so the search is measured against what you configured"
+    )
     storage: str | None = Field(
         None,
         description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); 'memory' keeps it "

@@ -207,3 +207,33 @@ def test_trials_report_through_nested_training_and_leave_state_alone(tmp_path):
     assert state.model is not original_model  # the best trial's copy became the model
     assert all(torch.equal(before[k], v) for k, v in original_model.state_dict().items())  # copies trained
     assert state.epoch_callbacks == []
+
+
+@pytest.mark.parametrize("sampler,pruner", [("cmaes", "median"), ("tpe", "hyperband"), ("random", "none")])
+def test_samplers_and_pruners_run(tmp_path, sampler, pruner):
+    state = make_state(tmp_path)
+    res = hpo(stages=[FT], space={**LR, "finetune.epochs": {"int": [1, 2]}}, n_trials=3, sampler=sampler,
+              pruner=pruner, sampler_startup_trials=1, storage="memory").run(state)
+    assert res.details["sampler"] == sampler and len(res.details["trials"]) == 3
+    assert res.details["counts"]["complete"] >= 1
+
+
+def test_timeout_alone_ends_the_search(tmp_path):
+    state = make_state(tmp_path)
+    res = hpo(stages=[FT], space=LR, n_trials=None, timeout_s=0.5, pruner="none", storage="memory").run(state)
+    assert 1 <= len(res.details["trials"]) < 50
+
+
+def test_first_trial_runs_the_configured_values(tmp_path):
+    state = make_state(tmp_path)
+    space = {"finetune.lr": {"float": [1e-3, 1e-1], "log": True},
+             "finetune.optimizer": {"categorical": ["sgd", "adamw"]},  # the configured adam is not in it
+             "finetune.epochs": {"int": [1, 2]}}
+    res = hpo(stages=[{**FT, "lr": 0.02}], space=space, n_trials=2, pruner="none", storage="memory").run(state)
+    first = res.details["trials"][0]
+    assert first.get("defaults") is True
+    assert first["params"]["finetune.lr"] == 0.02 and first["params"]["finetune.epochs"] == 2
+    assert first["params"]["finetune.optimizer"] in ("sgd", "adamw")  # sampled: the default is outside
+    res = hpo(stages=[FT], space=LR, n_trials=1, pruner="none", storage="memory", enqueue_defaults=False).run(
+        make_state(tmp_path))
+    assert "defaults" not in res.details["trials"][0]
