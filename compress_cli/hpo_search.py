@@ -331,7 +331,7 @@ class Search:
             if o == "accuracy":
                 out.append(float(evaluate(runner, sub.data.loader("val"), sub.data.num_classes)["accuracy"]))
             elif o == "latency_ms":
-                lat = getattr(getattr(sub.recipe, "measure", None), "latency", None) or LatencyConfig()
+                lat = getattr(getattr(sub.recipe, "measure", None), "latency", None) or LatencyConfig.model_validate({})
                 lat = lat.model_copy(update={"batch_sizes": [lat.batch_sizes[0]]})
                 out.append(float(latency(runner, sub.data.input_shape, lat, sub.seed)["latency_ms"]))
             elif o == "size_bytes":
@@ -403,7 +403,7 @@ class Search:
                 seed = zlib.crc32(f"{seed}:{self.worker}".encode())
             try:
                 self.study = optuna.create_study(
-                    storage=storage, study_name=study_name, directions=self.directions,
+                    storage=storage, study_name=study_name, directions=self.directions,  # type: ignore[arg-type]
                     sampler=make_sampler(cfg, seed, shared), pruner=make_pruner(cfg), load_if_exists=True,
                 )
             except ValueError as e:
@@ -464,6 +464,7 @@ class Search:
             except (StageError, optuna.TrialPruned) as e:
                 raise StageError(f"re-running the best trial {best.number} ({best.params}) failed: {e}") from None
             outcome = self.kept[best.number]
+        assert outcome is not None
         sub = outcome.state
         state.model = sub.model
         state.model_spec = sub.model_spec

@@ -197,7 +197,7 @@ def train(
         model.train()
         epoch_sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
         if hasattr(epoch_sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
-            epoch_sampler.set_epoch(epoch)
+            epoch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
         state.emit("epoch_start", label=label, epoch=epoch + 1, epochs=opts.epochs, steps=steps)
         run_loss = torch.zeros((), device=device)
         seen = 0

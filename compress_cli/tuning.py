@@ -314,7 +314,7 @@ def probe_batch(
     device = state.device
     ds = state.data.train_dataset
     g = torch.Generator().manual_seed(state.seed)
-    sampler = RandomSampler(ds, replacement=True, num_samples=batch_size * steps, generator=g)
+    sampler = RandomSampler(ds, replacement=True, num_samples=batch_size * steps, generator=g)  # type: ignore[arg-type]
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=state.data.num_workers)
     probe_opts = opts.model_copy(update={"epochs": 1, "max_steps_per_epoch": steps, "batch_size": None,
                                          "scheduler": "none", "warmup_epochs": 0.0, "early_stopping": None})
@@ -390,27 +390,23 @@ def search_max_batch(fits: Callable[[int], bool], start: int, cap: int) -> tuple
     """
     start = max(1, min(start, cap))
     if not fits(start):
-        hi = start
-        lo = 0
+        hi, lo = start, 0
         while hi > 1:  # shrink until something fits
-            hi_next = hi // 2
-            if fits(hi_next):
-                lo = hi_next
+            if fits(hi // 2):
+                lo = hi // 2
                 break
-            hi = hi_next
+            hi //= 2
         if lo == 0:
             return None, "even batch 1 does not fit"
     else:
-        lo = start
-        hi = None
+        lo, hi = start, 0
         while lo < cap:
             nxt = min(lo * 2, cap)
-            if fits(nxt):
-                lo = nxt
-            else:
+            if not fits(nxt):
                 hi = nxt
                 break
-        if hi is None:
+            lo = nxt
+        if hi == 0:
             return lo, "capped" if lo == cap else "fits"
     while hi - lo > 1:
         mid = (lo + hi) // 2

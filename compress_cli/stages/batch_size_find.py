@@ -55,7 +55,8 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
 
     def preview(self, state: State) -> list[str]:
         c = self.config
-        return [f"probe batch sizes from {c.start} up to {min(c.max_batch_size, len(state.data.train_dataset))} "
+        n_train = len(state.data.train_dataset)  # type: ignore[arg-type]
+        return [f"probe batch sizes from {c.start} up to {min(c.max_batch_size, n_train)} "
                 f"({c.mode}); sets hparams.batch_size" + (" and scales hparams.lr" if c.scale_lr else "")]
 
     def run(self, state: State) -> StageResult:
@@ -69,14 +70,16 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
         mode = c.mode
         if mode is None:
             mode = "max" if cuda or c.max_memory_gb is not None else "throughput"
-        cap = min(c.max_batch_size, len(state.data.train_dataset))
+        cap = min(c.max_batch_size, len(state.data.train_dataset))  # type: ignore[arg-type]
         limit = int(c.max_memory_gb * 2**30) if c.max_memory_gb is not None else None
         if mode == "max" and not cuda and limit is None:
             limit = _available_memory()
             if limit is None:
                 raise StageError("mode max on CPU needs max_memory_gb (available memory is unknown on this system)")
         lr = state.hparams.get("lr", 1e-3)
-        opts = TrainOptions(epochs=1, lr=float(lr), optimizer=c.optimizer, momentum=c.momentum, amp=c.amp)
+        opts = TrainOptions.model_validate(
+            {"epochs": 1, "lr": float(lr), "optimizer": c.optimizer, "momentum": c.momentum, "amp": c.amp}
+        )
         probes: dict[int, Probe] = {}
 
         def fits(bs: int) -> bool:

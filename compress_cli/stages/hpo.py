@@ -110,7 +110,7 @@ class HpoConfig(StageConfig):
     n_trials: int | None = Field(20, gt=0, description="trials in the study in total (all workers and resumes)")
     timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
     objectives: list[Literal["accuracy", "latency_ms", "size_bytes", "nonzero_params", "macs"]] = Field(
-        default_factory=lambda: ["accuracy"], min_length=1,
+        default_factory=lambda: ["accuracy"], min_length=1,  # type: ignore[arg-type,return-value]
         description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... (minimized): Pareto front",
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")

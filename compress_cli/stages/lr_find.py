@@ -78,10 +78,10 @@ class LrFind(Stage[LrFindConfig]):
         schedule = lr_schedule(c.min_lr, c.max_lr, c.steps, c.mode)
         bs = state.resolve(c.batch_size, "batch_size") if c.batch_size is not None else None
         per_epoch = len(state.data.loader("train", batch_size=bs))
-        opts = TrainOptions(
-            epochs=math.ceil(c.steps / max(1, per_epoch)), lr=c.min_lr, optimizer=c.optimizer, momentum=c.momentum,
-            weight_decay=c.weight_decay, batch_size=bs, amp=c.amp,
-        )
+        opts = TrainOptions.model_validate({
+            "epochs": math.ceil(c.steps / max(1, per_epoch)), "lr": c.min_lr, "optimizer": c.optimizer,
+            "momentum": c.momentum, "weight_decay": c.weight_decay, "batch_size": bs, "amp": c.amp,
+        })
         payload = None
         if distributed.is_main():  # under torchrun rank 0 sweeps alone; the others wait for its result
             with preserved(state.model):
