@@ -9,9 +9,9 @@ when no server can be had.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -47,9 +47,10 @@ def pg_url() -> str:
     return url
 
 
-def test_two_workers_share_one_study(tmp_path, pg_url):
+def test_two_workers_share_one_study(tmp_path, pg_url, monkeypatch):
     import optuna
 
+    import compress_cli
     from compress_cli.hpo_search import with_driver
 
     study = f"test-{uuid.uuid4().hex[:10]}"
@@ -70,13 +71,20 @@ def test_two_workers_share_one_study(tmp_path, pg_url):
     }
     rpath = tmp_path / "shared.yaml"
     rpath.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "compress_cli", "run", str(rpath), "-q",
-                               "--output", str(tmp_path / f"w{i}")], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    # two worker processes forked from one server that imported torch once (a worker is
+    # `compress_cli.run(recipe)`, what `compress run` calls; two fresh interpreters would spend most
+    # of this test importing torch twice on a 2-core machine)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "optuna", "compress_cli.pipeline", "compress_cli.hpo_search"])
+    procs = [ctx.Process(target=compress_cli.run, args=(str(rpath),), kwargs={"output": str(tmp_path / f"w{i}")})
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
 
     trials = optuna.load_study(study_name=study, storage=with_driver(pg_url)).get_trials()
     real = [t for t in trials if not t.user_attrs.get("overflow")]
