@@ -1,5 +1,6 @@
-"""Two `compress run` workers share one Optuna study on a real PostgreSQL server (127.0.0.1) and
-together run exactly n_trials trials, each by exactly one worker.
+"""Two worker processes (each `compress_cli.run(recipe)`, what `compress run` calls) share one
+Optuna study on a real PostgreSQL server (127.0.0.1) and together run exactly n_trials trials,
+each by exactly one worker.
 
 The server: $COMPRESS_TEST_PG_URL when set (CI starts it with scripts/start_postgres.sh), else
 this fixture runs that script (without installing anything); the test is skipped, saying why,
