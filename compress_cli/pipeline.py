@@ -4,8 +4,10 @@ way for all of them. Nothing here prints: progress goes out through ``emit``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import random
 import shutil
 import time
@@ -57,12 +59,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def prepare_output(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UsageError(f"output {out}: {parent} is not writable")
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    check_output(out, force)
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -201,10 +210,11 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
         recipe = recipe.model_copy(update={"device": device})
     out = recipe.output_dir()
     dev = resolve_device(recipe.device)
+    check_output(out, force)
+    emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
+    state = build_state(recipe, dev, out, emit)  # bad model/data fail here, before anything is written
     prepare_output(out, force)
     atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-    emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
-    state = build_state(recipe, dev, out, emit)
     report: dict[str, Any] = {
         "recipe": recipe.name,
         "tool_version": __version__,
@@ -214,7 +224,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
         "stages": [],
     }
     snap_root = out / "stages"
-    base_dir = snap_root / "00-baseline"
+    base_dir = snap_root / "00-baseline" / "model"
     save_snapshot(state, base_dir)
     baseline = measure(state, base_dir, None)
     baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
@@ -286,7 +296,5 @@ def _write_partial(report: dict[str, Any], out: Path, last: dict[str, Any], erro
     if "baseline" not in report:
         return
     report = dict(report, final=last, error=error, incomplete=True)
-    try:
+    with contextlib.suppress(Exception):
         write_report(report, out)
-    except Exception:
-        pass

@@ -35,6 +35,16 @@ class ModelConfig(_Strict):
     input_shape: list[int] | None = Field(None, description="one sample's shape, e.g. [1, 28, 28] (default: the data's)")
     allow_pickle: bool = Field(False, description="allow a fully pickled module checkpoint (runs code: trust it)")
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .sources import check_model_source
+
+        problem = check_model_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("input_shape")
     @classmethod
     def _positive(cls, v: list[int] | None) -> list[int] | None:
@@ -58,6 +68,16 @@ class DataConfig(_Strict):
     num_classes: int | None = Field(None, gt=1, description="synthetic: number of classes")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the source")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .sources.data import check_source
+
+        problem = check_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class LatencyConfig(_Strict):
@@ -158,7 +178,10 @@ def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}") from None
+        ctx = ""
+        if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            ctx = f" ({e.context.replace('while parsing', 'in')} started at line {e.context_mark.line + 1})"
+        raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}{ctx}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{filename}: YAML error: {e}") from None
     lines: dict[tuple[Any, ...], int] = {}
