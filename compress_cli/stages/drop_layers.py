@@ -24,6 +24,9 @@ class DropLayersConfig(StageConfig, TrainOptions):
     fraction: float | None = Field(None, gt=0, lt=1, description="share of the candidates to remove")
     protect: list[str] = Field(default_factory=list, description="module-name globs never removed (nor any block holding one)")
     epochs: int = Field(0, ge=0, description="fine-tuning epochs after the removal (0: none)")
+    if_none: Literal["fail", "skip"] = Field(
+        "fail", description="when the model has no removable layer: fail the run, or skip with a note"
+    )
 
     @model_validator(mode="after")
     def _one_amount(self) -> DropLayersConfig:
@@ -42,7 +45,8 @@ class DropLayers(Stage[DropLayersConfig]):
     never removed. Scores come from the calibration batches. Optional fine-tuning afterwards.
     """
 
-    example = {"count": 1, "importance": "loss"}
+    #: zoo:digits_cnn (the contract model) has no removable layer; the tests drop blocks of digits_resnet
+    example = {"count": 1, "importance": "loss", "if_none": "skip"}
 
     @classmethod
     def trains(cls, config: StageConfig) -> bool:
@@ -87,6 +91,13 @@ class DropLayers(Stage[DropLayersConfig]):
         if c.importance == "loss" and not state.data.labelled:
             raise StageError("importance 'loss' needs labelled data; use activation or similarity")
         before = sum(p.numel() for p in state.model.parameters())
+        if c.if_none == "skip":
+            from ..structured import find_candidates, make_pruning_permanent
+
+            make_pruning_permanent(state.model)
+            if not find_candidates(state.model.eval(), state.data.example_input(1).to(state.device), c.protect):
+                return StageResult(notes="skipped: no removable layer (residual block or shape-preserving layer)",
+                                   details={"candidates": [], "removed": []})
         cands, chosen = drop_layers(
             state.model,
             state.data.example_input(1),
