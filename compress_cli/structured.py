@@ -213,6 +213,52 @@ def accumulate_gradients(model: nn.Module, batches: Batches) -> None:
         model.train(was)
 
 
+# --------------------------------------------------------------------------- stored widths
+_DIMS_OUT = ("out_channels", "out_features", "num_features", "num_channels", "embed_dim")
+_DIMS_IN = ("in_channels", "in_features")
+#: int attributes that are never a channel count
+_NOT_WIDTHS = {"stride", "padding", "dilation", "groups", "kernel_size", "num_classes", "num_heads", "num_layers",
+               "num_groups", "patch_size", "image_size", "seq_length", "output_padding"}
+
+
+def _dims(m: nn.Module) -> list[int]:
+    """In/out widths of a standard layer (torch.nn class), else []."""
+    if type(m).__module__.split(".")[0] != "torch":
+        return []
+    return [int(v) for a in _DIMS_OUT + _DIMS_IN if isinstance(v := getattr(m, a, None), int)]
+
+
+def snapshot_widths(model: nn.Module) -> dict[nn.Module, list[int]]:
+    return {m: _dims(m) for m in model.modules() if _dims(m)}
+
+
+def sync_width_attributes(model: nn.Module, before: dict[nn.Module, list[int]]) -> list[str]:
+    """Update channel counts that non-standard modules store as plain attributes (torchvision's
+    ``Conv2dNormActivation.out_channels``, ViT's ``hidden_dim``, ...) after channels were removed.
+
+    An int attribute is updated when its value was the width of standard layers inside the module
+    and all those layers now agree on one new width; ambiguous ones are left alone. Returns the
+    ``module.attribute`` names changed."""
+    changed = []
+    for name, mod in model.named_modules():
+        if type(mod).__module__.split(".")[0] == "torch" and not isinstance(mod, nn.Sequential):
+            continue  # standard layers: torch-pruning keeps their own attributes right
+        pairs: list[tuple[int, int]] = []
+        for sub in mod.modules():
+            if sub in before:
+                pairs += list(zip(before[sub], _dims(sub), strict=False))
+        if not pairs:
+            continue
+        for attr, val in list(vars(mod).items()):
+            if attr.startswith("_") or attr in _NOT_WIDTHS or type(val) is not int or val < 2:
+                continue
+            news = {new for old, new in pairs if old == val}
+            if len(news) == 1 and (new := news.pop()) != val:
+                setattr(mod, attr, new)
+                changed.append(f"{name}.{attr}" if name else attr)
+    return changed
+
+
 # --------------------------------------------------------------------------- channel pruning
 @dataclass
 class ChannelPruneResult:
@@ -221,6 +267,7 @@ class ChannelPruneResult:
     ignored: list[str]
     folded_masks: list[str]
     steps: list[dict[str, Any]] = field(default_factory=list)
+    synced: list[str] = field(default_factory=list)  # stored channel counts updated
 
     def width_table(self) -> dict[str, list[int]]:
         return {n: [b, self.widths_after.get(n, 0)] for n, b in self.widths_before.items()}
@@ -277,6 +324,9 @@ def prune_channels(
         raise StageError("importance 'taylor' needs labelled calibration batches")
     imp = make_importance(importance)
     before = layer_widths(model)
+    dims_before = snapshot_widths(model)
+    # attention: remove the same dims from every head, so embed_dim stays a multiple of num_heads
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -289,6 +339,7 @@ def prune_channels(
             iterative_steps=steps,
             ignored_layers=ignored_mods,
             round_to=round_to,
+            num_heads=heads,
         )
     except StageError:
         raise
@@ -307,6 +358,8 @@ def prune_channels(
         finally:
             if importance == "taylor":
                 model.zero_grad(set_to_none=True)
+        result.synced += sync_width_attributes(model, dims_before)
+        dims_before = snapshot_widths(model)
         check_forward(model, example, out_shape, f"after pruning step {step + 1}")
         widths = layer_widths(model)
         info = {"step": step + 1, "channels": sum(widths.values())}
