@@ -319,3 +319,35 @@ def test_preview_describes_without_touching(tmp_path):
     assert "NEW zoo:digits_mlp" in lines[0] and "cached" in lines[0]
     assert state.model_spec.source == "zoo:digits_cnn"
     assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun(tmp_path):
+    """Two Gloo processes: student swap with feature matching (projection gradients averaged by
+    hand in the loop), then a cached-teacher distillation; rank 0 writes a reloadable student."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tiny_recipe_dict(tmp_path, model={"source": "zoo:digits_cnn"}, data={"batch_size": 32},
+                         measure={"latency": None, "macs": False}, stages=[
+                             {"type": "finetune", "epochs": 2, "lr": 0.01},
+                             {"type": "distill", "student": {"source": "zoo:digits_resnet", "kwargs": {"width": 8}},
+                              "epochs": 2, "lr": 0.01, "features": [{"student": "layer1", "teacher": "relu2"}]},
+                             {"type": "distill", "epochs": 1, "lr": 0.001, "cache_teacher": True}])
+    rpath = tmp_path / "ddp.yaml"
+    rpath.write_text(yaml.safe_dump(d))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "compress_cli", "run", str(rpath)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["op"] for e in report["edits"]] == ["replace_model"]
+    assert report["final"]["accuracy"] > 0.8
+    assert type(compress_cli.load(tmp_path / "out" / "model").layer1[0]).__name__ == "BasicBlock"
