@@ -115,6 +115,44 @@ def bench_small(seeds: list[int], teacher: str, limit: int | None, tmp: Path) ->
     return rows
 
 
+def bench_latency(seeds: list[int], teacher: str, limit: int | None, tmp: Path, rounds: int = 7) -> list[dict[str, Any]]:
+    """Batch-1 latency and batch-64 throughput of the teacher, the 0.7-pruned teacher and the small
+    student, interleaved over ``rounds`` (one thread each; medians), so load on the machine hits all
+    three alike. Latency does not depend on the weights: the student is freshly built."""
+    import torch
+
+    from compress_cli.measure import latency
+    from compress_cli.pipeline import build_state
+    from compress_cli.recipe import LatencyConfig, Recipe
+    from compress_cli.registry import get_stage
+    from compress_cli.runners import EagerRunner
+    from compress_cli.sources.models import build_from_source
+
+    d = prepare(load_dict("fashion_prune_distill.yaml"), 0, teacher, 2000, tmp / "latency")
+    d["stages"] = []
+    state = build_state(Recipe.model_validate(d), torch.device("cpu"), tmp / "latency")
+    cls = get_stage("prune_channels")
+    cfg = cls.config_class.model_validate(load_dict("fashion_prune_distill.yaml")["stages"][0])
+    cls(cfg, 1).run(state)
+    models = {"teacher fashion_cnn": state.original, "prune_channels 0.7": state.model,
+              "fashion_cnn_small": build_from_source({"source": "zoo:fashion_cnn_small"}).eval()}
+    lat_cfg = LatencyConfig(batch_sizes=[1, 64], warmup=10, iterations=50, threads=1)
+    times: dict[str, list[dict[str, float]]] = {k: [] for k in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            times[name].append(latency(EagerRunner(m, torch.device("cpu")), state.data.input_shape, lat_cfg, r))
+    rows = []
+    for name, ts in times.items():
+        rows.append({"part": "latency", "model": name, "rounds": rounds,
+                     "params": sum(p.numel() for p in models[name].parameters()),
+                     "latency_ms": statistics.median(t["latency_ms"] for t in ts),
+                     "throughput": statistics.median(t["throughput"] for t in ts),
+                     "speedup": statistics.median(a["latency_ms"] / b["latency_ms"]
+                                                  for a, b in zip(times["teacher fashion_cnn"], ts, strict=True))})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def ms(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
     xs = [x * scale for x in xs]
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -164,6 +202,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             [r for r in small if r["variant"] != "distill"], [r for r in small if r["variant"] == "distill"], strict=True)]
         out.append(f"\ndistill − labels only, paired by seed: {', '.join(f'{x * 100:+.2f}' for x in diffs)} points "
                    f"(mean {statistics.mean(diffs) * 100:+.2f})\n")
+    lat = [r for r in rows if r["part"] == "latency"]
+    if lat:
+        out.append(f"| model (eager, 1 thread, {lat[0]['rounds']} interleaved rounds) | params | latency ms b=1 (median) "
+                   "| speedup vs teacher (median of per-round ratios) | throughput /s b=64 |")
+        out.append("|---|---|---|---|---|")
+        for r in lat:
+            out.append(f"| {r['model']} | {r['params']} | {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} |")
     return "\n".join(out)
 
 
@@ -172,7 +217,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teacher", default="runs/fashion_train/model")
     ap.add_argument("--limit-train", type=int, default=20000)
-    ap.add_argument("--parts", nargs="+", default=["prune", "small"], choices=["prune", "small"])
+    ap.add_argument("--parts", nargs="+", default=["prune", "small"], choices=["prune", "small", "latency"])
     ap.add_argument("--max-steps", type=int, help="cap training steps per epoch (smoke test)")
     ap.add_argument("--json", type=Path, help="append rows to this JSON-lines file")
     ap.add_argument("--from-json", type=Path, help="only print the tables for rows saved earlier")
@@ -185,7 +230,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         for part in a.parts:
-            fn = bench_prune if part == "prune" else bench_small
+            fn = {"prune": bench_prune, "small": bench_small, "latency": bench_latency}[part]
             new = fn(a.seeds, a.teacher, a.limit_train, Path(tmp))
             rows += new
             if a.json:
