@@ -318,6 +318,26 @@ def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- save / load
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on modules with torch.nn.utils.prune masks after a forward
+    pass (their recomputed ``weight`` is a non-leaf tensor, which deepcopy refuses)."""
+    import copy
+
+    import torch
+
+    swapped = []
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                swapped.append((m, k, v))
+                setattr(m, k, v.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in swapped:
+            setattr(m, k, v)
+
+
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as the plain architecture names them: torch.nn.utils.prune's
     ``X_orig`` * ``X_mask`` pairs are folded into ``X``; everything is detached on the CPU."""

@@ -112,3 +112,19 @@ def test_prune_reparametrization_is_folded(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
     assert read_manifest(tmp_path / "m")["encodings"][[k for k in again.state_dict() if k.endswith("weight")][0]].startswith("sparse")
+
+
+def test_copy_model_works_on_pruned_modules_after_forward():
+    import torch.nn.utils.prune as P
+
+    from compress_cli.checkpoint import copy_model
+
+    model = seeded_zoo("digits_mlp")
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    P.l1_unstructured(lin, "weight", amount=0.5)
+    x = torch.randn(2, 1, 8, 8)
+    model(x).sum().backward()
+    clone = copy_model(model)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert hasattr(lin, "weight_orig") and hasattr(clone.get_submodule("fc1") if hasattr(clone, "fc1") else clone, "training")
