@@ -127,4 +127,4 @@ def test_copy_model_works_on_pruned_modules_after_forward():
     clone = copy_model(model)
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
-    assert hasattr(lin, "weight_orig") and hasattr(clone.get_submodule("fc1") if hasattr(clone, "fc1") else clone, "training")
+    assert hasattr(lin, "weight_orig")  # the original keeps its masks
