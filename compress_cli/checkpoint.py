@@ -180,6 +180,8 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 # remaining values are written); ``meta["enc"]`` names them joined by "+" ("raw" for neither):
 #   positions: sparse = bitmask of the nonzeros; gaps = the run of zeros before each nonzero as
 #              bytes (255 = "255 more, continue"), much smaller than a bitmask below ~25% density
+#   width:     bf16 / f16 = float32 values that are all exactly bfloat16 / float16 values are
+#              stored in 2 bytes (e.g. a stage rounded them) and widened back on load
 #   values:    (none) = the values as they are; shuffle = their bytes split into planes (all
 #              first bytes, then all second bytes, ...: exponents line up, lzma finds them);
 #              palette = distinct values + indices packed at their real bit width;
@@ -242,11 +244,38 @@ def decode_gaps(stream: Any, n: int) -> Any:
     return mask
 
 
-def _encode_values(vals: Any, rows: int | None, dtype_view: str, allow_rows: bool) -> tuple[list[str], dict[str, Any], dict[str, Any], int]:
-    """Best of (as is | shuffle) / palette / rowpalette for a flat bit-pattern array.
-    -> (enc tokens, meta, parts, estimated bytes)."""
+def _narrow(vals: Any) -> tuple[str, Any] | None:
+    """float32 bit patterns that are all exactly bfloat16 / float16 values -> (token, 16-bit patterns)."""
     import numpy as np
 
+    if vals.dtype != np.uint32 or vals.size == 0:
+        return None
+    if not np.any(vals & 0xFFFF):
+        return "bf16", (vals >> 16).astype(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = vals.view(np.float32).astype(np.float16)
+        if np.array_equal(half.astype(np.float32).view(np.uint32), vals):
+            return "f16", half.view(np.uint16)
+    return None
+
+
+def _widen(token: str, vals: Any) -> Any:
+    import numpy as np
+
+    if token == "bf16":
+        return vals.astype(np.uint32) << 16
+    return vals.view(np.float16).astype(np.float32).view(np.uint32)
+
+
+def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[str], dict[str, Any], dict[str, Any], int]:
+    """Best of (as is | shuffle) / palette / rowpalette for a flat bit-pattern array, after
+    narrowing float32 values that are exactly 16-bit floats. -> (tokens, meta, parts, est. bytes)."""
+    import numpy as np
+
+    narrow = _narrow(vals)
+    if narrow is not None:
+        enc, meta, parts, size = _encode_values(narrow[1], rows, allow_rows)
+        return [narrow[0], *enc], meta, parts, size
     item = vals.dtype.itemsize
     n = vals.size
     best: tuple[list[str], dict[str, Any], dict[str, Any], int] = ([], {}, {"values": vals}, n * item)
@@ -276,6 +305,18 @@ def _encode_values(vals: Any, rows: int | None, dtype_view: str, allow_rows: boo
     return best
 
 
+_FLOAT_OF_WIDTH = {"bf16": "bfloat16", "f16": "float16"}
+
+
+def _as_float_tensor(bits: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Bit patterns -> a tensor of ``dtype`` (how palettes and plain values are stored)."""
+    import numpy as np
+    import torch
+
+    signed = bits.dtype.str.replace("u", "i")
+    return torch.from_numpy(np.ascontiguousarray(bits).view(signed)).view(dtype)
+
+
 def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (metadata, {suffix: numpy array or tensor}) with the smallest exact encoding found."""
     import numpy as np
@@ -290,22 +331,22 @@ def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str,
     arr = t.view(view).numpy().view(_BITS_VIEW[item]).reshape(-1)  # bit patterns
     n = arr.size
     rows = t.shape[0] if t.dim() >= 2 else None
-    enc, vmeta, parts, size = _encode_values(arr, rows, _BITS_VIEW[item], allow_rows=True)
+    enc, vmeta, parts, size = _encode_values(arr, rows, allow_rows=True)
     nz = arr != 0  # +0.0 only: -0.0 is a value like any other
     nnz = int(nz.sum())
     if nnz <= n - n // 4:
         gaps = encode_gaps(nz)
         pos_kind, pos_part, pos_size = ("gaps", gaps, gaps.size) if gaps.size < n / 8 else ("sparse", np.packbits(nz), math.ceil(n / 8))
-        s_enc, s_meta, s_parts, s_size = _encode_values(arr[nz], None, _BITS_VIEW[item], allow_rows=False)
+        s_enc, s_meta, s_parts, s_size = _encode_values(arr[nz], None, allow_rows=False)
         if pos_size + s_size < size:
             enc, vmeta, size = [pos_kind, *s_enc], {"nnz": nnz, **s_meta}, pos_size + s_size
             parts = {"mask" if pos_kind == "sparse" else "gaps": pos_part, **s_parts}
     if not enc:
         return {**meta, "enc": "raw"}, {"": t}
-    if "values" in parts:  # sparse values as they are: store in the tensor's dtype
-        parts["values"] = torch.from_numpy(np.ascontiguousarray(parts["values"]).view(np.dtype(_BITS_VIEW[item]).str.replace("u", "i"))).view(t.dtype)
-    if "palette" in parts:
-        parts["palette"] = torch.from_numpy(np.ascontiguousarray(parts["palette"]).view(np.dtype(_BITS_VIEW[item]).str.replace("u", "i"))).view(t.dtype)
+    narrowed = next((getattr(torch, _FLOAT_OF_WIDTH[e]) for e in enc if e in _FLOAT_OF_WIDTH), None)
+    for key in ("values", "palette"):  # stored as floats (of the narrowed width), readable as such
+        if key in parts:
+            parts[key] = _as_float_tensor(parts[key], narrowed or t.dtype)
     return {**meta, **vmeta, "enc": "+".join(enc)}, parts
 
 
@@ -330,10 +371,11 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
         return parts[""]
     shape = meta["shape"]
     dtype = getattr(torch, meta["dtype"])
-    item = torch.empty((), dtype=dtype).element_size()
-    bview = _BITS_VIEW[item]
     n = int(np.prod(shape)) if shape else 1
     enc = meta["enc"].split("+")
+    narrow = next((e for e in enc if e in _FLOAT_OF_WIDTH), None)
+    item = 2 if narrow else torch.empty((), dtype=dtype).element_size()
+    bview = _BITS_VIEW[item]
     nvals = meta.get("nnz", n)
     if "palette" in enc:
         pal = _as_bits(parts["palette"]).astype(bview, copy=False)
@@ -346,15 +388,15 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
         values = np.ascontiguousarray(_as_bits(parts["planes"]).reshape(item, nvals).T).view(bview).reshape(-1)
     else:
         values = _as_bits(parts["values"]).reshape(-1)
+    if narrow:
+        values = _widen(narrow, values)
     if "sparse" in enc or "gaps" in enc:
         mask = (decode_gaps(_as_bits(parts["gaps"]), n) if "gaps" in enc
                 else np.unpackbits(_as_bits(parts["mask"]))[:n].astype(bool))
         full = np.zeros(n, dtype=values.dtype)
         full[mask] = values
         values = full
-    signed = np.dtype(bview).str.replace("u", "i")
-    out = torch.from_numpy(np.ascontiguousarray(values).view(signed).reshape(shape))
-    return out.view(dtype)
+    return _as_float_tensor(values, dtype).reshape(shape)
 
 
 def encode_state_dict(sd: dict[str, torch.Tensor], compression: str = "lzma") -> tuple[bytes, dict[str, Any]]:

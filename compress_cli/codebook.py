@@ -129,3 +129,21 @@ def detach(module: nn.Module) -> None:
 def distinct_nonzero(module: nn.Module) -> int:
     w = module.weight.detach()
     return int(torch.unique(w[w != 0]).numel())
+
+
+def round_others(model: nn.Module, skip: set[int], dtype: torch.dtype) -> list[str]:
+    """Round every floating parameter and buffer not in ``skip`` (ids) to ``dtype``'s values in
+    place (the model stays float32; the checkpoint stores them in 2 bytes). A tensor that would
+    overflow, or lose a nonzero to zero, is left as it is. Returns the names rounded."""
+    done = []
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if id(t) in skip or not t.is_floating_point() or t.dtype == dtype:
+            continue
+        r = t.detach().to(dtype).to(t.dtype)
+        if not torch.equal(torch.isfinite(r), torch.isfinite(t)) or bool(((r == 0) & (t != 0)).any()):
+            continue
+        with torch.no_grad():
+            t.copy_(r)
+        done.append(name)
+    return done

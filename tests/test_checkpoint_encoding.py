@@ -68,8 +68,12 @@ def cases():
         "int64": (torch.arange(100), "raw"),
         "tiny": (torch.randn(5, generator=g), "raw"),
         "all_zero": (torch.zeros(300), "gaps"),
-        "long_runs": (torch.zeros(3000).index_fill_(0, torch.tensor([0, 255, 256, 766, 2999]), 1.5), "gaps"),
+        "long_runs": (torch.zeros(3000).index_fill_(0, torch.tensor([0, 255, 256, 766, 2999]), 1.5), "gaps+bf16"),
         "scalar": (torch.tensor(3.0), "raw"),
+        "fp16_values_in_fp32": (torch.randn(500, generator=g).half().float(), "f16+shuffle"),
+        "bf16_values_in_fp32": (torch.randn(500, generator=g).bfloat16().float(), "bf16+shuffle"),
+        "sparse_fp16_palette": (sparse((100, 100), 0.05, values=c16.half().float()), "gaps+f16+palette"),
+        "big_not_fp16": (torch.randn(500, generator=g).half().float() * 1e6, "shuffle"),
     }
 
 
@@ -132,6 +136,13 @@ def test_gap_coding_beats_a_bitmask_on_very_sparse_tensors():
     assert meta["enc"].startswith("gaps")
     bitmask = np.packbits((t != 0).numpy())
     assert len(lzma.compress(parts["gaps"].tobytes())) < len(lzma.compress(bitmask.tobytes()))
+
+
+def test_16_bit_values_take_2_bytes():
+    t = torch.randn(4096).half().float()
+    meta, parts = encode_tensor("w", t)
+    assert meta["enc"] == "f16+shuffle" and parts["planes"].nbytes == 2 * 4096
+    assert decode_tensor(meta, {k: torch.from_numpy(v) for k, v in parts.items()}).dtype == torch.float32
 
 
 def test_shuffled_floats_compress_better_than_plain_ones():

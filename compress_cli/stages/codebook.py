@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -21,6 +21,11 @@ class CodebookConfig(StageConfig, TrainOptions):
     exclude: list[str] = Field(default_factory=list, description="module name globs to leave alone")
     iters: int = Field(100, ge=1, le=10000, description="k-means iterations at most")
     epochs: int = Field(0, ge=0, description="centroid fine-tuning epochs (0: cluster only)")
+    others: Literal["keep", "fp16", "bf16"] = Field(
+        "keep",
+        description="every other float parameter/buffer (biases, norms): kept, or rounded to float16/bfloat16 "
+        "values at the end (stored in 2 bytes; the model stays float32)",
+    )
 
 
 @register_stage("codebook")
@@ -33,7 +38,8 @@ class Codebook(Stage[CodebookConfig]):
     are then fine-tuned through the shared training loop: each centroid receives the summed
     gradient of the weights sharing it (a parametrization, see compress_cli/codebook.py), the
     other parameters train normally. The checkpoint stores each layer as ``bits``-bit indices
-    plus its centroid table (plus the sparse bitmask). Nothing may train after this stage
+    plus its centroid table (plus the sparse positions); ``others: fp16`` also rounds the
+    remaining float tensors (biases, norm layers) to float16 values, stored in 2 bytes. Nothing may train after this stage
     (it would break the sharing): it is the last weight-changing stage of a recipe.
     """
 
@@ -90,7 +96,13 @@ class Codebook(Stage[CodebookConfig]):
             details["finetune"] = res.summary()
             for name, mod in targets:
                 per[name]["clusters"] = C.distinct_nonzero(mod)
-        state.edits.record(self.name, op="codebook", bits={n: bits[n] for n, _ in targets})
+        if cfg.others != "keep":
+            import torch
+
+            skip = {id(mod.weight) for _, mod in targets}
+            details["rounded"] = C.round_others(state.model, skip, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.others]))
+        state.edits.record(self.name, op="codebook", bits={n: bits[n] for n, _ in targets},
+                           **({"others": cfg.others} if cfg.others != "keep" else {}))
         kinds = sorted(set(bits.values()))
         notes = f"{len(targets)} layers shared at {'/'.join(map(str, kinds))} bits"
         if cfg.epochs > 0:

@@ -147,3 +147,23 @@ def test_codebook_validation():
     r = v("  - {type: prune, sparsity: 0.5}\n  - {type: codebook, bits: 4, epochs: 2, lr: 0.001}\n")
     assert get_stage("codebook").trains(r.stages[1]) and not get_stage("codebook").trains(
         r.stages[1].model_copy(update={"epochs": 0}))
+
+
+def test_others_fp16_rounds_biases_and_norms_into_2_byte_storage(tmp_path):
+    s = make_state(tmp_path, "zoo:digits_cnn")
+    run(s, "prune", sparsity=0.5)
+    before = save_snapshot(s, tmp_path / "a")
+    x = torch.randn(8, 1, 8, 8)
+    y = s.model.eval()(x)
+    res = run(s, "codebook", bits=4, include=["conv*"], others="fp16")
+    assert {"bn1.weight", "bn2.running_var", "fc.bias", "fc.weight"} <= set(res.details["rounded"])
+    for name, t in s.model.state_dict().items():
+        if t.is_floating_point() and name not in ("conv1.weight", "conv2.weight"):  # codebooks: not rounded
+            assert torch.equal(t.half().float(), t), name
+    save_snapshot(s, tmp_path / "b")
+    enc = read_manifest(tmp_path / "b")["encodings"]
+    assert "f16" in enc["bn2.running_var"] and "f16" in enc["fc.weight"]
+    assert save_snapshot(s, tmp_path / "b") < before
+    assert torch.allclose(s.model(x), y, atol=0.5)
+    loaded = compress_cli.load(tmp_path / "b")
+    assert torch.equal(loaded(x), s.model(x))
