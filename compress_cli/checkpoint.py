@@ -179,7 +179,8 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 # A tensor is stored as a position part (how the zeros are skipped) and a value part (how the
 # remaining values are written); ``meta["enc"]`` names them joined by "+" ("raw" for neither):
 #   positions: sparse = bitmask of the nonzeros; gaps = the run of zeros before each nonzero as
-#              bytes (255 = "255 more, continue"), much smaller than a bitmask below ~25% density
+#              bytes (255 = "255 more, continue"), used below ~20% density, where lzma codes a gap
+#              byte in fewer bits than the 1/density mask bits it replaces
 #   width:     bf16 / f16 = float32 values that are all exactly bfloat16 / float16 values are
 #              stored in 2 bytes (e.g. a stage rounded them) and widened back on load
 #   values:    (none) = the values as they are; shuffle = their bytes split into planes (all
@@ -336,7 +337,7 @@ def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str,
     nnz = int(nz.sum())
     if nnz <= n - n // 4:
         gaps = encode_gaps(nz)
-        pos_kind, pos_part, pos_size = ("gaps", gaps, gaps.size) if gaps.size < n / 8 else ("sparse", np.packbits(nz), math.ceil(n / 8))
+        pos_kind, pos_part, pos_size = ("gaps", gaps, gaps.size) if gaps.size < n / 5 else ("sparse", np.packbits(nz), math.ceil(n / 8))
         s_enc, s_meta, s_parts, s_size = _encode_values(arr[nz], None, allow_rows=False)
         if pos_size + s_size < size:
             enc, vmeta, size = [pos_kind, *s_enc], {"nnz": nnz, **s_meta}, pos_size + s_size
