@@ -8,8 +8,8 @@ table (checkpoint.py's palette encoding).
 
 Centroid fine-tuning: instead of re-snapping weights after each optimizer step, the weight of a
 shared layer is parametrized (``torch.nn.utils.parametrize``) as ``where(mask, centroids[index],
-0)`` with ``centroids`` the only trainable tensor. Autograd then gives each centroid exactly the
-sum of the gradients of the weights sharing it (the paper's update rule), the optimizer keeps its
+0)`` with ``centroids`` the only trainable tensor. Its backward gives each centroid exactly the sum of
+the gradients of the weights sharing it (the paper's update rule), the optimizer keeps its
 momentum/Adam state per centroid, and the weights can never leave the codebook. Removing the
 parametrization at the end bakes the shared values into a plain ``weight``.
 """
@@ -17,6 +17,7 @@ parametrization at the end bakes the shared values into a plain ``weight``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.utils.parametrize as parametrize
@@ -64,6 +65,24 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Ten
     return c, torch.bucketize(v, (c[1:] + c[:-1]) / 2)
 
 
+class _Lookup(torch.autograd.Function):
+    """``centroids[index]`` whose backward sums the gradients per centroid with ``bincount``
+    (deterministic, in float64) instead of indexing's scatter-add, which is not deterministic
+    on CPU for large layers."""
+
+    @staticmethod
+    def forward(ctx: Any, centroids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.k = centroids.numel()
+        return centroids[index]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        g = torch.bincount(index.reshape(-1), weights=grad.reshape(-1).double(), minlength=ctx.k)
+        return g.to(grad.dtype), None
+
+
 class SharedWeight(nn.Module):
     """Parametrization ``weight = where(mask, centroids[index], 0)``; only ``centroids`` trains."""
 
@@ -74,7 +93,7 @@ class SharedWeight(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        w = self.centroids[self.index]
+        w = _Lookup.apply(self.centroids, self.index)
         return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 

@@ -167,3 +167,12 @@ def test_others_fp16_rounds_biases_and_norms_into_2_byte_storage(tmp_path):
     assert torch.allclose(s.model(x), y, atol=0.5)
     loaded = compress_cli.load(tmp_path / "b")
     assert torch.equal(loaded(x), s.model(x))
+
+
+def test_centroid_finetuning_is_deterministic(tmp_path):
+    outs = []
+    for i in range(2):
+        s = make_state(tmp_path / str(i), "zoo:digits_resnet")
+        run(s, "codebook", bits=4, epochs=1, lr=0.001, max_steps_per_epoch=2)
+        outs.append(s.model.state_dict())
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
