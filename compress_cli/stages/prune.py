@@ -137,6 +137,8 @@ class Prune(Stage[PruneConfig]):
         free = [(n, m) for n, m in targets if n not in overrides]
         details: dict[str, Any] = {"head": head, "head_pruned": bool(head and head in mods)}
         if free and cfg.sensitivity is not None:
+            if not state.data.labelled:
+                raise StageError("sensitivity: needs labelled validation data to measure accuracy drops")
             state.emit("info", message=f"{self.name}: sensitivity scan of {len(free)} layers")
             scan = P.scan_sensitivity(free, state.model, state, cfg.sensitivity.ratios, cfg.sensitivity.max_batches)
             floors = {n: P.layer_sparsity(m) for n, m in free}
