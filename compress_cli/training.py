@@ -43,7 +43,7 @@ class TrainOptions(BaseModel):
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential/plateau decay factor")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100 (fractions allowed)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     early_stopping: int | None = Field(None, gt=0, description="stop after N epochs without val-accuracy gain; best weights restored")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
@@ -212,6 +212,9 @@ def train(
                     f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
                 )
             state.emit("step", label=label)
+            if state.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
+                result.stopped_early = True
+                break
         mean_loss = float(run_loss) / max(1, seen)
         if not math.isfinite(mean_loss):
             raise StageError(f"{label}: loss became {mean_loss} in epoch {epoch + 1}; lower the lr or set grad_clip")
