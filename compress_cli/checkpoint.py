@@ -185,7 +185,8 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 #              stored in 2 bytes (e.g. a stage rounded them) and widened back on load
 #   values:    (none) = the values as they are; shuffle = their bytes split into planes (all
 #              first bytes, then all second bytes, ...: exponents line up, lzma finds them);
-#              palette = distinct values + indices packed at their real bit width;
+#              palette = distinct values + indices packed at their real bit width (or one per
+#              byte when skewed: lzma then codes them close to their entropy);
 #              rowpalette = one palette per row (per-channel int8 grids)
 # Everything works on the values' bit patterns, so decoding is bit-exact (-0.0 and NaN payloads
 # included). The choice is by estimated size before lzma; lzma then entropy-codes the payload.
@@ -245,6 +246,28 @@ def decode_gaps(stream: Any, n: int) -> Any:
     return mask
 
 
+def _index_stream(idx: Any, bits: int) -> dict[str, Any]:
+    """Palette indices packed at ``bits`` bits ("idx"), or one per byte ("idx8") when their
+    distribution is skewed enough that lzma's adaptive byte coding beats the fixed width (it
+    gets within a few percent of the entropy on bytes, but cannot model bit-packed symbols)."""
+    import numpy as np
+
+    counts = np.bincount(idx, minlength=2)
+    p = counts[counts > 0] / idx.size
+    entropy = float(-(p * np.log2(p)).sum())
+    if bits == 8 or entropy * 1.1 < bits:
+        return {"idx8": idx.astype(np.uint8)}
+    return {"idx": _pack_bits(idx, bits)}
+
+
+def _indices(parts: dict[str, Any], bits: int, n: int) -> Any:
+    import numpy as np
+
+    if "idx8" in parts:
+        return _as_bits(parts["idx8"]).astype(np.int64)
+    return _unpack_bits(_as_bits(parts["idx"]), bits, n)
+
+
 def _narrow(vals: Any) -> tuple[str, Any] | None:
     """float32 bit patterns that are all exactly bfloat16 / float16 values -> (token, 16-bit patterns)."""
     import numpy as np
@@ -287,7 +310,7 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
             bits = _bits_for(len(uniq))
             size = len(uniq) * item + math.ceil(n * bits / 8)
             if size < best[3]:
-                best = (["palette"], {"bits": bits}, {"palette": uniq, "idx": _pack_bits(idx, bits)}, size)
+                best = (["palette"], {"bits": bits}, {"palette": uniq, **_index_stream(idx, bits)}, size)
         if allow_rows and rows and rows > 1 and n // rows >= 256 and best[0] != ["palette"]:
             table_rows = [_palette(r) for r in vals.reshape(rows, -1)]
             if all(p is not None for p in table_rows):
@@ -299,7 +322,7 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
                     for i, p in enumerate(table_rows):
                         table[i, : len(p[0])] = p[0]  # type: ignore[index]
                     idx = np.concatenate([p[1] for p in table_rows])  # type: ignore[index]
-                    best = (["rowpalette"], {"bits": bits}, {"palette": table, "idx": _pack_bits(idx, bits)}, size)
+                    best = (["rowpalette"], {"bits": bits}, {"palette": table, **_index_stream(idx, bits)}, size)
         if not best[0] and item > 1:
             planes = np.ascontiguousarray(vals.view(np.uint8).reshape(n, item).T)
             best = (["shuffle"], {}, {"planes": planes}, n * item)
@@ -333,12 +356,18 @@ def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str,
     n = arr.size
     rows = t.shape[0] if t.dim() >= 2 else None
     enc, vmeta, parts, size = _encode_values(arr, rows, allow_rows=True)
-    nz = arr != 0  # +0.0 only: -0.0 is a value like any other
+    negzero = arr == np.array(1 << (8 * item - 1), dtype=arr.dtype)
+    nz = (arr != 0) & ~negzero
     nnz = int(nz.sum())
     if nnz <= n - n // 4:
         gaps = encode_gaps(nz)
         pos_kind, pos_part, pos_size = ("gaps", gaps, gaps.size) if gaps.size < n / 5 else ("sparse", np.packbits(nz), math.ceil(n / 8))
         s_enc, s_meta, s_parts, s_size = _encode_values(arr[nz], None, allow_rows=False)
+        n_neg = int(negzero.sum())
+        if n_neg:  # -0.0 among the zeros: their positions too, so decoding stays bit-exact
+            s_parts["negzero"] = encode_gaps(negzero)
+            s_size += s_parts["negzero"].size
+            s_meta["negzero"] = n_neg
         if pos_size + s_size < size:
             enc, vmeta, size = [pos_kind, *s_enc], {"nnz": nnz, **s_meta}, pos_size + s_size
             parts = {"mask" if pos_kind == "sparse" else "gaps": pos_part, **s_parts}
@@ -380,10 +409,10 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     nvals = meta.get("nnz", n)
     if "palette" in enc:
         pal = _as_bits(parts["palette"]).astype(bview, copy=False)
-        values = pal[_unpack_bits(_as_bits(parts["idx"]), meta["bits"], nvals)]
+        values = pal[_indices(parts, meta["bits"], nvals)]
     elif "rowpalette" in enc:
         table = _as_bits(parts["palette"]).astype(bview, copy=False)
-        idx = _unpack_bits(_as_bits(parts["idx"]), meta["bits"], nvals).reshape(table.shape[0], -1)
+        idx = _indices(parts, meta["bits"], nvals).reshape(table.shape[0], -1)
         values = np.take_along_axis(table, idx, axis=1).reshape(-1)
     elif "shuffle" in enc:
         values = np.ascontiguousarray(_as_bits(parts["planes"]).reshape(item, nvals).T).view(bview).reshape(-1)
@@ -396,6 +425,8 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
                 else np.unpackbits(_as_bits(parts["mask"]))[:n].astype(bool))
         full = np.zeros(n, dtype=values.dtype)
         full[mask] = values
+        if meta.get("negzero"):
+            full[decode_gaps(_as_bits(parts["negzero"]), n)] = 1 << (8 * full.dtype.itemsize - 1)
         values = full
     return _as_float_tensor(values, dtype).reshape(shape)
 
@@ -450,7 +481,10 @@ def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- save / load
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as the plain architecture names them: torch.nn.utils.prune's
-    ``X_orig`` * ``X_mask`` pairs are folded into ``X``; everything is detached on the CPU."""
+    ``X_orig`` * ``X_mask`` pairs are folded into ``X`` (masked entries are +0.0, where the
+    product would give -0.0 for negative weights); everything is detached on the CPU."""
+    import torch
+
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -458,7 +492,8 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd:
             base = k[: -len("_orig")]
-            out[base] = (v * sd[base + "_mask"]).detach().cpu()
+            keep = sd[base + "_mask"] != 0
+            out[base] = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)).detach().cpu()
         else:
             out[k] = v.detach().cpu()
     return out

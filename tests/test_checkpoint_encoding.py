@@ -180,3 +180,39 @@ def test_files_written_by_the_first_encoder_still_decode():
     full = torch.zeros(128)
     full[mask] = values
     assert torch.equal(back["s"], full) and torch.equal(back["r"], torch.ones(3))
+
+
+def test_negative_zeros_of_a_masked_product_stay_sparse_and_exact():
+    w = torch.randn(100, 100)
+    t = w * (torch.rand(100, 100) > 0.9)  # masked negatives become -0.0
+    assert int(torch.signbit(t[t == 0]).sum()) > 1000
+    meta, parts = encode_tensor("w", t)
+    assert meta["enc"].startswith("gaps") and meta["nnz"] == int((t != 0).sum()) and meta["negzero"] > 1000
+    back, _ = roundtrip(t)
+    assert bits_equal(back, t)
+
+
+def test_pruned_export_has_positive_zeros():
+    import torch.nn.utils.prune as tp
+
+    from compress_cli.checkpoint import export_state_dict
+
+    lin = torch.nn.Linear(50, 50)
+    tp.l1_unstructured(lin, "weight", amount=0.9)
+    w = export_state_dict(lin)["weight"]
+    assert int((w == 0).sum()) == 2250 and not torch.signbit(w[w == 0]).any()
+    assert "negzero" not in encode_tensor("w", w)[0]
+
+
+def test_skewed_palette_indices_are_stored_one_per_byte():
+    g = torch.Generator().manual_seed(0)
+    levels = torch.linspace(-1, 1, 16)
+    t = levels[(torch.randn(20000, generator=g) * 1.5 + 7.5).round().clamp(0, 15).long()]  # ~3 bits of entropy
+    meta, parts = encode_tensor("w", t)
+    assert meta["enc"] == "palette" and meta["bits"] == 4 and "idx8" in parts
+    back, _ = roundtrip(t)
+    assert bits_equal(back, t)
+    uniform = levels[torch.randint(0, 16, (20000,), generator=g)]
+    assert "idx" in encode_tensor("u", uniform)[1]
+    skew_blob, _ = encode_state_dict({"w": t})
+    assert len(skew_blob) < 20000 * 4 / 8 * 0.9  # below the packed 4-bit size
