@@ -233,10 +233,12 @@ class Search:
             if kind in ("epoch_start", "epoch_end", "step", "message", "eval_step"):
                 base_emit(kind, **kw)
 
+        from .checkpoint import copy_model
+
         trial_dir = Path(s.output_dir) / f"hpo-{self.stage.index:02d}-trials" / f"trial-{number:03d}"
         return replace(
             s,
-            model=copy.deepcopy(s.model),
+            model=copy_model(s.model),
             hparams=copy.deepcopy(s.hparams),
             edits=copy.deepcopy(s.edits),
             transforms=copy.deepcopy(s.transforms),

@@ -165,9 +165,10 @@ def measure(state: State, model_dir: Path, reference: dict[str, Any] | None) -> 
 
     cfg = state.recipe.measure
     runner = current_runner(state)
-    state.emit("measure_start", samples=len(state.data.loader(cfg.split).dataset))
+    loader = state.data.loader(cfg.split)
+    state.emit("measure_start", samples=len(loader.dataset))  # type: ignore[arg-type]
     m: dict[str, Any] = {}
-    m.update(evaluate(runner, state.data.loader(cfg.split), state.data.num_classes, emit=state.emit))
+    m.update(evaluate(runner, loader, state.data.num_classes, emit=state.emit))
     m.update(param_counts(state.model))
     m["size_bytes"] = checkpoint_size(model_dir)
     m["macs"] = count_macs(state.model, state.data.example_input(1).to(state.device)) if cfg.macs else None

@@ -264,7 +264,7 @@ def _pydantic_problems(
     err: ValidationError, raw: RawRecipe, prefix: tuple[Any, ...], model: type[BaseModel], stage_types: dict[int, str]
 ) -> list[str]:
     problems = []
-    merged: dict[tuple[Any, ...], list[str]] = {}  # union branches: one line per path, alternatives joined
+    merged: dict[str, list[str]] = {}  # union branches: one line per path, alternatives joined
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
         path = prefix + loc

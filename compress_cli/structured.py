@@ -396,9 +396,12 @@ class Candidate:
                 return nn.Identity()
             return nn.Sequential(OrderedDict((f"post{i}", p) for i, p in enumerate(post)))
         short = mod.get_submodule(self.replacement.partition(":")[2])
-        if not post:
+        # a Sequential subclass that only chains its children (torchvision's Conv2dNormActivation)
+        # becomes a plain Sequential of the same children, which the checkpoint can describe
+        chain = isinstance(short, nn.Sequential) and type(short).forward is nn.Sequential.forward
+        if not post and (type(short) is nn.Sequential or not chain):
             return short
-        items = list(short.named_children()) if type(short) is nn.Sequential else [("shortcut", short)]
+        items = list(short.named_children()) if chain else [("shortcut", short)]
         items += [(f"post{i}", p) for i, p in enumerate(post)]
         return nn.Sequential(OrderedDict(items))
 
@@ -518,13 +521,15 @@ def find_candidates(model: nn.Module, example: torch.Tensor, protect: Sequence[s
 
 
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:
-    """Drop an outer candidate that holds no parameters beyond one inner candidate (the same
-    removal, keep the inner one), and a layer nested inside another layer candidate (keep the unit)."""
+    """One candidate per unit: drop an outer candidate that holds no parameters beyond one inner
+    candidate (the same removal), a layer (e.g. a whole stage) that holds residual blocks (the
+    blocks are the units), and a layer nested inside another layer (conv-BN-act: keep the unit)."""
 
     def inside(a: Candidate, b: Candidate) -> bool:
         return a.name.startswith(b.name + ".")
 
     out = [c for c in cands if not any(inside(d, c) and d.params == c.params for d in cands)]
+    out = [c for c in out if not (c.kind == "layer" and any(d.kind == "residual" and inside(d, c) for d in out))]
     return [c for c in out if not (c.kind == "layer" and any(d.kind == "layer" and inside(c, d) for d in out))]
 
 

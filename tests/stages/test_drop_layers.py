@@ -170,3 +170,38 @@ def test_stage_run_preview_and_finetune(tmp_path):
     skip = cls(cls.config_class.model_validate({"type": "drop_layers", "count": 1, "if_none": "skip"}))
     state = tiny_state(seeded_zoo("digits_cnn"))
     assert skip.run(state).notes.startswith("skipped")
+
+
+class ProjBlock(nn.Module):
+    """RegNet-style: relu(proj(x) + f(x)) with a torchvision Conv2dNormActivation shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        from torchvision.ops import Conv2dNormActivation
+
+        self.proj = Conv2dNormActivation(cin, cout, 1, stride=2, activation_layer=None)
+        self.f = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.proj(x) + self.f(x))
+
+
+def make_proj_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), ProjBlock(4, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10)).eval()
+
+
+def test_sequential_subclass_shortcut_becomes_a_describable_sequential(calib):
+
+    model = make_proj_net()
+    cands, chosen = drop_layers(model, X1, calib, criterion="loss", count=1)
+    assert [(c.name, c.replacement) for c in chosen] == [("1", "shortcut:proj")]
+    assert type(model[1]) is nn.Sequential and [type(m).__name__ for m in model[1]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    diff = json.loads(json.dumps(architecture_diff(make_proj_net(), model)))
+    again = apply_architecture_diff(make_proj_net(), diff)
+    again.load_state_dict(model.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again.eval()(x))
