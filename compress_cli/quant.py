@@ -819,7 +819,7 @@ def rebuild(model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.M
         fp32 = export_onnx(model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript"))
         q = ort_rebuild(fp32, entry["onnx_qparams"], entry["reduce_range"], entry["input_shape"],
                         entry.get("exclude_nodes", []))
-        return OrtModule(q, entry.get("threads"))
+        return OrtModule(q)
     if scheme in CUDA_SCHEMES:
         if device is None:
             if not torch.cuda.is_available():

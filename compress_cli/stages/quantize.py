@@ -249,8 +249,7 @@ class Quantize(Stage[QuantizeConfig]):
                     for k, v in snapped.items():
                         sd[k].copy_(torch.from_numpy(v).reshape(sd[k].shape))
                 details["quantized_tensors"] = len(snapped)
-                entry.update(onnx_qparams=params, opset=cfg.opset, exporter=cfg.exporter, exclude_nodes=nodes,
-                             threads=self._threads(state))
+                entry.update(onnx_qparams=params, opset=cfg.opset, exporter=cfg.exporter, exclude_nodes=nodes)
         runtime = quant.rebuild(model, entry)
         if scheme == "onnxruntime_int8":
             path = state.output_dir / "model.onnx"
@@ -258,7 +257,8 @@ class Quantize(Stage[QuantizeConfig]):
             artifacts.append(str(path))
             details["onnx_file"] = str(path)
             details["onnx_bytes"] = len(runtime.onnx_bytes)
-            runner: Any = OrtRunner(runtime, entry["threads"])
+            runtime.threads = self._threads(state)  # measurement threads (load() leaves ORT's default)
+            runner: Any = OrtRunner(runtime, runtime.threads)
         elif scheme in ("int8_static", "qat") and cfg.compile:
             runner = CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
         else:

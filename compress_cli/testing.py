@@ -1,0 +1,1 @@
+/work/main/compress_cli/testing.py
