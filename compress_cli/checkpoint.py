@@ -11,7 +11,8 @@ Reload needs no pickles and no training code, only the model source named in the
 
 Each tensor is stored in the smallest of: dense; bitmask + nonzero values (sparse); a palette of
 its distinct values + indices packed at their real bit width (int8 grids, k-means codebooks), per
-tensor or per row; sparse + palette. The whole safetensors payload is then lzma-compressed.
+tensor or per row; int8 codes + one float32 scale per row when every row is an exact int8 multiple
+of its scale (per-channel quantized weights); sparse + palette. The whole safetensors payload is then lzma-compressed.
 Decoding is bit-exact. Files are written to a temporary name and renamed.
 """
 
@@ -199,6 +200,41 @@ def _palette(values: Any, max_codes: int = 256) -> tuple[Any, Any] | None:
     return uniq, inv.astype(np.uint8)
 
 
+def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
+    """Rows that are each an int8 multiple of one float32 scale (per-channel quantized weights):
+    -> (int8 codes, float32 scale per row) with ``codes * scale == rows`` bit for bit, else None."""
+    import numpy as np
+
+    if rows.dtype != np.float32 or rows.shape[1] < 2 or not np.isfinite(rows).all():
+        return None
+    amax = np.abs(rows).max(axis=1)
+    scale = np.zeros(len(rows), np.float32)
+    done = amax == 0
+    bits = rows.view(np.uint32)
+    for qmax in (127, 128, 63, 64):  # symmetric ranges: the largest |value| is qmax * scale
+        base = (amax / np.float32(qmax)).astype(np.float32)
+        for ulps in (0, 1, -1, 2, -2):
+            todo = np.flatnonzero(~done)
+            if todo.size == 0:
+                break
+            s = base[todo]
+            for _ in range(abs(ulps)):
+                s = np.nextafter(s, np.float32(np.inf if ulps > 0 else -np.inf)).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                q = np.rint(rows[todo] / s[:, None])
+            ok = (s > 0) & np.isfinite(q).all(axis=1) & (np.abs(q) <= 128).all(axis=1)
+            q = np.where(ok[:, None], q, 0).astype(np.int16).astype(np.float32)  # int: no -0.0 codes
+            ok &= ((q * s[:, None]).view(np.uint32) == bits[todo]).all(axis=1)
+            scale[todo[ok]] = s[ok]
+            done[todo[ok]] = True
+    if not done.all():
+        return None
+    codes = np.rint(rows / np.where(scale == 0, np.float32(1), scale)[:, None])
+    if codes.min() < -128 or codes.max() > 127:
+        return None
+    return codes.astype(np.int8), scale
+
+
 def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (metadata, {suffix: numpy array}) with the smallest exact encoding found."""
     import numpy as np
@@ -229,7 +265,11 @@ def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str,
         enc.append("palette")
     elif "sparse" not in enc and t.dim() >= 2 and t.shape[0] > 1:
         rows = arr.reshape(t.shape[0], -1)
-        if rows.shape[1] >= 256:
+        grid = _rowgrid(rows)
+        if grid is not None:
+            parts["q"], parts["scale"] = grid
+            enc.append("rowgrid")
+        elif rows.shape[1] >= 256:
             pals = [_palette(r) for r in rows]
             if all(p is not None for p in pals):
                 width = max(len(p[0]) for p in pals)  # type: ignore[index]
@@ -260,7 +300,10 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     n = int(np.prod(shape)) if shape else 1
     enc = meta["enc"].split("+")
     nvals = meta.get("nnz", n)
-    if "palette" in enc:
+    if "rowgrid" in enc:
+        q = parts["q"].numpy().astype(np.float32)
+        values = (q.reshape(shape[0], -1) * parts["scale"].numpy()[:, None]).reshape(-1)
+    elif "palette" in enc:
         pal = parts["palette"].numpy()
         values = pal[_unpack_bits(parts["idx"].numpy(), meta["bits"], nvals)]
     elif "rowpalette" in enc:

@@ -143,6 +143,25 @@ def choose_reduce_range(flags: set[str] | None = None, machine: str | None = Non
     )
 
 
+# --------------------------------------------------------------------------- pruning
+def strip_pruning(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with torch.nn.utils.prune's reparametrizations made permanent
+    (``weight = weight_orig * weight_mask`` becomes a plain parameter; zeros stay zeros, and
+    quantize to exactly zero). Nothing trains after an int8 conversion, so masks need not hold."""
+    from torch.nn.utils import prune
+
+    for module in model.modules():  # the derived tensor is recomputed on every forward anyway;
+        for hook in module._forward_pre_hooks.values():  # a non-leaf one cannot be deep-copied
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(module, hook._tensor_name, getattr(module, hook._tensor_name).detach())
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
 # --------------------------------------------------------------------------- batch-norm folding
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_name, _, child = path.rpartition(".")
@@ -323,7 +342,7 @@ def snap_(t: torch.Tensor, scale: Any, zero_point: Any, axis: int | None, qmin: 
             q = torch.fake_quantize_per_tensor_affine(t.data.float(), float(s[0]), int(z[0]), qmin, qmax)
         else:
             q = torch.fake_quantize_per_channel_affine(t.data.float(), s, z.to(torch.int32), axis, qmin, qmax)
-        t.data.copy_(q.to(t.dtype))
+        t.data.copy_(q.to(t.dtype) + 0.0)  # + 0.0 turns -0.0 into 0.0 (codes * scale gives no -0.0)
 
 
 def snap_pt2e_weights_(model: nn.Module, qparams: dict[str, dict[str, Any]]) -> int:
@@ -510,21 +529,34 @@ def dynamic_quantize(model: nn.Module, exclude: Iterable[str] = ()) -> nn.Module
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), dynamic_qconfig_spec(exclude), dtype=torch.qint8)
 
 
+def dequantize32(qt: torch.Tensor) -> torch.Tensor:
+    """A quantized tensor's values as float32 ``(q - zero_point) * float32(scale)``, no -0.0 (the
+    checkpoint then finds each row's int8 grid and stores it at 8 bits per value)."""
+    if qt.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        shape = [1] * qt.dim()
+        shape[qt.q_per_channel_axis()] = -1
+        s = qt.q_per_channel_scales().float().reshape(shape)
+        z = qt.q_per_channel_zero_points().float().reshape(shape)
+    else:
+        s = torch.tensor(qt.q_scale(), dtype=torch.float32)
+        z = torch.tensor(float(qt.q_zero_point()))
+    return (qt.int_repr().float() - z) * s + 0.0
+
+
 def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
-    """Write the dequantized int8 weights of ``qmodel`` into ``model``; returns the layer names."""
-    import torch
+    """Write the int8 weights of ``qmodel`` (as float32 values) into ``model``; -> the layer names."""
     from torch.ao.nn.quantized import dynamic as nnqd
 
     done = []
     with torch.no_grad():
         for name, qm in qmodel.named_modules():
             if isinstance(qm, nnqd.Linear):
-                model.get_submodule(name).weight.copy_(qm.weight().dequantize())
+                model.get_submodule(name).weight.copy_(dequantize32(qm.weight()))
                 done.append(name)
             elif isinstance(qm, nnqd.LSTM):
                 target = model.get_submodule(name)
                 for wname, w in qm._weight_bias()["weight"].items():
-                    getattr(target, wname).copy_(w.dequantize())
+                    getattr(target, wname).copy_(dequantize32(w))
                 done.append(name)
     return done
 
@@ -659,8 +691,8 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         zp = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.int64)
         axis = _dq_axis(node)
         ax = axis if axis >= 0 else axis + qv.ndim
-        snapped[base] = ((qv.astype(np.float64) - _broadcast(zp.astype(np.float64), qv.ndim, ax))
-                         .astype(np.float32) * _broadcast(scale, qv.ndim, ax)).astype(np.float32)
+        codes = (qv.astype(np.float64) - _broadcast(zp.astype(np.float64), qv.ndim, ax)).astype(np.float32)
+        snapped[base] = (codes * _broadcast(scale, qv.ndim, ax)).astype(np.float32) + np.float32(0)
     return params, snapped
 
 

@@ -201,7 +201,7 @@ class Quantize(Stage[QuantizeConfig]):
 
         cfg = self.config
         scheme = cfg.scheme
-        reference = state.model.cpu().eval()
+        reference = quant.strip_pruning(state.model).cpu().eval()
         exclude = self._excluded(state)
         if cfg.reduce_range is None:
             reduce_range, why = quant.choose_reduce_range()

@@ -211,3 +211,19 @@ def test_int8_static_compiled_matches_reload_and_has_same_runtime_baseline(tmp_p
     assert torch.allclose(outputs(state.runner), outputs(loaded), atol=1e-5)
     base = state.runner.same_runtime_baseline(state)
     assert base["runtime"] == "torch-compiled" and base["latency_ms"] > 0 and base["throughput"] > 0
+
+
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "onnxruntime_int8"])
+def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
+    from torch.nn.utils import prune
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": scheme}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    prune.l1_unstructured(state.model.fc, "weight", amount=0.5)
+    zeros = state.model.fc.weight == 0
+    Quantize(QuantizeConfig(type="quantize", scheme=scheme), 1).run(state)
+    assert not hasattr(state.model.fc, "weight_orig")  # the reparametrization is made permanent
+    w = state.model.fc.weight.detach()
+    assert torch.equal(w == 0, zeros) or bool((w[zeros] == 0).all())
+    save_snapshot(state, tmp_path / "m")
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
