@@ -227,3 +227,24 @@ def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
     assert torch.equal(w == 0, zeros) or bool((w[zeros] == 0).all())
     save_snapshot(state, tmp_path / "m")
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao weight-only kernels need CUDA")
+def test_int8_weight_only_on_cuda_reloads_equal(tmp_path):
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="cuda", model="zoo:digits_mlp")
+    state = build_state(r, torch.device("cuda"), tmp_path / "out")
+    res = Quantize(QuantizeConfig(type="quantize", scheme="int8_weight_only"), 1).run(state)
+    assert res.details["device"].startswith("cuda")
+    save_snapshot(state, tmp_path / "m")
+    x = X.cuda()
+    assert torch.equal(outputs(state.runner, x), outputs(compress_cli.load(tmp_path / "m"), x))
+
+
+def test_excluded_layers_stay_float(tmp_path):
+    import onnx
+
+    state, res, d = run_stage(tmp_path / "ort", scheme="onnxruntime_int8", exclude=["fc"])
+    inits = {i.name for i in onnx.load(res.details["onnx_file"]).graph.initializer}
+    assert "conv1.weight_quantized" in inits and "fc.weight_quantized" not in inits
+    state, res, d = run_stage(tmp_path / "dyn", model="zoo:digits_mlp", scheme="int8_dynamic", exclude=["fc3"])
+    assert res.details["layers"] == ["fc1", "fc2"] and isinstance(compress_cli.load(d).fc3, nn.Linear)
