@@ -488,7 +488,9 @@ class QuantizedGraph(nn.Module):
         return self.__dict__["_fn"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self._callable()
+        fn = self.__dict__.get("_fn") or self._callable()
+        if not torch.is_grad_enabled():
+            return fn(x)
         with torch.no_grad():
             return fn(x)
 
@@ -766,10 +768,10 @@ class OrtModule(nn.Module):
         return self.__dict__["_session"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import numpy as np
-
-        arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return torch.from_numpy(self.session.run(None, {ONNX_INPUT: arr})[0])
+        session = self.__dict__.get("_session") or self.session
+        if x.requires_grad or x.device.type != "cpu" or x.dtype != torch.float32:
+            x = x.detach().cpu().float()
+        return torch.from_numpy(session.run(None, {ONNX_INPUT: x.contiguous().numpy()})[0])
 
     def save(self, path: str | Path) -> Path:
         from .checkpoint import atomic_write_bytes
