@@ -68,7 +68,11 @@ class QuantizeConfig(StageConfig, TrainOptions):
 
     @model_validator(mode="after")
     def _options_match_scheme(self) -> QuantizeConfig:
-        wrong = [k for k in sorted(self.model_fields_set) if k in _APPLIES and self.scheme not in _APPLIES[k]]
+        fields = type(self).model_fields
+        wrong = [  # a default value written back (recipe.yaml as run) is not an error
+            k for k in sorted(self.model_fields_set)
+            if k in _APPLIES and self.scheme not in _APPLIES[k] and getattr(self, k) != fields[k].get_default(call_default_factory=True)
+        ]
         if wrong:
             k = wrong[0]
             raise ValueError(

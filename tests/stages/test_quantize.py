@@ -195,7 +195,7 @@ def test_options_of_other_schemes_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="epochs: not an option of scheme int8_static .*applies to qat"):
         recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "epochs": 2}])
     with pytest.raises(RecipeError, match="opset: not an option of scheme int8_dynamic"):
-        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_dynamic", "opset": 17}])
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_dynamic", "opset": 18}])
     with pytest.raises(RecipeError, match=r"scheme: must be one of .*int8_static"):
         recipe(tmp_path, [{"type": "quantize", "scheme": "int9"}])
 
@@ -248,3 +248,11 @@ def test_excluded_layers_stay_float(tmp_path):
     assert "conv1.weight_quantized" in inits and "fc.weight_quantized" not in inits
     state, res, d = run_stage(tmp_path / "dyn", model="zoo:digits_mlp", scheme="int8_dynamic", exclude=["fc3"])
     assert res.details["layers"] == ["fc1", "fc2"] and isinstance(compress_cli.load(d).fc3, nn.Linear)
+
+
+def test_recipe_as_run_validates_again(tmp_path):
+    from compress_cli.recipe import recipe_to_yaml
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
+    again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
+    assert again.stages[0].calibration_batches == 4 and again.stages[0].scheme == "int8_static"
