@@ -207,12 +207,18 @@ def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
 
     if rows.dtype != np.float32 or rows.shape[1] < 2 or not np.isfinite(rows).all():
         return None
-    amax = np.abs(rows).max(axis=1)
+    absr = np.abs(rows)
+    amax = absr.max(axis=1)
+    amin = np.where(absr > 0, absr, np.float32(np.inf)).min(axis=1)  # smallest nonzero |value|
     scale = np.zeros(len(rows), np.float32)
     done = amax == 0
     bits = rows.view(np.uint32)
-    for qmax in (127, 128, 63, 64):  # symmetric ranges: the largest |value| is qmax * scale
-        base = (amax / np.float32(qmax)).astype(np.float32)
+    # candidate scales: the largest |value| is qmax * scale for symmetric ranges; else the smallest
+    # nonzero |value| is usually 1 * scale (e.g. QAT scales whose range exceeds the weights)
+    candidates = [(amax, q) for q in (127, 128, 63, 64)] + [(amin, 1), (amin, 2)]
+    for ref, qmax in candidates:
+        with np.errstate(invalid="ignore"):
+            base = (ref / np.float32(qmax)).astype(np.float32)
         for ulps in (0, 1, -1, 2, -2):
             todo = np.flatnonzero(~done)
             if todo.size == 0:
@@ -222,7 +228,7 @@ def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
                 s = np.nextafter(s, np.float32(np.inf if ulps > 0 else -np.inf)).astype(np.float32)
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 q = np.rint(rows[todo] / s[:, None])
-            ok = (s > 0) & np.isfinite(q).all(axis=1) & (np.abs(q) <= 128).all(axis=1)
+            ok = (s > 0) & np.isfinite(s) & np.isfinite(q).all(axis=1) & (np.abs(q) <= 128).all(axis=1)
             q = np.where(ok[:, None], q, 0).astype(np.int16).astype(np.float32)  # int: no -0.0 codes
             ok &= ((q * s[:, None]).view(np.uint32) == bits[todo]).all(axis=1)
             scale[todo[ok]] = s[ok]

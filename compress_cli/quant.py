@@ -292,10 +292,10 @@ def x86_quantizer(reduce_range: bool, is_qat: bool = False, exclude: Iterable[st
 def _observer_nodes(gm: Any) -> list[tuple[str, Any, Any]]:
     """(key, node, observer module) of every observer / fake-quantize in a prepared graph.
 
-    The key names the edge it observes (input node > sorted consumers), which is the same for a
-    PTQ-prepared and a QAT-prepared export of the same module."""
+    The key is the observer's position plus what it observes (a weight's state key, or the op that
+    produced the activation): the same for a PTQ-prepared and a QAT-prepared export of one module,
+    whose node *names* differ (move_exported_model_to_eval renames the dropout nodes)."""
     out = []
-    seen: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -303,10 +303,8 @@ def _observer_nodes(gm: Any) -> list[tuple[str, Any, Any]]:
         if not hasattr(mod, "calculate_qparams"):
             continue
         src = node.args[0]
-        key = f"{getattr(src, 'name', src)}>{','.join(sorted(u.name for u in node.users))}"
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        out.append((key if n == 0 else f"{key}#{n}", node, mod))
+        what = src.target if getattr(src, "op", None) in ("get_attr", "placeholder") else str(getattr(src, "target", src))
+        out.append((f"{len(out):03d} {what}", node, mod))
     return out
 
 

@@ -36,3 +36,11 @@ def test_values_off_the_grid_are_not_rowgrid():
     meta, _ = encode_tensor("w", neg_zero)
     assert meta["enc"] != "rowgrid"
     assert np.isfinite(per_channel_int8((4, 8)).numpy()).all()
+
+
+def test_rows_whose_range_is_wider_than_their_values_are_found_too():
+    w = per_channel_int8((8, 300))
+    scale = w.abs().amax(1, keepdim=True) / 100  # codes reach only +-100 (e.g. QAT's moving-average range)
+    w = torch.round(w / scale).clamp(-128, 127) * scale + 0.0
+    meta, parts = encode_tensor("w", w)
+    assert meta["enc"] == "rowgrid"
