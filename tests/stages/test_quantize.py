@@ -256,3 +256,16 @@ def test_recipe_as_run_validates_again(tmp_path):
     r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
     again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
     assert again.stages[0].calibration_batches == 4 and again.stages[0].scheme == "int8_static"
+
+
+def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    qat = quant.prepare_qat(model, x, reduce_range=False)
+    qat.train()
+    qat(torch.randn(4, 1, 8, 8))
+    qat.eval()  # renames the dropout nodes
+    qparams = quant.record_qparams(qat)
+    assert any("dropout" in k for k in qparams)
+    graph = quant.build_pt2e(model, qparams, False, [], [1, 8, 8])  # raises if the observers differ
+    assert torch.isfinite(graph(x)).all()
