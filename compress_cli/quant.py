@@ -648,6 +648,7 @@ def _dq_axis(node: Any) -> int:
 def _broadcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     if v.ndim == 0 or v.size == 1 or ndim == 0:
         return v.reshape(())
+    axis = axis if 0 <= axis < ndim else 0
     shape = [1] * ndim
     shape[axis] = v.size
     return v.reshape(shape)
