@@ -154,6 +154,10 @@ def main() -> None:
     ours_onnx = models["onnxruntime_int8"]
     ours_onnx.threads = args.threads
     ours_onnx.__dict__["_session"] = None
+    folded, _ = quant.fold_batchnorm(original)  # our FX fallback (int8_static backend: fx), same calibration
+    fx_qparams = quant.fx_calibrate(folded, calib, reduce_range)
+    quant.snap_fx_weights_(folded)
+    ours_fx = quant.build_fx(folded, fx_qparams, reduce_range, [], state.data.input_shape)
     fp32_ort = quant.OrtModule(quant.export_onnx(original, state.data.input_shape), threads=args.threads)
     cands = {
         "fp32 eager": original,
@@ -161,6 +165,7 @@ def main() -> None:
         "fp32 onnxruntime": fp32_ort,
         "ours int8_static": models["int8_static"],
         "direct pt2e": direct_static,
+        "ours int8_static backend fx (eager)": ours_fx,
         "ours onnxruntime_int8": ours_onnx,
         "direct ort quantize_static": direct_onnx,
     }

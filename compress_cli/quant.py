@@ -21,7 +21,8 @@ How a quantized model is stored (see docs of each scheme below):
   int8_dynamic      eager module with ``torch.ao`` dynamic int8 Linear/LSTM (CPU)
   int8_static, qat  :class:`QuantizedGraph`: torchao PT2E int8 graph, run through ``torch.compile``
                     (inductor, freezing on; compiled on first call per batch size), or the
-                    graph in eager when the stage had ``compile: false``
+                    graph in eager when the stage had ``compile: false``;
+                    int8_static with ``backend: fx``: torch.ao FX ``convert_fx`` module (eager)
   onnxruntime_int8  :class:`OrtModule`: an ``nn.Module`` wrapping an ONNX Runtime CPU session
                     over the QDQ int8 model (``.onnx_bytes`` holds the file); tensors in and out
   int8/int4_weight_only  module with torchao weight-only quantized Linear weights (CUDA only)
@@ -405,22 +406,7 @@ def build_pt2e(model: nn.Module, qparams: dict[str, dict[str, Any]], reduce_rang
     gm = export_graph(model, torch.zeros(2, *input_shape))
     with quiet():
         pm = api.prepare(gm, x86_quantizer(reduce_range, False, exclude))
-    obs = _observer_nodes(pm)
-    have, want = {k for k, _, _ in obs}, set(qparams)
-    if have != want:
-        missing, extra = sorted(want - have)[:3], sorted(have - want)[:3]
-        raise SourceError(
-            "the quantized graph of this model differs from the recorded one (torch/torchao version change?): "
-            f"recorded but absent {missing}, present but not recorded {extra}"
-        )
-    for key, _, mod in obs:
-        p = qparams[key]
-        scale = torch.from_numpy(unpack_array(p["scale"]))
-        zp = torch.from_numpy(unpack_array(p["zero_point"]))
-        mod.calculate_qparams = functools.partial(_fixed_qparams, scale, zp)
-        if hasattr(mod, "min_val"):  # convert warns on observers that never saw data; they need none
-            mod.min_val = torch.tensor(0.0) if mod.min_val.dim() == 0 else torch.zeros_like(scale)
-            mod.max_val = torch.tensor(1.0) if mod.max_val.dim() == 0 else torch.ones_like(scale)
+    _pin_qparams(pm, qparams)
     with quiet():
         return api.convert(pm)
 
@@ -452,6 +438,26 @@ class FrozenCompiled:
 
 def compile_frozen(model: Any) -> FrozenCompiled:
     return FrozenCompiled(model)
+
+
+def _pin_qparams(pm: Any, qparams: dict[str, dict[str, Any]]) -> None:
+    """Make every observer of a prepared graph report the recorded scale / zero point."""
+    obs = _observer_nodes(pm)
+    have, want = {k for k, _, _ in obs}, set(qparams)
+    if have != want:
+        missing, extra = sorted(want - have)[:3], sorted(have - want)[:3]
+        raise SourceError(
+            "the quantized graph of this model differs from the recorded one (torch/torchao version change?): "
+            f"recorded but absent {missing}, present but not recorded {extra}"
+        )
+    for key, _, mod in obs:
+        p = qparams[key]
+        scale = torch.from_numpy(unpack_array(p["scale"]))
+        zp = torch.from_numpy(unpack_array(p["zero_point"]))
+        mod.calculate_qparams = functools.partial(_fixed_qparams, scale, zp)
+        if hasattr(mod, "min_val"):  # convert warns on observers that never saw data; they need none
+            mod.min_val = torch.tensor(0.0) if mod.min_val.dim() == 0 else torch.zeros_like(scale)
+            mod.max_val = torch.tensor(1.0) if mod.max_val.dim() == 0 else torch.ones_like(scale)
 
 
 def _fixed_qparams(scale: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,6 +502,83 @@ class QuantizedGraph(nn.Module):
         state = dict(self.__dict__)
         state["_fn"] = None
         return state
+
+
+# --------------------------------------------------------------------------- FX (torch.ao, deprecated)
+def fx_available() -> bool:
+    try:
+        from torch.ao.quantization import quantize_fx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fx_qconfig_mapping(reduce_range: bool, exclude: Iterable[str] = ()) -> Any:
+    """torch.ao's x86 mapping with activations' reduce_range from the CPU and per-channel weights
+    on the symmetric -127..127 range (re-observing weights already on that grid gives them back)."""
+    from torch.ao.quantization import (
+        HistogramObserver,
+        QConfig,
+        get_default_qconfig_mapping,
+        per_channel_weight_observer_range_neg_127_to_127,
+    )
+
+    qc = QConfig(activation=HistogramObserver.with_args(reduce_range=reduce_range),
+                 weight=per_channel_weight_observer_range_neg_127_to_127)
+    mapping = get_default_qconfig_mapping("x86").set_global(qc)
+    for name in exclude:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def _fx_prepare(model: nn.Module, input_shape: Iterable[int], reduce_range: bool, exclude: Iterable[str]) -> Any:
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    try:
+        with quiet():
+            return prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(reduce_range, exclude),
+                              (torch.zeros(2, *input_shape),))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise StageError(f"torch.ao FX cannot trace the model ({type(e).__name__}: {first})") from None
+
+
+def fx_calibrate(model: nn.Module, batches: list[torch.Tensor], reduce_range: bool,
+                 exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """torch.ao FX: ``prepare_fx`` (x86 mapping), run the calibration batches; -> activation qparams."""
+    pm = _fx_prepare(model, batches[0].shape[1:], reduce_range, exclude)
+    with torch.no_grad(), quiet():
+        for x in batches:
+            pm(x)
+    return record_qparams(pm)
+
+
+def snap_fx_weights_(model: nn.Module, exclude: Iterable[str] = ()) -> int:
+    """Snap every Conv/Linear weight to its per-channel -127..127 grid (what convert_fx will use)."""
+    from torch.ao.quantization import per_channel_weight_observer_range_neg_127_to_127
+
+    skip = set(exclude)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in skip:
+            obs = per_channel_weight_observer_range_neg_127_to_127()
+            obs(m.weight.detach())
+            scale, zp = obs.calculate_qparams()
+            snap_(m.weight, scale, zp, obs.ch_axis, obs.quant_min, obs.quant_max)
+            n += 1
+    return n
+
+
+def build_fx(model: nn.Module, qparams: dict[str, dict[str, Any]], reduce_range: bool,
+             exclude: Iterable[str], input_shape: Iterable[int]) -> nn.Module:
+    """torch.ao FX ``convert_fx`` of ``model`` (weights on the grid) with the recorded activation
+    qparams pinned: an eager module of quantized kernels (x86 backend)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    pm = _fx_prepare(model, input_shape, reduce_range, exclude)
+    _pin_qparams(pm, qparams)
+    with quiet():
+        return convert_fx(pm)
 
 
 # --------------------------------------------------------------------------- dynamic int8 (torch.ao)
@@ -844,6 +927,9 @@ def rebuild(model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.M
         return cast_(model, torch.float16 if scheme == "fp16" else torch.bfloat16)
     if scheme == "int8_dynamic":
         return dynamic_quantize(model, entry.get("exclude", []))
+    if scheme == "int8_static" and entry.get("backend") == "fx":
+        return build_fx(model.cpu(), entry["qparams"], entry["reduce_range"], entry.get("exclude", []),
+                        entry["input_shape"])
     if scheme in ("int8_static", "qat"):
         graph = build_pt2e(model.cpu(), entry["qparams"], entry["reduce_range"], entry.get("exclude", []),
                            entry["input_shape"])

@@ -23,6 +23,7 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "min_sqnr_db": _CPU_INT8,
     "exclude": _CPU_INT8,
     "compile": _PT2E,
+    "backend": ("int8_static",),
     "calibrate_method": ("onnxruntime_int8",),
     "opset": ("onnxruntime_int8",),
     "exporter": ("onnxruntime_int8",),
@@ -56,6 +57,9 @@ class QuantizeConfig(StageConfig, TrainOptions):
     exclude: list[str] = Field(default_factory=list, description="module name globs to keep in floating point")
     compile: bool = Field(
         True, description="int8_static/qat: run through torch.compile (inductor, freezing); false = converted graph in eager, 2-3x slower than fp32"
+    )
+    backend: Literal["pt2e", "fx"] | None = Field(
+        None, description="int8_static: pt2e (torchao, compiled) or fx (torch.ao, deprecated upstream, eager); unset: pt2e when torchao is installed"
     )
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="onnxruntime_int8: how activation ranges are calibrated"
@@ -142,6 +146,17 @@ class Quantize(Stage[QuantizeConfig]):
                 return self._weight_only(state)
             return self._int8(state)
 
+    def _backend(self) -> str:
+        from .. import quant
+
+        if self.config.backend is not None:
+            return self.config.backend
+        try:
+            quant._pt2e()
+        except StageError:
+            return "fx" if quant.fx_available() else "pt2e"
+        return "pt2e"
+
     def _excluded(self, state: State) -> list[str]:
         if not self.config.exclude:
             return []
@@ -227,16 +242,21 @@ class Quantize(Stage[QuantizeConfig]):
             details["reduce_range"] = reduce_range
             details["reduce_range_reason"] = why
             entry["reduce_range"] = reduce_range
+            fx = scheme == "int8_static" and self._backend() == "fx"
             if scheme == "int8_static":
                 batches = self._calibration(state)
                 details["calibration_batches"] = len(batches)
                 state.emit("stage_info", message=f"calibrating on {len(batches)} batch(es)")
-                entry["qparams"] = quant.pt2e_calibrate(model, batches, reduce_range, exclude)
+                calibrate = quant.fx_calibrate if fx else quant.pt2e_calibrate
+                entry["qparams"] = calibrate(model, batches, reduce_range, exclude)
             elif scheme == "qat":
                 entry["qparams"], details["training"], reference = self._qat(state, model, reduce_range, exclude)
-            if scheme in ("int8_static", "qat"):
+            if fx:
+                details["quantized_weights"] = quant.snap_fx_weights_(model, exclude)
+                details["backend"] = entry["backend"] = "fx"
+            elif scheme in ("int8_static", "qat"):
                 details["quantized_weights"] = quant.snap_pt2e_weights_(model, entry["qparams"])
-                details["pt2e"] = quant._pt2e().where
+                details["backend"] = quant._pt2e().where
                 entry["compile"] = cfg.compile
             else:  # onnxruntime_int8
                 batches = self._calibration(state)
@@ -263,7 +283,7 @@ class Quantize(Stage[QuantizeConfig]):
             details["onnx_bytes"] = len(runtime.onnx_bytes)
             runtime.threads = self._threads(state)  # measurement threads (load() leaves ORT's default)
             runner: Any = OrtRunner(runtime, runtime.threads)
-        elif scheme in ("int8_static", "qat") and cfg.compile:
+        elif scheme in ("int8_static", "qat") and cfg.compile and entry.get("backend") != "fx":
             runner = CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
         else:
             runner = EagerRunner(runtime, torch.device("cpu"))

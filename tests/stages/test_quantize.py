@@ -269,3 +269,12 @@ def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
     assert any("dropout" in k for k in qparams)
     graph = quant.build_pt2e(model, qparams, False, [], [1, 8, 8])  # raises if the observers differ
     assert torch.isfinite(graph(x)).all()
+
+
+def test_int8_static_fx_fallback_is_eager_int8_and_reloads_equal(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="int8_static", backend="fx", calibration_batches=2)
+    assert res.details["backend"] == "fx" and res.details["runtime"] == "torch-eager"
+    assert res.details["quantized_weights"] == 3 and res.details["sqnr_db"] >= 30
+    loaded = compress_cli.load(d)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in loaded.modules())
+    assert torch.equal(outputs(state.runner), outputs(loaded))
