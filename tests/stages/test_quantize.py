@@ -278,3 +278,10 @@ def test_int8_static_fx_fallback_is_eager_int8_and_reloads_equal(tmp_path):
     loaded = compress_cli.load(d)
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in loaded.modules())
     assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_reduce_range_can_be_forced(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="onnxruntime_int8", reduce_range=True)
+    assert res.details["reduce_range"] is True and res.details["reduce_range_reason"] == "set in the recipe"
+    assert state.transforms[-1]["reduce_range"] is True and res.details["sqnr_db"] >= 20
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
