@@ -3,7 +3,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint bench coverage install clean
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow lint bench coverage install clean data fashion
 
 $(BIN)/compress: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +30,17 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy compress_cli
 
-bench: install
+# Fashion-MNIST from Debian's dataset-fashion-mnist (needs root and the Debian mirror).
+data:
+	@test -d $(FASHION) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "could not install dataset-fashion-mnist; Fashion-MNIST tests and benchmarks will be skipped"
+
+# The trained Fashion-MNIST CNN every fashion_* recipe starts from.
+fashion: install data runs/fashion_train/model/manifest.json
+runs/fashion_train/model/manifest.json: recipes/fashion_train.yaml
+	$(BIN)/compress run recipes/fashion_train.yaml --force
+
+bench: fashion
 	$(BIN)/python benchmarks/run.py
 
 clean:

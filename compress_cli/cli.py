@@ -109,27 +109,34 @@ def run(
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
     as_json: bool = typer.Option(False, "--json", help="print the final report as JSON on stdout (nothing else)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
+    from .distributed import env_rank
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
     overrides = list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
-    renderer = Renderer(err, quiet or as_json and not sys.stderr.isatty())
+    secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
+    renderer = Renderer(err, quiet or secondary or as_json and not sys.stderr.isatty())
     try:
         r, _ = load_recipe(recipe, overrides)
-        report = run_recipe(r, force=force, emit=renderer)
+        report = run_recipe(r, force=force, emit=renderer, resume=resume)
     except CompressError as e:
         renderer.stop()
+        if e.exit_code == 130:
+            e.problems.append(f"to resume: run the same command again with --resume (compress run {recipe} ... --resume)")
         _fail(e, debug)
     except KeyboardInterrupt:
         renderer.stop()
         err.print("[red]interrupted[/red]")
         raise typer.Exit(130) from None
     renderer.stop()
+    if secondary:
+        return
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
         return

@@ -4,16 +4,22 @@ way for all of them. Nothing here prints: progress goes out through ``emit``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CompressError, GuardError, StageError, UsageError
+from .errors import CompressError, GuardError, Interrupted, StageError, UsageError
 from .recipe import Recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
@@ -57,12 +63,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def prepare_output(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UsageError(f"output {out}: {parent} is not writable")
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    check_output(out, force)
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,9 +165,10 @@ def measure(state: State, model_dir: Path, reference: dict[str, Any] | None) -> 
 
     cfg = state.recipe.measure
     runner = current_runner(state)
-    state.emit("measure_start", samples=len(state.data.loader(cfg.split).dataset))
+    loader = state.data.loader(cfg.split)
+    state.emit("measure_start", samples=len(loader.dataset))  # type: ignore[arg-type]
     m: dict[str, Any] = {}
-    m.update(evaluate(runner, state.data.loader(cfg.split), state.data.num_classes, emit=state.emit))
+    m.update(evaluate(runner, loader, state.data.num_classes, emit=state.emit))
     m.update(param_counts(state.model))
     m["size_bytes"] = checkpoint_size(model_dir)
     m["macs"] = count_macs(state.model, state.data.example_input(1).to(state.device)) if cfg.macs else None
@@ -188,105 +202,358 @@ def guard_violations(recipe: Recipe, m: dict[str, Any], base: dict[str, Any]) ->
     return out
 
 
-def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None, emit: Emit = _noop) -> dict[str, Any]:
-    """Run every stage; write OUTPUT/{recipe.yaml, report.*, model/, stages/}. Returns the report."""
-    from . import __version__
-    from .checkpoint import atomic_write_text
-    from .measure import fp32_state_dict_bytes
-    from .registry import get_stage
-    from .report import write_report
+def run_recipe(
+    recipe: Recipe, *, force: bool = False, device: str | None = None, emit: Emit = _noop, resume: bool = False
+) -> dict[str, Any]:
+    """Run every stage; write OUTPUT/{recipe.yaml, report.*, model/, stages/}. Returns the report.
 
-    t0 = time.perf_counter()
+    ``resume`` continues from the last complete stage snapshot of an earlier run of the same recipe.
+    """
     if device:
         recipe = recipe.model_copy(update={"device": device})
-    out = recipe.output_dir()
-    dev = resolve_device(recipe.device)
-    prepare_output(out, force)
-    atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-    emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
-    state = build_state(recipe, dev, out, emit)
-    report: dict[str, Any] = {
-        "recipe": recipe.name,
-        "tool_version": __version__,
-        "device": str(dev),
-        "seed": recipe.seed,
-        "output": str(out),
-        "stages": [],
-    }
-    snap_root = out / "stages"
-    base_dir = snap_root / "00-baseline"
-    save_snapshot(state, base_dir)
-    baseline = measure(state, base_dir, None)
-    baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
-    baseline["size_ratio"] = baseline["fp32_bytes"] / baseline["size_bytes"]
-    report["baseline"] = baseline
-    emit("baseline", metrics=baseline)
-    last_metrics = baseline
-    violations: list[str] = []
-    for i, cfg in enumerate(recipe.stages, start=1):
-        stage = get_stage(cfg.type)(cfg, i)
-        sdir = snap_root / f"{i:02d}-{cfg.type}"
-        state.stage_dir = sdir
-        emit("stage_start", index=i, total=len(recipe.stages), name=stage.name, type=cfg.type)
-        ts = time.perf_counter()
+    try:
+        return Run(recipe, emit).execute(force=force, resume=resume)
+    except OSError as e:  # disk full, permissions changed mid-run, ...
+        where = f" ({e.filename})" if e.filename else ""
+        raise StageError(f"cannot write to output {recipe.output_dir()}{where}: {e.strerror or e}") from e
+
+
+def top_digest(recipe: Recipe) -> str:
+    """What a resumed run must share with the snapshot: model, data, seed, measurement."""
+    d = recipe.model_dump(mode="json", include={"model", "data", "seed", "deterministic", "measure"})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_dump(cfg: Any) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude={"name", "on_violation"})
+
+
+class Run:
+    """One execution of a recipe: owns the output directory, snapshots, guards and signals."""
+
+    def __init__(self, recipe: Recipe, emit: Emit = _noop):
+        self.recipe = recipe
+        self.emit = emit
+        self.out = recipe.output_dir()
+        self.snap_root = self.out / "stages"
+        self.stop_reason: str | None = None
+        self.signal: int | None = None
+        self.t0 = time.perf_counter()
+
+    # -- signals and budget --------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.signal is not None:
+            return True
+        budget = self.recipe.time_budget_s
+        if budget is not None and time.perf_counter() - self.t0 > budget:
+            self.stop_reason = f"time_budget_s ({budget:g} s) spent"
+            return True
+        return False
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.emit("message", text=f"{signal.Signals(signum).name} received: finishing the current step, then saving")
+
+    @contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            result = stage.run(state)
-        except CompressError as e:
-            e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
-            _write_partial(report, out, last_metrics, f"stage {i} ({cfg.type}) failed: {e}")
-            raise
-        except Exception as e:
-            _write_partial(report, out, last_metrics, f"stage {i} ({cfg.type}) failed: {e}")
-            raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
-        duration = time.perf_counter() - ts
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _stage_dir(self, i: int, cfg: Any) -> Path:
+        return self.snap_root / f"{i:02d}-{cfg.type}"
+
+    def _write_state(self, d: Path, state: State, **extra: Any) -> None:
+        from .checkpoint import atomic_write_text
+
+        payload = {
+            "top_digest": top_digest(self.recipe),
+            "hparams": state.hparams,
+            "edits": state.edits.to_json(),
+            "transforms": state.transforms,
+            "model_spec": state.model_spec.model_dump(mode="json"),
+            **extra,
+        }
+        atomic_write_text(d / "state.json", json.dumps(payload, indent=2, default=str))
+
+    def _restore(self, state: State, d: Path) -> None:
+        """Make ``state`` what it was right after the snapshot in ``d``."""
+        from .checkpoint import load
+        from .recipe import ModelConfig
+        from .state import Edit, EditLog
+
+        saved = json.loads((d / "state.json").read_text())
+        state.model = load(d / "model").to(state.device)
+        state.hparams = dict(saved["hparams"])
+        state.transforms = list(saved["transforms"])
+        state.edits = EditLog([Edit(e.pop("stage"), e.pop("op"), e) for e in (dict(x) for x in saved["edits"])])
+        state.model_spec = ModelConfig(**saved["model_spec"])
+        state.runner = None
+
+    def _resume_point(self) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+        """(last complete stage index, their report entries, baseline) or a UsageError."""
+        base = self.snap_root / "00-baseline" / "state.json"
+        if not base.is_file():
+            raise UsageError(f"--resume: no snapshot in {self.snap_root} to resume from (run without --resume)")
+        saved = json.loads(base.read_text())
+        if saved.get("top_digest") != top_digest(self.recipe):
+            raise UsageError(
+                "--resume: the recipe's model, data, seed or measure section changed since the snapshot; "
+                "run without --resume (with --force) to start over"
+            )
+        entries: list[dict[str, Any]] = []
+        last = 0
+        for i, cfg in enumerate(self.recipe.stages, start=1):
+            f = self._stage_dir(i, cfg) / "state.json"
+            if not f.is_file():
+                break
+            snap = json.loads(f.read_text())
+            if snap.get("stage") != stage_dump(cfg):
+                changed = sorted(k for k in set(snap.get("stage", {})) | set(stage_dump(cfg))
+                                 if snap.get("stage", {}).get(k) != stage_dump(cfg).get(k))
+                raise UsageError(
+                    f"--resume: stages[{i - 1}] ({cfg.type}) differs from its snapshot (changed: {', '.join(changed)}); "
+                    "run without --resume (with --force) to start over"
+                )
+            entries.append(snap["entry"])
+            last = i
+        stray = [p.name for p in self.snap_root.iterdir() if p.is_dir() and p.name[:2].isdigit() and int(p.name[:2]) > len(self.recipe.stages)]
+        if stray:
+            raise UsageError(f"--resume: snapshots {', '.join(sorted(stray))} belong to stages the recipe no longer has")
+        return last, entries, saved["baseline"]
+
+    # -- the run ----------------------------------------------------------------------------
+    def execute(self, force: bool, resume: bool) -> dict[str, Any]:
+        from . import __version__, distributed
+        from .checkpoint import atomic_write_text
+
+        recipe, out = self.recipe, self.out
+        dev = distributed.setup(resolve_device(recipe.device))
+        main = distributed.is_main()  # under torchrun only rank 0 writes files and measures
+        if resume and distributed.world_size() > 1:
+            raise UsageError("--resume is not supported under torchrun; resume with a single process")
+        if resume:
+            start, entries, baseline = self._resume_point()
+        elif main:
+            check_output(out, force)
+        self.emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
+        state = build_state(recipe, dev, out, self.emit)  # bad model/data fail here, before anything is written
+        state.should_stop = self.should_stop
+        report: dict[str, Any] = {
+            "recipe": recipe.name, "tool_version": __version__, "device": str(dev), "seed": recipe.seed,
+            "output": str(out), "stages": [],
+        }
+        if not main:
+            distributed.barrier()
+            return _run_stages_secondary(state, report)
+        with self._signals():
+            if resume:
+                report["resumed_after_stage"] = start
+                report["stages"] = entries
+                if start:
+                    self._restore(state, self._stage_dir(start, recipe.stages[start - 1]))
+                self.emit("message", text=f"resuming after stage {start} of {len(recipe.stages)}")
+            else:
+                prepare_output(out, force)
+                atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+                start = 0
+            distributed.barrier()
+            if not resume:
+                baseline = self._measure_baseline(state)
+            report["baseline"] = baseline
+            self.emit("baseline", metrics=baseline)
+            return self._stages(state, report, start)
+
+    def _measure_baseline(self, state: State) -> dict[str, Any]:
+        from .measure import fp32_state_dict_bytes
+
+        d = self.snap_root / "00-baseline"
+        save_snapshot(state, d / "model")
+        baseline = measure(state, d / "model", None)
+        baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
+        baseline["size_ratio"] = baseline["fp32_bytes"] / baseline["size_bytes"]
+        baseline["guard_violations"] = guard_violations(self.recipe, baseline, baseline)
+        self._write_state(d, state, baseline=baseline, stage=None)
+        return baseline
+
+    def _stages(self, state: State, report: dict[str, Any], start: int) -> dict[str, Any]:
+        from .registry import get_stage
+
+        recipe = self.recipe
+        baseline = report["baseline"]
+        # the latest snapshot that satisfies every guard: what a failed guard leaves as the result
+        ok = [(0, self.snap_root / "00-baseline")] if not baseline["guard_violations"] else []
+        ok += [(e["index"], self._stage_dir(e["index"], recipe.stages[e["index"] - 1]))
+               for e in report["stages"] if not e.get("guard_violations")]
+        last_metrics = report["stages"][-1]["metrics"] if report["stages"] else baseline
+        for i, cfg in enumerate(recipe.stages, start=1):
+            if i <= start:
+                continue
+            if self.should_stop():
+                report["skipped"] = [f"{j}. {c.type}" for j, c in enumerate(recipe.stages, start=1) if j >= i]
+                break
+            stage = get_stage(cfg.type)(cfg, i)
+            sdir = self._stage_dir(i, cfg)
+            state.stage_dir = sdir
+            self.emit("stage_start", index=i, total=len(recipe.stages), name=stage.name, type=cfg.type)
+            seed_everything(recipe.seed + i, recipe.deterministic)  # a resumed run draws the same numbers
+            ts = time.perf_counter()
+            try:
+                result = stage.run(state)
+                check_finite(state)
+            except CompressError as e:
+                e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
+                self._write_partial(report, last_metrics, f"stage {i} ({cfg.type}) failed: {e}")
+                raise
+            except KeyboardInterrupt:
+                self.signal = self.signal or signal.SIGINT
+                result = None
+            except Exception as e:
+                self._write_partial(report, last_metrics, f"stage {i} ({cfg.type}) failed: {e}")
+                raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
+            if self.signal is not None:
+                kept = ""
+                with contextlib.suppress(Exception):
+                    save_snapshot(state, sdir / "interrupted" / "model")
+                    kept = f"; its partial model is in {sdir / 'interrupted' / 'model'}"
+                msg = (f"interrupted by {signal.Signals(self.signal).name} during stage {i} ({cfg.type}); "
+                       f"stages 1..{i - 1} are kept in {self.snap_root}{kept}")
+                self._write_partial(report, last_metrics, msg)
+                raise Interrupted(msg)
+            assert result is not None
+            entry = self._finish_stage(state, stage, result, sdir, time.perf_counter() - ts, baseline)
+            report["stages"].append(entry)
+            self.emit("stage_end", index=i, entry=entry)
+            if entry.get("guard_violations"):
+                action = cfg.on_violation or "warn"
+                entry["on_violation"] = action
+                if action == "fail":
+                    return self._fail(state, report, ok, entry["guard_violations"])
+                if action == "revert":
+                    entry["rejected_metrics"] = entry["metrics"]
+                    entry["metrics"] = last_metrics  # the model is the previous stage's again
+                    self._revert(state, sdir, ok[-1][1] if ok else self.snap_root / "00-baseline", entry)
+                    ok.append((i, sdir))
+                    continue
+            else:
+                ok.append((i, sdir))
+            last_metrics = entry["metrics"]
+        if self.stop_reason and "skipped" in report:
+            report["stopped_early"] = self.stop_reason
+        violations = guard_violations(recipe, last_metrics, baseline)
+        if violations and recipe.guard.on_violation != "warn":
+            if recipe.guard.on_violation == "fail":
+                return self._fail(state, report, ok, violations)
+            report["reverted_to"] = ok[-1][0] if ok else 0
+        return self._finalise(state, report, violations, ok if violations and recipe.guard.on_violation == "revert" else None)
+
+    def _finish_stage(self, state: State, stage: Any, result: Any, sdir: Path, duration: float,
+                      baseline: dict[str, Any]) -> dict[str, Any]:
         save_snapshot(state, sdir / "model")
         metrics = measure(state, sdir / "model", baseline)
         entry = {
-            "index": i,
-            "name": stage.name,
-            "type": cfg.type,
-            "duration_s": round(duration, 3),
-            "metrics": metrics,
-            "notes": result.notes,
-            "details": result.details,
-            "artifacts": result.artifacts,
+            "index": stage.index, "name": stage.name, "type": stage.type_name, "duration_s": round(duration, 3),
+            "metrics": metrics, "notes": result.notes, "details": result.details, "artifacts": result.artifacts,
         }
-        v = guard_violations(recipe, metrics, baseline)
+        v = guard_violations(self.recipe, metrics, baseline)
         if v:
             entry["guard_violations"] = v
-            violations = v
+        self._write_state(sdir, state, entry=entry, stage=stage_dump(stage.config))
+        return entry
+
+    def _revert(self, state: State, sdir: Path, previous: Path, entry: dict[str, Any]) -> None:
+        """Keep the rejected model for inspection, go back to ``previous``, re-snapshot as this stage."""
+        rejected = sdir / "rejected"
+        if rejected.exists():
+            shutil.rmtree(rejected)
+        shutil.move(str(sdir / "model"), str(rejected))
+        self._restore(state, previous)
+        save_snapshot(state, sdir / "model")
+        entry["reverted"] = True
+        entry["notes"] = (entry.get("notes") or "") + f" — reverted (guard violated; rejected model in {rejected})"
+        self._write_state(sdir, state, entry=entry, stage=stage_dump(self.recipe.stages[entry["index"] - 1]))
+
+    def _fail(self, state: State, report: dict[str, Any], ok: list[tuple[int, Path]], violations: list[str]) -> dict[str, Any]:
+        self._finalise(state, report, violations, ok)
+        kept = f"stage {ok[-1][0]}" if ok and ok[-1][0] else "the baseline"
+        raise GuardError([*violations, f"kept the last result that satisfies every guard ({kept}) in {self.out / 'model'}"])
+
+    def _finalise(self, state: State, report: dict[str, Any], violations: list[str],
+                  fallback: list[tuple[int, Path]] | None) -> dict[str, Any]:
+        from .report import write_report
+
+        final_dir = self.out / "model"
+        if fallback is not None:  # the result is the last snapshot that satisfied the guards
+            idx, src = fallback[-1] if fallback else (0, self.snap_root / "00-baseline")
+            tmp = self.out / ".model.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(src / "model", tmp)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            tmp.rename(final_dir)
+            final = dict(report["baseline"] if idx == 0 else next(e["metrics"] for e in report["stages"] if e["index"] == idx))
+            final["result_from_stage"] = idx
         else:
-            violations = []
-        report["stages"].append(entry)
-        atomic_write_text(sdir / "state.json", json.dumps({"hparams": state.hparams, "entry": entry}, indent=2, default=str))
-        last_metrics = metrics
-        emit("stage_end", index=i, entry=entry)
-    final_dir = out / "model"
-    save_snapshot(state, final_dir)
-    final = dict(last_metrics)
-    final["size_bytes"] = last_metrics["size_bytes"]
-    same = getattr(state.runner, "same_runtime_baseline", None)
-    if callable(same):
-        final["same_runtime_baseline"] = same(state)
-    report["final"] = final
+            save_snapshot(state, final_dir)
+            final = dict(report["stages"][-1]["metrics"] if report["stages"] else report["baseline"])
+            same = getattr(state.runner, "same_runtime_baseline", None)
+            if callable(same):
+                final["same_runtime_baseline"] = same(state)
+        report["final"] = final
+        report["hparams"] = state.hparams
+        report["edits"] = state.edits.to_json()
+        report["guard"] = {"violations": violations, **self.recipe.guard.model_dump()}
+        report["duration_s"] = round(time.perf_counter() - self.t0, 3)
+        write_report(report, self.out)
+        self.emit("done", report=report)
+        return report
+
+    def _write_partial(self, report: dict[str, Any], last: dict[str, Any], error: str) -> None:
+        from .report import write_report
+
+        if "baseline" not in report:
+            return
+        partial = dict(report, final=last, error=error, incomplete=True)
+        with contextlib.suppress(Exception):
+            write_report(partial, self.out)
+
+
+def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: run the same stages (so collective operations match),
+    write nothing, measure nothing."""
+    from .registry import get_stage
+
+    for i, cfg in enumerate(state.recipe.stages, start=1):
+        state.stage_dir = None
+        seed_everything(state.recipe.seed + i, state.recipe.deterministic)  # as rank 0 does
+        try:
+            get_stage(cfg.type)(cfg, i).run(state)
+        except CompressError as e:
+            e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
+            raise
+        except Exception as e:
+            raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
     report["hparams"] = state.hparams
-    report["edits"] = state.edits.to_json()
-    report["guard"] = {"violations": violations, **recipe.guard.model_dump()}
-    report["duration_s"] = round(time.perf_counter() - t0, 3)
-    write_report(report, out)
-    emit("done", report=report)
-    if violations:
-        raise GuardError(violations)
     return report
 
 
-def _write_partial(report: dict[str, Any], out: Path, last: dict[str, Any], error: str) -> None:
-    from .report import write_report
 
-    if "baseline" not in report:
-        return
-    report = dict(report, final=last, error=error, incomplete=True)
-    try:
-        write_report(report, out)
-    except Exception:
-        pass
+def check_finite(state: State) -> None:
+    import torch
+
+    bad = [n for n, t in state.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise StageError(
+            f"weights contain NaN/inf after this stage ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+            "the previous stage's snapshot is kept"
+        )

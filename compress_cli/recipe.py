@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,16 @@ class ModelConfig(_Strict):
     input_shape: list[int] | None = Field(None, description="one sample's shape, e.g. [1, 28, 28] (default: the data's)")
     allow_pickle: bool = Field(False, description="allow a fully pickled module checkpoint (runs code: trust it)")
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .sources import check_model_source
+
+        problem = check_model_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("input_shape")
     @classmethod
     def _positive(cls, v: list[int] | None) -> list[int] | None:
@@ -58,6 +69,16 @@ class DataConfig(_Strict):
     num_classes: int | None = Field(None, gt=1, description="synthetic: number of classes")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the source")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .sources.data import check_source
+
+        problem = check_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class LatencyConfig(_Strict):
@@ -158,7 +179,10 @@ def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}") from None
+        ctx = ""
+        if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            ctx = f" ({e.context.replace('while parsing', 'in')} started at line {e.context_mark.line + 1})"
+        raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}{ctx}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{filename}: YAML error: {e}") from None
     lines: dict[tuple[Any, ...], int] = {}
@@ -240,8 +264,9 @@ def _pydantic_problems(
     err: ValidationError, raw: RawRecipe, prefix: tuple[Any, ...], model: type[BaseModel], stage_types: dict[int, str]
 ) -> list[str]:
     problems = []
+    merged: dict[str, list[str]] = {}  # union branches: one line per path, alternatives joined
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
         path = prefix + loc
         kind = e["type"]
         if kind == "extra_forbidden":
@@ -258,9 +283,17 @@ def _pydantic_problems(
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed.replace(' or ', ', ')}"
         else:
-            msg = msg.replace("Value error, ", "").replace("Input should be", "must be")
-        problems.append(f"{raw.where(path)}: {_fmt_path(path, stage_types)}: {msg} (got {_fmt_value(e.get('input'))})")
-    return problems
+            msg = re.sub(r"\b(Input|List|String|Dictionary|Tuple|Set) should ", "must ", msg.replace("Value error, ", ""))
+        line = f"{raw.where(path)}: {_fmt_path(path, stage_types)}: "
+        if line in merged:
+            merged[line].append(msg.replace("must be ", "", 1))
+            continue
+        merged[line] = [msg, f" (got {_fmt_value(e.get('input'))})"]
+        problems.append(line)
+    return [p + " or ".join(merged[p][:1] + merged[p][2:]) + merged[p][1] if p in merged else p for p in problems]
+
+
+_UNION_BRANCH = re.compile(r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*)$")
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -329,31 +362,39 @@ def validate(raw: RawRecipe) -> Recipe:
 
 def cross_stage_rules(recipe: Recipe, raw: RawRecipe | None = None) -> list[str]:
     """Every rule that spans stages or needs the device, in one place."""
-    from .registry import get_stage
-
     where = raw.where if raw else (lambda p: "<recipe>")
     problems: list[str] = []
-    provided: set[str] = set()
-    frozen_by: str | None = None
-    for i, cfg in enumerate(recipe.stages):
+    _stage_list_rules(recipe.stages, ("stages",), "", where, recipe.device, set(), [None], problems)
+    return problems
+
+
+def _stage_list_rules(
+    stages: list[StageConfig], path: tuple[Any, ...], prefix: str, where: Any, device: str,
+    provided: set[str], frozen: list[str | None], problems: list[str],
+) -> None:
+    """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
+    from .registry import get_stage
+
+    for i, cfg in enumerate(stages):
         cls = get_stage(cfg.type)
-        label = f"stages[{i}] ({cfg.type})"
+        label = f"{prefix}stages[{i}] ({cfg.type})"
         for key, value in cfg.model_dump().items():
             if value == AUTO and key not in provided:
                 finder = {"lr": "lr_find", "batch_size": "batch_size_find"}.get(key, "a stage that finds it")
-                problems.append(f"{where(('stages', i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
-        if frozen_by is not None and cls.modifies(cfg):
+                problems.append(f"{where((*path, i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
+        if frozen[0] is not None and cls.modifies(cfg):
             what = "train" if cls.trains(cfg) else "change the model"
             problems.append(
-                f"{where(('stages', i))}: {label}: cannot {what} after {frozen_by} converted the model for "
+                f"{where((*path, i))}: {label}: cannot {what} after {frozen[0]} converted the model for "
                 "inference (move this stage before it; for training with quantization use scheme: qat)"
             )
-        for msg in cls.check(cfg, recipe.device):
-            problems.append(f"{where(('stages', i))}: {label}: {msg}")
+        for msg in cls.check(cfg, device):
+            problems.append(f"{where((*path, i))}: {label}: {msg}")
+        for field_name, nested in cls.children(cfg):
+            _stage_list_rules(nested, (*path, i, field_name), f"{label}.", where, device, provided, frozen, problems)
         provided |= cls.provides
         if cls.freezes(cfg):
-            frozen_by = f"stages[{i}] ({cfg.type})"
-    return problems
+            frozen[0] = label
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RawRecipe]:

@@ -90,7 +90,11 @@ def check_source(source: str) -> str | None:
     if source in SOURCES:
         return None
     if source.startswith("torchvision:"):
-        return None if source.partition(":")[2] else "torchvision: needs a dataset name, e.g. torchvision:CIFAR10"
+        return (
+            None
+            if source.partition(":")[2]
+            else "torchvision: needs a dataset name, e.g. torchvision:CIFAR10"
+        )
     if ":" in source:
         mod, _, attr = source.partition(":")
         if mod and attr and all(p.isidentifier() for p in mod.split(".")) and attr.isidentifier():
@@ -110,6 +114,8 @@ def build_data(cfg: DataConfig, seed: int, input_shape: Sequence[int] | None = N
     if problem:
         raise SourceError(f"data.source: {problem}")
     shape = list(cfg.input_shape or input_shape or []) or None
+    if src in ("digits", "mnist", "fashion_mnist") and cfg.kwargs:
+        raise SourceError(f"{src}: takes no data.kwargs (got {sorted(cfg.kwargs)})")
     if src == "digits":
         return _digits(cfg, seed)
     if src in ("mnist", "fashion_mnist"):
@@ -255,7 +261,9 @@ def _tensor_bundle(
     val = ds(x_pool, y_pool, va) if va is not None else None
     test = ds(x_test, y_test, te)
     max_label = int(max(y_pool.max(initial=0), y_test.max(initial=0)))
-    return _bundle(cfg, seed, train, val, test, _num_classes(cfg, source, max_label), train.tensors[0].shape[1:])
+    return _bundle(
+        cfg, seed, train, val, test, _num_classes(cfg, source, max_label), train.tensors[0].shape[1:]
+    )
 
 
 # --------------------------------------------------------------------------- digits
@@ -303,7 +311,7 @@ def _digits(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -352,7 +360,9 @@ def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
     magic = int.from_bytes(data[:4], "big")
     want = "0x000008TN, e.g. 0x00000803 for images, 0x00000801 for labels"
     if zero != b"\x00\x00" or code not in _IDX_DTYPES or ndim == 0:
-        raise SourceError(f"{p}: not an IDX file of the expected kind: magic number 0x{magic:08x}, expected {want}")
+        raise SourceError(
+            f"{p}: not an IDX file of the expected kind: magic number 0x{magic:08x}, expected {want}"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise SourceError(f"{p}: truncated IDX file (header needs {header} bytes, file has {len(data)})")
@@ -398,7 +408,9 @@ def _load_idx_split(root: Path, source: str, split: str) -> tuple[np.ndarray, np
     labels = read_idx(lbl_path, expect_ndim=1)
     if images.dtype != np.uint8 or labels.dtype != np.uint8:
         bad = img_path if images.dtype != np.uint8 else lbl_path
-        raise SourceError(f"{bad}: expected unsigned-byte IDX data (type 0x08), got {images.dtype}/{labels.dtype}")
+        raise SourceError(
+            f"{bad}: expected unsigned-byte IDX data (type 0x08), got {images.dtype}/{labels.dtype}"
+        )
     if len(images) != len(labels):
         raise SourceError(
             f"{img_path}: {len(images)} images but {lbl_path} has {len(labels)} labels (counts must match)"
@@ -414,7 +426,7 @@ def _idx_source(cfg: DataConfig, seed: int, source: str) -> DataBundle:
     root = Path(cfg.root or DEFAULT_ROOTS[source]).expanduser()
     if not root.is_dir():
         hint = " (apt-get install dataset-fashion-mnist provides it)" if source == "fashion_mnist" else ""
-        where = "data.root" if cfg.root else f"data.root is not set and the default {root}"
+        where = f"data.root {root}" if cfg.root else f"data.root is not set and the default {root}"
         raise SourceError(f"{source}: {where} does not exist or is not a folder{hint}")
     x_tr, y_tr = _load_idx_split(root, source, "train")
     x_te, y_te = _load_idx_split(root, source, "test")
@@ -444,7 +456,9 @@ def _synthetic(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBundl
     if kw:
         raise SourceError(f"synthetic: unknown data.kwargs {sorted(kw)} (allowed: train_size, test_size)")
     if train_size <= 0 or test_size <= 0:
-        raise SourceError(f"synthetic: train_size and test_size must be positive (got {train_size}, {test_size})")
+        raise SourceError(
+            f"synthetic: train_size and test_size must be positive (got {train_size}, {test_size})"
+        )
     num_classes = cfg.num_classes or 10
     g = torch.Generator().manual_seed(int(_rng(seed, _SYNTH).integers(2**62)))
     n = train_size + test_size
@@ -452,7 +466,7 @@ def _synthetic(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBundl
     y = torch.randint(0, num_classes, (n,), generator=g).numpy()
     xs, xt = x[:train_size], x[train_size:]
     ys, yt = y[:train_size], y[train_size:]
-    bundle = _tensor_bundle(cfg, seed, "synthetic", xs, ys, xt, yt, lambda rows: rows.clone())
+    bundle = _tensor_bundle(cfg, seed, "synthetic", xs, ys, xt, yt, lambda rows: rows)
     bundle.num_classes = num_classes
     return bundle
 
@@ -477,7 +491,12 @@ def dataset_labels(ds: Any, scan: bool = False) -> np.ndarray | None:
                 if arr is not None and len(arr) == len(ds):
                     return arr
         samples = getattr(ds, "samples", None)
-        if isinstance(samples, list) and samples and isinstance(samples[0], tuple) and len(samples) == len(ds):
+        if (
+            isinstance(samples, list)
+            and samples
+            and isinstance(samples[0], tuple)
+            and len(samples) == len(ds)
+        ):
             return _as_label_array([s[1] for s in samples])
     if not scan:
         return None
@@ -518,7 +537,9 @@ def _sample_shape(ds: Any, source: str) -> tuple[int, ...]:
         raise SourceError(f"{source}: cannot read the first sample: {type(e).__name__}: {e}") from None
     shape = getattr(x, "shape", None)
     if shape is None:
-        raise SourceError(f"{source}: samples must be tensors (got {type(x).__name__}; add a ToTensor transform)")
+        raise SourceError(
+            f"{source}: samples must be tensors (got {type(x).__name__}; add a ToTensor transform)"
+        )
     return tuple(int(d) for d in shape)
 
 
@@ -538,7 +559,9 @@ def _generic_bundle(
         if ds is None:
             continue
         if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
-            raise SourceError(f"{source}: the {name} split must be a map-style Dataset with __len__ (got {type(ds).__name__})")
+            raise SourceError(
+                f"{source}: the {name} split must be a map-style Dataset with __len__ (got {type(ds).__name__})"
+            )
         if len(ds) == 0:
             raise SourceError(f"{source}: the {name} split is empty")
     y_train = dataset_labels(train)
@@ -562,7 +585,9 @@ def _generic_bundle(
         classes = _classes_attr(train)
     if classes is None:
         ys = [dataset_labels(d, scan=True) for d in (train, test)]
-        max_label = max(int(y.max(initial=0)) for y in ys if y is not None) if any(y is not None for y in ys) else -1
+        max_label = (
+            max(int(y.max(initial=0)) for y in ys if y is not None) if any(y is not None for y in ys) else -1
+        )
         if max_label < 0:
             raise SourceError(f"{source}: cannot infer the number of classes; set data.num_classes")
         classes = _num_classes(cfg, source, max_label)
@@ -606,7 +631,9 @@ def _torchvision(cfg: DataConfig, seed: int, name: str) -> DataBundle:
     kwargs = dict(cfg.kwargs)
     for key in ("train", "split", "transform", "download"):
         if key in kwargs:
-            raise SourceError(f"{source}: data.kwargs.{key} is set by compress (train and test splits are both loaded)")
+            raise SourceError(
+                f"{source}: data.kwargs.{key} is set by compress (train and test splits are both loaded)"
+            )
 
     def split_kw(train: bool) -> dict[str, Any]:
         if "train" in params:
@@ -657,7 +684,9 @@ def _imagefolder(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBun
     train_dir = root / "train"
     val_dir, test_dir = root / "val", root / "test"
     if not train_dir.is_dir():
-        raise SourceError(f"imagefolder: {train_dir} is missing (expected {root}/train/CLASS/*.png and val/ or test/)")
+        raise SourceError(
+            f"imagefolder: {train_dir} is missing (expected {root}/train/CLASS/*.png and val/ or test/)"
+        )
     if not (val_dir.is_dir() or test_dir.is_dir()):
         raise SourceError(f"imagefolder: {root} needs a val/ or test/ folder next to train/")
     kw = dict(cfg.kwargs)
@@ -667,13 +696,21 @@ def _imagefolder(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBun
     size: tuple[int, int] | None = None
     if resize is not None:
         try:
-            size = (int(resize), int(resize)) if isinstance(resize, (int, float)) else (int(resize[0]), int(resize[1]))
+            size = (
+                (int(resize), int(resize))
+                if isinstance(resize, (int, float))
+                else (int(resize[0]), int(resize[1]))
+            )
         except (TypeError, ValueError, IndexError):
-            raise SourceError(f"imagefolder: data.kwargs.resize must be a size or [H, W] (got {resize!r})") from None
+            raise SourceError(
+                f"imagefolder: data.kwargs.resize must be a size or [H, W] (got {resize!r})"
+            ) from None
     elif shape and len(shape) == 3:
         size = (int(shape[1]), int(shape[2]))
     channels = int(shape[0]) if shape and len(shape) == 3 else 3
     steps: list[Any] = []
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if size:
         steps.append(T.Resize(size))
     if channels == 1:
@@ -688,7 +725,9 @@ def _imagefolder(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBun
         try:
             return tvd.ImageFolder(str(path), transform=tf)
         except (FileNotFoundError, OSError, RuntimeError) as e:
-            raise SourceError(f"imagefolder: {path}: {e} (expected one sub-folder of images per class)") from None
+            raise SourceError(
+                f"imagefolder: {path}: {e} (expected one sub-folder of images per class)"
+            ) from None
 
     train = folder(train_dir)
     test = folder(test_dir if test_dir.is_dir() else val_dir)
@@ -699,7 +738,9 @@ def _imagefolder(cfg: DataConfig, seed: int, shape: list[int] | None) -> DataBun
                 f"imagefolder: {ds.root} has classes {ds.classes} but {train_dir} has {train.classes} "
                 "(the class folders must match)"
             )
-    return _generic_bundle(cfg, seed, "imagefolder", train, val, test, classes=cfg.num_classes or len(train.classes))
+    return _generic_bundle(
+        cfg, seed, "imagefolder", train, val, test, classes=cfg.num_classes or len(train.classes)
+    )
 
 
 # --------------------------------------------------------------------------- package.module:callable
@@ -710,11 +751,15 @@ def _callable(cfg: DataConfig, seed: int, source: str) -> DataBundle:
     except ImportError as e:
         raise SourceError(f"data.source {source}: cannot import module {mod_name!r}: {e}") from None
     except Exception as e:
-        raise SourceError(f"data.source {source}: importing module {mod_name!r} failed: {type(e).__name__}: {e}") from None
+        raise SourceError(
+            f"data.source {source}: importing module {mod_name!r} failed: {type(e).__name__}: {e}"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise SourceError(f"data.source {source}: module {mod_name!r} has no callable {attr!r}{suggest(attr, names)}")
+        raise SourceError(
+            f"data.source {source}: module {mod_name!r} has no callable {attr!r}{suggest(attr, names)}"
+        )
     kwargs = dict(cfg.kwargs)
     if cfg.root is not None:
         kwargs.setdefault("root", cfg.root)
@@ -723,7 +768,9 @@ def _callable(cfg: DataConfig, seed: int, source: str) -> DataBundle:
     except SourceError:
         raise
     except Exception as e:
-        raise SourceError(f"data.source {source}: calling {attr}(**{sorted(kwargs)}) failed: {type(e).__name__}: {e}") from None
+        raise SourceError(
+            f"data.source {source}: calling {attr}(**{sorted(kwargs)}) failed: {type(e).__name__}: {e}"
+        ) from None
     if isinstance(out, dict):
         missing = [k for k in ("train", "test") if out.get(k) is None]
         extra = sorted(set(out) - {"train", "val", "test"})

@@ -101,14 +101,17 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():
+            raise SourceError(f"model.checkpoint {p}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
         if not allow_pickle:
             raise SourceError(
-                f"model.checkpoint {p}: not a plain state_dict (it contains pickled objects: {str(e).splitlines()[0]}); "
+                f"model.checkpoint {p}: not a plain state_dict (it contains pickled objects: {_pickle_reason(e)}); "
                 "loading it would run code from the file. If you trust it, set model.allow_pickle: true"
             ) from None
         obj = torch.load(p, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"model.checkpoint {p}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # zip/pickle/storage errors of a damaged or foreign file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"model.checkpoint {p}: corrupt or truncated checkpoint ({first})") from None
     from torch import nn
 
     if isinstance(obj, nn.Module):
@@ -172,3 +175,10 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
             return sd, spec
         load_state_dict_checked(model, sd, f"model.checkpoint {cfg.checkpoint}")
     return model, spec
+
+
+def _pickle_reason(e: Exception) -> str:
+    for line in str(e).splitlines():
+        if "global" in line.lower():
+            return line.strip().rstrip(".")
+    return "objects other than tensors"

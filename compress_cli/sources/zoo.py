@@ -211,4 +211,6 @@ def build_zoo(name: str, **kwargs: Any) -> nn.Module:
         import inspect
 
         allowed = ", ".join(inspect.signature(fn).parameters)
-        raise SourceError(f"zoo:{name}: bad model.kwargs {sorted(kwargs)} ({e}); allowed: {allowed}") from None
+        raise SourceError(
+            f"zoo:{name}: bad model.kwargs {sorted(kwargs)} ({e}); allowed: {allowed}"
+        ) from None

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress_cli.checkpoint import (
+    apply_architecture_diff,
+    architecture_diff,
+    decode_state_dict,
+    encode_state_dict,
+    load,
+    read_manifest,
+    save_model,
+)
+from compress_cli.errors import SourceError
+from compress_cli.testing import seeded_zoo
+
+SPEC = {"source": "zoo:digits_cnn", "kwargs": {}}
+
+
+def roundtrip(sd):
+    blob, index = encode_state_dict(sd)
+    return decode_state_dict(blob), index, len(blob)
+
+
+def test_encodings_are_bit_exact_and_chosen_by_content():
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 64, generator=g)
+    sparse = dense * (torch.rand(64, 64, generator=g) > 0.9)
+    palette = torch.randint(0, 16, (64, 64), generator=g).float() * 0.37 - 2
+    rows = torch.randint(-127, 128, (32, 512), generator=g).float() * torch.rand(32, 1, generator=g)
+    sparse_pal = palette * (torch.rand(64, 64, generator=g) > 0.7)
+    ints = torch.arange(100)
+    sd = {"dense": dense, "sparse": sparse, "palette": palette, "rows": rows, "sp": sparse_pal, "ints": ints,
+          "half": dense.half(), "bf": dense.bfloat16(), "scalar": torch.tensor(3.0)}
+    out, index, _ = roundtrip(sd)
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+    assert index["dense"]["enc"] == "shuffle"  # float bytes split into planes (see checkpoint.py)
+    assert index["sparse"]["enc"] == "gaps+shuffle"  # 10% dense: gap-coded positions
+    assert index["palette"]["enc"] == "palette" and index["palette"]["bits"] == 4
+    assert index["rows"]["enc"] == "rowgrid"  # per-row int8 multiples: int8 codes + a scale per row
+    assert index["sp"]["enc"] == "sparse+palette"
+
+
+def test_sparse_and_palette_shrink_the_file():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    _, _, dense_bytes = roundtrip({"w": w})
+    _, _, sparse_bytes = roundtrip({"w": w * (torch.rand(256, 256, generator=g) > 0.9)})
+    q = torch.round(w * 8).clamp(-8, 7) / 8  # 16 levels -> 4 bits
+    _, _, pal_bytes = roundtrip({"w": q})
+    assert sparse_bytes < dense_bytes / 4
+    assert pal_bytes < dense_bytes / 6
+
+
+def test_architecture_diff_rebuilds_changed_and_replaced_modules(tmp_path):
+    model = seeded_zoo("digits_cnn")
+    names = dict(model.named_modules())
+    conv_name = next(n for n, m in names.items() if isinstance(m, nn.Conv2d))
+    conv = names[conv_name]
+    parent_name, _, child = conv_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is None))
+    base = seeded_zoo("digits_cnn")
+    diff = architecture_diff(base, model)
+    assert [d["path"] for d in diff] == [conv_name]
+    rebuilt = apply_architecture_diff(seeded_zoo("digits_cnn"), diff)
+    assert (rebuilt.get_submodule(conv_name).bias is None) == (conv.bias is not None)
+
+
+def test_save_load_roundtrip_with_structural_change(tmp_path):
+    model = seeded_zoo("digits_cnn").eval()
+    # replace the whole first block by Identity-compatible change: swap the classifier head for a smaller one + new
+    head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, child = head_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Linear(head.in_features, head.out_features, bias=False))
+    size = save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8], num_classes=10)
+    assert size > 0
+    again = load(tmp_path / "m")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert read_manifest(tmp_path / "m")["architecture"][0]["path"] == head_name
+
+
+def test_corrupt_or_missing_files_are_source_errors(tmp_path):
+    model = seeded_zoo("digits_cnn")
+    save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8])
+    w = tmp_path / "m" / "weights.safetensors.xz"
+    w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    with pytest.raises(SourceError, match="corrupt or truncated weights"):
+        load(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text("{not json")
+    with pytest.raises(SourceError, match="unreadable manifest"):
+        load(tmp_path / "m")
+    with pytest.raises(SourceError, match="not a compressed model directory"):
+        load(tmp_path / "nothing")
+
+
+def test_prune_reparametrization_is_folded(tmp_path):
+    import torch.nn.utils.prune as P
+
+    model = seeded_zoo("digits_mlp").eval()
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    P.l1_unstructured(lin, "weight", amount=0.8)
+    save_model(model, tmp_path / "m", model_spec={"source": "zoo:digits_mlp"}, input_shape=[1, 8, 8])
+    again = load(tmp_path / "m")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert read_manifest(tmp_path / "m")["encodings"][[k for k in again.state_dict() if k.endswith("weight")][0]].startswith(("sparse", "gaps"))
+
+
+def test_copy_model_works_on_pruned_modules_after_forward():
+    import torch.nn.utils.prune as P
+
+    from compress_cli.checkpoint import copy_model
+
+    model = seeded_zoo("digits_mlp")
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    P.l1_unstructured(lin, "weight", amount=0.5)
+    x = torch.randn(2, 1, 8, 8)
+    model(x).sum().backward()
+    clone = copy_model(model)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert hasattr(lin, "weight_orig")  # the original keeps its masks
