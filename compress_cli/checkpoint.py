@@ -11,8 +11,9 @@ Reload needs no pickles and no training code, only the model source named in the
 
 Each tensor is stored in the smallest of: dense; bitmask + nonzero values (sparse); a palette of
 its distinct values + indices packed at their real bit width (int8 grids, k-means codebooks), per
-tensor or per row; sparse + palette. The whole safetensors payload is then lzma-compressed.
-Decoding is bit-exact. Files are written to a temporary name and renamed.
+tensor or per row; int8 codes + one float32 scale per row when every row is an exact int8
+multiple of its scale (per-channel quantized weights); sparse + palette. The whole safetensors
+payload is then lzma-compressed. Decoding is bit-exact. Files are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -285,7 +286,9 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 #              first bytes, then all second bytes, ...: exponents line up, lzma finds them);
 #              palette = distinct values + indices packed at their real bit width (or one per
 #              byte when skewed: lzma then codes them close to their entropy);
-#              rowpalette = one palette per row (per-channel int8 grids)
+#              rowpalette = one palette per row (per-channel int8 grids);
+#              rowgrid = int8 codes + one float32 scale per row, for rows that are exact int8
+#              multiples of their scale (per-channel quantized weights: 1 byte per value)
 # Everything works on the values' bit patterns, so decoding is bit-exact (-0.0 and NaN payloads
 # included). The choice is by estimated size before lzma; lzma then entropy-codes the payload.
 _BITS_VIEW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
@@ -421,6 +424,10 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
                         table[i, : len(p[0])] = p[0]  # type: ignore[index]
                     idx = np.concatenate([p[1] for p in table_rows])  # type: ignore[index]
                     best = (["rowpalette"], {"bits": bits}, {"palette": table, **_index_stream(idx, bits)}, size)
+        if allow_rows and rows and rows > 1 and item == 4 and best[0] != ["palette"]:
+            grid = _rowgrid(vals.view(np.float32).reshape(rows, -1))
+            if grid is not None and n + 4 * rows < best[3]:
+                best = (["rowgrid"], {}, {"q": grid[0], "scale": grid[1]}, n + 4 * rows)
         if not best[0] and item > 1:
             planes = np.ascontiguousarray(vals.view(np.uint8).reshape(n, item).T)
             best = (["shuffle"], {}, {"planes": planes}, n * item)
@@ -437,6 +444,47 @@ def _as_float_tensor(bits: Any, dtype: torch.dtype) -> torch.Tensor:
 
     signed = bits.dtype.str.replace("u", "i")
     return torch.from_numpy(np.ascontiguousarray(bits).view(signed)).view(dtype)
+
+
+def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
+    """Rows that are each an int8 multiple of one float32 scale (per-channel quantized weights):
+    -> (int8 codes, float32 scale per row) with ``codes * scale == rows`` bit for bit, else None."""
+    import numpy as np
+
+    if rows.dtype != np.float32 or rows.shape[1] < 2 or not np.isfinite(rows).all():
+        return None
+    absr = np.abs(rows)
+    amax = absr.max(axis=1)
+    amin = np.where(absr > 0, absr, np.float32(np.inf)).min(axis=1)  # smallest nonzero |value|
+    scale = np.zeros(len(rows), np.float32)
+    done = amax == 0
+    bits = rows.view(np.uint32)
+    # candidate scales: the largest |value| is qmax * scale for symmetric ranges; else the smallest
+    # nonzero |value| is usually 1 * scale (e.g. QAT scales whose range exceeds the weights)
+    candidates = [(amax, q) for q in (127, 128, 63, 64)] + [(amin, 1), (amin, 2)]
+    for ref, qmax in candidates:
+        with np.errstate(invalid="ignore"):
+            base = (ref / np.float32(qmax)).astype(np.float32)
+        for ulps in (0, 1, -1, 2, -2):
+            todo = np.flatnonzero(~done)
+            if todo.size == 0:
+                break
+            s = base[todo]
+            for _ in range(abs(ulps)):
+                s = np.nextafter(s, np.float32(np.inf if ulps > 0 else -np.inf)).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                q = np.rint(rows[todo] / s[:, None])
+            ok = (s > 0) & np.isfinite(s) & np.isfinite(q).all(axis=1) & (np.abs(q) <= 128).all(axis=1)
+            q = np.where(ok[:, None], q, 0).astype(np.int16).astype(np.float32)  # int: no -0.0 codes
+            ok &= ((q * s[:, None]).view(np.uint32) == bits[todo]).all(axis=1)
+            scale[todo[ok]] = s[ok]
+            done[todo[ok]] = True
+    if not done.all():
+        return None
+    codes = np.rint(rows / np.where(scale == 0, np.float32(1), scale)[:, None])
+    if codes.min() < -128 or codes.max() > 127:
+        return None
+    return codes.astype(np.int8), scale
 
 
 def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -505,7 +553,10 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     item = 2 if narrow else torch.empty((), dtype=dtype).element_size()
     bview = _BITS_VIEW[item]
     nvals = meta.get("nnz", n)
-    if "palette" in enc:
+    if "rowgrid" in enc:
+        q, scale = (np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x) for x in (parts["q"], parts["scale"]))
+        values = (q.astype(np.float32).reshape(shape[0], -1) * scale.astype(np.float32)[:, None]).reshape(-1).view(bview)
+    elif "palette" in enc:
         pal = _as_bits(parts["palette"]).astype(bview, copy=False)
         values = pal[_indices(parts, meta["bits"], nvals)]
     elif "rowpalette" in enc:

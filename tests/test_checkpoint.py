@@ -40,7 +40,7 @@ def test_encodings_are_bit_exact_and_chosen_by_content():
     assert index["dense"]["enc"] == "shuffle"  # float bytes split into planes (see checkpoint.py)
     assert index["sparse"]["enc"] == "gaps+shuffle"  # 10% dense: gap-coded positions
     assert index["palette"]["enc"] == "palette" and index["palette"]["bits"] == 4
-    assert index["rows"]["enc"] == "rowpalette"
+    assert index["rows"]["enc"] == "rowgrid"  # per-row int8 multiples: int8 codes + a scale per row
     assert index["sp"]["enc"] == "sparse+palette"
 
 
