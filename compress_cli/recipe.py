@@ -269,7 +269,7 @@ def _pydantic_problems(
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
         path = prefix + loc
         kind = e["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and loc:
             fields = _fields_at(model, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
             rule = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(fields)})")
@@ -293,7 +293,7 @@ def _pydantic_problems(
     return [p + " or ".join(merged[p][:1] + merged[p][2:]) + merged[p][1] if p in merged else p for p in problems]
 
 
-_UNION_BRANCH = re.compile(r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*)$")
+_UNION_BRANCH = re.compile(r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*Config)$")
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
