@@ -11,8 +11,9 @@ Reload needs no pickles and no training code, only the model source named in the
 
 Each tensor is stored in the smallest of: dense; bitmask + nonzero values (sparse); a palette of
 its distinct values + indices packed at their real bit width (int8 grids, k-means codebooks), per
-tensor or per row; sparse + palette. The whole safetensors payload is then lzma-compressed.
-Decoding is bit-exact. Files are written to a temporary name and renamed.
+tensor or per row; int8 codes + one float32 scale per row when every row is an exact int8
+multiple of its scale (per-channel quantized weights); sparse + palette. The whole safetensors
+payload is then lzma-compressed. Decoding is bit-exact. Files are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ _CTOR_ARGS: dict[str, tuple[str, ...]] = {
     "Embedding": ("num_embeddings", "embedding_dim", "padding_idx"),
     "Identity": (),
     "PReLU": ("num_parameters",),
+    # parameterless layers a structural edit may put into a new container (drop_layers' bypasses)
+    "ReLU": ("inplace",),
+    "ReLU6": ("inplace",),
+    "SiLU": ("inplace",),
+    "Hardswish": ("inplace",),
+    "Hardsigmoid": ("inplace",),
+    "LeakyReLU": ("negative_slope", "inplace"),
+    "GELU": ("approximate",),
+    "Sigmoid": (),
+    "Tanh": (),
+    "Dropout": ("p", "inplace"),
+    "Flatten": ("start_dim", "end_dim"),
 }
 _HAS_BIAS = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "LayerNorm"}
 
@@ -103,10 +116,78 @@ def module_spec(m: nn.Module) -> dict[str, Any] | None:
     return {"class": cls, "args": args}
 
 
+def container_spec(m: nn.Module) -> dict[str, Any] | None:
+    """Spec of a plain ``nn.Sequential`` whose every descendant is describable (a new container put
+    in place of another module, e.g. a residual block replaced by its shortcut path), else None."""
+    from torch import nn
+
+    if type(m) is not nn.Sequential:
+        return None
+    children = []
+    for name, child in m.named_children():
+        spec = module_spec(child) or container_spec(child)
+        if spec is None:
+            return None
+        children.append({"name": name, **spec})
+    return {"class": "Sequential", "args": {}, "children": children}
+
+
+def _patchable_attrs(m: nn.Module) -> dict[str, Any]:
+    """Plain public attributes of a module (ints, floats, strings, tuples of them)."""
+    out: dict[str, Any] = {}
+    for k, v in vars(m).items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, (bool, int, float, str, type(None))):
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out
+
+
+def _own_tensor_shapes(m: nn.Module) -> dict[str, list[int]]:
+    own = {**m._parameters, **m._buffers}
+    return {k: list(v.shape) for k, v in own.items() if v is not None}
+
+
+def patch_spec(base: nn.Module, current: nn.Module) -> dict[str, Any] | None:
+    """For a module of unchanged class that has no constructor spec: the plain attributes and own
+    tensor shapes that differ from ``base`` (e.g. a MultiheadAttention whose embed_dim was pruned,
+    a block that stores its channel count), or None when nothing differs."""
+    a, b = _patchable_attrs(current), _patchable_attrs(base)
+    attrs = {k: v for k, v in a.items() if k in b and b[k] != v}
+    ts, tb = _own_tensor_shapes(current), _own_tensor_shapes(base)
+    tensors = {k: v for k, v in ts.items() if k in tb and tb[k] != v}
+    if not attrs and not tensors:
+        return None
+    return {"class": "__patch__", "args": {"attrs": attrs, "tensors": tensors}}
+
+
+def _apply_patch(m: nn.Module, args: dict[str, Any]) -> None:
+    import torch
+    from torch import nn
+
+    for k, v in args.get("attrs", {}).items():
+        old = getattr(m, k, None)
+        setattr(m, k, tuple(v) if isinstance(old, tuple) and isinstance(v, list) else v)
+    for k, shape in args.get("tensors", {}).items():
+        if k in m._parameters and m._parameters[k] is not None:
+            p = m._parameters[k]
+            m._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        elif k in m._buffers and m._buffers[k] is not None:
+            m._buffers[k] = torch.zeros(shape, dtype=m._buffers[k].dtype)
+        else:
+            raise SourceError(f"manifest resizes tensor {k!r} of a {type(m).__name__}, which it does not have")
+
+
 def build_module(spec: dict[str, Any]) -> nn.Module:
     from torch import nn
 
     cls = spec["class"]
+    if cls == "Sequential" and "children" in spec:
+        from collections import OrderedDict
+
+        return nn.Sequential(OrderedDict((c["name"], build_module(c)) for c in spec["children"]))
     if cls in _EXTRA_SPECS:
         return _EXTRA_SPECS[cls][1](spec["args"])
     if cls not in _CTOR_ARGS:
@@ -118,17 +199,28 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
 
 
 def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
-    """Modules of ``current`` that differ from ``base``, outermost first, as rebuild specs."""
+    """Modules of ``current`` that differ from ``base``, outermost first, as rebuild specs.
+
+    A changed module with constructor arguments is rebuilt from them; a new plain ``nn.Sequential``
+    is rebuilt from its children's specs; a module of unchanged class without constructor spec whose
+    plain attributes or own tensor shapes changed is patched in place (``__patch__``)."""
     base_mods = dict(base.named_modules())
     diff: list[dict[str, Any]] = []
     replaced: list[str] = []
     for name, mod in current.named_modules():
-        if not name or any(name.startswith(p + ".") for p in replaced):
+        if any(name.startswith(p + ".") for p in replaced):
             continue
         ref = base_mods.get(name)
         spec = module_spec(mod)
-        if ref is not None and type(ref) is type(mod) and (spec is None or spec == module_spec(ref)):
+        if ref is not None and type(ref) is type(mod) and spec is None:
+            patch = patch_spec(ref, mod)
+            if patch is not None:
+                diff.append({"path": name, **patch})
             continue
+        if not name or (ref is not None and type(ref) is type(mod) and spec == module_spec(ref)):
+            continue
+        if spec is None:
+            spec = container_spec(mod)
         if spec is None:
             raise SourceError(
                 f"module {name!r} ({type(mod).__name__}) differs from the model source and cannot be described "
@@ -149,6 +241,13 @@ def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any
 def apply_architecture_diff(model: nn.Module, diff: list[dict[str, Any]]) -> nn.Module:
     for item in diff:
         path = item["path"]
+        if item["class"] == "__patch__":
+            try:
+                target = model.get_submodule(path) if path else model
+            except AttributeError:
+                raise SourceError(f"manifest edits module {path!r}, which the model source does not have") from None
+            _apply_patch(target, item["args"])
+            continue
         parent_name, _, child = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -187,7 +286,9 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 #              first bytes, then all second bytes, ...: exponents line up, lzma finds them);
 #              palette = distinct values + indices packed at their real bit width (or one per
 #              byte when skewed: lzma then codes them close to their entropy);
-#              rowpalette = one palette per row (per-channel int8 grids)
+#              rowpalette = one palette per row (per-channel int8 grids);
+#              rowgrid = int8 codes + one float32 scale per row, for rows that are exact int8
+#              multiples of their scale (per-channel quantized weights: 1 byte per value)
 # Everything works on the values' bit patterns, so decoding is bit-exact (-0.0 and NaN payloads
 # included). The choice is by estimated size before lzma; lzma then entropy-codes the payload.
 _BITS_VIEW = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
@@ -323,6 +424,10 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
                         table[i, : len(p[0])] = p[0]  # type: ignore[index]
                     idx = np.concatenate([p[1] for p in table_rows])  # type: ignore[index]
                     best = (["rowpalette"], {"bits": bits}, {"palette": table, **_index_stream(idx, bits)}, size)
+        if allow_rows and rows and rows > 1 and item == 4 and best[0] != ["palette"]:
+            grid = _rowgrid(vals.view(np.float32).reshape(rows, -1))
+            if grid is not None and n + 4 * rows < best[3]:
+                best = (["rowgrid"], {}, {"q": grid[0], "scale": grid[1]}, n + 4 * rows)
         if not best[0] and item > 1:
             planes = np.ascontiguousarray(vals.view(np.uint8).reshape(n, item).T)
             best = (["shuffle"], {}, {"planes": planes}, n * item)
@@ -339,6 +444,47 @@ def _as_float_tensor(bits: Any, dtype: torch.dtype) -> torch.Tensor:
 
     signed = bits.dtype.str.replace("u", "i")
     return torch.from_numpy(np.ascontiguousarray(bits).view(signed)).view(dtype)
+
+
+def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
+    """Rows that are each an int8 multiple of one float32 scale (per-channel quantized weights):
+    -> (int8 codes, float32 scale per row) with ``codes * scale == rows`` bit for bit, else None."""
+    import numpy as np
+
+    if rows.dtype != np.float32 or rows.shape[1] < 2 or not np.isfinite(rows).all():
+        return None
+    absr = np.abs(rows)
+    amax = absr.max(axis=1)
+    amin = np.where(absr > 0, absr, np.float32(np.inf)).min(axis=1)  # smallest nonzero |value|
+    scale = np.zeros(len(rows), np.float32)
+    done = amax == 0
+    bits = rows.view(np.uint32)
+    # candidate scales: the largest |value| is qmax * scale for symmetric ranges; else the smallest
+    # nonzero |value| is usually 1 * scale (e.g. QAT scales whose range exceeds the weights)
+    candidates = [(amax, q) for q in (127, 128, 63, 64)] + [(amin, 1), (amin, 2)]
+    for ref, qmax in candidates:
+        with np.errstate(invalid="ignore"):
+            base = (ref / np.float32(qmax)).astype(np.float32)
+        for ulps in (0, 1, -1, 2, -2):
+            todo = np.flatnonzero(~done)
+            if todo.size == 0:
+                break
+            s = base[todo]
+            for _ in range(abs(ulps)):
+                s = np.nextafter(s, np.float32(np.inf if ulps > 0 else -np.inf)).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                q = np.rint(rows[todo] / s[:, None])
+            ok = (s > 0) & np.isfinite(s) & np.isfinite(q).all(axis=1) & (np.abs(q) <= 128).all(axis=1)
+            q = np.where(ok[:, None], q, 0).astype(np.int16).astype(np.float32)  # int: no -0.0 codes
+            ok &= ((q * s[:, None]).view(np.uint32) == bits[todo]).all(axis=1)
+            scale[todo[ok]] = s[ok]
+            done[todo[ok]] = True
+    if not done.all():
+        return None
+    codes = np.rint(rows / np.where(scale == 0, np.float32(1), scale)[:, None])
+    if codes.min() < -128 or codes.max() > 127:
+        return None
+    return codes.astype(np.int8), scale
 
 
 def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -407,7 +553,10 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     item = 2 if narrow else torch.empty((), dtype=dtype).element_size()
     bview = _BITS_VIEW[item]
     nvals = meta.get("nnz", n)
-    if "palette" in enc:
+    if "rowgrid" in enc:
+        q, scale = (np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x) for x in (parts["q"], parts["scale"]))
+        values = (q.astype(np.float32).reshape(shape[0], -1) * scale.astype(np.float32)[:, None]).reshape(-1).view(bview)
+    elif "palette" in enc:
         pal = _as_bits(parts["palette"]).astype(bview, copy=False)
         values = pal[_indices(parts, meta["bits"], nvals)]
     elif "rowpalette" in enc:
@@ -479,6 +628,26 @@ def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- save / load
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on modules with torch.nn.utils.prune masks after a forward
+    pass (their recomputed ``weight`` is a non-leaf tensor, which deepcopy refuses)."""
+    import copy
+
+    import torch
+
+    swapped = []
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                swapped.append((m, k, v))
+                setattr(m, k, v.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in swapped:
+            setattr(m, k, v)
+
+
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as the plain architecture names them: torch.nn.utils.prune's
     ``X_orig`` * ``X_mask`` pairs are folded into ``X`` (masked entries are +0.0, where the

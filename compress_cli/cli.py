@@ -115,11 +115,13 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
+    from .distributed import env_rank
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
     overrides = list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
-    renderer = Renderer(err, quiet or as_json and not sys.stderr.isatty())
+    secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
+    renderer = Renderer(err, quiet or secondary or as_json and not sys.stderr.isatty())
     try:
         r, _ = load_recipe(recipe, overrides)
         report = run_recipe(r, force=force, emit=renderer, resume=resume)
@@ -133,6 +135,8 @@ def run(
         err.print("[red]interrupted[/red]")
         raise typer.Exit(130) from None
     renderer.stop()
+    if secondary:
+        return
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
         return

@@ -165,9 +165,10 @@ def measure(state: State, model_dir: Path, reference: dict[str, Any] | None) -> 
 
     cfg = state.recipe.measure
     runner = current_runner(state)
-    state.emit("measure_start", samples=len(state.data.loader(cfg.split).dataset))
+    loader = state.data.loader(cfg.split)
+    state.emit("measure_start", samples=len(loader.dataset))  # type: ignore[arg-type]
     m: dict[str, Any] = {}
-    m.update(evaluate(runner, state.data.loader(cfg.split), state.data.num_classes, emit=state.emit))
+    m.update(evaluate(runner, loader, state.data.num_classes, emit=state.emit))
     m.update(param_counts(state.model))
     m["size_bytes"] = checkpoint_size(model_dir)
     m["macs"] = count_macs(state.model, state.data.example_input(1).to(state.device)) if cfg.macs else None
@@ -332,14 +333,17 @@ class Run:
 
     # -- the run ----------------------------------------------------------------------------
     def execute(self, force: bool, resume: bool) -> dict[str, Any]:
-        from . import __version__
+        from . import __version__, distributed
         from .checkpoint import atomic_write_text
 
         recipe, out = self.recipe, self.out
-        dev = resolve_device(recipe.device)
+        dev = distributed.setup(resolve_device(recipe.device))
+        main = distributed.is_main()  # under torchrun only rank 0 writes files and measures
+        if resume and distributed.world_size() > 1:
+            raise UsageError("--resume is not supported under torchrun; resume with a single process")
         if resume:
             start, entries, baseline = self._resume_point()
-        else:
+        elif main:
             check_output(out, force)
         self.emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
         state = build_state(recipe, dev, out, self.emit)  # bad model/data fail here, before anything is written
@@ -348,6 +352,9 @@ class Run:
             "recipe": recipe.name, "tool_version": __version__, "device": str(dev), "seed": recipe.seed,
             "output": str(out), "stages": [],
         }
+        if not main:
+            distributed.barrier()
+            return _run_stages_secondary(state, report)
         with self._signals():
             if resume:
                 report["resumed_after_stage"] = start
@@ -358,8 +365,10 @@ class Run:
             else:
                 prepare_output(out, force)
                 atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-                baseline = self._measure_baseline(state)
                 start = 0
+            distributed.barrier()
+            if not resume:
+                baseline = self._measure_baseline(state)
             report["baseline"] = baseline
             self.emit("baseline", metrics=baseline)
             return self._stages(state, report, start)
@@ -517,6 +526,26 @@ class Run:
         partial = dict(report, final=last, error=error, incomplete=True)
         with contextlib.suppress(Exception):
             write_report(partial, self.out)
+
+
+def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: run the same stages (so collective operations match),
+    write nothing, measure nothing."""
+    from .registry import get_stage
+
+    for i, cfg in enumerate(state.recipe.stages, start=1):
+        state.stage_dir = None
+        seed_everything(state.recipe.seed + i, state.recipe.deterministic)  # as rank 0 does
+        try:
+            get_stage(cfg.type)(cfg, i).run(state)
+        except CompressError as e:
+            e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
+            raise
+        except Exception as e:
+            raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
+    report["hparams"] = state.hparams
+    return report
+
 
 
 def check_finite(state: State) -> None:

@@ -264,7 +264,7 @@ def _pydantic_problems(
     err: ValidationError, raw: RawRecipe, prefix: tuple[Any, ...], model: type[BaseModel], stage_types: dict[int, str]
 ) -> list[str]:
     problems = []
-    merged: dict[tuple[Any, ...], list[str]] = {}  # union branches: one line per path, alternatives joined
+    merged: dict[str, list[str]] = {}  # union branches: one line per path, alternatives joined
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
         path = prefix + loc
@@ -283,7 +283,7 @@ def _pydantic_problems(
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed.replace(' or ', ', ')}"
         else:
-            msg = re.sub(r"^(Input|List|String|Dictionary|Tuple|Set) should ", "must ", msg.replace("Value error, ", ""))
+            msg = re.sub(r"\b(Input|List|String|Dictionary|Tuple|Set) should ", "must ", msg.replace("Value error, ", ""))
         line = f"{raw.where(path)}: {_fmt_path(path, stage_types)}: "
         if line in merged:
             merged[line].append(msg.replace("must be ", "", 1))
@@ -362,31 +362,39 @@ def validate(raw: RawRecipe) -> Recipe:
 
 def cross_stage_rules(recipe: Recipe, raw: RawRecipe | None = None) -> list[str]:
     """Every rule that spans stages or needs the device, in one place."""
-    from .registry import get_stage
-
     where = raw.where if raw else (lambda p: "<recipe>")
     problems: list[str] = []
-    provided: set[str] = set()
-    frozen_by: str | None = None
-    for i, cfg in enumerate(recipe.stages):
+    _stage_list_rules(recipe.stages, ("stages",), "", where, recipe.device, set(), [None], problems)
+    return problems
+
+
+def _stage_list_rules(
+    stages: list[StageConfig], path: tuple[Any, ...], prefix: str, where: Any, device: str,
+    provided: set[str], frozen: list[str | None], problems: list[str],
+) -> None:
+    """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
+    from .registry import get_stage
+
+    for i, cfg in enumerate(stages):
         cls = get_stage(cfg.type)
-        label = f"stages[{i}] ({cfg.type})"
+        label = f"{prefix}stages[{i}] ({cfg.type})"
         for key, value in cfg.model_dump().items():
             if value == AUTO and key not in provided:
                 finder = {"lr": "lr_find", "batch_size": "batch_size_find"}.get(key, "a stage that finds it")
-                problems.append(f"{where(('stages', i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
-        if frozen_by is not None and cls.modifies(cfg):
+                problems.append(f"{where((*path, i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
+        if frozen[0] is not None and cls.modifies(cfg):
             what = "train" if cls.trains(cfg) else "change the model"
             problems.append(
-                f"{where(('stages', i))}: {label}: cannot {what} after {frozen_by} converted the model for "
+                f"{where((*path, i))}: {label}: cannot {what} after {frozen[0]} converted the model for "
                 "inference (move this stage before it; for training with quantization use scheme: qat)"
             )
-        for msg in cls.check(cfg, recipe.device):
-            problems.append(f"{where(('stages', i))}: {label}: {msg}")
+        for msg in cls.check(cfg, device):
+            problems.append(f"{where((*path, i))}: {label}: {msg}")
+        for field_name, nested in cls.children(cfg):
+            _stage_list_rules(nested, (*path, i, field_name), f"{label}.", where, device, provided, frozen, problems)
         provided |= cls.provides
         if cls.freezes(cfg):
-            frozen_by = f"stages[{i}] ({cfg.type})"
-    return problems
+            frozen[0] = label
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RawRecipe]:

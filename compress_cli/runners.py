@@ -41,19 +41,82 @@ class EagerRunner(Runner):
 
 
 class CompiledRunner(Runner):
-    """``torch.compile`` of the model (compiled once, lazily)."""
+    """``torch.compile`` of the model (compiled once, lazily), or a ``compiled`` callable given.
+
+    ``compile_kw`` also compiles the original model for :meth:`same_runtime_baseline`;
+    ``frozen=True`` compiles as ``quant.compile_frozen`` does (inductor freezing, static shapes)."""
 
     runtime = "torch-compiled"
 
-    def __init__(self, model: nn.Module, device: torch.device, compiled: Any = None, **compile_kw: Any):
+    def __init__(self, model: nn.Module, device: torch.device, compiled: Any = None, frozen: bool = False,
+                 **compile_kw: Any):
         super().__init__(model, device)
         self._compiled = compiled
+        self._frozen = frozen
         self._kw = compile_kw
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
         if self._compiled is None:
-            self._compiled = torch.compile(self.model, **self._kw)
+            if self._frozen:
+                from .quant import compile_frozen
+
+                self._compiled = compile_frozen(self.model)
+            else:
+                self._compiled = torch.compile(self.model, **self._kw)
         with torch.inference_mode():
             return self._compiled(x.to(self.device, non_blocking=True))
+
+    def describe(self) -> dict[str, Any]:
+        how = "inductor, freezing, static shapes" if self._frozen else (str(self._kw) if self._kw else "default")
+        return {**super().describe(), "compile": how}
+
+    def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
+        """The original fp32 model compiled the same way, timed with the recipe's latency config."""
+        import copy
+
+        original = copy.deepcopy(state.original).to(self.device).eval()
+        return baseline_latency(state, CompiledRunner(original, self.device, frozen=self._frozen, **self._kw))
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime (CPU execution provider) over a ``quant.OrtModule``; tensors in, tensors out."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, model: nn.Module, threads: int | None = None):
+        import torch
+
+        super().__init__(model, torch.device("cpu"))
+        self.threads = threads
+
+    def prepare(self) -> None:
+        self.model.session  # noqa: B018 - create the session outside the timed region
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {"runtime": self.runtime, "device": "cpu", "provider": "CPUExecutionProvider",
+                "onnxruntime": ort.__version__}
+
+    def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
+        """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
+        from .quant import OrtModule, export_onnx
+
+        fp32 = export_onnx(state.original, state.data.input_shape)
+        return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
+
+
+def baseline_latency(state: Any, runner: Runner) -> dict[str, Any] | None:
+    """Latency/throughput of ``runner`` with the recipe's latency config (None when latency is off)."""
+    from .measure import latency
+
+    cfg = state.recipe.measure.latency
+    if cfg is None:
+        return None
+    out = latency(runner, state.data.input_shape, cfg, state.seed)
+    return {**out, **runner.describe(), "model": "original fp32"}

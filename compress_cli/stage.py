@@ -82,6 +82,14 @@ class Stage(Generic[C]):
         return False
 
     @classmethod
+    def children(cls, config: StageConfig) -> list[tuple[str, list[StageConfig]]]:
+        """Stage lists nested in this stage's config, as (field name, configs) (hpo's ``stages``).
+
+        The cross-stage rules check them in place, as if they ran at this stage's position.
+        """
+        return []
+
+    @classmethod
     def check(cls, config: StageConfig, device: str) -> list[str]:
         """Extra static checks (e.g. scheme not available on this device). One message each."""
         return []

@@ -36,7 +36,10 @@ class DataBundle:
     labelled: bool = True
     _calib: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
-    def loader(self, split: str, batch_size: int | None = None, shuffle: bool | None = None) -> DataLoader:
+    def loader(
+        self, split: str, batch_size: int | None = None, shuffle: bool | None = None, sampler: Any = None
+    ) -> DataLoader:
+        """A loader over ``split``; ``sampler`` (e.g. a DistributedSampler) replaces shuffling."""
         import torch
         from torch.utils.data import DataLoader
 
@@ -45,6 +48,8 @@ class DataBundle:
             ds = self.test_dataset
         train = split == "train"
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        if sampler is not None:
+            return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers, drop_last=False)
         g = torch.Generator()
         g.manual_seed(self.seed)
         return DataLoader(
@@ -109,6 +114,9 @@ class State:
     emit: Callable[..., None] = field(default=lambda *a, **k: None, repr=False)
     stage_dir: Path | None = None  # the running stage's snapshot folder (for epoch checkpoints)
     should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
+    #: called by training.train after every epoch with (epoch, metrics), after its own on_epoch
+    #: (hpo reports validation accuracy to its pruner this way, through any wrapped stage)
+    epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list, repr=False)
 
     def select_modules(
         self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()

@@ -100,7 +100,7 @@ def tiny_recipe_dict(
 
 
 def tiny_state(
-    model: nn.Module | None = None,
+    model: nn.Module | str | dict[str, Any] | None = None,
     tmp_path: str | Path | None = None,
     seed: int = 0,
     limit_train: int | None = 512,
@@ -108,12 +108,18 @@ def tiny_state(
 ) -> Any:
     """A pipeline ``State`` over the digits data on CPU, for calling ``Stage.run`` directly in tests.
 
-    ``model`` defaults to the seeded digits MLP; its source is recorded as ``zoo:digits_mlp`` unless
-    ``recipe_overrides`` give another ``model``.
+    ``model``: a source string (``"zoo:digits_cnn"``) or a recipe ``model`` mapping builds that
+    model; an ``nn.Module`` replaces the built one (its architecture must match the source, which
+    defaults to ``zoo:digits_mlp``, for checkpoints to reload).
     """
     import tempfile
 
     import torch
+
+    if isinstance(model, str):
+        recipe_overrides["model"], model = {"source": model}, None
+    elif isinstance(model, dict):
+        recipe_overrides["model"], model = model, None
 
     from .pipeline import build_state
     from .recipe import Recipe

@@ -69,6 +69,8 @@ class TrainResult:
 
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (logits, x, y) -> loss
+#: (global step, batch loss, optimizer) -> True to stop training; the loss is averaged over ranks
+StepHook = Callable[[int, float, "torch.optim.Optimizer"], "bool | None"]
 
 
 def make_optimizer(params: Any, opts: TrainOptions, lr: float) -> torch.optim.Optimizer:
@@ -140,29 +142,46 @@ def train(
     extra_params: list[Any] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    on_step: StepHook | None = None,
+    loader: Any = None,
+    distributed: bool = True,
     label: str = "train",
     validate: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on ``state.data``'s training split.
 
     ``loss_fn(logits, x, y)`` replaces cross-entropy (distillation); ``on_epoch(epoch, metrics)``
-    sees validation metrics after each epoch (HPO pruners raise from it); ``after_step`` runs after
-    every optimizer step.
+    sees validation metrics after each epoch (HPO pruners raise from it), then each of
+    ``state.epoch_callbacks``; ``after_step`` runs after every optimizer step; ``on_step(step, loss,
+    optimizer)`` too, with the step's loss as a float (a device sync, so only when given), and
+    returning True ends training after that step (the lr range test steers the lr and stops on
+    divergence this way). ``loader`` replaces the training split's loader (probes).
+
+    Under torchrun (see ``distributed.py``) the model is wrapped in DistributedDataParallel, the
+    training split is sharded with a DistributedSampler, and the loss, validation metrics and stop
+    decisions are reduced over ranks so every rank takes the same path. ``distributed=False`` trains
+    this process's copy alone (a probe that one rank runs while the others wait).
     """
     import torch
     import torch.nn.functional as F
 
-    from .measure import evaluate
+    from . import distributed as dist_
 
     device = state.device
+    ddp = distributed and dist_.active()
     lr = float(state.resolve(opts.lr, "lr"))
     bs = state.resolve(opts.batch_size, "batch_size") if opts.batch_size is not None else None
-    loader = state.data.loader("train", batch_size=bs)
+    sampler = None
+    if loader is None:
+        sampler = dist_.train_sampler(state.data.train_dataset, state.data.seed) if ddp else None
+        loader = state.data.loader("train", batch_size=bs, sampler=sampler)
     steps = len(loader) if opts.max_steps_per_epoch is None else min(len(loader), opts.max_steps_per_epoch)
     result = TrainResult()
     if opts.epochs == 0 or steps == 0:
         return result
     model.to(device)
+    net = dist_.wrap_ddp(model, device) if ddp else model
+    extra_sync = [p for p in (extra_params or []) if isinstance(p, torch.Tensor)] if ddp else []
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = make_optimizer(params, opts, lr)
     sched = make_scheduler(opt, opts, lr, steps)
@@ -171,9 +190,14 @@ def train(
     check_every = 1 if device.type == "cpu" else 25
     best_acc, best_state, since_best = -1.0, None, 0
     t_start = time.perf_counter()
-    val_loader = state.data.loader("val") if validate else None
+    val_loader = _val_loader(state, ddp) if validate else None
+    global_step = 0
+    hook_stop = False
     for epoch in range(opts.epochs):
         model.train()
+        epoch_sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
+        if hasattr(epoch_sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+            epoch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
         state.emit("epoch_start", label=label, epoch=epoch + 1, epochs=opts.epochs, steps=steps)
         run_loss = torch.zeros((), device=device)
         seen = 0
@@ -183,7 +207,7 @@ def train(
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with autocast():
-                out = model(x)
+                out = net(x)
                 loss = loss_fn(out, x, y) if loss_fn else F.cross_entropy(out, y, label_smoothing=opts.label_smoothing)
                 if opts.l1 > 0:
                     loss = loss + opts.l1 * l1_penalty(model)
@@ -193,6 +217,9 @@ def train(
                 scaler.unscale_(opt)
             else:
                 loss.backward()
+            for p in extra_sync:  # parameters outside the DDP module: average their gradients by hand
+                if p.grad is not None:
+                    p.grad.copy_(dist_.all_reduce_tensor_mean(p.grad))
             if opts.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             if scaler is not None:
@@ -206,21 +233,32 @@ def train(
                 after_step()
             run_loss += loss.detach()
             seen += 1
-            if (step + 1) % check_every == 0 and not math.isfinite(float(loss.detach())):
-                raise StageError(
-                    f"{label}: loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
-                )
+            global_step += 1
+            if on_step is not None:
+                step_loss = float(dist_.all_reduce_tensor_mean(loss.detach().float()) if ddp else loss.detach())
+                hook_stop = bool(on_step(global_step - 1, step_loss, opt))
             state.emit("step", label=label)
+            if hook_stop:
+                break
+            if (step + 1) % check_every == 0:
+                check = dist_.all_reduce_tensor_mean(loss.detach().float()) if ddp else loss.detach()
+                if not math.isfinite(float(check)):
+                    raise StageError(
+                        f"{label}: loss became {float(check)} at epoch {epoch + 1}, step {step + 1} "
+                        f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
+                    )
             if state.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
                 result.stopped_early = True
                 break
-        mean_loss = float(run_loss) / max(1, seen)
-        if not math.isfinite(mean_loss):
+        loss_sum, n_seen = float(run_loss), float(seen)
+        if ddp:
+            loss_sum, n_seen = dist_.all_reduce_sum([loss_sum, n_seen])
+        mean_loss = loss_sum / max(1.0, n_seen)
+        if not math.isfinite(mean_loss) and not hook_stop:
             raise StageError(f"{label}: loss became {mean_loss} in epoch {epoch + 1}; lower the lr or set grad_clip")
         metrics: dict[str, float] = {"epoch": epoch + 1, "train_loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
         if val_loader is not None:
-            ev = evaluate(_TrainRunner(model, device), val_loader, state.data.num_classes)
+            ev = _evaluate(model, device, val_loader, state.data.num_classes, ddp)
             metrics["val_accuracy"] = ev["accuracy"]
             metrics["val_loss"] = ev["loss"]
         result.history.append(metrics)
@@ -228,6 +266,10 @@ def train(
         state.emit("epoch_end", label=label, **metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        for callback in state.epoch_callbacks:
+            callback(epoch, metrics)
+        if hook_stop:
+            break
         if plateau is not None and "val_accuracy" in metrics:
             plateau.step(metrics["val_accuracy"])
         acc = metrics.get("val_accuracy")
@@ -241,7 +283,8 @@ def train(
             if opts.early_stopping is not None and since_best >= opts.early_stopping:
                 result.stopped_early = True
                 break
-        if state.should_stop():
+        stop = state.should_stop()
+        if dist_.any_rank(stop) if ddp else stop:
             break
     if best_state is not None and opts.early_stopping is not None:
         model.load_state_dict(best_state)
@@ -249,6 +292,36 @@ def train(
     result.seconds = time.perf_counter() - t_start
     model.eval()
     return result
+
+
+def _val_loader(state: State, ddp: bool) -> Any:
+    """The validation loader; under DDP each rank evaluates an interleaved shard (no padding)."""
+    if not ddp:
+        return state.data.loader("val")
+    from torch.utils.data import DataLoader
+
+    from . import distributed as dist_
+
+    ds = state.data.val_dataset if state.data.val_dataset is not None else state.data.test_dataset
+    return DataLoader(dist_.shard(ds), batch_size=state.data.eval_batch_size, shuffle=False,
+                      num_workers=state.data.num_workers)
+
+
+def _evaluate(model: nn.Module, device: torch.device, loader: Any, num_classes: int, ddp: bool) -> dict[str, float]:
+    """Validation accuracy and loss; under DDP the shard counts are summed over ranks (exact)."""
+    from . import distributed as dist_
+    from .measure import evaluate
+
+    if not ddp:
+        return evaluate(_TrainRunner(model, device), loader, num_classes)
+    n_local = len(loader.dataset)
+    if n_local:
+        ev = evaluate(_TrainRunner(model, device), loader, num_classes)
+        local = [ev["accuracy"] * n_local, ev["loss"] * n_local, float(n_local)]
+    else:
+        local = [0.0, 0.0, 0.0]
+    correct, loss_sum, n = dist_.all_reduce_sum(local)
+    return {"accuracy": correct / max(1.0, n), "loss": loss_sum / max(1.0, n)}
 
 
 class _TrainRunner:

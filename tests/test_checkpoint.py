@@ -40,7 +40,7 @@ def test_encodings_are_bit_exact_and_chosen_by_content():
     assert index["dense"]["enc"] == "shuffle"  # float bytes split into planes (see checkpoint.py)
     assert index["sparse"]["enc"] == "gaps+shuffle"  # 10% dense: gap-coded positions
     assert index["palette"]["enc"] == "palette" and index["palette"]["bits"] == 4
-    assert index["rows"]["enc"] == "rowpalette"
+    assert index["rows"]["enc"] == "rowgrid"  # per-row int8 multiples: int8 codes + a scale per row
     assert index["sp"]["enc"] == "sparse+palette"
 
 
@@ -112,3 +112,19 @@ def test_prune_reparametrization_is_folded(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
     assert read_manifest(tmp_path / "m")["encodings"][[k for k in again.state_dict() if k.endswith("weight")][0]].startswith(("sparse", "gaps"))
+
+
+def test_copy_model_works_on_pruned_modules_after_forward():
+    import torch.nn.utils.prune as P
+
+    from compress_cli.checkpoint import copy_model
+
+    model = seeded_zoo("digits_mlp")
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    P.l1_unstructured(lin, "weight", amount=0.5)
+    x = torch.randn(2, 1, 8, 8)
+    model(x).sum().backward()
+    clone = copy_model(model)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert hasattr(lin, "weight_orig")  # the original keeps its masks

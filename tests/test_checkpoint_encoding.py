@@ -60,7 +60,8 @@ def cases():
         "palette": (c16[torch.randint(0, 16, (30, 30), generator=g)], "palette"),
         "sparse_palette": (sparse((40, 40), 0.3, values=c16), "sparse+palette"),
         "gaps_palette": (sparse((200, 200), 0.05, values=c16), "gaps+palette"),
-        "rowpalette": (grid, "rowpalette"),
+        "rowgrid": (grid, "rowgrid"),  # rows that are int8 multiples of a per-row scale
+        "rowpalette": (torch.randn(8, 100, generator=g).gather(1, torch.randint(0, 100, (8, 512), generator=g)), "rowpalette"),
         "special_values": (special, None),
         "fp16": (torch.randn(300, generator=g).half(), "shuffle"),
         "bf16_sparse": (sparse((600,), 0.3).bfloat16(), None),

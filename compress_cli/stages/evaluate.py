@@ -13,8 +13,6 @@ class EvaluateConfig(StageConfig):
 class Evaluate(Stage[EvaluateConfig]):
     """An explicit measuring point: changes nothing; the pipeline measures the model after it."""
 
-    example: dict = {}
-
     @classmethod
     def modifies(cls, config: StageConfig) -> bool:
         return False

@@ -1,0 +1,289 @@
+"""Knowledge distillation: the KD loss, intermediate-feature matching, teacher-logit caching.
+
+The ``distill`` stage (``stages/distill.py``) wires these into the shared training loop
+(``training.train``) through its ``loss_fn`` and ``extra_params`` hooks; nothing here trains.
+
+- :func:`kd_loss`: ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y)``
+  (Hinton et al. 2015). The ``T^2`` keeps the soft term's gradient scale roughly independent of
+  ``T``. ``alpha = 1`` never reads the labels (unlabelled data); ``alpha = 0`` never needs a teacher.
+- :class:`FeatureMatcher`: forward hooks on named student/teacher layers, MSE between their outputs,
+  with a learned 1x1 convolution (4-D outputs) or Linear (other ranks) projecting the student's
+  width to the teacher's when they differ. The projections live outside the student, so they are
+  trained but never saved with it.
+- :func:`teacher_logit_cache` + :class:`IndexedDataset`: one teacher pass over a fixed training set;
+  the training loader then yields sample indices in place of labels and the loss looks up both the
+  label and the teacher's logits by index. Exact only for data without random augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import StageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from .state import State
+
+#: the label an unlabelled sample gets, so the training loop's ``(x, y)`` unpacking works
+NO_LABEL = -1
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE``, averaged over the batch.
+
+    ``p = softmax(z / T)``. The KL term is skipped when ``alpha == 0`` (no teacher needed), the CE
+    term when ``alpha == 1`` (no labels needed). Computed in float32 whatever the autocast dtype.
+    """
+    import torch.nn.functional as F
+
+    s = student_logits.float()
+    total = None
+    if alpha > 0:
+        if teacher_logits is None:
+            raise StageError("distillation with alpha > 0 needs the teacher's logits")
+        t = teacher_logits.float().detach()
+        if t.shape != s.shape:
+            raise StageError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+        T = float(temperature)
+        kl = F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True)
+        total = alpha * T * T * kl
+    if alpha < 1:
+        if targets is None:
+            raise StageError("alpha < 1 needs labels for the cross-entropy term (use alpha: 1 on unlabelled data)")
+        ce = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
+        total = (1 - alpha) * ce if total is None else total + (1 - alpha) * ce
+    assert total is not None  # alpha is in [0, 1]: one of the terms ran
+    return total
+
+
+# --------------------------------------------------------------------------- feature matching
+class FeatureTap:
+    """Keeps the latest output of each named module (forward hooks); ``close()`` removes them."""
+
+    def __init__(self, model: nn.Module, names: list[str], role: str):
+        from .registry import suggest
+
+        mods = dict(model.named_modules())
+        self.outputs: dict[str, Any] = {}
+        self._handles = []
+        for name in dict.fromkeys(names):
+            if name not in mods or not name:
+                raise StageError(f"features: the {role} has no layer {name!r}{suggest(name, [n for n in mods if n])}")
+            self._handles.append(mods[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(_mod: Any, _inp: Any, out: Any) -> None:
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            self.outputs[name] = out
+
+        return hook
+
+    def get(self, name: str) -> torch.Tensor:
+        out = self.outputs.get(name)
+        if out is None:
+            raise StageError(f"features: layer {name!r} did not run in the forward pass")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.outputs = {}
+
+
+def make_projection(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module | None:
+    """A learned map from the student's feature width to the teacher's, or None when they match.
+
+    4-D (N, C, H, W) features get a 1x1 convolution over channels; any other rank a Linear over the
+    last dimension. Spatial sizes must agree (or are pooled to the teacher's by the matcher).
+    """
+    from torch import nn
+
+    if len(student_shape) != len(teacher_shape):
+        raise StageError(f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
+                         "have different ranks")
+    if len(teacher_shape) == 4:
+        cs, ct = student_shape[1], teacher_shape[1]
+        return None if cs == ct else nn.Conv2d(cs, ct, 1, bias=False)
+    ws, wt = student_shape[-1], teacher_shape[-1]
+    if student_shape[1:-1] != teacher_shape[1:-1]:
+        raise StageError(f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
+                         "differ in more than their last dimension")
+    return None if ws == wt else nn.Linear(ws, wt, bias=False)
+
+
+class FeatureMatcher:
+    """MSE between named student and teacher layer outputs, with projections where widths differ.
+
+    ``pairs`` are ``(student layer, teacher layer, weight)``. Shapes are read from one forward pass
+    of ``example`` through both models; the projections start from a seeded random init.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str, float]],
+                 example: torch.Tensor, device: torch.device):
+        import torch
+        from torch import nn
+
+        self.pairs = pairs
+        self.s_tap = FeatureTap(student, [p[0] for p in pairs], "student")
+        try:
+            self.t_tap = FeatureTap(teacher, [p[1] for p in pairs], "teacher")
+        except StageError:
+            self.s_tap.close()
+            raise
+        try:
+            was_training = student.training
+            student.eval()
+            with torch.no_grad():
+                student(example)
+                teacher(example)
+            student.train(was_training)
+            self.projections = nn.ModuleList()
+            self.shapes: list[dict[str, Any]] = []
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for s_name, t_name, w in pairs:
+                    s_shape = tuple(self.s_tap.get(s_name).shape)
+                    t_shape = tuple(self.t_tap.get(t_name).shape)
+                    proj = make_projection(s_shape, t_shape)
+                    self.projections.append(proj if proj is not None else nn.Identity())
+                    self.shapes.append({"student": s_name, "teacher": t_name, "weight": w,
+                                        "student_shape": list(s_shape[1:]), "teacher_shape": list(t_shape[1:]),
+                                        "projection": type(proj).__name__ if proj is not None else None})
+            self.projections.to(device)
+        except Exception:
+            self.close()
+            raise
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.projections.parameters())
+
+    def loss(self) -> torch.Tensor:
+        """Weighted MSE over the pairs, from the outputs of the latest student and teacher forward."""
+        import torch.nn.functional as F
+
+        total = None
+        for (s_name, t_name, w), proj in zip(self.pairs, self.projections, strict=True):
+            s = proj(self.s_tap.get(s_name).float())
+            t = self.t_tap.get(t_name).float().detach()
+            if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+                s = F.adaptive_avg_pool2d(s, (int(t.shape[-2]), int(t.shape[-1])))
+            term = w * F.mse_loss(s, t)
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def close(self) -> None:
+        self.s_tap.close()
+        if hasattr(self, "t_tap"):
+            self.t_tap.close()
+
+
+# --------------------------------------------------------------------------- data helpers
+class IndexedDataset:
+    """``(x, index)`` for every sample of ``dataset`` (the label is looked up by index later)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        item = self.dataset[i]
+        return (item[0] if isinstance(item, (tuple, list)) else item), i
+
+
+class LabelledView:
+    """``(x, y)`` for datasets whose items are ``x`` or ``(x,)`` (y = ``NO_LABEL``); others pass through."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        item = self.dataset[i]
+        if isinstance(item, (tuple, list)):
+            return (item[0], item[1]) if len(item) > 1 else (item[0], NO_LABEL)
+        return item, NO_LABEL
+
+
+def has_labels(dataset: Dataset) -> bool:
+    """Whether the dataset's items carry a label (looks at the first item)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return False
+    item = dataset[0]
+    return isinstance(item, (tuple, list)) and len(item) > 1
+
+
+def train_loader(state: State, dataset: Any, batch_size: int | None) -> DataLoader:
+    """A training loader over ``dataset`` that shuffles exactly like ``state.data.loader('train')``
+    (same seed, so a distill run sees the batches a finetune run would), sharded under torchrun."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from . import distributed as dist_
+
+    data = state.data
+    bs = batch_size or data.batch_size
+    if dist_.active():
+        sampler = dist_.train_sampler(dataset, data.seed)
+        return DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=data.num_workers)
+    g = torch.Generator()
+    g.manual_seed(data.seed)
+    return DataLoader(dataset, batch_size=bs, shuffle=True, generator=g, num_workers=data.num_workers)
+
+
+#: refuse to hold more than this many bytes of cached teacher logits
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def teacher_logit_cache(
+    teacher: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, classes), labels (N,)) of the teacher over ``dataset`` in order, on ``device``.
+
+    Unlabelled items get ``NO_LABEL``. One pass in eval mode without gradients.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader: DataLoader = DataLoader(LabelledView(dataset), batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
+                                    num_workers=num_workers)
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    teacher.eval()
+    with torch.no_grad():  # not inference_mode: the cached tensors take part in autograd-recorded ops later
+        for x, y in loader:
+            out = teacher(x.to(device)).float()
+            if not logits and out.numel() // max(1, out.shape[0]) * len(dataset) * 4 > CACHE_LIMIT_BYTES:  # type: ignore[arg-type]
+                raise StageError(
+                    f"cache_teacher: {len(dataset)} samples x {out.shape[1]} logits exceed "  # type: ignore[arg-type]
+                    f"{CACHE_LIMIT_BYTES // 1024**3} GiB; set cache_teacher: false"
+                )
+            logits.append(out)
+            labels.append(torch.as_tensor(y, dtype=torch.long).to(device))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def freeze_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """Eval mode, no gradients, on ``device``."""
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

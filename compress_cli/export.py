@@ -1,0 +1,130 @@
+"""Export a model for deployment: ONNX (checked in ONNX Runtime), torch.export (.pt2), TorchScript.
+
+Plain functions; the ``export`` stage and other stages (ONNX Runtime quantization) call them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import StageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: int = 18,
+                dynamic_batch: bool = True, exporter: str = "auto") -> str:
+    """Write ``path``; returns the exporter used ('dynamo' or 'legacy').
+
+    ``auto`` tries torch's dynamo-based exporter and falls back to the TorchScript-based one.
+    """
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    errors = []
+    if exporter in ("auto", "dynamo"):
+        try:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+            with torch.no_grad():
+                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
+                                  opset_version=opset, input_names=["input"], output_names=["logits"],
+                                  verbose=False, optimize=True)
+            return "dynamo"
+        except Exception as e:  # the dynamo exporter refuses some graphs the legacy one takes
+            errors.append(f"dynamo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if exporter == "dynamo":
+                raise StageError(f"ONNX export failed ({errors[-1]})") from None
+    try:
+        axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+        with torch.no_grad():
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=min(opset, 20),
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+        return "legacy"
+    except Exception as e:
+        errors.append(f"legacy: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise StageError("ONNX export failed (" + "; ".join(errors) + ")") from None
+
+
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_callable(session: Any):
+    import torch
+
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+    return run
+
+
+def export_torch(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Any:
+    """torch.export to a .pt2 file; returns the ExportedProgram."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    try:
+        ep = torch.export.export(model.eval(), (example,), dynamic_shapes=shapes)
+    except Exception as e:
+        raise StageError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    ep = strip_unused_constants(ep)
+    torch.export.save(ep, str(path))
+    return ep
+
+
+def strip_unused_constants(ep: Any) -> Any:
+    """Drop state no graph node reads (e.g. fp32 weights left behind by a PT2E int8 conversion)."""
+    used = {n.target for n in ep.graph.nodes if n.op == "get_attr"} | {
+        s.target for s in ep.graph_signature.input_specs if s.target is not None
+    }
+    for name in [k for k in ep.state_dict if k not in used]:
+        del ep.state_dict[name]
+    for name in [k for k in ep.constants if k not in used]:
+        del ep.constants[name]
+    return ep
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Any:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad():
+            ts = torch.jit.trace(model.eval(), example)
+        torch.jit.save(ts, str(path))
+    except Exception as e:
+        raise StageError(f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return ts
+
+
+def max_abs_diff(fn: Any, model: nn.Module, x: torch.Tensor) -> float:
+    import torch
+
+    with torch.no_grad():
+        ref = model.eval()(x).float()
+        got = fn(x).float()
+    if got.shape != ref.shape:
+        raise StageError(f"exported model returns shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
+    return float((got - ref).abs().max())
+
+
+def median_latency_ms(fn: Any, x: torch.Tensor, warmup: int = 3, iterations: int = 10) -> float:
+    import torch
+
+    from .measure import time_calls
+
+    with torch.inference_mode():
+        return statistics.median(time_calls(fn, x, torch.device("cpu"), warmup, iterations)) * 1e3

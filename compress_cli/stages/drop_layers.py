@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..errors import StageError
+from ..registry import register_stage
+from ..stage import Stage, StageConfig, StageResult
+from ..state import State
+from ..training import TrainOptions
+
+
+class DropLayersConfig(StageConfig, TrainOptions):
+    """Remove whole residual blocks and shape-preserving layers, least important first."""
+
+    importance: Literal["activation", "loss", "similarity"] = Field(
+        "loss",
+        description="activation: mean |z| a block adds to its bypass, relative to the bypass; loss: increase "
+        "of the calibration loss when the block is bypassed; similarity: cosine of block output and bypass "
+        "(most similar removed first)",
+    )
+    count: int | None = Field(None, ge=1, description="number of layers/blocks to remove")
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of the candidates to remove")
+    protect: list[str] = Field(default_factory=list, description="module-name globs never removed (nor any block holding one)")
+    epochs: int = Field(0, ge=0, description="fine-tuning epochs after the removal (0: none)")
+    if_none: Literal["fail", "skip"] = Field(
+        "fail", description="when the model has no removable layer: fail the run, or skip with a note"
+    )
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DropLayersConfig:
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give exactly one of count or fraction")
+        return self
+
+
+@register_stage("drop_layers")
+class DropLayers(Stage[DropLayersConfig]):
+    """Remove whole layers/blocks ranked by importance (the seed's model cutting).
+
+    Candidates: residual blocks (replaced by identity, or by their downsample/shortcut path when
+    shapes change) and layers with parameters inside ``nn.Sequential`` stacks whose output shape
+    equals their input shape (replaced by identity). The output layer and ``protect`` globs are
+    never removed. Scores come from the calibration batches. Optional fine-tuning afterwards.
+    """
+
+    #: zoo:digits_cnn (the contract model) has no removable layer; the tests drop blocks of digits_resnet
+    example = {"count": 1, "importance": "loss", "if_none": "skip"}
+
+    @classmethod
+    def trains(cls, config: StageConfig) -> bool:
+        return isinstance(config, DropLayersConfig) and config.epochs > 0
+
+    def _candidates(self, state: State):  # type: ignore[no-untyped-def]
+        from ..structured import find_candidates, make_pruning_permanent, score_candidates
+
+        model = state.model
+        make_pruning_permanent(model)
+        model.eval()
+        cands = find_candidates(model, state.data.example_input(1).to(state.device), self.config.protect)
+        if cands:
+            score_candidates(model, cands, state.data.calibration(), self.config.importance)
+        return cands
+
+    def preview(self, state: State) -> list[str]:
+        import copy
+
+        from ..structured import choose
+
+        c = self.config
+        work = copy.copy(state)
+        work.model = copy.deepcopy(state.model)
+        cands = self._candidates(work)
+        if not cands:
+            return ["no candidate: no residual block or shape-preserving layer in an nn.Sequential"]
+        n = c.count if c.count is not None else int(c.fraction * len(cands))  # type: ignore[operator]
+        chosen = {x.name for x in choose(cands, n, c.importance)}
+        lines = [f"{len(cands)} candidate(s), {c.importance} score ({'higher' if c.importance == 'similarity' else 'lower'} "
+                 f"goes first); {len(chosen)} would be removed (*)"]
+        for x in cands:
+            mark = "*" if x.name in chosen else " "
+            lines.append(f"{mark} {x.name}: {x.kind} -> {x.replacement}, {x.params:,} params, score {x.score:.4g}")
+        return lines
+
+    def run(self, state: State) -> StageResult:
+        from ..structured import drop_layers
+        from ..training import train
+
+        c = self.config
+        if c.importance == "loss" and not state.data.labelled:
+            raise StageError("importance 'loss' needs labelled data; use activation or similarity")
+        before = sum(p.numel() for p in state.model.parameters())
+        if c.if_none == "skip":
+            from ..structured import find_candidates, make_pruning_permanent
+
+            make_pruning_permanent(state.model)
+            if not find_candidates(state.model.eval(), state.data.example_input(1).to(state.device), c.protect):
+                return StageResult(notes="skipped: no removable layer (residual block or shape-preserving layer)",
+                                   details={"candidates": [], "removed": []})
+        cands, chosen = drop_layers(
+            state.model,
+            state.data.example_input(1),
+            state.data.calibration(),
+            criterion=c.importance,
+            count=c.count,
+            fraction=c.fraction,
+            protect=c.protect,
+        )
+        after = sum(p.numel() for p in state.model.parameters())
+        removed = [x.name for x in chosen]
+        state.edits.record(self.name, op="drop_layers", importance=c.importance, removed=removed,
+                           params_before=before, params_after=after)
+        state.emit("message", text=f"{self.name}: removed {', '.join(removed)}")
+        finetune = None
+        if c.epochs > 0:
+            finetune = train(state.model, state, c, label=self.name).summary()
+        notes = f"{len(removed)} of {len(cands)} candidate(s) removed ({c.importance}): {', '.join(removed)}; params {before:,} -> {after:,}"
+        if c.count is not None and len(removed) < c.count:
+            notes += f" (asked for {c.count}; nested candidates exclude each other)"
+        return StageResult(
+            notes=notes,
+            details={
+                "candidates": [
+                    {"name": x.name, "kind": x.kind, "replacement": x.replacement, "params": x.params,
+                     "score": x.score, "removed": x.name in removed}
+                    for x in cands
+                ],
+                "removed": removed,
+                "params_before": before,
+                "params_after": after,
+                "finetune": finetune,
+            },
+        )

@@ -1,0 +1,321 @@
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from ..registry import register_stage
+from ..stage import Stage, StageConfig, StageResult
+from ..state import State
+
+#: what each objective means and which way is better
+OBJECTIVES = {
+    "accuracy": "maximize",  # top-1 on the validation split
+    "latency_ms": "minimize",  # median batch-1 latency through the trial's runner
+    "size_bytes": "minimize",  # bytes of the trial model's compressed checkpoint
+    "nonzero_params": "minimize",
+    "macs": "minimize",
+}
+
+
+class Distribution(BaseModel):
+    """One search dimension: ``{float: [lo, hi], log: true}``, ``{int: [lo, hi]}`` or ``{categorical: [...]}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    float_: tuple[float, float] | None = Field(None, alias="float", description="a real number in [lo, hi]")
+    int_: tuple[int, int] | None = Field(None, alias="int", description="an integer in [lo, hi]")
+    categorical: list[None | bool | int | float | str] | None = Field(
+        None, min_length=1, description="one of these values"
+    )
+    log: bool = Field(False, description="sample on a log scale (lo > 0)")
+    step: float | None = Field(None, gt=0, description="sample on a grid with this spacing (not with log)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        kinds = [k for k, v in (("float", self.float_), ("int", self.int_), ("categorical", self.categorical))
+                 if v is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of float, int, categorical (got {', '.join(kinds) or 'none'})")
+        rng = self.float_ if self.float_ is not None else self.int_
+        if rng is not None:
+            lo, hi = rng
+            if not lo < hi:
+                raise ValueError(f"the range needs lo < hi (got [{lo}, {hi}])")
+            if self.log and lo <= 0:
+                raise ValueError(f"log needs lo > 0 (got {lo})")
+            if self.log and self.step is not None:
+                raise ValueError("log and step cannot be combined")
+            if self.int_ is not None and self.step is not None and self.step != int(self.step):
+                raise ValueError(f"int: step must be a whole number (got {self.step})")
+        elif self.log or self.step is not None:
+            raise ValueError("log and step apply to float and int ranges only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        d = handler(self)
+        return {{"float_": "float", "int_": "int"}.get(k, k): v for k, v in d.items()}
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the wrapped stage (the range ends, every choice)."""
+        if self.categorical is not None:
+            return list(self.categorical)
+        rng = self.float_ if self.float_ is not None else self.int_
+        return list(rng) if rng is not None else []
+
+    def contains(self, v: Any) -> bool:
+        """Whether ``v`` is a value this distribution can produce."""
+        if self.categorical is not None:
+            return v in self.categorical
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        rng = self.float_ if self.float_ is not None else self.int_
+        assert rng is not None
+        lo, hi = rng
+        if not lo <= v <= hi or (self.int_ is not None and v != int(v)):
+            return False
+        if self.step:
+            k = (v - lo) / self.step
+            return abs(k - round(k)) < 1e-9
+        return True
+
+    def describe(self) -> str:
+        if self.categorical is not None:
+            return f"one of {self.categorical}"
+        rng = self.float_ if self.float_ is not None else self.int_
+        kind = "float" if self.float_ is not None else "int"
+        return f"{kind} in {list(rng or ())}" + (" (log)" if self.log else "") + (f" step {self.step:g}" if self.step else "")
+
+
+class HpoConfig(StageConfig):
+    """Hyperparameter search with Optuna over the parameters of the stages it wraps."""
+
+    stages: list[SerializeAsAny[StageConfig]] = Field(
+        min_length=1, description="the stages each trial runs, on a copy of the current model"
+    )
+    space: dict[str, Distribution] = Field(
+        min_length=1, description="STAGE.param (STAGE: a wrapped stage's name, type or index) -> distribution"
+    )
+    n_trials: int | None = Field(20, gt=0, description="trials in the study in total (all workers and resumes)")
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    objectives: list[Literal["accuracy", "latency_ms", "size_bytes", "nonzero_params", "macs"]] = Field(
+        default_factory=lambda: ["accuracy"], min_length=1,  # type: ignore[arg-type,return-value]
+        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... (minimized): Pareto front",
+    )
+    sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
+    sampler_startup_trials: int = Field(5, ge=0, description="tpe/cmaes: random trials before the model-based search")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stop trials whose per-epoch validation accuracy lags (single objective only)"
+    )
+    pruner_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
+    pruner_warmup_epochs: int = Field(0, ge=0, description="median: epochs of each trial that are never pruned")
+    enqueue_defaults: bool = Field(
+        True, description="trial 0 runs the wrapped stages' configured values (those inside the space), "
+        "so the search is measured against what you configured"
+    )
+    storage: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); 'memory' keeps it "
+        "in memory; default: a SQLite file in the output directory (an interrupted search resumes)",
+    )
+    study_name: str | None = Field(None, description="study to create or join (default: from the recipe name)")
+    heartbeat_s: int | None = Field(
+        60, gt=0, description="database storages: trials of a worker silent for 3x this long are marked failed"
+    )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _wrapped_configs(cls, value: Any) -> Any:
+        """Validate each wrapped stage through its own config model; errors keep their location."""
+        from ..registry import get_stage, list_stages, suggest
+
+        if not isinstance(value, list):
+            return value
+        out: list[Any] = []
+        errors: list[InitErrorDetails] = []
+        known = list_stages()
+        for i, item in enumerate(value):
+            if isinstance(item, StageConfig):
+                out.append(item)
+                continue
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                errors.append(_err((i,), "must be a mapping with a 'type' key (a stage type)", item))
+                continue
+            t = item["type"]
+            if t not in known:
+                errors.append(_err((i, "type"), f"unknown stage type {t!r}{suggest(t, known)}", t))
+                continue
+            if t == "hpo":
+                errors.append(_err((i, "type"), "hpo cannot wrap another hpo", t))
+                continue
+            config_class = get_stage(t).config_class
+            try:
+                out.append(config_class.model_validate(item))
+            except ValidationError as e:
+                for d in e.errors():
+                    loc = (i, *d["loc"])
+                    if d["type"] == "extra_forbidden":
+                        import difflib
+
+                        close = difflib.get_close_matches(str(d["loc"][-1]), list(config_class.model_fields), 1, 0.5)
+                        hint = f" (did you mean {close[0]!r}?)" if close else ""
+                        errors.append(_err(loc, f"unknown key for {t}{hint}", d.get("input")))
+                    else:
+                        errors.append(_err(loc, f"{t}: {d['msg']}", d.get("input")))
+        if errors:
+            raise ValidationError.from_exception_data("HpoConfig", errors)
+        return out
+
+    @model_validator(mode="after")
+    def _space_and_modes(self) -> HpoConfig:
+        errors: list[InitErrorDetails] = []
+        for key, dist in self.space.items():
+            try:
+                index, path = resolve_space_key(self.stages, key)
+            except ValueError as e:
+                errors.append(_err(("space", key), str(e), key))
+                continue
+            cfg = self.stages[index]
+            for v in dist.probe_values():
+                try:
+                    with_params(cfg, {path: v})
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"]) or path
+                    errors.append(_err(("space", key), f"value {v!r} is not valid for {cfg.type}.{where}: "
+                                                       f"{first['msg']}", v))
+                    break
+                except ValueError as e:
+                    errors.append(_err(("space", key), str(e), v))
+                    break
+        if self.n_trials is None and self.timeout_s is None:
+            errors.append(_err(("n_trials",), "set n_trials and/or timeout_s (the search needs an end)", None))
+        if len(set(self.objectives)) != len(self.objectives):
+            errors.append(_err(("objectives",), "each objective may appear once", self.objectives))
+        if len(self.objectives) > 1 and self.pruner != "none":
+            errors.append(_err(("pruner",), "pruning needs a single objective: set pruner: none for a "
+                                            "multi-objective search", self.pruner))
+        if len(self.objectives) > 1 and self.sampler == "cmaes":
+            errors.append(_err(("sampler",), "cmaes searches a single objective; use tpe or random", self.sampler))
+        if errors:
+            raise ValidationError.from_exception_data("HpoConfig", errors)
+        return self
+
+
+def _err(loc: tuple[Any, ...], message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("hpo", message), loc=loc, input=value)  # type: ignore[arg-type]
+
+
+def resolve_space_key(stages: list[StageConfig], key: str) -> tuple[int, str]:
+    """``STAGE.param.sub`` -> (index of the wrapped stage, ``param.sub``). STAGE is the stage's
+    ``name``, its type (when only one wrapped stage has it) or its index."""
+    head, sep, path = key.partition(".")
+    if not sep or not path:
+        raise ValueError(f"space key {key!r}: expected STAGE.param (e.g. finetune.lr)")
+    if head.isdigit():
+        i = int(head)
+        if i >= len(stages):
+            raise ValueError(f"space key {key!r}: there are only {len(stages)} wrapped stage(s)")
+        match = [i]
+    else:
+        match = [i for i, s in enumerate(stages) if s.name == head]
+        if not match:
+            match = [i for i, s in enumerate(stages) if s.type == head and s.name is None]
+    if not match:
+        names = sorted({s.name or s.type for s in stages})
+        raise ValueError(f"space key {key!r}: no wrapped stage named {head!r} (have: {', '.join(names)})")
+    if len(match) > 1:
+        raise ValueError(f"space key {key!r}: {len(match)} wrapped stages are {head!r}; give them names or use an index")
+    cfg = stages[match[0]]
+    top = path.split(".")[0]
+    if top in ("type", "name") or top not in type(cfg).model_fields:
+        fields = [f for f in type(cfg).model_fields if f not in ("type", "name", "on_violation")]
+        raise ValueError(f"space key {key!r}: {cfg.type} has no parameter {top!r} (has: {', '.join(fields)})")
+    return match[0], path
+
+
+def with_params(cfg: StageConfig, values: dict[str, Any]) -> StageConfig:
+    """A copy of ``cfg`` with dotted parameter paths set, validated again by its own model."""
+    d = cfg.model_dump(mode="python", round_trip=True)
+    for path, v in values.items():
+        node = d
+        parts = path.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            if not isinstance(nxt, dict):
+                raise ValueError(f"{cfg.type}.{path}: {p} is not a mapping")
+            node = nxt
+        node[parts[-1]] = v
+    return type(cfg).model_validate(d)
+
+
+@register_stage("hpo")
+class Hpo(Stage[HpoConfig]):
+    """Hyperparameter search (Optuna): trials run the wrapped stages; the best trial's model is kept.
+
+    Each trial deep-copies the current model (and hparams, edits, transforms), samples the
+    ``space``, runs the wrapped stages and scores the result on the validation split; every
+    training epoch reports validation accuracy so the pruner can stop a trial early. The study lives
+    in ``storage`` (a SQLite file in the output directory by default, so an interrupted search
+    resumes; a shared PostgreSQL URL lets several ``compress run`` workers split the trials);
+    ``n_trials`` counts all trials of the study. A trial whose stage fails is marked failed and the
+    search goes on; an interrupted trial is marked failed, never left running.
+    """
+
+    example = {
+        "stages": [{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 3}],
+        "space": {"finetune.lr": {"float": [1e-3, 1e-1], "log": True}},
+        "n_trials": 2,
+        "pruner": "none",
+        "storage": "memory",
+    }
+
+    @classmethod
+    def children(cls, config: StageConfig) -> list[tuple[str, list[StageConfig]]]:
+        return [("stages", list(config.stages))]  # type: ignore[attr-defined]
+
+    @classmethod
+    def _any(cls, config: StageConfig, prop: str) -> bool:
+        from ..registry import get_stage
+
+        return any(getattr(get_stage(c.type), prop)(c) for c in config.stages)  # type: ignore[attr-defined]
+
+    @classmethod
+    def trains(cls, config: StageConfig) -> bool:
+        return cls._any(config, "trains")
+
+    @classmethod
+    def modifies(cls, config: StageConfig) -> bool:
+        return cls._any(config, "modifies")
+
+    @classmethod
+    def freezes(cls, config: StageConfig) -> bool:
+        return cls._any(config, "freezes")
+
+    def preview(self, state: State) -> list[str]:
+        c = self.config
+        end = " and ".join(x for x in (f"{c.n_trials} trials" if c.n_trials else "",
+                                       f"{c.timeout_s:g} s" if c.timeout_s else "") if x)
+        lines = [f"search {end} of: " + " -> ".join(s.name or s.type for s in c.stages)
+                 + f" ({c.sampler}, pruner {c.pruner}, objectives {', '.join(c.objectives)})"]
+        lines += [f"  {k}: {d.describe()}" for k, d in c.space.items()]
+        return lines
+
+    def run(self, state: State) -> StageResult:
+        from ..hpo_search import run_search
+
+        return run_search(self, state)

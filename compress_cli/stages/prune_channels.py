@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from ..errors import StageError
+from ..registry import register_stage
+from ..stage import Stage, StageConfig, StageResult
+from ..state import State
+from ..training import TrainOptions
+
+Ratio = Annotated[float, Field(gt=0, lt=1)]
+
+
+class PruneChannelsConfig(StageConfig, TrainOptions):
+    """Structured pruning: remove whole output channels of convolutions and neurons of linear layers."""
+
+    importance: Literal["l1", "l2", "activation", "taylor", "bn_scale"] = Field(
+        "l1",
+        description="channel score: l1/l2 weight magnitude, activation (mean |z| over calibration batches), "
+        "taylor (|weight x gradient| on calibration batches), bn_scale (|batch-norm gamma|)",
+    )
+    ratio: float = Field(0.5, gt=0, lt=1, description="share of output channels/neurons removed")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: the same share from every layer; global: rank all channels together"
+    )
+    layer_ratios: dict[str, Ratio] = Field(
+        default_factory=dict, description="module-name glob -> its own ratio (overrides ratio)"
+    )
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="global scope: no layer loses more than this share")
+    round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts multiples of this")
+    ignore: list[str] = Field(default_factory=list, description="module-name globs whose output width is kept (the output layer always is)")
+    steps: int = Field(1, ge=1, le=100, description="prune gradually in this many steps (linear schedule)")
+    epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step but the last (0: none)")
+
+
+@register_stage("prune_channels")
+class PruneChannels(Stage[PruneChannelsConfig]):
+    """Remove output channels and neurons, with every dependent layer updated (torch-pruning's DependencyGraph).
+
+    Batch norms, the next layers' inputs, residual partners, concatenations and grouped convs follow
+    the removed channels, so the model really gets smaller and faster. Iterative mode prunes in
+    ``steps`` with ``epochs`` of fine-tuning in between (the shared training loop). The report lists
+    every conv/linear layer's width before and after; the checkpoint's architecture diff rebuilds
+    the narrower layers on load.
+    """
+
+    example = {"ratio": 0.5, "importance": "l1"}
+
+    @classmethod
+    def trains(cls, config: StageConfig) -> bool:
+        return isinstance(config, PruneChannelsConfig) and config.epochs > 0 and config.steps > 1
+
+    def preview(self, state: State) -> list[str]:
+        from ..structured import layer_widths, matches_any, output_layers
+
+        c = self.config
+        widths = layer_widths(state.model)
+        keep = set(output_layers(state.model, state.data.example_input(1).to(state.device)))
+        ignored = sorted(keep | {n for n in widths if matches_any(n, c.ignore)})
+        lines = [f"{len(widths)} conv/linear layers, {sum(widths.values())} output channels; "
+                 f"importance {c.importance}, ratio {c.ratio} ({c.scope}), {c.steps} step(s)"]
+        lines.append("width kept: " + ", ".join(ignored))
+        for glob, r in c.layer_ratios.items():
+            hits = [n for n in widths if matches_any(n, [glob])]
+            lines.append(f"{glob}: ratio {r} on {len(hits)} layer(s)" + ("" if hits else " (matches nothing)"))
+        return lines
+
+    def run(self, state: State) -> StageResult:
+        from ..structured import prune_channels
+        from ..training import train
+
+        c = self.config
+        if c.importance == "taylor" and not state.data.labelled:
+            raise StageError("importance 'taylor' needs labelled data (it back-propagates the loss)")
+        before = sum(p.numel() for p in state.model.parameters())
+        finetunes: list[dict[str, Any]] = []
+
+        def between(step: int) -> None:
+            res = train(state.model, state, c, label=f"{self.name} step {step}/{c.steps}")
+            finetunes.append({"after_step": step, **res.summary()})
+
+        def on_step(step: int, info: dict[str, Any]) -> None:
+            state.emit("message", text=f"{self.name}: step {step}/{c.steps}, {info['channels']} channels left")
+
+        calib = state.data.calibration() if c.importance in ("activation", "taylor") else []
+        res = prune_channels(
+            state.model,
+            state.data.example_input(1),
+            importance=c.importance,
+            ratio=c.ratio,
+            scope=c.scope,
+            layer_ratios=dict(c.layer_ratios),
+            max_ratio=c.max_ratio,
+            round_to=c.round_to,
+            ignore=c.ignore,
+            steps=c.steps,
+            calibration=calib,
+            between_steps=between if c.epochs > 0 else None,
+            on_step=on_step,
+        )
+        after = sum(p.numel() for p in state.model.parameters())
+        total = sum(res.widths_before.values())
+        state.edits.record(
+            self.name,
+            op="prune_channels",
+            importance=c.importance,
+            ratio=c.ratio,
+            scope=c.scope,
+            steps=c.steps,
+            channels_removed=res.channels_removed,
+            params_before=before,
+            params_after=after,
+        )
+        changed = {n: w for n, w in res.width_table().items() if w[0] != w[1]}
+        notes = (f"{res.channels_removed} of {total} channels removed in {len(changed)} layers "
+                 f"({c.importance}, {c.scope}); params {before:,} -> {after:,}")
+        return StageResult(
+            notes=notes,
+            details={
+                "widths": res.width_table(),
+                "channels_before": total,
+                "channels_after": sum(res.widths_after.values()),
+                "params_before": before,
+                "params_after": after,
+                "kept": res.ignored,
+                "folded_masks": res.folded_masks,
+                "steps": res.steps,
+                "finetune": finetunes,
+            },
+        )

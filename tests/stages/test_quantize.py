@@ -1,0 +1,287 @@
+"""quantize stage: every CPU scheme on the digits models, SQNR check, exact reload, refusals,
+the freeze rule. torch.compile is slow to warm on 2 cores: only the slow-marked test compiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import compress_cli
+from compress_cli import quant
+from compress_cli.errors import RecipeError, StageError
+from compress_cli.pipeline import build_state, save_snapshot
+from compress_cli.recipe import parse_yaml, validate
+from compress_cli.runners import CompiledRunner, EagerRunner, OrtRunner
+from compress_cli.stages.quantize import Quantize, QuantizeConfig
+from compress_cli.testing import tiny_recipe_dict
+
+X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def recipe(tmp_path: Path, stages: list[dict], device: str = "cpu", model: str = "zoo:digits_cnn"):
+    d = tiny_recipe_dict(tmp_path, stages=stages, device=device, model={"source": model}, data={"limit_train": 256})
+    return validate(parse_yaml(yaml.safe_dump(d)))
+
+
+def run_stage(tmp_path: Path, model: str = "zoo:digits_cnn", **cfg):
+    """Build a state, run one quantize stage on it, save the checkpoint; -> (state, result, dir)."""
+    r = recipe(tmp_path, [{"type": "quantize", **cfg}], model=model)
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    stage = Quantize(QuantizeConfig(type="quantize", **cfg), 1)
+    result = stage.run(state)
+    d = tmp_path / "out" / "model"
+    save_snapshot(state, d)
+    return state, result, d
+
+
+def outputs(fn, x=X):
+    with torch.inference_mode():
+        return fn(x)
+
+
+# --------------------------------------------------------------------------- pure helpers
+@pytest.mark.parametrize(
+    ("flags", "machine", "expected"),
+    [
+        ({"avx2", "fma"}, "x86_64", True),  # AVX2 without VNNI: u8*s8 pairs saturate int16
+        ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),
+        ({"avx2", "avx_vnni"}, "x86_64", False),
+        ({"avx2", "amx_int8"}, "x86_64", False),
+        ({"neon"}, "aarch64", False),
+    ],
+)
+def test_reduce_range_follows_the_cpu(flags, machine, expected):
+    on, why = quant.choose_reduce_range(flags, machine)
+    assert on is expected and why
+
+
+def test_sqnr_db():
+    a = torch.tensor([1.0, -2.0, 3.0])
+    assert quant.sqnr_db(a, a) == 200.0
+    assert quant.sqnr_db(a, a * 1.1) == pytest.approx(20.0, abs=0.01)
+
+
+def test_fold_batchnorm_matches_and_uses_standard_layers():
+    from compress_cli.testing import tiny_cnn
+
+    m = tiny_cnn(seed=1).eval()
+    for bn in (m.bn1, m.bn2):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    folded, pairs = quant.fold_batchnorm(m)
+    assert pairs == ["conv1+bn1", "conv2+bn2"]
+    assert isinstance(folded.bn1, nn.Identity) and folded.conv1.bias is not None
+    assert torch.allclose(outputs(m), outputs(folded), atol=1e-5)
+    assert isinstance(m.bn1, nn.BatchNorm2d)  # the input model is untouched
+
+
+def test_packed_arrays_round_trip_exactly():
+    a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    assert np.array_equal(quant.unpack_array(quant.pack_array(a)), a)
+
+
+# --------------------------------------------------------------------------- schemes
+def test_int8_dynamic_snaps_linear_weights_and_reloads_equal(tmp_path):
+    state, res, d = run_stage(tmp_path, model="zoo:digits_mlp", scheme="int8_dynamic")
+    assert isinstance(state.runner, EagerRunner) and res.details["layers"] == ["fc1", "fc2", "fc3"]
+    assert res.details["sqnr_db"] >= 30
+    w = state.model.fc1.weight.detach()
+    for row in w:  # per-channel int8 grid: at most 255 distinct values per output channel
+        assert len(torch.unique(row)) <= 255
+        scale = row.abs().max() / 127
+        assert torch.allclose(row / scale, torch.round(row / scale), atol=1e-3)
+    loaded = compress_cli.load(d)
+    assert isinstance(loaded.fc1, torch.ao.nn.quantized.dynamic.Linear)
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_int8_static_pt2e_eager_graph_reloads_bit_exact(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="int8_static", compile=False, calibration_batches=2)
+    det = res.details
+    assert det["folded_batchnorm"] == ["conv1+bn1", "conv2+bn2"] and det["quantized_weights"] == 3
+    assert det["calibration_batches"] == 2 and det["sqnr_db"] >= 30 and det["runtime"] == "torch-eager"
+    assert isinstance(state.model.bn1, nn.Identity)
+    entry = state.transforms[-1]
+    assert entry["type"] == "quantize" and entry["scheme"] == "int8_static"
+    conv = next(p for p in entry["qparams"].values() if p["param"] == "conv1.weight")
+    scale = torch.from_numpy(quant.unpack_array(conv["scale"])).view(-1, 1, 1, 1)
+    q = state.model.conv1.weight.detach() / scale
+    assert torch.allclose(q, torch.round(q), atol=1e-4) and q.abs().max() <= 128
+    loaded = compress_cli.load(d)
+    assert isinstance(loaded, quant.QuantizedGraph) and not loaded.compiled
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_onnxruntime_int8_writes_onnx_measures_in_ort_and_reloads_equal(tmp_path):
+    import onnxruntime as ort
+
+    state, res, d = run_stage(tmp_path, scheme="onnxruntime_int8")
+    assert isinstance(state.runner, OrtRunner) and state.runner.describe()["runtime"] == "onnxruntime"
+    onnx_path = Path(res.details["onnx_file"])
+    assert res.artifacts == [str(onnx_path)] and onnx_path.is_file()
+    sess = ort.InferenceSession(onnx_path.read_bytes(), providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in __import__("onnx").load(str(onnx_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    direct = torch.from_numpy(sess.run(None, {"input": X.numpy()})[0])
+    assert torch.equal(outputs(state.runner), direct)
+    assert res.details["sqnr_db"] >= 25
+    loaded = compress_cli.load(d)
+    assert isinstance(loaded, quant.OrtModule) and loaded.onnx_bytes == onnx_path.read_bytes()
+    assert torch.equal(outputs(loaded), direct)
+
+
+def test_qat_trains_through_the_shared_loop_then_converts(tmp_path):
+    assert Quantize.trains(QuantizeConfig(type="quantize", scheme="qat"))
+    assert not Quantize.trains(QuantizeConfig(type="quantize", scheme="int8_static"))
+    state, res, d = run_stage(tmp_path, scheme="qat", compile=False, epochs=1, max_steps_per_epoch=3, lr=1e-3)
+    assert res.details["training"]["epochs_run"] == 1 and res.details["sqnr_db"] >= 25
+    loaded = compress_cli.load(d)
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+def test_casts_keep_fp32_interface_and_reload(tmp_path, scheme):
+    state, res, d = run_stage(tmp_path, scheme=scheme)
+    dtype = torch.bfloat16 if scheme == "bf16" else torch.float16
+    assert state.model.conv1.weight.dtype == dtype and state.runner is None
+    y = outputs(state.model)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, outputs(compress_cli.load(d)))
+    if scheme == "fp16":
+        assert "fp16 on CPU" in res.notes
+
+
+def test_low_sqnr_is_refused_with_the_measured_value(tmp_path):
+    with pytest.raises(StageError, match=r"SQNR \d+\.\d dB < min_sqnr_db 99"):
+        run_stage(tmp_path, scheme="onnxruntime_int8", min_sqnr_db=99)
+
+
+def test_int8_on_auto_device_refused_at_run_time_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="auto")
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    with pytest.raises(StageError, match="runs on CUDA only.*slower than fp32.*Conv2d.*int4 needs CUDA"):
+        Quantize(QuantizeConfig(type="quantize", scheme="int8_weight_only"), 1).run(state)
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+def test_weight_only_refused_on_cpu_at_validation(tmp_path, scheme):
+    with pytest.raises(RecipeError, match=rf"{scheme} runs on CUDA only: .*0\.2-0\.7x.*Conv2d.*int4 needs CUDA"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": scheme}], device="cpu")
+    recipe(tmp_path, [{"type": "quantize", "scheme": scheme}], device="auto")  # decided at run time
+
+
+def test_cpu_int8_refused_on_cuda_device(tmp_path):
+    with pytest.raises(RecipeError, match="int8_static makes a CPU int8 model.*set device: cpu"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static"}], device="cuda")
+
+
+@pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic", "onnxruntime_int8", "qat"])
+def test_nothing_trains_or_changes_after_int8(tmp_path, scheme):
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(finetune\): cannot train after stages\[0\] \(quantize\)"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": scheme}, {"type": "finetune"}])
+    recipe(tmp_path, [{"type": "quantize", "scheme": scheme}, {"type": "evaluate"}])
+    recipe(tmp_path, [{"type": "quantize", "scheme": "bf16"}, {"type": "finetune"}])  # a cast does not freeze
+
+
+def test_options_of_other_schemes_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match="epochs: not an option of scheme int8_static .*applies to qat"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "epochs": 2}])
+    with pytest.raises(RecipeError, match="opset: not an option of scheme int8_dynamic"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_dynamic", "opset": 18}])
+    with pytest.raises(RecipeError, match=r"scheme: must be one of .*int8_static"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int9"}])
+
+
+# --------------------------------------------------------------------------- compiled (slow)
+@pytest.mark.slow
+def test_int8_static_compiled_matches_reload_and_has_same_runtime_baseline(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="int8_static", calibration_batches=2)
+    assert isinstance(state.runner, CompiledRunner) and res.details["runtime"] == "torch-compiled"
+    assert res.details["sqnr_db"] >= 30
+    loaded = compress_cli.load(d)
+    assert loaded.compiled
+    assert torch.allclose(outputs(state.runner), outputs(loaded), atol=1e-5)
+    base = state.runner.same_runtime_baseline(state)
+    assert base["runtime"] == "torch-compiled" and base["latency_ms"] > 0 and base["throughput"] > 0
+
+
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "onnxruntime_int8"])
+def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
+    from torch.nn.utils import prune
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": scheme}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    prune.l1_unstructured(state.model.fc, "weight", amount=0.5)
+    zeros = state.model.fc.weight == 0
+    Quantize(QuantizeConfig(type="quantize", scheme=scheme), 1).run(state)
+    assert not hasattr(state.model.fc, "weight_orig")  # the reparametrization is made permanent
+    w = state.model.fc.weight.detach()
+    assert torch.equal(w == 0, zeros) or bool((w[zeros] == 0).all())
+    save_snapshot(state, tmp_path / "m")
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao weight-only kernels need CUDA")
+def test_int8_weight_only_on_cuda_reloads_equal(tmp_path):
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="cuda", model="zoo:digits_mlp")
+    state = build_state(r, torch.device("cuda"), tmp_path / "out")
+    res = Quantize(QuantizeConfig(type="quantize", scheme="int8_weight_only"), 1).run(state)
+    assert res.details["device"].startswith("cuda")
+    save_snapshot(state, tmp_path / "m")
+    x = X.cuda()
+    assert torch.equal(outputs(state.runner, x), outputs(compress_cli.load(tmp_path / "m"), x))
+
+
+def test_excluded_layers_stay_float(tmp_path):
+    import onnx
+
+    state, res, d = run_stage(tmp_path / "ort", scheme="onnxruntime_int8", exclude=["fc"])
+    inits = {i.name for i in onnx.load(res.details["onnx_file"]).graph.initializer}
+    assert "conv1.weight_quantized" in inits and "fc.weight_quantized" not in inits
+    state, res, d = run_stage(tmp_path / "dyn", model="zoo:digits_mlp", scheme="int8_dynamic", exclude=["fc3"])
+    assert res.details["layers"] == ["fc1", "fc2"] and isinstance(compress_cli.load(d).fc3, nn.Linear)
+
+
+def test_recipe_as_run_validates_again(tmp_path):
+    from compress_cli.recipe import recipe_to_yaml
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
+    again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
+    assert again.stages[0].calibration_batches == 4 and again.stages[0].scheme == "int8_static"
+
+
+def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    qat = quant.prepare_qat(model, x, reduce_range=False)
+    qat.train()
+    qat(torch.randn(4, 1, 8, 8))
+    qat.eval()  # renames the dropout nodes
+    qparams = quant.record_qparams(qat)
+    assert any("dropout" in k for k in qparams)
+    graph = quant.build_pt2e(model, qparams, False, [], [1, 8, 8])  # raises if the observers differ
+    assert torch.isfinite(graph(x)).all()
+
+
+def test_int8_static_fx_fallback_is_eager_int8_and_reloads_equal(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="int8_static", backend="fx", calibration_batches=2)
+    assert res.details["backend"] == "fx" and res.details["runtime"] == "torch-eager"
+    assert res.details["quantized_weights"] == 3 and res.details["sqnr_db"] >= 30
+    loaded = compress_cli.load(d)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in loaded.modules())
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_reduce_range_can_be_forced(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="onnxruntime_int8", reduce_range=True)
+    assert res.details["reduce_range"] is True and res.details["reduce_range_reason"] == "set in the recipe"
+    assert state.transforms[-1]["reduce_range"] is True and res.details["sqnr_db"] >= 20
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))

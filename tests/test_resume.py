@@ -1,0 +1,112 @@
+"""Never lose work: --resume after SIGKILL at several points gives the report of an uninterrupted
+run; SIGINT saves and exits 130; a changed recipe is refused for --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from compress_cli.cli import app
+from compress_cli.testing import tiny_recipe_dict
+
+STAGES = [
+    {"type": "finetune", "epochs": 2, "lr": 0.01},
+    {"type": "finetune", "epochs": 2, "lr": 0.003, "optimizer": "sgd"},
+    {"type": "evaluate"},
+]
+KEYS = ("accuracy", "loss", "params", "nonzero_params", "size_bytes")
+
+
+def recipe(tmp: Path, out: str, stages=STAGES, **over) -> Path:
+    d = tiny_recipe_dict(tmp, stages=stages, output=str(tmp / out), measure={"latency": None}, **over)
+    p = tmp / f"{out}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "compress_cli", "run", *args, "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def final(out: Path) -> dict:
+    r = json.loads((out / "report.json").read_text())
+    return {k: r["final"][k] for k in KEYS}, [(s["type"], {k: s["metrics"][k] for k in KEYS}) for s in r["stages"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    p = cli(str(recipe(tmp, "ref")))
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    return final(tmp / "ref")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"finished before {path} appeared: {proc.stderr.read()}"
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kill_after", ["00-baseline", "01-finetune", "02-finetune"])
+def test_sigkill_then_resume_equals_uninterrupted(kill_after, tmp_path, reference):
+    path = recipe(tmp_path, "run")
+    out = tmp_path / "run"
+    p = cli(str(path))
+    wait_for(out / "stages" / kill_after / "state.json", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "report.json").exists() or json.loads((out / "report.json").read_text()).get("incomplete", True)
+    r = cli(str(path), "--resume")
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    assert final(out) == reference
+
+
+def test_resume_refuses_a_changed_stage(tmp_path):
+    path = recipe(tmp_path, "run")
+    res = CliRunner().invoke(app, ["run", str(path), "-q"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume", "--set", "stages.1.lr=0.5"])
+    assert res.exit_code == 2
+    assert "stages[1] (finetune) differs from its snapshot (changed: lr)" in res.output
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume", "--set", "seed=3"])
+    assert res.exit_code == 2 and "model, data, seed or measure section changed" in res.output
+    res = CliRunner().invoke(app, ["run", str(recipe(tmp_path, "fresh")), "-q", "--resume"])
+    assert res.exit_code == 2 and "no snapshot" in res.output
+
+
+def test_resume_of_a_finished_run_only_rewrites_the_result(tmp_path):
+    path = recipe(tmp_path, "run")
+    assert CliRunner().invoke(app, ["run", str(path), "-q"]).exit_code == 0
+    before = final(tmp_path / "run")
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert final(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_exits_130(sig, tmp_path):
+    stages = [{"type": "finetune", "epochs": 400, "lr": 0.001}]
+    path = recipe(tmp_path, "run", stages=stages)
+    out = tmp_path / "run"
+    p = cli(str(path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(out / "stages" / "00-baseline" / "state.json", p)
+    time.sleep(1.0)
+    p.send_signal(sig)
+    assert p.wait(timeout=60) == 130
+    err = p.stderr.read()
+    assert f"interrupted by {sig.name} during stage 1 (finetune)" in err and "--resume" in err
+    assert (out / "stages" / "01-finetune" / "interrupted" / "model" / "manifest.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["incomplete"] is True and "interrupted" in report["error"]
