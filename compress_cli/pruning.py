@@ -319,63 +319,60 @@ def scan_sensitivity(
     return scan
 
 
-def _envelope(ratios: Sequence[float], drops: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Non-decreasing piecewise-linear damage curve through (0, 0) and the scanned points."""
-    xs, ys, top = [0.0], [0.0], 0.0
+def _hull(ratios: Sequence[float], drops: Sequence[float]) -> list[tuple[float, float]]:
+    """Lower convex hull of the damage curve through (0, 0) and the scanned points, after making
+    it non-decreasing (a drop that shrinks at a higher ratio is noise)."""
+    pts, top = [(0.0, 0.0)], 0.0
     for r, d in zip(ratios, drops, strict=True):
         top = max(top, d)
-        xs.append(r)
-        ys.append(top)
-    return xs, ys
-
-
-def _max_sparsity_within(xs: list[float], ys: list[float], tau: float) -> float:
-    """Largest s on the envelope with damage(s) <= tau (linear between points)."""
-    best = 0.0
-    for i in range(1, len(xs)):
-        if ys[i] <= tau:
-            best = xs[i]
-            continue
-        if ys[i - 1] <= tau < ys[i]:
-            best = xs[i - 1] + (xs[i] - xs[i - 1]) * (tau - ys[i - 1]) / (ys[i] - ys[i - 1])
-        break
-    return best
+        pts.append((r, top))
+    hull: list[tuple[float, float]] = []
+    for p in pts:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
 
 
 def allocate(scan: SensitivityScan, target: float, floors: dict[str, float] | None = None) -> dict[str, float]:
-    """Per-layer sparsities whose weighted mean is ``target`` with the least damage: every layer
-    is pruned as far as a common damage threshold allows (equal marginal damage, as in Han et al.'s
-    sensitivity analysis), the threshold being the smallest that reaches the target. Raises
-    ValueError when even the largest scanned ratio everywhere falls short."""
+    """Per-layer sparsities whose weighted mean is ``target`` with the least summed damage.
+
+    Each layer's measured damage curve (accuracy drop vs sparsity) is made non-decreasing and
+    replaced by its lower convex hull; pieces of sparsity are then handed out greedily by damage
+    per pruned weight, cheapest first, across all layers (optimal for convex piecewise-linear
+    curves: every layer ends at the same marginal damage per weight). A layer starts at its
+    ``floors`` value (the sparsity it already has). Raises ValueError when even the largest
+    scanned ratio everywhere falls short of the target."""
     names = list(scan.drops)
-    n = {k: scan.numel[k] for k in names}
-    total = sum(n.values())
     floors = floors or {}
-    curves = {k: _envelope(scan.ratios, scan.drops[k]) for k in names}
-
-    def alloc(tau: float) -> dict[str, float]:
-        return {k: max(floors.get(k, 0.0), _max_sparsity_within(*curves[k], tau)) for k in names}
-
-    def reached(a: dict[str, float]) -> float:
-        return sum(a[k] * n[k] for k in names) / total
-
-    hi_tau = max(max(ys) for _, ys in curves.values()) + 1.0
-    if reached(alloc(hi_tau)) < target - 1e-9:
+    total = sum(scan.numel[k] for k in names)
+    alloc = {k: floors.get(k, 0.0) for k in names}
+    need = target * total - sum(alloc[k] * scan.numel[k] for k in names)
+    pieces = []  # (damage per weight, layer order, layer, from, to)
+    for order, k in enumerate(names):
+        hull = _hull(scan.ratios, scan.drops[k])
+        for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
+            lo = max(x1, alloc[k])
+            if x2 > lo:
+                pieces.append(((y2 - y1) / ((x2 - x1) * scan.numel[k]), order, k, lo, x2))
+    reach = sum((b - a) * scan.numel[k] for _, _, k, a, b in pieces)
+    if reach < need - 1e-9:
+        best = (total * target - need + reach) / total
         raise ValueError(
-            f"the scanned ratios reach at most {reached(alloc(hi_tau)):.3f} overall sparsity "
-            f"(target {target}); add larger sensitivity.ratios"
+            f"the scanned ratios reach at most {best:.3f} overall sparsity (target {target}); "
+            "add larger sensitivity.ratios"
         )
-    lo_tau = -1.0
-    for _ in range(60):
-        mid = (lo_tau + hi_tau) / 2
-        if reached(alloc(mid)) >= target:
-            hi_tau = mid
-        else:
-            lo_tau = mid
-    a_lo, a_hi = alloc(lo_tau), alloc(hi_tau)
-    r_lo, r_hi = reached(a_lo), reached(a_hi)
-    alpha = 1.0 if r_hi <= r_lo else min(1.0, max(0.0, (target - r_lo) / (r_hi - r_lo)))
-    return {k: a_lo[k] + alpha * (a_hi[k] - a_lo[k]) for k in names}
+    for _, _, k, a, b in sorted(pieces):
+        if need <= 1e-9:
+            break
+        take = min(b - a, need / scan.numel[k])
+        alloc[k] = a + take
+        need -= take * scan.numel[k]
+    return alloc
 
 
 def summary(targets: list[tuple[str, nn.Module]]) -> tuple[dict[str, dict[str, Any]], float]:

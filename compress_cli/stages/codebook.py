@@ -101,8 +101,10 @@ class Codebook(Stage[CodebookConfig]):
 
             skip = {id(mod.weight) for _, mod in targets}
             details["rounded"] = C.round_others(state.model, skip, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.others]))
-        state.edits.record(self.name, op="codebook", bits={n: bits[n] for n, _ in targets},
-                           **({"others": cfg.others} if cfg.others != "keep" else {}))
+        extra: dict[str, Any] = {"layers": dict(cfg.layers)} if cfg.layers else {}
+        if cfg.others != "keep":
+            extra["others"] = cfg.others
+        state.edits.record(self.name, op="codebook", bits=cfg.bits, **extra)
         kinds = sorted(set(bits.values()))
         notes = f"{len(targets)} layers shared at {'/'.join(map(str, kinds))} bits"
         if cfg.epochs > 0:

@@ -181,9 +181,8 @@ class Prune(Stage[PruneConfig]):
         details.update({"overall_sparsity": round(overall, 4), "layers": per})
         if history:
             details["schedule"] = history
-        state.edits.record(
-            self.name, op="prune", sparsity=round(overall, 4), layers={n: v["sparsity"] for n, v in per.items()}
-        )
+        # the manifest keeps the gist (it is stored uncompressed); per-layer numbers go to the report
+        state.edits.record(self.name, op="prune", sparsity=round(overall, 4), layers=len(targets))
         how = "sensitivity" if cfg.sensitivity else cfg.scope
         notes = f"{len(targets)} layers at {overall * 100:.1f}% sparsity ({how}"
         notes += f", {len(history)} steps)" if history else ", one shot)"

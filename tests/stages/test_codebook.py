@@ -118,7 +118,7 @@ def test_checkpoint_packs_indices_at_bits_and_reloads_exactly(state, tmp_path):
     index = json.loads(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["index"])
     assert index["fc1.weight"]["bits"] == 4 and index["fc3.weight"]["bits"] == 3
     assert m["encodings"]["fc1.weight"].endswith("palette")
-    assert m["edits"][-1] == {"stage": "codebook", "op": "codebook", "bits": {"fc1": 4, "fc2": 4, "fc3": 3}}
+    assert m["edits"][-1] == {"stage": "codebook", "op": "codebook", "bits": 4, "layers": {"fc3": 3}}
     loaded = compress_cli.load(tmp_path / "shared")
     x = torch.randn(32, 1, 8, 8)
     assert torch.equal(loaded(x), state.model.eval()(x))
