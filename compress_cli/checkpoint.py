@@ -274,6 +274,32 @@ def register_transform(name: str) -> Callable[[Callable[..., nn.Module]], Callab
     return deco
 
 
+_RESTORERS: dict[str, Callable[[Any, dict[str, Any]], None]] = {}
+
+
+def register_restore(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``fn(state, entry)`` for a load transform: when the pipeline restores a snapshot (``--resume``,
+    a guard's revert) it puts the *stored* module in ``state.model`` (``load(apply_transforms=False)``)
+    and calls this for each transform entry, to bring back what the stage left (e.g. ``state.runner``)."""
+
+    def deco(fn: Callable[..., None]) -> Callable[..., None]:
+        _RESTORERS[name] = fn
+        return fn
+
+    return deco
+
+
+def restore_transforms(state: Any) -> None:
+    """Replay ``state.transforms`` on a state whose model came from ``load(apply_transforms=False)``."""
+    for t in state.transforms:
+        if t["type"] not in _RESTORERS:
+            _import_transform_provider(t["type"])
+        fn = _RESTORERS.get(t["type"])
+        if fn is None:
+            raise SourceError(f"snapshot needs transform {t['type']!r}, which cannot be restored by this version")
+        fn(state, t)
+
+
 # --------------------------------------------------------------------------- tensor encoding
 # A tensor is stored as a position part (how the zeros are skipped) and a value part (how the
 # remaining values are written); ``meta["enc"]`` names them joined by "+" ("raw" for neither):
@@ -749,14 +775,15 @@ def rebuild(manifest: dict[str, Any]) -> nn.Module:
     return apply_architecture_diff(model, manifest.get("architecture", []))
 
 
-def load(directory: Path | str) -> nn.Module:
-    """Rebuild a compressed model directory written by this tool (eval mode)."""
+def load(directory: Path | str, apply_transforms: bool = True) -> nn.Module:
+    """Rebuild a compressed model directory written by this tool (eval mode). With
+    ``apply_transforms=False``: the stored module, before load transforms (e.g. quantization)."""
     from .sources.models import load_state_dict_checked
 
     manifest, sd = load_parts(directory)
     model = rebuild(manifest)
     load_state_dict_checked(model, sd, str(directory))
-    for t in manifest.get("transforms", []):
+    for t in manifest.get("transforms", []) if apply_transforms else []:
         fn = _TRANSFORMS.get(t["type"])
         if fn is None:
             _import_transform_provider(t["type"])

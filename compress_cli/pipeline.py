@@ -287,17 +287,18 @@ class Run:
 
     def _restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""
-        from .checkpoint import load
+        from .checkpoint import load, restore_transforms
         from .recipe import ModelConfig
         from .state import Edit, EditLog
 
         saved = json.loads((d / "state.json").read_text())
-        state.model = load(d / "model").to(state.device)
+        state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
         state.hparams = dict(saved["hparams"])
         state.transforms = list(saved["transforms"])
         state.edits = EditLog([Edit(e.pop("stage"), e.pop("op"), e) for e in (dict(x) for x in saved["edits"])])
         state.model_spec = ModelConfig(**saved["model_spec"])
         state.runner = None
+        restore_transforms(state)  # e.g. quantize: the int8 runtime and its runner
 
     def _resume_point(self) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
         """(last complete stage index, their report entries, baseline) or a UsageError."""

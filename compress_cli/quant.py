@@ -149,17 +149,11 @@ def strip_pruning(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with torch.nn.utils.prune's reparametrizations made permanent
     (``weight = weight_orig * weight_mask`` becomes a plain parameter; zeros stay zeros, and
     quantize to exactly zero). Nothing trains after an int8 conversion, so masks need not hold."""
-    from torch.nn.utils import prune
+    from .checkpoint import copy_model
+    from .pruning import remove_reparametrization
 
-    for module in model.modules():  # the derived tensor is recomputed on every forward anyway;
-        for hook in module._forward_pre_hooks.values():  # a non-leaf one cannot be deep-copied
-            if isinstance(hook, prune.BasePruningMethod):
-                setattr(module, hook._tensor_name, getattr(module, hook._tensor_name).detach())
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+    model = copy_model(model)
+    remove_reparametrization(model)
     return model
 
 

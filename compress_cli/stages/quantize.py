@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..checkpoint import register_transform
+from ..checkpoint import register_restore, register_transform
 from ..errors import StageError
 from ..registry import register_stage
 from ..stage import Stage, StageConfig, StageResult
@@ -175,12 +175,6 @@ class Quantize(Stage[QuantizeConfig]):
             raise StageError("no calibration data: the training split is empty")
         return [b.cpu().float() for b in batches]
 
-    def _threads(self, state: State) -> int:
-        import torch
-
-        lat = state.recipe.measure.latency
-        return lat.threads if lat is not None and lat.threads else torch.get_num_threads()
-
     def _cast(self, state: State) -> StageResult:
         from .. import quant
 
@@ -196,14 +190,13 @@ class Quantize(Stage[QuantizeConfig]):
 
     def _weight_only(self, state: State) -> StageResult:
         from .. import quant
-        from ..runners import EagerRunner
 
         entry: dict[str, Any] = {"type": "quantize", "scheme": self.config.scheme}
         if self.config.scheme == "int4_weight_only":
             entry["group_size"] = self.config.group_size
         runtime = quant.rebuild(state.model, entry, device=state.device)
         state.transforms.append(entry)
-        state.runner = EagerRunner(runtime, state.device)
+        state.runner = make_runner(runtime, entry, state)
         state.edits.record(self.name, op="quantize", scheme=self.config.scheme)
         return StageResult(
             notes=f"torchao {self.config.scheme} on {state.device} (the checkpoint keeps fp32 weights; load() re-quantizes them)",
@@ -216,7 +209,6 @@ class Quantize(Stage[QuantizeConfig]):
         import torch
 
         from .. import quant
-        from ..runners import CompiledRunner, EagerRunner, OrtRunner
 
         cfg = self.config
         scheme = cfg.scheme
@@ -281,12 +273,7 @@ class Quantize(Stage[QuantizeConfig]):
             artifacts.append(str(path))
             details["onnx_file"] = str(path)
             details["onnx_bytes"] = len(runtime.onnx_bytes)
-            runtime.threads = self._threads(state)  # measurement threads (load() leaves ORT's default)
-            runner: Any = OrtRunner(runtime, runtime.threads)
-        elif scheme in ("int8_static", "qat") and cfg.compile and entry.get("backend") != "fx":
-            runner = CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
-        else:
-            runner = EagerRunner(runtime, torch.device("cpu"))
+        runner = make_runner(runtime, entry, state)
         # accept the result only if the int8 logits follow fp32 (catches e.g. int16 saturation)
         x = next(iter(state.data.loader("val")))[0].cpu().float()
         with torch.inference_mode():
@@ -330,6 +317,39 @@ class Quantize(Stage[QuantizeConfig]):
         with quant.quiet(), torch.no_grad():
             qparams = quant.record_qparams(graph)
         return qparams, res.summary(), copy.deepcopy(model).eval()
+
+
+def measure_threads(state: State) -> int:
+    import torch
+
+    lat = state.recipe.measure.latency
+    return lat.threads if lat is not None and lat.threads else torch.get_num_threads()
+
+
+def make_runner(runtime: Any, entry: dict[str, Any], state: State) -> Any:
+    """The runner that measures ``runtime`` where it is deployed (stage and snapshot restore)."""
+    import torch
+
+    from ..runners import CompiledRunner, EagerRunner, OrtRunner
+
+    scheme = entry["scheme"]
+    if scheme == "onnxruntime_int8":
+        runtime.threads = measure_threads(state)  # measurement threads (load() leaves ORT's default)
+        return OrtRunner(runtime, runtime.threads)
+    if scheme in _PT2E and entry.get("compile", True) and entry.get("backend") != "fx":
+        return CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
+    if scheme in _CUDA_ONLY:
+        return EagerRunner(runtime, state.device)
+    return EagerRunner(runtime, torch.device("cpu"))
+
+
+@register_restore("quantize")
+def _restore_quantized(state: State, entry: dict[str, Any]) -> None:
+    """--resume / revert: rebuild the runtime from the stored (snapped) module, as the stage did."""
+    from .. import quant
+
+    runtime = quant.rebuild(state.model, entry, device=state.device)
+    state.runner = None if entry["scheme"] in ("fp16", "bf16") else make_runner(runtime, entry, state)
 
 
 @register_transform("quantize")

@@ -285,3 +285,22 @@ def test_reduce_range_can_be_forced(tmp_path):
     assert res.details["reduce_range"] is True and res.details["reduce_range_reason"] == "set in the recipe"
     assert state.transforms[-1]["reduce_range"] is True and res.details["sqnr_db"] >= 20
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+
+
+@pytest.mark.parametrize("scheme", ["onnxruntime_int8", "bf16"])
+def test_resume_after_quantize_restores_the_runtime(tmp_path, scheme):
+    import shutil
+
+    from compress_cli.pipeline import run_recipe
+
+    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", "scheme": scheme}, {"type": "evaluate"}],
+                         model={"source": "zoo:digits_cnn"}, data={"limit_train": 256}, measure={"latency": None})
+    r = validate(parse_yaml(yaml.safe_dump(d)))
+    first = run_recipe(r)
+    shutil.rmtree(tmp_path / "out" / "stages" / "02-evaluate")  # as if killed during the evaluate stage
+    again = run_recipe(r, resume=True)
+    assert again["resumed_after_stage"] == 1
+    for key in ("accuracy", "loss", "runtime", "size_bytes"):
+        assert again["stages"][1]["metrics"][key] == first["stages"][1]["metrics"][key], key
+    y = outputs(compress_cli.load(tmp_path / "out" / "model"))
+    assert torch.equal(y, outputs(compress_cli.load(tmp_path / "out" / "stages" / "01-quantize" / "model")))
