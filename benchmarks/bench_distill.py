@@ -115,7 +115,7 @@ def bench_small(seeds: list[int], teacher: str, limit: int | None, tmp: Path) ->
     return rows
 
 
-def bench_latency(seeds: list[int], teacher: str, limit: int | None, tmp: Path, rounds: int = 7) -> list[dict[str, Any]]:
+def bench_latency(seeds: list[int], teacher: str, limit: int | None, tmp: Path, rounds: int = 21) -> list[dict[str, Any]]:
     """Batch-1 latency and batch-64 throughput of the teacher, the 0.7-pruned teacher and the small
     student, interleaved over ``rounds`` (one thread each; medians), so load on the machine hits all
     three alike. Latency does not depend on the weights: the student is freshly built."""
@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="runs/fashion_train/model")
     ap.add_argument("--limit-train", type=int, default=20000)
     ap.add_argument("--parts", nargs="+", default=["prune", "small"], choices=["prune", "small", "latency"])
+    ap.add_argument("--rounds", type=int, default=21, help="latency part: interleaved rounds")
     ap.add_argument("--max-steps", type=int, help="cap training steps per epoch (smoke test)")
     ap.add_argument("--json", type=Path, help="append rows to this JSON-lines file")
     ap.add_argument("--from-json", type=Path, help="only print the tables for rows saved earlier")
@@ -230,8 +231,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         for part in a.parts:
-            fn = {"prune": bench_prune, "small": bench_small, "latency": bench_latency}[part]
-            new = fn(a.seeds, a.teacher, a.limit_train, Path(tmp))
+            if part == "latency":
+                new = bench_latency(a.seeds, a.teacher, a.limit_train, Path(tmp), a.rounds)
+            else:
+                new = (bench_prune if part == "prune" else bench_small)(a.seeds, a.teacher, a.limit_train, Path(tmp))
             rows += new
             if a.json:
                 with a.json.open("a") as f:
