@@ -132,7 +132,7 @@ def part_b() -> list[str]:
     from compress_cli.training import TrainOptions, train
 
     torch.manual_seed(0)
-    n_train, n_test, epochs = (1500, 500, 1) if QUICK else (6000, 2000, 4)
+    n_train, n_test, epochs = (1500, 500, 1) if QUICK else (4000, 1000, 3)
     data = fashion_32(n_train, n_test)
     model = build_from_source({"source": "torchvision:resnet18", "kwargs": {"num_classes": 10}})
     state = tiny_state(model)
