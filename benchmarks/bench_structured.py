@@ -180,9 +180,10 @@ def part_b() -> list[str]:
 
 
 def main() -> int:
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread gives stable ratios
     lines = ["## Issue 7: structured pruning and layer removal", "",
-             f"Measured by `benchmarks/bench_structured.py` on this machine's CPU ({torch.get_num_threads()} threads, "
-             "shared with other jobs: ratios come from interleaved runs in one process).", ""]
+             "Measured by `benchmarks/bench_structured.py` on this machine's CPU (1 thread; the machine is shared "
+             "with other jobs, so every ratio comes from interleaved timings in one process, order rotating).", ""]
     lines += part_a()
     if FASHION.is_dir():
         lines += part_b()
