@@ -110,13 +110,16 @@ def table(rows: list[dict], timeout: int) -> str:
         if "crash" in r:
             return f"crash: {r['crash']}"
         s = r[step]
+        if not s["ok"] and "no removable layer" in s["info"]:
+            return "none: no residual block or shape-preserving layer (refused with StageError)"
         return ("pass: " if s["ok"] else "FAIL: ") + s["info"].replace("|", "\\|")
 
     ok = {s: sum(1 for r in rows if s in r and r[s]["ok"]) for s in ("prune_channels", "drop_layers")}
+    none = sum(1 for r in rows if "drop_layers" in r and "no removable layer" in r["drop_layers"]["info"])
     lines = [
         f"Sweep of {len(rows)} torchvision classification models (random init, 10 classes, small input, "
         f"1 CPU thread, {timeout}s per model): prune_channels passes {ok['prune_channels']}, drop_layers passes "
-        f"{ok['drop_layers']}. Pass = forward finite with the same output shape, and the architecture diff "
+        f"{ok['drop_layers']} (and finds nothing to remove in {none}). Pass = forward finite with the same output shape, and the architecture diff "
         "rebuilt from the model source gives equal outputs. `python benchmarks/sweep_structured.py`.",
         "",
         "| model | input | params (M) | prune_channels (30%, l1) | drop_layers (1, similarity) |",

@@ -171,11 +171,11 @@ def _apply_patch(m: nn.Module, args: dict[str, Any]) -> None:
         old = getattr(m, k, None)
         setattr(m, k, tuple(v) if isinstance(old, tuple) and isinstance(v, list) else v)
     for k, shape in args.get("tensors", {}).items():
-        if k in m._parameters and m._parameters[k] is not None:
-            p = m._parameters[k]
+        p, b = m._parameters.get(k), m._buffers.get(k)
+        if p is not None:
             m._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=p.dtype), requires_grad=p.requires_grad)
-        elif k in m._buffers and m._buffers[k] is not None:
-            m._buffers[k] = torch.zeros(shape, dtype=m._buffers[k].dtype)
+        elif b is not None:
+            m._buffers[k] = torch.zeros(shape, dtype=b.dtype)
         else:
             raise SourceError(f"manifest resizes tensor {k!r} of a {type(m).__name__}, which it does not have")
 

@@ -66,7 +66,7 @@ def executed_order(model: nn.Module, example: torch.Tensor, kinds: tuple[type, .
     hooks = []
     for name, mod in model.named_modules():
         if name and isinstance(mod, kinds):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: order.append(n)))
+            hooks.append(model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: order.append(n)))
     try:
         was = model.training
         model.eval()
@@ -388,6 +388,11 @@ class Candidate:
     params: int = 0
     bypass: nn.Module | None = field(default=None, repr=False)  # the replacement, once built
 
+    def replacement_module(self) -> nn.Module:
+        if self.bypass is None:
+            raise StageError(f"{self.name}: no replacement built (call build_bypasses first)")
+        return self.bypass
+
     def make(self, model: nn.Module, drop_post: bool = False) -> nn.Module:
         mod = model.get_submodule(self.name)
         post = [] if drop_post else [_fresh(p) for p in self.post]
@@ -586,7 +591,7 @@ def score_candidates(model: nn.Module, cands: list[Candidate], calib: Batches, c
     model.eval()
     dev = _device_of(model)
     build_bypasses(model, cands, calib)
-    bypasses = {c.name: c.bypass for c in cands}
+    bypasses = {c.name: c.replacement_module() for c in cands}
     if criterion == "loss":
         base = _loss(model, calib)
         for c in cands:
@@ -665,6 +670,6 @@ def drop_layers(
         raise StageError(f"fraction {fraction} of {len(cands)} candidate(s) rounds to no layer to remove")
     chosen = choose(cands, n, criterion)
     for c in chosen:
-        _set_module(model, c.name, c.bypass)
+        _set_module(model, c.name, c.replacement_module())
     check_forward(model, example, out_shape, "after removing layers")
     return cands, chosen
