@@ -15,6 +15,35 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+FORMATS = ("onnx", "torch_export", "torchscript")
+_PT2E_LOAD = ("loading the .pt2 needs torchao's quantized ops registered first: "
+              "import torchao.quantization.pt2e  # then torch.export.load(path)")
+#: quantization scheme -> (formats its model exports to, why the others cannot take it)
+BY_SCHEME: dict[str | None, tuple[tuple[str, ...], str]] = {
+    None: (FORMATS, ""),
+    "fp16": (FORMATS, ""),
+    "bf16": (FORMATS, ""),
+    "int8_dynamic": (("torchscript",), "torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
+                     "mapping and their packed weights do not pass torch.export"),
+    "int8_static": (("torch_export",), "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
+                    "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)"),
+    "qat": (("torch_export",), "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
+            "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)"),
+    "onnxruntime_int8": (("onnx",), "the model is an ONNX Runtime int8 graph (QDQ): it exists only as ONNX"),
+    "int8_weight_only": ((), "torchao's weight-only tensor subclasses are not exported by this stage yet; "
+                         "the checkpoint reloads with compress_cli.load() on CUDA"),
+    "int4_weight_only": ((), "torchao's weight-only tensor subclasses are not exported by this stage yet; "
+                         "the checkpoint reloads with compress_cli.load() on CUDA"),
+}
+
+
+def unsupported_formats(formats: list[str], scheme: str | None, backend: str | None = None) -> list[str]:
+    """One message per format the model quantized with ``scheme`` cannot be exported to."""
+    ok, why = BY_SCHEME.get(scheme, (FORMATS, ""))
+    if scheme == "int8_static" and backend == "fx":  # torch.ao FX modules trace like eager ones
+        ok, why = ("torchscript",), "the torch.ao FX int8 model exports to TorchScript only"
+    return [f"format {f} is not available after quantize scheme {scheme}: {why}" for f in formats if f not in ok]
+
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: int = 18,
                 dynamic_batch: bool = True, exporter: str = "auto") -> str:
@@ -76,8 +105,10 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: Path, dynamic_ba
 
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    if not isinstance(model, torch.fx.GraphModule):  # exported graphs refuse eval()
+        model = model.eval()
     try:
-        ep = torch.export.export(model.eval(), (example,), dynamic_shapes=shapes)
+        ep = torch.export.export(model, (example,), dynamic_shapes=shapes)
     except Exception as e:
         raise StageError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     ep = strip_unused_constants(ep)
@@ -110,15 +141,20 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> A
     return ts
 
 
-def max_abs_diff(fn: Any, model: nn.Module, x: torch.Tensor) -> float:
+def max_abs_diff(fn: Any, reference: Any, x: torch.Tensor) -> tuple[float, float]:
+    """(max |fn(x) - reference(x)|, max |reference(x)|); ``reference`` is a module or a runner."""
     import torch
 
     with torch.no_grad():
-        ref = model.eval()(x).float()
-        got = fn(x).float()
+        if hasattr(reference, "prepare"):  # a runners.Runner
+            reference.prepare()
+        elif isinstance(reference, torch.nn.Module):
+            reference.eval()
+        ref = reference(x).float().cpu()
+        got = fn(x).float().cpu()
     if got.shape != ref.shape:
         raise StageError(f"exported model returns shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
-    return float((got - ref).abs().max())
+    return float((got - ref).abs().max()), float(ref.abs().max())
 
 
 def median_latency_ms(fn: Any, x: torch.Tensor, warmup: int = 3, iterations: int = 10) -> float:

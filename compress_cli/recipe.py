@@ -364,13 +364,13 @@ def cross_stage_rules(recipe: Recipe, raw: RawRecipe | None = None) -> list[str]
     """Every rule that spans stages or needs the device, in one place."""
     where = raw.where if raw else (lambda p: "<recipe>")
     problems: list[str] = []
-    _stage_list_rules(recipe.stages, ("stages",), "", where, recipe.device, set(), [None], problems)
+    _stage_list_rules(recipe.stages, ("stages",), "", where, recipe.device, set(), [None], [], problems)
     return problems
 
 
 def _stage_list_rules(
     stages: list[StageConfig], path: tuple[Any, ...], prefix: str, where: Any, device: str,
-    provided: set[str], frozen: list[str | None], problems: list[str],
+    provided: set[str], frozen: list[str | None], earlier: list[StageConfig], problems: list[str],
 ) -> None:
     """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
     from .registry import get_stage
@@ -388,10 +388,12 @@ def _stage_list_rules(
                 f"{where((*path, i))}: {label}: cannot {what} after {frozen[0]} converted the model for "
                 "inference (move this stage before it; for training with quantization use scheme: qat)"
             )
-        for msg in cls.check(cfg, device):
+        for msg in cls.check(cfg, device, tuple(earlier)):
             problems.append(f"{where((*path, i))}: {label}: {msg}")
         for field_name, nested in cls.children(cfg):
-            _stage_list_rules(nested, (*path, i, field_name), f"{label}.", where, device, provided, frozen, problems)
+            _stage_list_rules(nested, (*path, i, field_name), f"{label}.", where, device, provided, frozen, earlier,
+                              problems)
+        earlier.append(cfg)
         provided |= cls.provides
         if cls.freezes(cfg):
             frozen[0] = label

@@ -7,6 +7,7 @@ A stage module must stay cheap to import (no torch at module level): ``compress 
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -90,8 +91,9 @@ class Stage(Generic[C]):
         return []
 
     @classmethod
-    def check(cls, config: StageConfig, device: str) -> list[str]:
-        """Extra static checks (e.g. scheme not available on this device). One message each."""
+    def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
+        """Extra static checks, one message each: e.g. a scheme not available on this device, or
+        an export format the model left by the ``earlier`` stages (in run order) cannot take."""
         return []
 
     def preview(self, state: State) -> list[str]:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -90,7 +90,7 @@ class Distill(Stage[DistillConfig]):
         return True
 
     @classmethod
-    def check(cls, config: StageConfig, device: str) -> list[str]:
+    def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
         problems: list[str] = []
         if not isinstance(config, DistillConfig):
             return problems

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -20,13 +22,20 @@ class ExportConfig(StageConfig):
         "auto", description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, or dynamo then legacy"
     )
     dynamic_batch: bool = Field(True, description="let the batch dimension vary in the exported file")
-    tolerance: float = Field(1e-3, gt=0, description="max |exported - PyTorch| allowed on a check batch (fp32 models)")
+    tolerance: float = Field(1e-3, gt=0, description="max |exported - PyTorch| allowed on a check batch")
+    relative_tolerance: float = Field(
+        0.02, ge=0, description="quantized or cast models: extra allowance, times max |logit| of the reference "
+        "(the runtime the report measured); an int8 rounding step is about 0.4% of the logit range")
     directory: str = Field("export", description="folder inside the output directory")
 
 
 @register_stage("export")
 class Export(Stage[ExportConfig]):
-    """Write ONNX / torch.export / TorchScript files, check them against PyTorch, time them."""
+    """Write ONNX / torch.export / TorchScript files, check them against what the report measured, time them.
+
+    After a quantize stage the quantized model is exported, in the formats its runtime has: ONNX Runtime int8 ->
+    onnx, PT2E int8 -> torch_export, torch.ao dynamic int8 -> torchscript, fp16/bf16 -> all. Other
+    combinations are refused at validation (``compress validate``), with the reason."""
 
     example = {"formats": ["onnx", "torch_export"], "exporter": "legacy"}
 
@@ -34,53 +43,92 @@ class Export(Stage[ExportConfig]):
     def modifies(cls, config: StageConfig) -> bool:
         return False
 
+    @classmethod
+    def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
+        from ..export import unsupported_formats
+
+        quant = next((c for c in reversed(earlier) if c.type == "quantize"), None)
+        return unsupported_formats(list(getattr(config, "formats", [])), getattr(quant, "scheme", None),
+                                   getattr(quant, "backend", None))
+
     def run(self, state: State) -> StageResult:
+        from ..errors import StageError
+        from ..export import max_abs_diff, median_latency_ms, unsupported_formats
+
+        cfg = self.config
+        entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
+        scheme = entry["scheme"] if entry else None
+        refused = unsupported_formats(list(cfg.formats), scheme, entry.get("backend") if entry else None)
+        if refused:
+            raise StageError("; ".join(refused))
+        model = _plain_model(state)
+        # the reference is what the report measured: the int8 runtime where there is one
+        reference = state.runner if state.runner is not None else model
+        cpu = state.runner is not None or state.device.type == "cpu"
+        folder = state.output_dir / cfg.directory
+        example = state.data.example_input(2)
+        check = state.data.example_input(5)  # another batch size: the dynamic axis works
+        x1 = state.data.example_input(1)
+        files: dict[str, dict] = {}
+        for fmt in cfg.formats:
+            state.emit("message", text=f"export {fmt}")
+            path, fn, info = self._write(fmt, state, model, entry, folder, example if cpu else example.to(state.device))
+            batch = check if cfg.dynamic_batch else example
+            if not cpu and fmt != "onnx":
+                batch = batch.to(state.device)
+            diff, scale = max_abs_diff(fn, reference, batch)
+            limit = cfg.tolerance + (cfg.relative_tolerance * scale if scheme else 0.0)
+            if diff > limit:
+                raise StageError(f"{fmt}: exported model differs from what the report measured by {diff:.3g} "
+                                 f"(allowed {limit:.3g})")
+            info.update(path=str(path), size_bytes=path.stat().st_size, max_abs_diff=diff,
+                        latency_ms=median_latency_ms(fn, x1 if cpu or fmt == "onnx" else x1.to(state.device)))
+            if scheme:
+                info["quantization"] = scheme
+            files[fmt] = info
+            model.to(state.device)
+        notes = ", ".join(f"{k} {v['size_bytes'] / 1024:.0f} KB {v['latency_ms']:.2f} ms" for k, v in files.items())
+        return StageResult(notes=notes, details={"files": files}, artifacts=[v["path"] for v in files.values()])
+
+    def _write(self, fmt: str, state: State, model: Any, entry: dict[str, Any] | None, folder: Path,
+               example: Any) -> tuple[Path, Any, dict[str, Any]]:
+        """Write one format; returns (file, a callable running it, report details)."""
+        from .. import quant
+        from ..checkpoint import atomic_write_bytes
         from ..export import (
+            _PT2E_LOAD,
             export_onnx,
             export_torch,
             export_torchscript,
-            max_abs_diff,
-            median_latency_ms,
             ort_callable,
             ort_session,
         )
 
         cfg = self.config
-        model = _plain_model(state)
-        folder = state.output_dir / cfg.directory
-        example = state.data.example_input(2).to(state.device)
-        check = state.data.example_input(5).to(state.device)  # another batch size: the dynamic axis works
-        x1 = state.data.example_input(1)
-        files: dict[str, dict] = {}
-        for fmt in cfg.formats:
-            state.emit("message", text=f"export {fmt}")
-            if fmt == "onnx":
-                path = folder / "model.onnx"
+        scheme = entry["scheme"] if entry else None
+        if fmt == "onnx":
+            path = folder / "model.onnx"
+            if scheme == "onnxruntime_int8":  # the quantized graph the runner measured, as it is
+                atomic_write_bytes(path, state.runner.model.onnx_bytes)
+                used = "onnxruntime_int8 (QDQ graph as quantized)"
+            else:
                 used = export_onnx(model.cpu(), example.cpu(), path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
                                    exporter=cfg.exporter)
-                fn = ort_callable(ort_session(path))
-                info = {"exporter": used, "runtime": "onnxruntime"}
-            elif fmt == "torch_export":
-                path = folder / "model.pt2"
-                ep = export_torch(model, example, path, cfg.dynamic_batch)
-                fn = ep.module()
-                info = {"runtime": "torch-export"}
-            else:
-                path = folder / "model.ts"
-                fn = export_torchscript(model, example, path)
-                info = {"runtime": "torchscript"}
-            batch = check if cfg.dynamic_batch else example
-            diff = max_abs_diff(fn, model, batch.cpu() if fmt == "onnx" else batch)
-            if diff > cfg.tolerance:
-                from ..errors import StageError
-
-                raise StageError(f"{fmt}: exported model differs from PyTorch by {diff:.3g} (tolerance {cfg.tolerance})")
-            info.update(path=str(path), size_bytes=path.stat().st_size, max_abs_diff=diff,
-                        latency_ms=median_latency_ms(fn, x1 if fmt == "onnx" else x1.to(state.device)))
-            files[fmt] = info
-            model.to(state.device)
-        notes = ", ".join(f"{k} {v['size_bytes'] / 1024:.0f} KB {v['latency_ms']:.2f} ms" for k, v in files.items())
-        return StageResult(notes=notes, details={"files": files}, artifacts=[v["path"] for v in files.values()])
+            return path, ort_callable(ort_session(path)), {"exporter": used, "runtime": "onnxruntime"}
+        if fmt == "torch_export":
+            path = folder / "model.pt2"
+            info: dict[str, Any] = {"runtime": "torch-export"}
+            if scheme in ("int8_static", "qat"):  # a fresh, uncompiled int8 graph (fp32 weights stripped)
+                assert entry is not None
+                model = quant.build_pt2e(state.model.cpu(), entry["qparams"], entry["reduce_range"],
+                                         entry.get("exclude", []), entry["input_shape"])
+                info["load"] = _PT2E_LOAD
+            ep = export_torch(model, example, path, cfg.dynamic_batch)
+            return path, ep.module(), info
+        path = folder / "model.ts"
+        if scheme in ("int8_dynamic", "int8_static"):  # the torch.ao int8 module the runner measured
+            model = state.runner.model
+        return path, export_torchscript(model, example, path), {"runtime": "torchscript"}
 
 
 def _plain_model(state: State):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -110,7 +111,7 @@ class Quantize(Stage[QuantizeConfig]):
         return getattr(config, "scheme", None) in _CPU_INT8 + _CUDA_ONLY
 
     @classmethod
-    def check(cls, config: StageConfig, device: str) -> list[str]:
+    def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
         scheme = getattr(config, "scheme", None)
         if scheme in _CUDA_ONLY and device in ("cpu", "mps"):
             return [f"scheme {scheme} {_WHY_CUDA} (recipe device: {device})"]

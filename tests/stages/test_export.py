@@ -47,3 +47,72 @@ def test_export_of_a_pruned_model_folds_the_masks(tmp_path):
 def test_onnx_dynamo_exporter(tmp_path):
     _, res = run_export(tmp_path, formats=["onnx"], exporter="dynamo")
     assert res.details["files"]["onnx"]["exporter"] == "dynamo"
+
+
+def quantized_state(tmp_path, scheme: str, source: str = "zoo:digits_cnn"):
+    state = tiny_state(tmp_path=tmp_path, model={"source": source})
+    q = get_stage("quantize")
+    q(q.config_class(type="quantize", scheme=scheme)).run(state)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("scheme", "source", "fmt"),
+    [
+        ("onnxruntime_int8", "zoo:digits_cnn", "onnx"),
+        ("int8_static", "zoo:digits_cnn", "torch_export"),
+        ("int8_dynamic", "zoo:digits_mlp", "torchscript"),
+        ("bf16", "zoo:digits_cnn", "torch_export"),
+    ],
+)
+def test_export_after_quantize_writes_the_quantized_model(tmp_path, scheme, source, fmt):
+    state = quantized_state(tmp_path, scheme, source)
+    stage = get_stage("export")
+    info = stage(stage.config_class(type="export", formats=[fmt])).run(state).details["files"][fmt]
+    assert info["quantization"] == scheme
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        ref = state.runner(x) if state.runner is not None else state.model(x)
+        if fmt == "onnx":
+            sess = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+            ops = {n.op_type for n in __import__("onnx").load(info["path"]).graph.node}
+            assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, "the int8 graph, not an fp32 export"
+        elif fmt == "torch_export":
+            if scheme == "int8_static":
+                import torchao.quantization.pt2e  # noqa: F401 - registers the quantized ops, as the note says
+                assert "torchao" in info["load"]
+            ep = torch.export.load(info["path"])
+            got = ep.module()(x)
+            if scheme == "int8_static":
+                targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+                assert any("quantize_per" in t for t in targets), "the int8 graph, not the fp32 model"
+        else:
+            got = torch.jit.load(info["path"])(x)
+            assert "quantized" in str(torch.jit.load(info["path"]).graph)
+    tol = 1e-3 + 0.02 * float(ref.float().abs().max())
+    assert float((got.float() - ref.float()).abs().max()) <= tol
+
+
+def test_export_refuses_formats_the_quantized_model_has_not_at_validation(tmp_path):
+    from compress_cli.errors import RecipeError
+    from compress_cli.recipe import parse_yaml, validate
+    from compress_cli.testing import tiny_recipe_dict
+
+    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", "scheme": "onnxruntime_int8"},
+                                          {"type": "export", "formats": ["onnx", "torch_export"]}])
+    d["device"] = "cpu"
+    import yaml
+
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: stages\[1\] \(export\): format torch_export is not available "
+                       r"after quantize scheme onnxruntime_int8: the model is an ONNX Runtime int8 graph"):
+        validate(parse_yaml(yaml.safe_dump(d, sort_keys=False), "r.yaml"))
+
+
+def test_export_refuses_at_run_time_too(tmp_path):
+    from compress_cli.errors import StageError
+
+    state = quantized_state(tmp_path, "int8_dynamic", "zoo:digits_mlp")
+    stage = get_stage("export")
+    with pytest.raises(StageError, match="format onnx is not available after quantize scheme int8_dynamic"):
+        stage(stage.config_class(type="export", formats=["onnx"])).run(state)
