@@ -43,5 +43,10 @@ runs/fashion_train/model/manifest.json: recipes/fashion_train.yaml
 bench: fashion
 	$(BIN)/python benchmarks/run.py
 
+# Every torchvision classifier through prune -> prune_channels -> drop_layers -> quantize -> reload -> export
+# (benchmarks/COVERAGE.md; about an hour on 2 cores; rows are cached in benchmarks/coverage.jsonl).
+coverage: install
+	$(BIN)/python benchmarks/coverage.py
+
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

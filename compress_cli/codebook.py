@@ -23,6 +23,8 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from .pruning import tensor_attr
+
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on a 1-D tensor with centroids initialised linearly over [min, max].
@@ -94,7 +96,7 @@ class SharedWeight(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         w = _Lookup.apply(self.centroids, self.index)
-        return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        return torch.where(tensor_attr(self, "mask"), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Shared:
 
 def share_weights(module: nn.Module, bits: int, iters: int = 100) -> Shared:
     """Replace ``module.weight`` by its k-means codebook values (in place, zeros kept)."""
-    w = module.weight.detach()
+    w = tensor_attr(module).detach()
     mask = w != 0
     nz = w[mask]
     k = 2**bits
@@ -121,20 +123,20 @@ def share_weights(module: nn.Module, bits: int, iters: int = 100) -> Shared:
     new[mask] = c32[labels]
     mse = float(((new[mask] - nz) ** 2).mean())
     with torch.no_grad():
-        module.weight.copy_(new)
+        tensor_attr(module).copy_(new)
     return Shared(bits, int(torch.unique(new[mask]).numel()), int(nz.numel()), mse)
 
 
 def attach(module: nn.Module) -> None:
     """Parametrize ``module.weight`` (already shared) for centroid fine-tuning."""
-    w = module.weight.detach()
+    w = tensor_attr(module).detach()
     mask = w != 0
     values, inverse = torch.unique(w[mask], return_inverse=True)
     index = torch.zeros(w.shape, dtype=torch.long, device=w.device)
     index[mask] = inverse
     if values.numel() == 0:
         values = w.new_zeros(1)
-    module.weight.requires_grad_(False)
+    tensor_attr(module).requires_grad_(False)
     parametrize.register_parametrization(module, "weight", SharedWeight(values, index, mask))
 
 
@@ -142,11 +144,11 @@ def detach(module: nn.Module) -> None:
     """Bake the fine-tuned codebook values into a plain ``weight`` parameter."""
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        module.weight.requires_grad_(True)
+        tensor_attr(module).requires_grad_(True)
 
 
 def distinct_nonzero(module: nn.Module) -> int:
-    w = module.weight.detach()
+    w = tensor_attr(module).detach()
     return int(torch.unique(w[w != 0]).numel())
 
 

@@ -45,6 +45,13 @@ PRUNABLE: tuple[type[nn.Module], ...] = (
 
 
 # --------------------------------------------------------------------------- reparametrization
+def tensor_attr(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` typed as the tensor it is (nn.Module attributes type as Tensor | Module)."""
+    t = getattr(module, name)
+    assert isinstance(t, torch.Tensor), f"{type(module).__name__}.{name} is not a tensor"
+    return t
+
+
 def is_pruned(module: nn.Module, name: str = "weight") -> bool:
     """True when ``module.name`` is reparametrized by torch.nn.utils.prune."""
     return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
@@ -209,14 +216,14 @@ def cubic_schedule(initial: float, final: float, steps: int) -> list[float]:
 # --------------------------------------------------------------------------- pruning
 def count_masked(module: nn.Module) -> int:
     if is_pruned(module):
-        return int((module.weight_mask == 0).sum())
+        return int((tensor_attr(module, "weight_mask") == 0).sum())
     return 0
 
 
 def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
     """Rank the weights of ``modules`` together by |w| and mask the smallest until
     ``sparsity`` of them (cumulative, counting earlier masks) are masked. Returns newly masked."""
-    total = sum(m.weight.numel() for m in modules)
+    total = sum(tensor_attr(m).numel() for m in modules)
     amount = int(round(sparsity * total)) - sum(count_masked(m) for m in modules)
     if amount <= 0 or not modules:
         return 0
@@ -230,7 +237,7 @@ def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
 
 def prune_layer(module: nn.Module, sparsity: float) -> int:
     """Mask the smallest-|w| entries of one layer until ``sparsity`` of them are masked."""
-    amount = int(round(sparsity * module.weight.numel())) - count_masked(module)
+    amount = int(round(sparsity * tensor_attr(module).numel())) - count_masked(module)
     if amount <= 0:
         return 0
     tprune.l1_unstructured(module, "weight", amount=amount, importance_scores=effective_weight(module))
@@ -249,7 +256,7 @@ class Group:
 
     @property
     def numel(self) -> int:
-        return sum(m.weight.numel() for m in self.modules)
+        return sum(tensor_attr(m).numel() for m in self.modules)
 
     def apply(self, sparsity: float) -> int:
         if self.pooled:
@@ -296,10 +303,10 @@ def scan_sensitivity(
         batches.append((b[0], b[1]))
     runner = EagerRunner(model, state.device)
     n_cls = state.data.num_classes
-    base = evaluate(runner, batches, n_cls)["accuracy"]
+    base = evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]  # any iterable of batches
     scan = SensitivityScan(ratios=list(ratios), baseline_accuracy=base)
     for name, mod in targets:
-        src = mod.weight_orig if is_pruned(mod) else mod.weight
+        src = tensor_attr(mod, "weight_orig" if is_pruned(mod) else "weight")
         saved = src.detach().clone()
         w = effective_weight(mod)
         drops = []
@@ -309,7 +316,7 @@ def scan_sensitivity(
             with torch.no_grad():
                 src.copy_(w * keep)
             _refresh(mod)
-            drops.append((base - evaluate(runner, batches, n_cls)["accuracy"]) * 100)
+            drops.append((base - evaluate(runner, batches, n_cls)["accuracy"]) * 100)  # type: ignore[arg-type]
             state.emit("step", label="sensitivity")
         with torch.no_grad():
             src.copy_(saved)

@@ -190,7 +190,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), bns):
             continue
-        src = node.args[0] if node.args else None
+        src: Any = node.args[0] if node.args else None
         if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
             continue
         conv, bn = mods.get(src.target), mods[node.target]
@@ -214,7 +214,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     folded = []
     with torch.no_grad():
         for conv_name, bn_name in conv_bn_pairs(model):
-            fused = fuse_conv_bn_eval(model.get_submodule(conv_name), model.get_submodule(bn_name))
+            fused = fuse_conv_bn_eval(model.get_submodule(conv_name), model.get_submodule(bn_name))  # type: ignore[type-var,arg-type]
             _set_submodule(model, conv_name, fused)
             _set_submodule(model, bn_name, nn.Identity())
             folded.append(f"{conv_name}+{bn_name}")
@@ -290,7 +290,7 @@ def _observer_nodes(gm: Any) -> list[tuple[str, Any, Any]]:
     The key is the observer's position plus what it observes (a weight's state key, or the op that
     produced the activation): the same for a PTQ-prepared and a QAT-prepared export of one module,
     whose node *names* differ (move_exported_model_to_eval renames the dropout nodes)."""
-    out = []
+    out: list[tuple[str, Any, Any]] = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -634,11 +634,13 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
     """Write the int8 weights of ``qmodel`` (as float32 values) into ``model``; -> the layer names."""
     from torch.ao.nn.quantized import dynamic as nnqd
 
+    from .pruning import tensor_attr
+
     done = []
     with torch.no_grad():
         for name, qm in qmodel.named_modules():
             if isinstance(qm, nnqd.Linear):
-                model.get_submodule(name).weight.copy_(dequantize32(qm.weight()))
+                tensor_attr(model.get_submodule(name)).copy_(dequantize32(qm.weight()))
                 done.append(name)
             elif isinstance(qm, nnqd.LSTM):
                 target = model.get_submodule(name)
@@ -666,10 +668,11 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], opset: int = 17, e
                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=max(opset, 18),
                     optimize=True, verbose=False,
                 )
+                assert prog is not None
                 return prog.model_proto.SerializeToString()
             buf = io.BytesIO()
-            torch.onnx.export(
-                model, (example,), buf, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            torch.onnx.export(  # a file object is accepted
+                model, (example,), buf, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],  # type: ignore[arg-type]
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}, opset_version=opset,
                 do_constant_folding=True, dynamo=False,
             )

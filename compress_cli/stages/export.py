@@ -10,12 +10,18 @@ from ..registry import register_stage
 from ..stage import Stage, StageConfig, StageResult
 from ..state import State
 
+Format = Literal["onnx", "torch_export", "torchscript"]
+
+
+def _onnx() -> list[Format]:
+    return ["onnx"]
+
 
 class ExportConfig(StageConfig):
     """Export the current model for deployment."""
 
-    formats: list[Literal["onnx", "torch_export", "torchscript"]] = Field(
-        default_factory=lambda: ["onnx"], min_length=1, description="files to write (torchscript is deprecated upstream)"
+    formats: list[Format] = Field(
+        default_factory=_onnx, min_length=1, description="files to write (torchscript is deprecated upstream)"
     )
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version")
     exporter: Literal["auto", "dynamo", "legacy"] = Field(

@@ -268,7 +268,7 @@ class Quantize(Stage[QuantizeConfig]):
                 details["quantized_tensors"] = len(snapped)
                 entry.update(onnx_qparams=params, opset=cfg.opset, exporter=cfg.exporter, exclude_nodes=nodes)
         runtime = quant.rebuild(model, entry)
-        if scheme == "onnxruntime_int8":
+        if isinstance(runtime, quant.OrtModule):
             path = state.output_dir / "model.onnx"
             runtime.save(path)
             artifacts.append(str(path))

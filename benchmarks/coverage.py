@@ -1,0 +1,256 @@
+"""Every torchvision classifier through every stage: the coverage sweep (``make coverage``).
+
+For every model in ``torchvision.models.list_models(module=torchvision.models)`` (random init,
+10 classes, a small input, synthetic data; no downloads), in its own subprocess with a timeout,
+the real stages run one after another on one pipeline ``State``, as ``compress run`` would:
+
+    prune (0.5, global) -> prune_channels (0.3, l1) -> drop_layers (1, similarity)
+    -> quantize (onnxruntime_int8 by default) -> save -> load() -> export onnx
+
+Each step is checked: after a stage the model's outputs (in the runtime the report would measure)
+are finite with shape (N, 10); ``reload`` saves the checkpoint the pipeline writes and compares
+``compress_cli.load()``'s outputs with the live model's; ``export`` is the export stage, which
+checks the file in ONNX Runtime against the live model. A step that fails is recorded with the
+error's first line and the chain goes on from the last good model. A refusal (a stage saying up
+front that it cannot apply, e.g. drop_layers finding no removable block) is recorded as such.
+
+Writes ``benchmarks/coverage.jsonl`` (one row per model, reused on reruns) and
+``benchmarks/COVERAGE.md``.
+
+    python benchmarks/coverage.py [--timeout 300] [--scheme onnxruntime_int8] [NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from sweep_structured import first_line, model_kwargs  # noqa: E402
+
+STEPS = ("prune", "prune_channels", "drop_layers", "quantize", "reload", "export")
+#: a subset of architectures kept as slow tests (tests/test_coverage.py)
+REPRESENTATIVE = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121",
+                  "vit_b_32", "convnext_tiny")
+
+
+def stage_configs(scheme: str) -> list[dict[str, Any]]:
+    return [
+        {"type": "prune", "sparsity": 0.5, "scope": "global"},
+        {"type": "prune_channels", "ratio": 0.3, "importance": "l1"},
+        {"type": "drop_layers", "count": 1, "importance": "similarity", "if_none": "skip"},
+        {"type": "quantize", "scheme": scheme, "calibration_batches": 2},
+    ]
+
+
+def build(name: str, out: Path, scheme: str) -> Any:
+    import torch
+    import yaml
+
+    from compress_cli.pipeline import build_state
+    from compress_cli.recipe import parse_yaml, validate
+
+    kw, size = model_kwargs(name)
+    recipe = validate(parse_yaml(yaml.safe_dump({
+        "version": 1, "name": f"coverage-{name}", "seed": 0, "device": "cpu",
+        "model": {"source": f"torchvision:{name}", "kwargs": kw},
+        "data": {"source": "synthetic", "input_shape": [3, size, size], "num_classes": 10, "batch_size": 8,
+                 "eval_batch_size": 8, "calibration_batches": 2, "kwargs": {"train_size": 32, "test_size": 16}},
+        "measure": {"latency": None, "macs": False},
+        "stages": stage_configs(scheme),
+        "output": str(out),
+    }, sort_keys=False), "coverage.yaml"))
+    return build_state(recipe, torch.device("cpu"), out), recipe, size
+
+
+def outputs(state: Any, x: Any) -> Any:
+    import torch
+
+    from compress_cli.pipeline import current_runner
+
+    runner = current_runner(state)
+    runner.prepare()
+    y = runner(x).float().cpu()
+    if tuple(y.shape) != (x.shape[0], 10):
+        raise RuntimeError(f"output shape {tuple(y.shape)}, expected {(x.shape[0], 10)}")
+    if not torch.isfinite(y).all():
+        raise RuntimeError("outputs not finite")
+    return y
+
+
+def one(name: str, scheme: str) -> dict[str, Any]:
+    """Run the chain on one model; returns its row (step -> {status, info, s})."""
+    import torch
+
+    from compress_cli import load
+    from compress_cli.errors import StageError
+    from compress_cli.pipeline import check_finite, save_snapshot
+    from compress_cli.registry import get_stage
+
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name, "scheme": scheme}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compress-coverage-") as tmp:
+        out = Path(tmp)
+        state, recipe, size = build(name, out, scheme)
+        row["input"] = size
+        row["params_m"] = round(sum(p.numel() for p in state.model.parameters()) / 1e6, 2)
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def step(key: str, fn: Any) -> None:
+            ts = time.perf_counter()
+            try:
+                info = fn() or ""
+                status = "refused" if info.startswith("refused:") else "pass"
+                row[key] = {"status": status, "info": info.removeprefix("refused: "), "s": round(time.perf_counter() - ts, 1)}
+            except Exception as e:
+                row[key] = {"status": "fail", "info": first_line(e), "s": round(time.perf_counter() - ts, 1)}
+
+        for i, cfg in enumerate(recipe.stages):
+            cls = get_stage(cfg.type)
+
+            def run_stage(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
+                before = {k: v.clone() for k, v in state.model.state_dict().items()}
+                try:
+                    res = cls(cfg, i).run(state)
+                    check_finite(state)
+                    outputs(state, x)
+                except Exception:
+                    state.model.load_state_dict(before, strict=False)  # best effort: go on from the last good model
+                    raise
+                note = res.notes or ""
+                if res.details.get("skipped"):
+                    return f"refused: {note}"
+                return note[:160]
+
+            step(cfg.type, run_stage)
+
+        def reload() -> str:
+            y = outputs(state, x)
+            size_bytes = save_snapshot(state, out / "model")
+            with torch.inference_mode():
+                y2 = load(out / "model")(x).float()
+            diff = float((y2 - y).abs().max())
+            if diff > 1e-4 * (1 + float(y.abs().max())):
+                raise RuntimeError(f"load() outputs differ from the live model by {diff:.3g}")
+            return f"{size_bytes / 1e6:.2f} MB, max diff {diff:.2g}"
+
+        def export() -> str:
+            from compress_cli.export import unsupported_formats
+
+            cls = get_stage("export")
+            cfg = cls.config_class(type="export", formats=["onnx"])
+            entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
+            refused = unsupported_formats(["onnx"], entry["scheme"] if entry else None, entry and entry.get("backend"))
+            if refused:
+                return f"refused: {refused[0]}"
+            info = cls(cfg, len(recipe.stages)).run(state).details["files"]["onnx"]
+            return f"{info['size_bytes'] / 1e6:.2f} MB, max diff {info['max_abs_diff']:.2g}"
+
+        step("reload", reload)
+        step("export", export)
+    row["s"] = round(time.perf_counter() - t0, 1)
+    del StageError
+    return row
+
+
+def cell(r: dict[str, Any], step: str, timeout: int) -> str:
+    if "timeout" in r:
+        return f"timeout ({timeout} s)" if step == STEPS[0] else "-"
+    if "crash" in r:
+        return f"crash: {r['crash']}" if step == STEPS[0] else "-"
+    s = r.get(step)
+    if s is None:
+        return "-"
+    text = s["info"].replace("|", "\\|").replace("\n", " ")
+    return {"pass": "pass", "refused": "refused", "fail": "FAIL"}[s["status"]] + (f": {text}" if text and s["status"] != "pass" else "")
+
+
+def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
+    counts = {st: {k: sum(1 for r in rows if r.get(st, {}).get("status") == k) for k in ("pass", "refused", "fail")}
+              for st in STEPS}
+    all_ok = sum(1 for r in rows if all(r.get(st, {}).get("status") in ("pass", "refused") for st in STEPS))
+    timeouts = sum(1 for r in rows if "timeout" in r)
+    lines = [
+        "# Coverage: torchvision classifiers through every stage",
+        "",
+        f"`python benchmarks/coverage.py` (`make coverage`). {len(rows)} models from "
+        "`torchvision.models.list_models(module=torchvision.models)`, random init, 10 classes, small input, "
+        f"synthetic data, 1 CPU thread, {timeout} s per model. Chain: prune 0.5 (global) -> prune_channels 0.3 (l1) "
+        f"-> drop_layers 1 (similarity) -> quantize {scheme} -> save + `load()` -> export onnx. A step passes when "
+        "the outputs are finite with the right shape; reload: `load()` gives the live model's outputs; export: the "
+        "ONNX file in ONNX Runtime matches the live model. `refused` = the stage declined up front with a reason.",
+        "",
+        f"**{all_ok} of {len(rows)} models pass or are refused up front at every step**; {timeouts} timed out.",
+        "",
+        "| step | pass | refused | fail |",
+        "|---|---|---|---|",
+        *[f"| {st} | {c['pass']} | {c['refused']} | {c['fail']} |" for st, c in counts.items()],
+        "",
+        "| model | input | params (M) | s | " + " | ".join(STEPS) + " |",
+        "|---|---|---|---|" + "---|" * len(STEPS),
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {r.get('s', '')} | "
+                     + " | ".join(cell(r, st, timeout) for st in STEPS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_one(name: str, scheme: str, timeout: int) -> dict[str, Any]:
+    try:
+        res = subprocess.run([sys.executable, __file__, "--one", name, "--scheme", scheme], capture_output=True,
+                             text=True, timeout=timeout, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        return {"model": name, "scheme": scheme, "timeout": True}
+    got = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if got:
+        return json.loads(got[-1][7:])
+    err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    return {"model": name, "scheme": scheme, "crash": (err[-1] if err else f"exit {res.returncode}")[:200]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--scheme", default="onnxruntime_int8")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.scheme)), flush=True)
+        return 0
+    import torchvision
+
+    names = args.names or torchvision.models.list_models(module=torchvision.models)
+    jsonl = HERE / "coverage.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if jsonl.exists():
+        for r in map(json.loads, jsonl.read_text().splitlines()):
+            if r.get("scheme") == args.scheme:
+                done[r["model"]] = r
+    for name in names:
+        if name in done and not args.names:
+            continue
+        row = run_one(name, args.scheme, args.timeout)
+        done[name] = row
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    all_names = torchvision.models.list_models(module=torchvision.models)
+    rows = [done[n] for n in all_names if n in done]
+    (HERE / "COVERAGE.md").write_text(table(rows, args.timeout, args.scheme))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
