@@ -652,34 +652,13 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
 
 # --------------------------------------------------------------------------- ONNX Runtime
 def export_onnx(model: nn.Module, input_shape: Iterable[int], opset: int = 17, exporter: str = "torchscript") -> bytes:
-    """fp32 ONNX with a dynamic batch axis, input ``input`` and output ``logits``.
-
-    ``torchscript`` (torch.onnx's classic exporter) is ~20x faster than ``dynamo`` here and names
-    initializers by their state-dict keys; ``dynamo`` is the exporter torch is moving to."""
+    """fp32 ONNX bytes of (a copy of) ``model`` with a dynamic batch axis (see export.onnx_bytes)."""
     import torch
 
+    from .export import onnx_bytes
+
     model = copy.deepcopy(model).cpu().float().eval()
-    example = torch.zeros(2, *input_shape)
-    try:
-        with quiet():
-            if exporter == "dynamo":
-                prog = torch.onnx.export(
-                    model, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=max(opset, 18),
-                    optimize=True, verbose=False,
-                )
-                assert prog is not None
-                return prog.model_proto.SerializeToString()
-            buf = io.BytesIO()
-            torch.onnx.export(  # a file object is accepted
-                model, (example,), buf, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],  # type: ignore[arg-type]
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}, opset_version=opset,
-                do_constant_folding=True, dynamo=False,
-            )
-            return buf.getvalue()
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise StageError(f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}") from None
+    return onnx_bytes(model, torch.zeros(2, *input_shape), opset=opset, exporter=exporter)[0]
 
 
 def ort_quantize(fp32: bytes, batches: list[Any], reduce_range: bool, method: str = "minmax",
