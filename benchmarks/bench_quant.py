@@ -165,7 +165,7 @@ def main() -> None:
     fx_qparams = quant.fx_calibrate(folded, calib, reduce_range)
     quant.snap_fx_weights_(folded)
     ours_fx = quant.build_fx(folded, fx_qparams, reduce_range, [], state.data.input_shape)
-    fp32_ort = quant.OrtModule(quant.export_onnx(original, state.data.input_shape), threads=args.threads)
+    fp32_ort = quant.OrtModule(quant.export_onnx(original, state.data.input_shape)[0], threads=args.threads)
     cands = {
         "fp32 eager": original,
         "fp32 compiled": quant.compile_frozen(copy.deepcopy(original)),

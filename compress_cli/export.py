@@ -6,6 +6,7 @@ Plain functions; the ``export`` stage and other stages (ONNX Runtime quantizatio
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,47 +47,46 @@ def unsupported_formats(formats: list[str], scheme: str | None, backend: str | N
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 18, dynamic_batch: bool = True,
-               exporter: str = "auto") -> tuple[bytes, str]:
+               exporters: Sequence[str] = ("dynamo", "legacy")) -> tuple[bytes, str]:
     """The model as ONNX (input ``input``, output ``logits``) -> (file bytes, exporter used).
 
-    ``dynamo``: torch's dynamo-based exporter (where torch is heading); ``legacy`` (alias
-    ``torchscript``): the TorchScript-based one, ~20x faster here and naming initializers by their
-    state-dict keys; ``auto`` tries dynamo, then legacy. Both are the one place we call torch.onnx.
+    ``exporters`` are tried in order: ``dynamo`` (torch's dynamo-based exporter, where torch is
+    heading) and ``legacy`` (the TorchScript-based one: ~20x faster here, initializers named by their
+    state-dict keys, but it refuses some ops, e.g. adaptive pooling to a size that does not divide the
+    input). The one place we call torch.onnx.
     """
+    model = model.eval()
+    errors: list[str] = []
+    for exporter in exporters:
+        try:
+            return _onnx_once(model, example, exporter, opset, dynamic_batch), exporter
+        except Exception as e:
+            errors.append(f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    raise StageError("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+def _onnx_once(model: nn.Module, example: torch.Tensor, exporter: str, opset: int, dynamic_batch: bool) -> bytes:
     import io
 
     import torch
 
     from .quant import quiet
 
-    if exporter == "torchscript":
-        exporter = "legacy"
-    model = model.eval()
-    errors = []
-    if exporter in ("auto", "dynamo"):
-        try:
-            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-            with torch.no_grad(), quiet():
-                prog = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
-                                         opset_version=max(opset, 18), input_names=["input"],
-                                         output_names=["logits"], verbose=False, optimize=True)
-            assert prog is not None
-            return prog.model_proto.SerializeToString(), "dynamo"
-        except Exception as e:  # the dynamo exporter refuses some graphs the legacy one takes
-            errors.append(f"dynamo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            if exporter == "dynamo":
-                raise StageError(f"ONNX export failed ({errors[-1]})") from None
-    try:
-        axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-        buf = io.BytesIO()
+    if exporter == "dynamo":
+        shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         with torch.no_grad(), quiet():
-            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=min(opset, 20),  # type: ignore[arg-type]
-                              input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-                              do_constant_folding=True)
-        return buf.getvalue(), "legacy"
-    except Exception as e:
-        errors.append(f"legacy: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise StageError("ONNX export failed (" + "; ".join(errors) + ")") from None
+            prog = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
+                                     opset_version=max(opset, 18), input_names=["input"],
+                                     output_names=["logits"], verbose=False, optimize=True)
+        assert prog is not None
+        return prog.model_proto.SerializeToString()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    buf = io.BytesIO()
+    with torch.no_grad(), quiet():
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=min(opset, 20),  # type: ignore[arg-type]
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                          do_constant_folding=True)
+    return buf.getvalue()
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: int = 18,
@@ -94,7 +94,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: i
     """Write ``path`` (see :func:`onnx_bytes`); returns the exporter used ('dynamo' or 'legacy')."""
     from .checkpoint import atomic_write_bytes
 
-    data, used = onnx_bytes(model, example, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
+    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
+    data, used = onnx_bytes(model, example, opset=opset, dynamic_batch=dynamic_batch, exporters=order)
     atomic_write_bytes(path, data)
     return used
 

@@ -651,14 +651,20 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
-def export_onnx(model: nn.Module, input_shape: Iterable[int], opset: int = 17, exporter: str = "torchscript") -> bytes:
-    """fp32 ONNX bytes of (a copy of) ``model`` with a dynamic batch axis (see export.onnx_bytes)."""
+#: the exporters an ``exporter`` setting tries, in order (auto: the fast one, then the one that takes more ops)
+ONNX_EXPORTERS = {"auto": ("legacy", "dynamo"), "torchscript": ("legacy",), "dynamo": ("dynamo",)}
+
+
+def export_onnx(model: nn.Module, input_shape: Iterable[int], opset: int = 17,
+                exporter: str = "auto") -> tuple[bytes, str]:
+    """fp32 ONNX of (a copy of) ``model`` with a dynamic batch axis -> (bytes, "torchscript" or "dynamo")."""
     import torch
 
     from .export import onnx_bytes
 
     model = copy.deepcopy(model).cpu().float().eval()
-    return onnx_bytes(model, torch.zeros(2, *input_shape), opset=opset, exporter=exporter)[0]
+    data, used = onnx_bytes(model, torch.zeros(2, *input_shape), opset=opset, exporters=ONNX_EXPORTERS[exporter])
+    return data, "torchscript" if used == "legacy" else used
 
 
 def ort_quantize(fp32: bytes, batches: list[Any], reduce_range: bool, method: str = "minmax",
@@ -924,7 +930,7 @@ def rebuild(model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.M
                            entry["input_shape"])
         return QuantizedGraph(graph, compiled=entry.get("compile", True))
     if scheme == "onnxruntime_int8":
-        fp32 = export_onnx(model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript"))
+        fp32, _ = export_onnx(model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript"))
         q = ort_rebuild(fp32, entry["onnx_qparams"], entry["reduce_range"], entry["input_shape"],
                         entry.get("exclude_nodes", []))
         return OrtModule(q)

@@ -373,13 +373,14 @@ def _stage_list_rules(
     provided: set[str], frozen: list[str | None], earlier: list[StageConfig], problems: list[str],
 ) -> None:
     """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
-    from .registry import get_stage
+    from .registry import get_stage, list_stages
 
+    findable = set().union(*(get_stage(t).provides for t in list_stages()))  # what 'auto' can stand for
     for i, cfg in enumerate(stages):
         cls = get_stage(cfg.type)
         label = f"{prefix}stages[{i}] ({cfg.type})"
         for key, value in cfg.model_dump().items():
-            if value == AUTO and key not in provided:
+            if value == AUTO and key in findable and key not in provided:
                 finder = {"lr": "lr_find", "batch_size": "batch_size_find"}.get(key, "a stage that finds it")
                 problems.append(f"{where((*path, i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
         if frozen[0] is not None and cls.modifies(cfg):

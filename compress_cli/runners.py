@@ -107,7 +107,7 @@ class OrtRunner(Runner):
         """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
         from .quant import OrtModule, export_onnx
 
-        fp32 = export_onnx(state.original, state.data.input_shape)
+        fp32, _ = export_onnx(state.original, state.data.input_shape)
         return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
 
 

@@ -19,7 +19,7 @@ from compress_cli.testing import digits_bundle, tiny_cnn, tiny_recipe_dict
 def test_ort_runner_evaluates_and_times_like_eager():
     data = digits_bundle(limit_train=128)
     model = tiny_cnn(seed=0).eval()
-    ort_runner = OrtRunner(quant.OrtModule(quant.export_onnx(model, data.input_shape), threads=1), threads=1)
+    ort_runner = OrtRunner(quant.OrtModule(quant.export_onnx(model, data.input_shape)[0], threads=1), threads=1)
     eager = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.num_classes)
     via_ort = evaluate(ort_runner, data.loader("test"), data.num_classes)
     assert via_ort["accuracy"] == eager["accuracy"] and via_ort["loss"] == pytest.approx(eager["loss"], rel=1e-4)

@@ -66,8 +66,9 @@ class QuantizeConfig(StageConfig, TrainOptions):
         "minmax", description="onnxruntime_int8: how activation ranges are calibrated"
     )
     opset: int = Field(17, ge=13, le=23, description="onnxruntime_int8: ONNX opset of the export")
-    exporter: Literal["torchscript", "dynamo"] = Field(
-        "torchscript", description="onnxruntime_int8: torch.onnx exporter (torchscript is much faster to export)"
+    exporter: Literal["auto", "torchscript", "dynamo"] = Field(
+        "auto", description="onnxruntime_int8: torch.onnx exporter; auto: torchscript (much faster to export), "
+        "then dynamo where torchscript refuses an op (the one used is recorded)"
     )
     group_size: int = Field(128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension")
 
@@ -254,7 +255,7 @@ class Quantize(Stage[QuantizeConfig]):
             else:  # onnxruntime_int8
                 batches = self._calibration(state)
                 details["calibration_batches"] = len(batches)
-                fp32 = quant.export_onnx(model, shape, cfg.opset, cfg.exporter)
+                fp32, exporter = quant.export_onnx(model, shape, cfg.opset, cfg.exporter)
                 nodes = quant.onnx_nodes_for_modules(fp32, exclude)
                 q = quant.ort_quantize(fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes)
                 params, snapped = quant.ort_record(q)
@@ -266,7 +267,7 @@ class Quantize(Stage[QuantizeConfig]):
                     for k, v in snapped.items():
                         sd[k].copy_(torch.from_numpy(v).reshape(sd[k].shape))
                 details["quantized_tensors"] = len(snapped)
-                entry.update(onnx_qparams=params, opset=cfg.opset, exporter=cfg.exporter, exclude_nodes=nodes)
+                entry.update(onnx_qparams=params, opset=cfg.opset, exporter=exporter, exclude_nodes=nodes)
         runtime = quant.rebuild(model, entry)
         if isinstance(runtime, quant.OrtModule):
             path = state.output_dir / "model.onnx"
