@@ -37,6 +37,7 @@ FORMAT = "compress-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors.xz"
+WEIGHTS_ZSTD = "weights.safetensors.zst"
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -606,7 +607,11 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     return _as_float_tensor(values, dtype).reshape(shape)
 
 
-def encode_state_dict(sd: dict[str, torch.Tensor], compression: str = "lzma") -> tuple[bytes, dict[str, Any]]:
+def encode_state_dict(sd: dict[str, torch.Tensor], compression: str = "auto") -> tuple[bytes, dict[str, Any]]:
+    """The encoded tensors as one safetensors payload, entropy-coded: ``lzma`` (xz, the smallest
+    files), ``zstd`` (about 100x faster on large, dense payloads, a few % larger), ``none``, or
+    ``auto``: lzma up to LZMA_MAX_BYTES of payload, zstd above (xz runs at 1-2 MB/s on fp32
+    mantissas: a minute per 100 MB snapshot)."""
     import numpy as np
     import torch
     from safetensors.torch import save
@@ -620,9 +625,25 @@ def encode_state_dict(sd: dict[str, torch.Tensor], compression: str = "lzma") ->
             key = f"{name}::{suffix}" if suffix else name
             tensors[key] = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arr))
     blob = save(tensors, metadata={"index": json.dumps(index, separators=(",", ":"))})
+    if compression == "auto":
+        compression = "lzma" if len(blob) <= LZMA_MAX_BYTES else "zstd"
     if compression == "lzma":
         blob = lzma.compress(blob, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=LZMA_FILTERS)
+    elif compression == "zstd":
+        import zstandard
+
+        blob = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(blob)
     return blob, index
+
+
+LZMA_MAX_BYTES = 4 << 20
+ZSTD_LEVEL = 12
+XZ_MAGIC, ZSTD_MAGIC = b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"
+
+
+def weights_name(blob: bytes) -> str:
+    """The weights file's name for an encoded payload (its suffix says how it is compressed)."""
+    return WEIGHTS_ZSTD if blob[:4] == ZSTD_MAGIC else WEIGHTS
 
 
 #: xz with LZMA2 at preset 6 but no literal-context / position bits: the payload is mostly
@@ -635,8 +656,12 @@ LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 0, "lp": 0, "pb": 0
 def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    if blob[:6] == b"\xfd7zXZ\x00":
+    if blob[:6] == XZ_MAGIC:
         blob = lzma.decompress(blob)
+    elif blob[:4] == ZSTD_MAGIC:
+        import zstandard
+
+        blob = zstandard.ZstdDecompressor().decompress(blob)
     tensors = load(blob)
     from safetensors import safe_open  # noqa: F401  (metadata read below)
 
@@ -724,16 +749,19 @@ def save_model(
         "transforms": transforms or [],
         "edits": edits or [],
         "encodings": {k: v["enc"] for k, v in index.items()},
+        "weights": weights_name(blob),
         **(extra or {}),
     }
-    atomic_write_bytes(directory / WEIGHTS, blob)
+    atomic_write_bytes(directory / manifest["weights"], blob)
+    for stale in {WEIGHTS, WEIGHTS_ZSTD} - {manifest["weights"]}:  # a re-save with the other codec
+        (directory / stale).unlink(missing_ok=True)
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return checkpoint_size(directory)
 
 
 def checkpoint_size(directory: Path | str) -> int:
     d = Path(directory)
-    return sum(p.stat().st_size for p in (d / MANIFEST, d / WEIGHTS) if p.exists())
+    return sum(p.stat().st_size for p in (d / MANIFEST, d / WEIGHTS, d / WEIGHTS_ZSTD) if p.exists())
 
 
 def is_model_dir(path: Path | str) -> bool:
@@ -758,12 +786,15 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
 def load_parts(directory: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     d = Path(directory)
     manifest = read_manifest(d)
+    name = manifest.get("weights", WEIGHTS)
+    if name not in (WEIGHTS, WEIGHTS_ZSTD):
+        raise SourceError(f"{d / MANIFEST}: unknown weights file {name!r}")
     try:
-        sd = decode_state_dict((d / WEIGHTS).read_bytes())
+        sd = decode_state_dict((d / name).read_bytes())
     except FileNotFoundError:
-        raise SourceError(f"{d}: weights file {WEIGHTS} missing") from None
-    except Exception as e:  # lzma/safetensors/json errors on a damaged file
-        raise SourceError(f"{d / WEIGHTS}: corrupt or truncated weights ({type(e).__name__}: {e})") from None
+        raise SourceError(f"{d}: weights file {name} missing") from None
+    except Exception as e:  # lzma/zstd/safetensors/json errors on a damaged file
+        raise SourceError(f"{d / name}: corrupt or truncated weights ({type(e).__name__}: {e})") from None
     return manifest, sd
 
 

@@ -128,3 +128,21 @@ def test_copy_model_works_on_pruned_modules_after_forward():
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
     assert hasattr(lin, "weight_orig")  # the original keeps its masks
+
+
+def test_large_payloads_are_zstd_small_ones_xz_and_both_reload_exactly(tmp_path, monkeypatch):
+    import compress_cli.checkpoint as ck
+    from compress_cli.testing import tiny_cnn
+
+    model = tiny_cnn()
+    spec = {"source": "zoo:digits_cnn"}
+    small = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
+    assert (tmp_path / "m" / ck.WEIGHTS).is_file() and ck.read_manifest(tmp_path / "m")["weights"] == ck.WEIGHTS
+    monkeypatch.setattr(ck, "LZMA_MAX_BYTES", 1000)  # this model's payload now counts as large
+    big = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["manifest.json", ck.WEIGHTS_ZSTD], "the re-save replaces the xz file"
+    assert big == ck.checkpoint_size(tmp_path / "m") and big > small * 0.9
+    again = ck.load(tmp_path / "m")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
