@@ -729,6 +729,38 @@ def _broadcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
+def initializer_sources(fp32: bytes, names: Iterable[str], sd: dict[str, torch.Tensor]) -> dict[str, tuple[str, bool]]:
+    """For ONNX initializers not named after a state-dict key: the key whose tensor, or its
+    transpose, they equal exactly -> (key, transposed). The TorchScript exporter folds constant
+    transposes, e.g. ``nn.Linear`` on channels-last tensors (ConvNeXt) becomes MatMul with an
+    initializer ``onnx::MatMul_N`` = W^T."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    wanted = set(names)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(fp32).graph.initializer if i.name in wanted}
+    by_numel: dict[int, list[str]] = {}
+    for k, t in sd.items():
+        if t.is_floating_point():
+            by_numel.setdefault(t.numel(), []).append(k)
+    out: dict[str, tuple[str, bool]] = {}
+    used: set[str] = set()
+    for name, arr in inits.items():
+        for k in by_numel.get(arr.size, []):
+            if k in used:
+                continue
+            w = sd[k].detach().cpu().float().numpy()
+            for transposed, cand in ((False, w), (True, w.T if w.ndim == 2 else None)):
+                if cand is not None and cand.shape == arr.shape and np.array_equal(cand, arr):
+                    out[name] = (k, transposed)
+                    used.add(k)
+                    break
+            if name in out:
+                break
+    return out
+
+
 def _quantized_inits(model: Any) -> list[tuple[str, str, Any]]:
     """(quantized initializer, fp32 name it came from, DequantizeLinear node) of a QDQ model."""
     from onnx import TensorProto

@@ -260,12 +260,16 @@ class Quantize(Stage[QuantizeConfig]):
                 q = quant.ort_quantize(fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes)
                 params, snapped = quant.ort_record(q)
                 sd = model.state_dict()
-                missing = [k for k in snapped if k not in sd]
+                where = {k: (k, False) for k in snapped if k in sd}
+                where.update(quant.initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
+                missing = [k for k in snapped if k not in where]
                 if missing:
                     raise StageError(f"ONNX initializers {missing[:3]} have no counterpart in the model's state (cannot store them)")
                 with torch.no_grad():
                     for k, v in snapped.items():
-                        sd[k].copy_(torch.from_numpy(v).reshape(sd[k].shape))
+                        key, transposed = where[k]
+                        t = torch.from_numpy(v)
+                        sd[key].copy_(t.T if transposed else t.reshape(sd[key].shape))
                 details["quantized_tensors"] = len(snapped)
                 entry.update(onnx_qparams=params, opset=cfg.opset, exporter=exporter, exclude_nodes=nodes)
         runtime = quant.rebuild(model, entry)

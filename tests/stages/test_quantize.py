@@ -304,3 +304,42 @@ def test_resume_after_quantize_restores_the_runtime(tmp_path, scheme):
         assert again["stages"][1]["metrics"][key] == first["stages"][1]["metrics"][key], key
     y = outputs(compress_cli.load(tmp_path / "out" / "model"))
     assert torch.equal(y, outputs(compress_cli.load(tmp_path / "out" / "stages" / "01-quantize" / "model")))
+
+
+CHANNELS_LAST = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """nn.Linear over channels-last activations, as ConvNeXt does: the TorchScript ONNX exporter
+    stores that weight transposed, as an initializer named onnx::MatMul_N."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.pw = nn.Linear(8, 8)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.pw(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(torch.relu(x).flatten(1))
+
+
+def build(num_classes=10):
+    return Net()
+'''
+
+
+def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monkeypatch):
+    (tmp_path / "cl_net.py").write_text(CHANNELS_LAST)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state, res, d = run_stage(tmp_path, model="cl_net:build", scheme="onnxruntime_int8", calibration_batches=2)
+    import onnx
+
+    from compress_cli import quant
+
+    fp32, _ = quant.export_onnx(state.model, [1, 8, 8])
+    assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
+    assert res.details["quantized_tensors"] >= 3
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
