@@ -17,12 +17,13 @@ front that it cannot apply, e.g. drop_layers finding no removable block) is reco
 Writes ``benchmarks/coverage.jsonl`` (one row per model, reused on reruns) and
 ``benchmarks/COVERAGE.md``.
 
-    python benchmarks/coverage.py [--timeout 300] [--scheme onnxruntime_int8] [NAME ...]
+    python benchmarks/coverage.py [--timeout 300] [--scheme onnxruntime_int8] [--jobs 2] [NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -224,6 +225,7 @@ def main() -> int:
     ap.add_argument("names", nargs="*")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--scheme", default="onnxruntime_int8")
+    ap.add_argument("--jobs", type=int, default=1, help="models run at once (one CPU thread each)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -238,14 +240,13 @@ def main() -> int:
         for r in map(json.loads, jsonl.read_text().splitlines()):
             if r.get("scheme") == args.scheme:
                 done[r["model"]] = r
-    for name in names:
-        if name in done and not args.names:
-            continue
-        row = run_one(name, args.scheme, args.timeout)
-        done[name] = row
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    todo = [n for n in names if args.names or n not in done]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for row in pool.map(lambda n: run_one(n, args.scheme, args.timeout), todo):
+            done[row["model"]] = row
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
     all_names = torchvision.models.list_models(module=torchvision.models)
     rows = [done[n] for n in all_names if n in done]
     (HERE / "COVERAGE.md").write_text(table(rows, args.timeout, args.scheme))
