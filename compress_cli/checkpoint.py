@@ -338,6 +338,8 @@ def _unpack_bits(packed: Any, bits: int, n: int) -> Any:
 def _palette(values: Any, max_codes: int = 256) -> tuple[Any, Any] | None:
     import numpy as np
 
+    if values.size > 8 * max_codes and len(np.unique(values[: 8 * max_codes])) > max_codes:
+        return None  # a prefix already has too many distinct values (dense fp32: skip the full sort)
     uniq, inv = np.unique(values, return_inverse=True)
     if len(uniq) > max_codes:
         return None
@@ -440,7 +442,11 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
             if size < best[3]:
                 best = (["palette"], {"bits": bits}, {"palette": uniq, **_index_stream(idx, bits)}, size)
         if allow_rows and rows and rows > 1 and n // rows >= 256 and best[0] != ["palette"]:
-            table_rows = [_palette(r) for r in vals.reshape(rows, -1)]
+            table_rows = []
+            for r in vals.reshape(rows, -1):
+                table_rows.append(_palette(r))
+                if table_rows[-1] is None:
+                    break
             if all(p is not None for p in table_rows):
                 width = max(len(p[0]) for p in table_rows)  # type: ignore[index]
                 bits = _bits_for(width)
@@ -479,6 +485,8 @@ def _rowgrid(rows: Any) -> tuple[Any, Any] | None:
     import numpy as np
 
     if rows.dtype != np.float32 or rows.shape[1] < 2 or not np.isfinite(rows).all():
+        return None
+    if len(rows) > 1 and _rowgrid(rows[:1]) is None:  # every row must pass: try one first
         return None
     absr = np.abs(rows)
     amax = absr.max(axis=1)
