@@ -661,21 +661,28 @@ def weights_name(blob: bytes) -> str:
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 0, "lp": 0, "pb": 0}]
 
 
+def _decompress(blob: bytes) -> bytes:
+    if blob[:6] == XZ_MAGIC:
+        return lzma.decompress(blob)
+    if blob[:4] == ZSTD_MAGIC:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(blob)
+    return blob
+
+
+def _index(payload: bytes) -> dict[str, Any]:
+    """The per-tensor encoding index stored in the safetensors header's metadata."""
+    header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    return json.loads(header["__metadata__"]["index"])
+
+
 def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    if blob[:6] == XZ_MAGIC:
-        blob = lzma.decompress(blob)
-    elif blob[:4] == ZSTD_MAGIC:
-        import zstandard
-
-        blob = zstandard.ZstdDecompressor().decompress(blob)
+    blob = _decompress(blob)
     tensors = load(blob)
-    from safetensors import safe_open  # noqa: F401  (metadata read below)
-
-    header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + header_len])
-    index = json.loads(header["__metadata__"]["index"])
+    index = _index(blob)
     out = {}
     for name, meta in index.items():
         prefix = f"{name}::"
@@ -756,7 +763,6 @@ def save_model(
         "architecture": diff,
         "transforms": transforms or [],
         "edits": edits or [],
-        "encodings": {k: v["enc"] for k, v in index.items()},
         "weights": weights_name(blob),
         **(extra or {}),
     }
@@ -804,6 +810,13 @@ def load_parts(directory: Path | str) -> tuple[dict[str, Any], dict[str, torch.T
     except Exception as e:  # lzma/zstd/safetensors/json errors on a damaged file
         raise SourceError(f"{d / name}: corrupt or truncated weights ({type(e).__name__}: {e})") from None
     return manifest, sd
+
+
+def tensor_encodings(directory: Path | str) -> dict[str, str]:
+    """How each tensor of a model directory is stored (e.g. ``gaps+palette``), from the weights file."""
+    d = Path(directory)
+    name = read_manifest(d).get("weights", WEIGHTS)
+    return {k: v["enc"] for k, v in _index(_decompress((d / name).read_bytes())).items()}
 
 
 def rebuild(manifest: dict[str, Any]) -> nn.Module:

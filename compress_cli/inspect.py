@@ -9,12 +9,12 @@ from .errors import SourceError
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
-    from .checkpoint import checkpoint_size, is_model_dir, load_parts
+    from .checkpoint import checkpoint_size, is_model_dir, load_parts, tensor_encodings
     from .sources.models import read_state_dict
 
     if is_model_dir(path):
         manifest, sd = load_parts(path)
-        kind, size, enc = f"compressed model ({manifest['model']['source']})", checkpoint_size(path), manifest.get("encodings", {})
+        kind, size, enc = f"compressed model ({manifest['model']['source']})", checkpoint_size(path), tensor_encodings(path)
     elif path.exists():
         obj = read_state_dict(path)
         if not isinstance(obj, dict):

@@ -12,6 +12,7 @@ from compress_cli.checkpoint import (
     load,
     read_manifest,
     save_model,
+    tensor_encodings,
 )
 from compress_cli.errors import SourceError
 from compress_cli.testing import seeded_zoo
@@ -111,7 +112,7 @@ def test_prune_reparametrization_is_folded(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
-    assert read_manifest(tmp_path / "m")["encodings"][[k for k in again.state_dict() if k.endswith("weight")][0]].startswith(("sparse", "gaps"))
+    assert tensor_encodings(tmp_path / "m")[[k for k in again.state_dict() if k.endswith("weight")][0]].startswith(("sparse", "gaps"))
 
 
 def test_copy_model_works_on_pruned_modules_after_forward():

@@ -13,7 +13,7 @@ import yaml
 import compress_cli
 from compress_cli import codebook as C
 from compress_cli import pruning as P
-from compress_cli.checkpoint import WEIGHTS, read_manifest
+from compress_cli.checkpoint import WEIGHTS, read_manifest, tensor_encodings
 from compress_cli.errors import RecipeError
 from compress_cli.pipeline import build_state, save_snapshot
 from compress_cli.recipe import parse_yaml, validate
@@ -117,7 +117,7 @@ def test_checkpoint_packs_indices_at_bits_and_reloads_exactly(state, tmp_path):
     blob = lzma.decompress((tmp_path / "shared" / WEIGHTS).read_bytes())
     index = json.loads(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["index"])
     assert index["fc1.weight"]["bits"] == 4 and index["fc3.weight"]["bits"] == 3
-    assert m["encodings"]["fc1.weight"].endswith("palette")
+    assert tensor_encodings(tmp_path / "shared")["fc1.weight"].endswith("palette")
     assert m["edits"][-1] == {"stage": "codebook", "op": "codebook", "bits": 4, "layers": {"fc3": 3}}
     loaded = compress_cli.load(tmp_path / "shared")
     x = torch.randn(32, 1, 8, 8)
@@ -161,7 +161,7 @@ def test_others_fp16_rounds_biases_and_norms_into_2_byte_storage(tmp_path):
         if t.is_floating_point() and name not in ("conv1.weight", "conv2.weight"):  # codebooks: not rounded
             assert torch.equal(t.half().float(), t), name
     save_snapshot(s, tmp_path / "b")
-    enc = read_manifest(tmp_path / "b")["encodings"]
+    enc = tensor_encodings(tmp_path / "b")
     assert "f16" in enc["bn2.running_var"] and "f16" in enc["fc.weight"]
     assert save_snapshot(s, tmp_path / "b") < before
     assert torch.allclose(s.model(x), y, atol=0.5)
