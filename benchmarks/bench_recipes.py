@@ -60,7 +60,7 @@ def main() -> int:
             lines.append(f"Target ≥ 50× at ≤ 1.0 point: **{ratio:.1f}×** ({b['fp32_bytes']:,} → {f['size_bytes']:,} bytes) "
                          f"at {drop:+.2f} points — size {mark(ratio >= 50)}, accuracy {mark(drop <= 1.0)}.")
         else:
-            same = f.get("same_runtime_baseline") or {}
+            same = f.get("same_runtime_baseline") or r["final"].get("same_runtime_baseline") or {}
             s1, t64 = f["speedup"], f["throughput_ratio"]
             r1 = same["latency_ms"] / f["latency_ms"] if same else float("nan")
             r64 = f["throughput"] / same["throughput"] if same else float("nan")
