@@ -84,7 +84,7 @@ def pack_array(a: Any) -> dict[str, Any]:
 
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
-    a = np.ascontiguousarray(np.asarray(a))
+    a = np.array(a, order="C")  # not ascontiguousarray: it turns a 0-d scale into shape [1]
     return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
 
 

@@ -343,3 +343,15 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
     assert res.details["quantized_tensors"] >= 3
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+
+
+def test_pack_array_keeps_scalars_scalar():
+    import numpy as np
+
+    from compress_cli.quant import pack_array, unpack_array
+
+    # ONNX Runtime's QLinearAveragePool refuses a [1]-shaped scale ("Scale and Zero-point must be a
+    # scalar"): densenet's transition pools failed on reload before this held
+    for a in (np.float32(0.5), np.array(3, dtype=np.uint8), np.arange(6, dtype=np.int8).reshape(2, 3)):
+        back = unpack_array(pack_array(a))
+        assert back.shape == np.asarray(a).shape and back.dtype == np.asarray(a).dtype and np.array_equal(back, a)
