@@ -29,8 +29,18 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_KEYS = ("epochs", "optimizer", "lr", "weight_decay", "scheduler", "batch_size", "warmup_epochs",
-              "label_smoothing", "grad_clip", "max_steps_per_epoch")
+TRAIN_KEYS = (
+    "epochs",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "scheduler",
+    "batch_size",
+    "warmup_epochs",
+    "label_smoothing",
+    "grad_clip",
+    "max_steps_per_epoch",
+)
 
 
 def load_dict(name: str) -> dict[str, Any]:
@@ -77,14 +87,23 @@ def bench_prune(seeds: list[int], teacher: str, limit: int | None, tmp: Path) ->
             t0 = time.perf_counter()
             r = run(d)
             pruned, final = r["stages"][0]["metrics"], r["final"]
-            rows.append({
-                "part": "prune", "seed": seed, "variant": variant,
-                "teacher_accuracy": r["baseline"]["accuracy"], "pruned_accuracy": pruned["accuracy"],
-                "accuracy": final["accuracy"], "params": final["params"], "teacher_params": r["baseline"]["params"],
-                "size_bytes": final["size_bytes"], "latency_ms": final["latency_ms"],
-                "teacher_latency_ms": r["baseline"]["latency_ms"], "train_s": r["stages"][1]["duration_s"],
-                "wall_s": round(time.perf_counter() - t0, 1),
-            })
+            rows.append(
+                {
+                    "part": "prune",
+                    "seed": seed,
+                    "variant": variant,
+                    "teacher_accuracy": r["baseline"]["accuracy"],
+                    "pruned_accuracy": pruned["accuracy"],
+                    "accuracy": final["accuracy"],
+                    "params": final["params"],
+                    "teacher_params": r["baseline"]["params"],
+                    "size_bytes": final["size_bytes"],
+                    "latency_ms": final["latency_ms"],
+                    "teacher_latency_ms": r["baseline"]["latency_ms"],
+                    "train_s": r["stages"][1]["duration_s"],
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -102,20 +121,32 @@ def bench_small(seeds: list[int], teacher: str, limit: int | None, tmp: Path) ->
             t0 = time.perf_counter()
             r = run(d)
             b, f = r["baseline"], r["final"]
-            rows.append({
-                "part": "small", "seed": seed, "variant": variant,
-                "teacher_accuracy": b["accuracy"], "accuracy": f["accuracy"],
-                "teacher_params": b["params"], "params": f["params"],
-                "teacher_size_bytes": b["size_bytes"], "size_bytes": f["size_bytes"],
-                "teacher_latency_ms": b["latency_ms"], "latency_ms": f["latency_ms"],
-                "teacher_throughput": b["throughput"], "throughput": f["throughput"],
-                "train_s": r["stages"][0]["duration_s"], "wall_s": round(time.perf_counter() - t0, 1),
-            })
+            rows.append(
+                {
+                    "part": "small",
+                    "seed": seed,
+                    "variant": variant,
+                    "teacher_accuracy": b["accuracy"],
+                    "accuracy": f["accuracy"],
+                    "teacher_params": b["params"],
+                    "params": f["params"],
+                    "teacher_size_bytes": b["size_bytes"],
+                    "size_bytes": f["size_bytes"],
+                    "teacher_latency_ms": b["latency_ms"],
+                    "latency_ms": f["latency_ms"],
+                    "teacher_throughput": b["throughput"],
+                    "throughput": f["throughput"],
+                    "train_s": r["stages"][0]["duration_s"],
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def bench_latency(seeds: list[int], teacher: str, limit: int | None, tmp: Path, rounds: int = 21) -> list[dict[str, Any]]:
+def bench_latency(
+    seeds: list[int], teacher: str, limit: int | None, tmp: Path, rounds: int = 21
+) -> list[dict[str, Any]]:
     """Batch-1 latency and batch-64 throughput of the teacher, the 0.7-pruned teacher and the small
     student, interleaved over ``rounds`` (one thread each; medians), so load on the machine hits all
     three alike. Latency does not depend on the weights: the student is freshly built."""
@@ -134,21 +165,34 @@ def bench_latency(seeds: list[int], teacher: str, limit: int | None, tmp: Path, 
     cls = get_stage("prune_channels")
     cfg = cls.config_class.model_validate(load_dict("fashion_prune_distill.yaml")["stages"][0])
     cls(cfg, 1).run(state)
-    models = {"teacher fashion_cnn": state.original, "prune_channels 0.7": state.model,
-              "fashion_cnn_small": build_from_source({"source": "zoo:fashion_cnn_small"}).eval()}
+    models = {
+        "teacher fashion_cnn": state.original,
+        "prune_channels 0.7": state.model,
+        "fashion_cnn_small": build_from_source({"source": "zoo:fashion_cnn_small"}).eval(),
+    }
     lat_cfg = LatencyConfig(batch_sizes=[1, 64], warmup=10, iterations=50, threads=1)
     times: dict[str, list[dict[str, float]]] = {k: [] for k in models}
     for r in range(rounds):
         for name, m in models.items():
-            times[name].append(latency(EagerRunner(m, torch.device("cpu")), state.data.input_shape, lat_cfg, r))
+            times[name].append(
+                latency(EagerRunner(m, torch.device("cpu")), state.data.input_shape, lat_cfg, r)
+            )
     rows = []
     for name, ts in times.items():
-        rows.append({"part": "latency", "model": name, "rounds": rounds,
-                     "params": sum(p.numel() for p in models[name].parameters()),
-                     "latency_ms": statistics.median(t["latency_ms"] for t in ts),
-                     "throughput": statistics.median(t["throughput"] for t in ts),
-                     "speedup": statistics.median(a["latency_ms"] / b["latency_ms"]
-                                                  for a, b in zip(times["teacher fashion_cnn"], ts, strict=True))})
+        rows.append(
+            {
+                "part": "latency",
+                "model": name,
+                "rounds": rounds,
+                "params": sum(p.numel() for p in models[name].parameters()),
+                "latency_ms": statistics.median(t["latency_ms"] for t in ts),
+                "throughput": statistics.median(t["throughput"] for t in ts),
+                "speedup": statistics.median(
+                    a["latency_ms"] / b["latency_ms"]
+                    for a, b in zip(times["teacher fashion_cnn"], ts, strict=True)
+                ),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -167,8 +211,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = []
     prune = [r for r in rows if r["part"] == "prune"]
     if prune:
-        out.append("| variant | seeds | teacher acc % | after pruning % | after training % (mean ± sd) | per seed % "
-                   "| params (teacher) | train s |")
+        out.append(
+            "| variant | seeds | teacher acc % | after pruning % | after training % (mean ± sd) | per seed % "
+            "| params (teacher) | train s |"
+        )
         out.append("|---|---|---|---|---|---|---|---|")
         for v in ("finetune", "distill"):
             rs = [r for r in prune if r["variant"] == v]
@@ -176,20 +222,33 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| prune_channels 0.7 + {v} | {len(rs)} | {ms([r['teacher_accuracy'] for r in rs], 100)} "
                 f"| {ms([r['pruned_accuracy'] for r in rs], 100)} | {ms([r['accuracy'] for r in rs], 100)} "
                 f"| {per_seed(rs)} | {rs[0]['params']} ({rs[0]['teacher_params']}) "
-                f"| {ms([r['train_s'] for r in rs], 1, 0)} |")
-        diffs = [d["accuracy"] - f["accuracy"] for f, d in zip(
-            [r for r in prune if r["variant"] == "finetune"], [r for r in prune if r["variant"] == "distill"], strict=True)]
-        out.append(f"\ndistill − finetune, paired by seed: {', '.join(f'{x * 100:+.2f}' for x in diffs)} points "
-                   f"(mean {statistics.mean(diffs) * 100:+.2f})\n")
+                f"| {ms([r['train_s'] for r in rs], 1, 0)} |"
+            )
+        diffs = [
+            d["accuracy"] - f["accuracy"]
+            for f, d in zip(
+                [r for r in prune if r["variant"] == "finetune"],
+                [r for r in prune if r["variant"] == "distill"],
+                strict=True,
+            )
+        ]
+        out.append(
+            f"\ndistill − finetune, paired by seed: {', '.join(f'{x * 100:+.2f}' for x in diffs)} points "
+            f"(mean {statistics.mean(diffs) * 100:+.2f})\n"
+        )
     small = [r for r in rows if r["part"] == "small"]
     if small:
         t = small[0]
-        out.append("| model | seeds | test acc % (mean ± sd) | per seed % | params | size bytes | latency ms b=1 "
-                   "| vs teacher latency | throughput /s b=64 |")
+        out.append(
+            "| model | seeds | test acc % (mean ± sd) | per seed % | params | size bytes | latency ms b=1 "
+            "| vs teacher latency | throughput /s b=64 |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|")
-        out.append(f"| teacher fashion_cnn | - | {ms([r['teacher_accuracy'] for r in small], 100)} | - "
-                   f"| {t['teacher_params']} | {t['teacher_size_bytes']} | {ms([r['teacher_latency_ms'] for r in small], 1, 3)} "
-                   f"| 1 | {ms([r['teacher_throughput'] for r in small], 1, 0)} |")
+        out.append(
+            f"| teacher fashion_cnn | - | {ms([r['teacher_accuracy'] for r in small], 100)} | - "
+            f"| {t['teacher_params']} | {t['teacher_size_bytes']} | {ms([r['teacher_latency_ms'] for r in small], 1, 3)} "
+            f"| 1 | {ms([r['teacher_throughput'] for r in small], 1, 0)} |"
+        )
         for v in ("labels only (alpha 0)", "distill"):
             rs = [r for r in small if r["variant"] == v]
             ratio = [r["teacher_latency_ms"] / r["latency_ms"] for r in rs]
@@ -197,18 +256,31 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| fashion_cnn_small, {v} | {len(rs)} | {ms([r['accuracy'] for r in rs], 100)} "
                 f"| {per_seed(rs)} | {rs[0]['params']} | {rs[0]['size_bytes']} "
                 f"| {ms([r['latency_ms'] for r in rs], 1, 3)} | {statistics.median(ratio):.2f}x faster (median) "
-                f"| {ms([r['throughput'] for r in rs], 1, 0)} |")
-        diffs = [d["accuracy"] - f["accuracy"] for f, d in zip(
-            [r for r in small if r["variant"] != "distill"], [r for r in small if r["variant"] == "distill"], strict=True)]
-        out.append(f"\ndistill − labels only, paired by seed: {', '.join(f'{x * 100:+.2f}' for x in diffs)} points "
-                   f"(mean {statistics.mean(diffs) * 100:+.2f})\n")
+                f"| {ms([r['throughput'] for r in rs], 1, 0)} |"
+            )
+        diffs = [
+            d["accuracy"] - f["accuracy"]
+            for f, d in zip(
+                [r for r in small if r["variant"] != "distill"],
+                [r for r in small if r["variant"] == "distill"],
+                strict=True,
+            )
+        ]
+        out.append(
+            f"\ndistill − labels only, paired by seed: {', '.join(f'{x * 100:+.2f}' for x in diffs)} points "
+            f"(mean {statistics.mean(diffs) * 100:+.2f})\n"
+        )
     lat = [r for r in rows if r["part"] == "latency"]
     if lat:
-        out.append(f"| model (eager, 1 thread, {lat[0]['rounds']} interleaved rounds) | params | latency ms b=1 (median) "
-                   "| speedup vs teacher (median of per-round ratios) | throughput /s b=64 |")
+        out.append(
+            f"| model (eager, 1 thread, {lat[0]['rounds']} interleaved rounds) | params | latency ms b=1 (median) "
+            "| speedup vs teacher (median of per-round ratios) | throughput /s b=64 |"
+        )
         out.append("|---|---|---|---|---|")
         for r in lat:
-            out.append(f"| {r['model']} | {r['params']} | {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} |")
+            out.append(
+                f"| {r['model']} | {r['params']} | {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} |"
+            )
     return "\n".join(out)
 
 
@@ -234,7 +306,9 @@ def main() -> None:
             if part == "latency":
                 new = bench_latency(a.seeds, a.teacher, a.limit_train, Path(tmp), a.rounds)
             else:
-                new = (bench_prune if part == "prune" else bench_small)(a.seeds, a.teacher, a.limit_train, Path(tmp))
+                new = (bench_prune if part == "prune" else bench_small)(
+                    a.seeds, a.teacher, a.limit_train, Path(tmp)
+                )
             rows += new
             if a.json:
                 with a.json.open("a") as f:

@@ -38,7 +38,9 @@ def plain_epoch(model, loader, lr):
 
 def bench_loop(repeats: int, limit_train: int, source: str, model_name: str) -> dict:
     d = {
-        "name": "bench", "device": "cpu", "model": {"source": model_name},
+        "name": "bench",
+        "device": "cpu",
+        "model": {"source": model_name},
         "data": {"source": source, "limit_train": limit_train, "batch_size": 128},
     }
     state = build_state(Recipe.model_validate(d), torch.device("cpu"), Path("/tmp/bench-out"))

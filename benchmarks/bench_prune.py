@@ -41,30 +41,32 @@ def torch_save_bytes(sd: dict[str, torch.Tensor]) -> int:
 
 def section(o: dict) -> str:
     """The measured numbers as the markdown section ``make bench`` merges into RESULTS.md."""
-    return "\n".join([
-        "## Issue 6: unstructured pruning, ours vs torch.nn.utils.prune",
-        "",
-        f"`benchmarks/bench_prune.py`: one-shot global L1 pruning to {o['sparsity']:.0%} of every Conv/Linear but "
-        f"the head ({o['head']}) of the trained Fashion-MNIST CNN, no fine-tuning; our `prune` stage against "
-        "`torch.nn.utils.prune.global_unstructured` on the same layers. Test set: 10 000 images.",
-        "",
-        "| | top-1 % | nonzeros | file bytes | × fp32 state_dict | pruning call s (median of 5) |",
-        "|---|---|---|---|---|---|",
-        f"| fp32 original | {o['baseline_accuracy'] * 100:.2f} | | {o['fp32_state_dict_bytes']:,} | 1.0 | |",
-        f"| ours (compressed checkpoint) | {o['accuracy_ours'] * 100:.2f} | {o['nonzeros_ours']:,} | "
-        f"{o['checkpoint_bytes_ours']:,} | {o['fp32_state_dict_bytes'] / o['checkpoint_bytes_ours']:.1f} | "
-        f"{o['prune_seconds_ours_median']:.3f} |",
-        f"| direct (torch.save of the pruned state_dict) | {o['accuracy_direct'] * 100:.2f} | {o['nonzeros_direct']:,} | "
-        f"{o['torch_save_bytes_direct']:,} | {o['fp32_state_dict_bytes'] / o['torch_save_bytes_direct']:.1f} | "
-        f"{o['prune_seconds_direct_median']:.3f} |",
-        "",
-        f"Same masks: {o['same_masks']}; reload of ours exact: {o['reload_exact']}; our file is "
-        f"{o['size_ratio_ours_vs_direct']:.1f}× smaller than torch.save of the same pruned weights. (One-shot 90% "
-        "without fine-tuning costs most of the accuracy by design here: it checks the two give the same model; "
-        "the recovered, fine-tuned result is `recipes/fashion_deep_compression.yaml` in the next section.) "
-        "Our call also validates the config, picks layers by glob and records the edit.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Issue 6: unstructured pruning, ours vs torch.nn.utils.prune",
+            "",
+            f"`benchmarks/bench_prune.py`: one-shot global L1 pruning to {o['sparsity']:.0%} of every Conv/Linear but "
+            f"the head ({o['head']}) of the trained Fashion-MNIST CNN, no fine-tuning; our `prune` stage against "
+            "`torch.nn.utils.prune.global_unstructured` on the same layers. Test set: 10 000 images.",
+            "",
+            "| | top-1 % | nonzeros | file bytes | × fp32 state_dict | pruning call s (median of 5) |",
+            "|---|---|---|---|---|---|",
+            f"| fp32 original | {o['baseline_accuracy'] * 100:.2f} | | {o['fp32_state_dict_bytes']:,} | 1.0 | |",
+            f"| ours (compressed checkpoint) | {o['accuracy_ours'] * 100:.2f} | {o['nonzeros_ours']:,} | "
+            f"{o['checkpoint_bytes_ours']:,} | {o['fp32_state_dict_bytes'] / o['checkpoint_bytes_ours']:.1f} | "
+            f"{o['prune_seconds_ours_median']:.3f} |",
+            f"| direct (torch.save of the pruned state_dict) | {o['accuracy_direct'] * 100:.2f} | {o['nonzeros_direct']:,} | "
+            f"{o['torch_save_bytes_direct']:,} | {o['fp32_state_dict_bytes'] / o['torch_save_bytes_direct']:.1f} | "
+            f"{o['prune_seconds_direct_median']:.3f} |",
+            "",
+            f"Same masks: {o['same_masks']}; reload of ours exact: {o['reload_exact']}; our file is "
+            f"{o['size_ratio_ours_vs_direct']:.1f}× smaller than torch.save of the same pruned weights. (One-shot 90% "
+            "without fine-tuning costs most of the accuracy by design here: it checks the two give the same model; "
+            "the recovered, fine-tuned result is `recipes/fashion_deep_compression.yaml` in the next section.) "
+            "Our call also validates the config, picks layers by glob and records the edit.",
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -76,7 +78,9 @@ def main() -> None:
     torch.set_num_threads(2)
 
     recipe = {
-        "version": 1, "name": "bench_prune", "device": "cpu",
+        "version": 1,
+        "name": "bench_prune",
+        "device": "cpu",
         "model": {"source": "zoo:fashion_cnn", "checkpoint": args.model},
         "data": {"source": "fashion_mnist", "root": "/usr/share/datasets/fashion-mnist", "val_fraction": 0.1},
         "stages": [],
@@ -108,8 +112,11 @@ def main() -> None:
     times_direct = []
     for _ in range(5):
         direct = copy.deepcopy(base)
-        params = [(m, "weight") for n, m in direct.named_modules()
-                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n != head]
+        params = [
+            (m, "weight")
+            for n, m in direct.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n != head
+        ]
         t0 = time.perf_counter()
         tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=args.sparsity)
         times_direct.append(time.perf_counter() - t0)
@@ -120,9 +127,13 @@ def main() -> None:
     size_direct = torch_save_bytes(sd_direct)
 
     sd_ours = export_state_dict(ours)
-    same_masks = all(torch.equal(sd_ours[k] != 0, sd_direct[k] != 0) for k in sd_direct if k.endswith("weight"))
-    nnz = {k: sum(int((t != 0).sum()) for t in sd.values() if t.is_floating_point())
-           for k, sd in (("ours", sd_ours), ("direct", sd_direct))}
+    same_masks = all(
+        torch.equal(sd_ours[k] != 0, sd_direct[k] != 0) for k in sd_direct if k.endswith("weight")
+    )
+    nnz = {
+        k: sum(int((t != 0).sum()) for t in sd.values() if t.is_floating_point())
+        for k, sd in (("ours", sd_ours), ("direct", sd_direct))
+    }
     fp32 = fp32_state_dict_bytes(base)
     out = {
         "sparsity": args.sparsity,

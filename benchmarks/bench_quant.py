@@ -59,10 +59,15 @@ def direct_pt2e(model: torch.nn.Module, calib: list[torch.Tensor], reduce_range:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     example = calib[0][:2]
-    ep = torch.export.export(model.eval(), (example,), strict=True,
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    ep = torch.export.export(
+        model.eval(),
+        (example,),
+        strict=True,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+    )
     quantizer = xiq.X86InductorQuantizer().set_global(
-        xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
+        xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    )
     prepared = prepare_pt2e(ep.module(), quantizer)
     with torch.no_grad():
         for x in calib:
@@ -74,15 +79,25 @@ def direct_pt2e(model: torch.nn.Module, calib: list[torch.Tensor], reduce_range:
     return torch.compile(converted, dynamic=False)
 
 
-def direct_ort(model: torch.nn.Module, calib: list[torch.Tensor], reduce_range: bool, threads: int, tmp: Path) -> Any:
+def direct_ort(
+    model: torch.nn.Module, calib: list[torch.Tensor], reduce_range: bool, threads: int, tmp: Path
+) -> Any:
     """torch.onnx.export + ONNX Runtime quant_pre_process + quantize_static, by hand."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32, pre, q = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "int8.onnx"
-    torch.onnx.export(model.eval(), (calib[0][:2],), str(fp32), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model.eval(),
+        (calib[0][:2],),
+        str(fp32),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     quant_pre_process(str(fp32), str(pre))
 
     class Reader(CalibrationDataReader):
@@ -92,16 +107,25 @@ def direct_ort(model: torch.nn.Module, calib: list[torch.Tensor], reduce_range: 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
 
-    quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(pre),
+        str(q),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q.stat().st_size
 
 
-def time_interleaved(cands: dict[str, Any], shape: tuple[int, ...], batches: tuple[int, ...],
-                     rounds: int) -> dict[str, dict[str, dict[int, float]]]:
+def time_interleaved(
+    cands: dict[str, Any], shape: tuple[int, ...], batches: tuple[int, ...], rounds: int
+) -> dict[str, dict[str, dict[int, float]]]:
     """Median and minimum wall time (ms) per candidate; candidates alternate call by call in a
     shuffled order (so no model always runs after the same one and inherits its cache state), and
     load from other processes on a shared machine hits all of them alike."""
@@ -142,8 +166,9 @@ def main() -> None:
     reports: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
     for scheme, name in (("int8_static", "fashion_int8_cpu"), ("onnxruntime_int8", "fashion_int8_onnx")):
-        recipe, _ = load_recipe(ROOT / "recipes" / f"{name}.yaml",
-                                [f"output={tmp / name}", f"model.checkpoint={args.model}"])
+        recipe, _ = load_recipe(
+            ROOT / "recipes" / f"{name}.yaml", [f"output={tmp / name}", f"model.checkpoint={args.model}"]
+        )
         t0 = time.perf_counter()
         reports[scheme] = run_recipe(recipe)
         reports[scheme]["wall_s"] = time.perf_counter() - t0
@@ -157,7 +182,9 @@ def main() -> None:
     original = copy.deepcopy(state.original).eval()
     torch.set_num_threads(args.threads)
     direct_static = direct_pt2e(copy.deepcopy(original), calib, reduce_range)
-    direct_onnx, direct_onnx_bytes = direct_ort(copy.deepcopy(original), calib, reduce_range, args.threads, tmp)
+    direct_onnx, direct_onnx_bytes = direct_ort(
+        copy.deepcopy(original), calib, reduce_range, args.threads, tmp
+    )
     ours_onnx = models["onnxruntime_int8"]
     ours_onnx.threads = args.threads
     ours_onnx.__dict__["_session"] = None
@@ -183,14 +210,32 @@ def main() -> None:
     times = time_interleaved(cands, tuple(state.data.input_shape), (1, 64), args.rounds)
     pairs = {}  # ours against direct, timed as a pair only (no third model between their calls)
     for a, d in PAIRS:
-        pairs[f"{a} / {d}"] = time_interleaved({a: cands[a], d: cands[d]}, tuple(state.data.input_shape), (1, 64),
-                                               args.rounds * 3)
-    cpu = next((ln.partition(":")[2].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU")
-    result = {"accuracy": acc, "latency_ms": times, "pairs": pairs, "reduce_range": reduce_range, "reduce_range_reason": why, "cpu": cpu,
-              "threads": args.threads, "rounds": args.rounds, "direct_onnx_bytes": direct_onnx_bytes,
-              "reports": {k: {"baseline": r["baseline"], "final": r["final"], "stage": r["stages"][-1]}
-                          for k, r in reports.items()}}
+        pairs[f"{a} / {d}"] = time_interleaved(
+            {a: cands[a], d: cands[d]}, tuple(state.data.input_shape), (1, 64), args.rounds * 3
+        )
+    cpu = next(
+        (
+            ln.partition(":")[2].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    result = {
+        "accuracy": acc,
+        "latency_ms": times,
+        "pairs": pairs,
+        "reduce_range": reduce_range,
+        "reduce_range_reason": why,
+        "cpu": cpu,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "direct_onnx_bytes": direct_onnx_bytes,
+        "reports": {
+            k: {"baseline": r["baseline"], "final": r["final"], "stage": r["stages"][-1]}
+            for k, r in reports.items()
+        },
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result))
@@ -240,17 +285,26 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for k in t:
-        lines.append(f"| {k} | {acc[k]:.2f} | {tmin[k][1]:.3f} / {t[k][1]:.3f} | {f1 / tmin[k][1]:.2f}× "
-                     f"| {tmin[k][64]:.2f} / {t[k][64]:.2f} | {f64 / tmin[k][64]:.2f}× |")
-    lines += ["", f"Ours against direct, timed as a pair ({r['rounds'] * 3}x40 / {r['rounds'] * 3}x10 calls each, alternating "
-              "in a shuffled order, no other model in between); speed ratio = direct time / our time (1.0 = equal).", "",
-              "| ours vs direct | accuracy difference (points) | speed ours/direct b1 (min; median) "
-              "| speed ours/direct b64 (min; median) |", "|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {acc[k]:.2f} | {tmin[k][1]:.3f} / {t[k][1]:.3f} | {f1 / tmin[k][1]:.2f}× "
+            f"| {tmin[k][64]:.2f} / {t[k][64]:.2f} | {f64 / tmin[k][64]:.2f}× |"
+        )
+    lines += [
+        "",
+        f"Ours against direct, timed as a pair ({r['rounds'] * 3}x40 / {r['rounds'] * 3}x10 calls each, alternating "
+        "in a shuffled order, no other model in between); speed ratio = direct time / our time (1.0 = equal).",
+        "",
+        "| ours vs direct | accuracy difference (points) | speed ours/direct b1 (min; median) "
+        "| speed ours/direct b64 (min; median) |",
+        "|---|---|---|---|",
+    ]
     for a, d in PAIRS:
         p = r["pairs"][f"{a} / {d}"]
         pm, pmed = p["min"], p["median"]
-        lines.append(f"| {a} / {d} | {acc[a] - acc[d]:+.2f} | {pm[d][1] / pm[a][1]:.3f}; {pmed[d][1] / pmed[a][1]:.3f} "
-                     f"| {pm[d][64] / pm[a][64]:.3f}; {pmed[d][64] / pmed[a][64]:.3f} |")
+        lines.append(
+            f"| {a} / {d} | {acc[a] - acc[d]:+.2f} | {pm[d][1] / pm[a][1]:.3f}; {pmed[d][1] / pmed[a][1]:.3f} "
+            f"| {pm[d][64] / pm[a][64]:.3f}; {pmed[d][64] / pmed[a][64]:.3f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

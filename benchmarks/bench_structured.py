@@ -40,7 +40,7 @@ def interleaved_latency(models: dict, x: torch.Tensor, rounds: int = 15, iters: 
             for _ in range(3):
                 m(x)
         for r in range(rounds):
-            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 m = models[k]
                 t0 = time.perf_counter()
                 for _ in range(iters):
@@ -70,8 +70,13 @@ def part_a() -> list[str]:
         reloaded = load(Path(d) / "m")
     direct = copy.deepcopy(original)
     t0 = time.perf_counter()
-    pruner = tp.pruner.BasePruner(direct, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                  pruning_ratio=0.5, ignored_layers=[direct.fc])
+    pruner = tp.pruner.BasePruner(
+        direct,
+        x,
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        pruning_ratio=0.5,
+        ignored_layers=[direct.fc],
+    )
     pruner.step()
     t_direct = time.perf_counter() - t0
     with torch.no_grad():
@@ -79,13 +84,19 @@ def part_a() -> list[str]:
     same_widths = layer_widths(reloaded) == layer_widths(direct)
     macs = {k: count_macs(m, x) for k, m in (("original", original), ("ours", reloaded), ("direct", direct))}
     lat = interleaved_latency({"original": original, "ours": reloaded, "direct": direct}, x)
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("original", original), ("ours", reloaded), ("direct", direct))}
+    params = {
+        k: sum(p.numel() for p in m.parameters())
+        for k, m in (("original", original), ("ours", reloaded), ("direct", direct))
+    }
     return [
         "### (a) prune_channels vs torch-pruning directly — resnet18, 224x224, batch 1, ratio 0.5 (l1)",
         "",
         "| | params | MACs | latency ms (median) | speedup vs original |",
         "|---|---|---|---|---|",
-        *(f"| {k} | {params[k]:,} | {macs[k]:,} | {lat[k]:.2f} | {lat['original'] / lat[k]:.2f}x |" for k in lat),
+        *(
+            f"| {k} | {params[k]:,} | {macs[k]:,} | {lat[k]:.2f} | {lat['original'] / lat[k]:.2f}x |"
+            for k in lat
+        ),
         "",
         f"- same layer widths: {same_widths}; identical outputs (ours after save + `compress_cli.load`, direct in memory): {same_out}",
         f"- MACs equal: {macs['ours'] == macs['direct']}; **latency ratio ours/direct = {lat['direct'] / lat['ours']:.3f}** "
@@ -101,8 +112,17 @@ def fashion_32(limit_train: int, limit_test: int):
     from compress_cli.recipe import DataConfig
     from compress_cli.sources.data import build_data
 
-    b = build_data(DataConfig(source="fashion_mnist", root=str(FASHION), batch_size=128, limit_train=limit_train,
-                              limit_test=limit_test, val_fraction=0.1), 0)
+    b = build_data(
+        DataConfig(
+            source="fashion_mnist",
+            root=str(FASHION),
+            batch_size=128,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            val_fraction=0.1,
+        ),
+        0,
+    )
 
     def up(ds):
         x, y = ds.tensors
@@ -153,7 +173,9 @@ def part_b() -> list[str]:
     cls = get_stage("drop_layers")
     for count in (1, 2, 3):
         state.model = copy.deepcopy(trained)
-        stage = cls(cls.config_class.model_validate({"type": "drop_layers", "count": count, "importance": "loss"}))
+        stage = cls(
+            cls.config_class.model_validate({"type": "drop_layers", "count": count, "importance": "loss"})
+        )
         res = stage.run(state)
         acc_cut = accuracy(state.model, test)
         train(state.model, state, ft, validate=False)
@@ -162,8 +184,17 @@ def part_b() -> list[str]:
         lat = interleaved_latency({"orig": trained, "cut": state.model}, x1)
         x64 = torch.randn(64, 3, 32, 32)
         lat64 = interleaved_latency({"orig": trained, "cut": state.model}, x64, rounds=9, iters=2)
-        rows.append((count, ", ".join(res.details["removed"]), res.details["params_after"] / res.details["params_before"],
-                     acc_cut, acc_ft, lat["orig"] / lat["cut"], lat64["orig"] / lat64["cut"]))
+        rows.append(
+            (
+                count,
+                ", ".join(res.details["removed"]),
+                res.details["params_after"] / res.details["params_before"],
+                acc_cut,
+                acc_ft,
+                lat["orig"] / lat["cut"],
+                lat64["orig"] / lat64["cut"],
+            )
+        )
     lines = [
         f"### (b) drop_layers on resnet18 — Fashion-MNIST subset ({n_train} train / {n_test} test, padded to 3x32x32)",
         "",
@@ -173,7 +204,10 @@ def part_b() -> list[str]:
         "",
         "| blocks removed | which | params kept | acc. right after | acc. after 1-epoch fine-tune | batch-1 speedup | batch-64 speedup |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {c} | {w} | {p * 100:.0f}% | {a * 100:.2f}% | {f * 100:.2f}% | {s1:.2f}x | {s64:.2f}x |" for c, w, p, a, f, s1, s64 in rows),
+        *(
+            f"| {c} | {w} | {p * 100:.0f}% | {a * 100:.2f}% | {f * 100:.2f}% | {s1:.2f}x | {s64:.2f}x |"
+            for c, w, p, a, f, s1, s64 in rows
+        ),
         "",
     ]
     return lines
@@ -181,9 +215,13 @@ def part_b() -> list[str]:
 
 def main() -> int:
     torch.set_num_threads(1)  # a shared 2-core machine: one thread gives stable ratios
-    lines = ["## Issue 7: structured pruning and layer removal", "",
-             "Measured by `benchmarks/bench_structured.py` on this machine's CPU (1 thread; the machine is shared "
-             "with other jobs, so every ratio comes from interleaved timings in one process, order rotating).", ""]
+    lines = [
+        "## Issue 7: structured pruning and layer removal",
+        "",
+        "Measured by `benchmarks/bench_structured.py` on this machine's CPU (1 thread; the machine is shared "
+        "with other jobs, so every ratio comes from interleaved timings in one process, order rotating).",
+        "",
+    ]
     lines += part_a()
     if FASHION.is_dir():
         lines += part_b()

@@ -31,10 +31,16 @@ def make_state(model: str, seed: int, out: Path) -> Any:
     from compress_cli.pipeline import build_state
     from compress_cli.recipe import Recipe
 
-    recipe = Recipe.model_validate({
-        "name": "bench", "seed": seed, "device": "cpu", "model": {"source": model},
-        "data": {"source": "digits", "batch_size": 64}, "output": str(out),
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "bench",
+            "seed": seed,
+            "device": "cpu",
+            "model": {"source": model},
+            "data": {"source": "digits", "batch_size": 64},
+            "output": str(out),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     return build_state(recipe, torch.device("cpu"), out)
 
@@ -43,7 +49,9 @@ def accuracy(state: Any, split: str) -> float:
     from compress_cli.measure import evaluate
     from compress_cli.runners import EagerRunner
 
-    return evaluate(EagerRunner(state.model, state.device), state.data.loader(split), state.data.num_classes)["accuracy"]
+    return evaluate(EagerRunner(state.model, state.device), state.data.loader(split), state.data.num_classes)[
+        "accuracy"
+    ]
 
 
 def run_stage(state: Any, type_: str, index: int = 1, **cfg: Any) -> Any:
@@ -66,8 +74,14 @@ def bench_lr_find(models: list[str], seeds: list[int], epochs: int, tmp: Path) -
                 t_find = time.perf_counter() - t0
                 lr = state.hparams["lr"]
                 init = copy.deepcopy(state.model.state_dict())
-                out = {"model": model, "optimizer": optimizer, "seed": seed, "lr_found": lr,
-                       "reliable": res.details["reliable"], "find_s": round(t_find, 2)}
+                out = {
+                    "model": model,
+                    "optimizer": optimizer,
+                    "seed": seed,
+                    "lr_found": lr,
+                    "reliable": res.details["reliable"],
+                    "find_s": round(t_find, 2),
+                }
                 for name, value in (("found", lr), ("default", 0.01)):
                     state.model.load_state_dict(init)
                     torch.manual_seed(seed)
@@ -93,24 +107,43 @@ def bench_hpo(seeds: list[int], n_trials: int, epochs: int, tmp: Path) -> list[d
         val_default, test_default = accuracy(default_state, "val"), accuracy(default_state, "test")
         t0 = time.perf_counter()
         res = run_stage(
-            state, "hpo", n_trials=n_trials, sampler="tpe", sampler_startup_trials=4, pruner="median",
-            pruner_startup_trials=3, storage="memory", enqueue_defaults=enqueue,
+            state,
+            "hpo",
+            n_trials=n_trials,
+            sampler="tpe",
+            sampler_startup_trials=4,
+            pruner="median",
+            pruner_startup_trials=3,
+            storage="memory",
+            enqueue_defaults=enqueue,
             stages=[{"type": "finetune", "epochs": epochs, "batch_size": 64}],
-            space={"finetune.lr": {"float": [1e-4, 0.3], "log": True},
-                   "finetune.optimizer": {"categorical": ["sgd", "adam", "adamw"]},
-                   "finetune.weight_decay": {"categorical": [0.0, 1e-5, 1e-4, 1e-3]},
-                   "finetune.batch_size": {"categorical": [32, 64, 128]}},
+            space={
+                "finetune.lr": {"float": [1e-4, 0.3], "log": True},
+                "finetune.optimizer": {"categorical": ["sgd", "adam", "adamw"]},
+                "finetune.weight_decay": {"categorical": [0.0, 1e-5, 1e-4, 1e-3]},
+                "finetune.batch_size": {"categorical": [32, 64, 128]},
+            },
         )
         t_search = time.perf_counter() - t0
         d = res.details
         epochs_run = sum(t["epochs_reported"] for t in d["trials"])
         default_trial = [t for t in d["trials"] if t.get("defaults")]
-        out = {"seed": seed, "enqueue_defaults": enqueue, "val_default": val_default, "test_default": test_default,
-               "val_default_trial": default_trial[0]["values"][0] if default_trial else None,
-               "val_best": d["best"]["values"][0], "test_best": accuracy(state, "test"),
-               "complete": d["counts"]["complete"], "pruned": d["counts"]["pruned"], "failed": d["counts"]["fail"],
-               "epochs_run": epochs_run, "epochs_without_pruning": n_trials * epochs,
-               "best_params": d["best"]["params"], "search_s": round(t_search, 1)}
+        out = {
+            "seed": seed,
+            "enqueue_defaults": enqueue,
+            "val_default": val_default,
+            "test_default": test_default,
+            "val_default_trial": default_trial[0]["values"][0] if default_trial else None,
+            "val_best": d["best"]["values"][0],
+            "test_best": accuracy(state, "test"),
+            "complete": d["counts"]["complete"],
+            "pruned": d["counts"]["pruned"],
+            "failed": d["counts"]["fail"],
+            "epochs_run": epochs_run,
+            "epochs_without_pruning": n_trials * epochs,
+            "best_params": d["best"]["params"],
+            "search_s": round(t_search, 1),
+        }
         rows.append(out)
         print(json.dumps(out), flush=True)
     return rows
@@ -140,16 +173,24 @@ def main() -> None:
         rs = [r for r in lr_rows if r["model"] == m and r["optimizer"] == o]
         lrs = ", ".join(f"{r['lr_found']:.2g}" + ("" if r["reliable"] else "*") for r in rs)
         wins = sum(r["test_found"] >= r["test_default"] for r in rs)
-        print(f"| {m} | {o} | {lrs} | {pct(statistics.median(r['test_found'] for r in rs))} | "
-              f"{pct(statistics.median(r['test_default'] for r in rs))} | {wins}/{len(rs)} |")
-    print(f"\n### hpo ({args.hpo_trials} trials, TPE, median pruner) vs default config, {args.hpo_epochs} epochs\n")
-    print("| enqueue_defaults | seed | val default | val best | test default | test best | complete | pruned | "
-          "epochs run / without pruning | search s |")
+        print(
+            f"| {m} | {o} | {lrs} | {pct(statistics.median(r['test_found'] for r in rs))} | "
+            f"{pct(statistics.median(r['test_default'] for r in rs))} | {wins}/{len(rs)} |"
+        )
+    print(
+        f"\n### hpo ({args.hpo_trials} trials, TPE, median pruner) vs default config, {args.hpo_epochs} epochs\n"
+    )
+    print(
+        "| enqueue_defaults | seed | val default | val best | test default | test best | complete | pruned | "
+        "epochs run / without pruning | search s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in hpo_rows:
-        print(f"| {r['enqueue_defaults']} | {r['seed']} | {pct(r['val_default'])} | {pct(r['val_best'])} | "
-              f"{pct(r['test_default'])} | {pct(r['test_best'])} | {r['complete']} | {r['pruned']} | "
-              f"{r['epochs_run']} / {r['epochs_without_pruning']} | {r['search_s']} |")
+        print(
+            f"| {r['enqueue_defaults']} | {r['seed']} | {pct(r['val_default'])} | {pct(r['val_best'])} | "
+            f"{pct(r['test_default'])} | {pct(r['test_best'])} | {r['complete']} | {r['pruned']} | "
+            f"{r['epochs_run']} / {r['epochs_without_pruning']} | {r['search_s']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"lr_find": lr_rows, "hpo": hpo_rows}, indent=2))
 

@@ -41,8 +41,15 @@ from sweep_structured import first_line, model_kwargs  # noqa: E402
 
 STEPS = ("prune", "prune_channels", "drop_layers", "quantize", "reload", "export")
 #: a subset of architectures kept as slow tests (tests/test_coverage.py)
-REPRESENTATIVE = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121",
-                  "vit_b_32", "convnext_tiny")
+REPRESENTATIVE = (
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "densenet121",
+    "vit_b_32",
+    "convnext_tiny",
+)
 
 
 def stage_configs(scheme: str) -> list[dict[str, Any]]:
@@ -52,8 +59,16 @@ def stage_configs(scheme: str) -> list[dict[str, Any]]:
         {"type": "drop_layers", "count": 1, "importance": "similarity", "if_none": "skip"},
         # random-init networks on Gaussian inputs are not what the 20 dB SQNR gate is tuned for (some
         # efficientnets land at 17-19 dB); the sweep checks the mechanics, so it accepts 10 dB
-        {"type": "quantize", "scheme": scheme, "calibration_batches": 2,
-         **({"min_sqnr_db": 10.0} if scheme in ("int8_static", "qat", "onnxruntime_int8", "int8_dynamic") else {})},
+        {
+            "type": "quantize",
+            "scheme": scheme,
+            "calibration_batches": 2,
+            **(
+                {"min_sqnr_db": 10.0}
+                if scheme in ("int8_static", "qat", "onnxruntime_int8", "int8_dynamic")
+                else {}
+            ),
+        },
     ]
 
 
@@ -65,15 +80,33 @@ def build(name: str, out: Path, scheme: str) -> Any:
     from compress_cli.recipe import parse_yaml, validate
 
     kw, size = model_kwargs(name)
-    recipe = validate(parse_yaml(yaml.safe_dump({
-        "version": 1, "name": f"coverage-{name}", "seed": 0, "device": "cpu",
-        "model": {"source": f"torchvision:{name}", "kwargs": kw},
-        "data": {"source": "synthetic", "input_shape": [3, size, size], "num_classes": 10, "batch_size": 8,
-                 "eval_batch_size": 8, "calibration_batches": 2, "kwargs": {"train_size": 32, "test_size": 16}},
-        "measure": {"latency": None, "macs": False},
-        "stages": stage_configs(scheme),
-        "output": str(out),
-    }, sort_keys=False), "coverage.yaml"))
+    recipe = validate(
+        parse_yaml(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "name": f"coverage-{name}",
+                    "seed": 0,
+                    "device": "cpu",
+                    "model": {"source": f"torchvision:{name}", "kwargs": kw},
+                    "data": {
+                        "source": "synthetic",
+                        "input_shape": [3, size, size],
+                        "num_classes": 10,
+                        "batch_size": 8,
+                        "eval_batch_size": 8,
+                        "calibration_batches": 2,
+                        "kwargs": {"train_size": 32, "test_size": 16},
+                    },
+                    "measure": {"latency": None, "macs": False},
+                    "stages": stage_configs(scheme),
+                    "output": str(out),
+                },
+                sort_keys=False,
+            ),
+            "coverage.yaml",
+        )
+    )
     return build_state(recipe, torch.device("cpu"), out), recipe, size
 
 
@@ -116,7 +149,11 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             try:
                 info = fn() or ""
                 status = "refused" if info.startswith("refused:") else "pass"
-                row[key] = {"status": status, "info": info.removeprefix("refused: "), "s": round(time.perf_counter() - ts, 1)}
+                row[key] = {
+                    "status": status,
+                    "info": info.removeprefix("refused: "),
+                    "s": round(time.perf_counter() - ts, 1),
+                }
             except Exception as e:
                 row[key] = {"status": "fail", "info": first_line(e), "s": round(time.perf_counter() - ts, 1)}
 
@@ -130,7 +167,9 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                     check_finite(state)
                     outputs(state, x)
                 except Exception:
-                    state.model.load_state_dict(before, strict=False)  # best effort: go on from the last good model
+                    state.model.load_state_dict(
+                        before, strict=False
+                    )  # best effort: go on from the last good model
                     raise
                 note = res.notes or ""
                 if res.details.get("skipped"):
@@ -155,7 +194,9 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             cls = get_stage("export")
             cfg = cls.config_class(type="export", formats=["onnx"])
             entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
-            refused = unsupported_formats(["onnx"], entry["scheme"] if entry else None, entry and entry.get("backend"))
+            refused = unsupported_formats(
+                ["onnx"], entry["scheme"] if entry else None, entry and entry.get("backend")
+            )
             if refused:
                 return f"refused: {refused[0]}"
             info = cls(cfg, len(recipe.stages)).run(state).details["files"]["onnx"]
@@ -177,12 +218,16 @@ def cell(r: dict[str, Any], step: str, timeout: int) -> str:
     if s is None:
         return "-"
     text = s["info"].replace("|", "\\|").replace("\n", " ")
-    return {"pass": "pass", "refused": "refused", "fail": "FAIL"}[s["status"]] + (f": {text}" if text and s["status"] != "pass" else "")
+    return {"pass": "pass", "refused": "refused", "fail": "FAIL"}[s["status"]] + (
+        f": {text}" if text and s["status"] != "pass" else ""
+    )
 
 
 def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
-    counts = {st: {k: sum(1 for r in rows if r.get(st, {}).get("status") == k) for k in ("pass", "refused", "fail")}
-              for st in STEPS}
+    counts = {
+        st: {k: sum(1 for r in rows if r.get(st, {}).get("status") == k) for k in ("pass", "refused", "fail")}
+        for st in STEPS
+    }
     all_ok = sum(1 for r in rows if all(r.get(st, {}).get("status") in ("pass", "refused") for st in STEPS))
     timeouts = sum(1 for r in rows if "timeout" in r)
     lines = [
@@ -205,15 +250,24 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
         "|---|---|---|---|" + "---|" * len(STEPS),
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {r.get('s', '')} | "
-                     + " | ".join(cell(r, st, timeout) for st in STEPS) + " |")
+        lines.append(
+            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {r.get('s', '')} | "
+            + " | ".join(cell(r, st, timeout) for st in STEPS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def run_one(name: str, scheme: str, timeout: int) -> dict[str, Any]:
     try:
-        res = subprocess.run([sys.executable, __file__, "--one", name, "--scheme", scheme], capture_output=True,
-                             text=True, timeout=timeout, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        res = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--scheme", scheme],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
     except subprocess.TimeoutExpired:
         return {"model": name, "scheme": scheme, "timeout": True}
     got = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -15,10 +15,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def merge(results: Path, section: str) -> None:
-    text = results.read_text() if results.exists() else "# Benchmark results\n\nWritten by `make bench` (benchmarks/run.py).\n\n"
+    text = (
+        results.read_text()
+        if results.exists()
+        else "# Benchmark results\n\nWritten by `make bench` (benchmarks/run.py).\n\n"
+    )
     heading = section.splitlines()[0]
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section.rstrip() + "\n\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    text = (
+        pattern.sub(section.rstrip() + "\n\n", text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    )
     results.write_text(text)
 
 

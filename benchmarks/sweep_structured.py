@@ -90,7 +90,9 @@ def one(name: str) -> dict:
             if step == "prune_channels":
                 res = prune_channels(model, x[:1], ratio=0.3)
                 macs1 = count_macs(model, x[:1])
-                info = f"{res.channels_removed} ch removed, MACs x{macs1 / macs0:.2f}" if macs0 and macs1 else ""
+                info = (
+                    f"{res.channels_removed} ch removed, MACs x{macs1 / macs0:.2f}" if macs0 and macs1 else ""
+                )
             else:
                 calib = [(x, torch.tensor([0, 1]))]
                 cands, chosen = drop_layers(model, x[:1], calib, criterion="similarity", count=1)
@@ -126,7 +128,9 @@ def table(rows: list[dict], timeout: int) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {cell(r, 'prune_channels')} | {cell(r, 'drop_layers')} |")
+        lines.append(
+            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {cell(r, 'prune_channels')} | {cell(r, 'drop_layers')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +156,13 @@ def main() -> int:
             rows.append(done[name])
             continue
         try:
-            res = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                                 timeout=args.timeout, cwd=ROOT)
+            res = subprocess.run(
+                [sys.executable, __file__, "--one", name],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+                cwd=ROOT,
+            )
             got = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             if got:
                 row = json.loads(got[-1][7:])

@@ -27,8 +27,14 @@ def load(path: str | Path) -> nn.Module:
     return _load(path)
 
 
-def run(recipe: str | Path, *, overrides: list[str] | None = None, force: bool = False, device: str | None = None,
-        output: str | None = None) -> dict[str, Any]:
+def run(
+    recipe: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    device: str | None = None,
+    output: str | None = None,
+) -> dict[str, Any]:
     """Validate and run a recipe file; returns the report (as written to report.json)."""
     from .pipeline import run_recipe
     from .recipe import load_recipe

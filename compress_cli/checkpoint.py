@@ -62,10 +62,47 @@ def atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- module specs
 # Constructor arguments read back from standard layers, so a changed layer can be rebuilt.
 _CTOR_ARGS: dict[str, tuple[str, ...]] = {
-    "Conv1d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
-    "Conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
-    "Conv3d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
-    "ConvTranspose2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "groups", "dilation", "padding_mode"),
+    "Conv1d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
+    "Conv2d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
+    "Conv3d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
+    "ConvTranspose2d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "output_padding",
+        "groups",
+        "dilation",
+        "padding_mode",
+    ),
     "Linear": ("in_features", "out_features"),
     "BatchNorm1d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     "BatchNorm2d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
@@ -178,7 +215,9 @@ def _apply_patch(m: nn.Module, args: dict[str, Any]) -> None:
         elif b is not None:
             m._buffers[k] = torch.zeros(shape, dtype=b.dtype)
         else:
-            raise SourceError(f"manifest resizes tensor {k!r} of a {type(m).__name__}, which it does not have")
+            raise SourceError(
+                f"manifest resizes tensor {k!r} of a {type(m).__name__}, which it does not have"
+            )
 
 
 def build_module(spec: dict[str, Any]) -> nn.Module:
@@ -193,7 +232,9 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
         return _EXTRA_SPECS[cls][1](spec["args"])
     if cls not in _CTOR_ARGS:
         raise SourceError(f"manifest names module class {cls!r}, which this version cannot rebuild")
-    args = {k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v for k, v in spec["args"].items()}
+    args = {
+        k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v for k, v in spec["args"].items()
+    }
     if cls == "Conv2d" and isinstance(args.get("padding"), str):
         pass
     return getattr(nn, cls)(**args)
@@ -232,8 +273,11 @@ def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any
     cur_names = {n for n, _ in current.named_modules()}
     for name in base_mods:
         parent = name.rpartition(".")[0]
-        if name and name not in cur_names and (not parent or parent in cur_names) and not any(
-            name.startswith(p + ".") for p in replaced
+        if (
+            name
+            and name not in cur_names
+            and (not parent or parent in cur_names)
+            and not any(name.startswith(p + ".") for p in replaced)
         ):
             diff.append({"path": name, "class": "__deleted__", "args": {}})
     return diff
@@ -246,14 +290,18 @@ def apply_architecture_diff(model: nn.Module, diff: list[dict[str, Any]]) -> nn.
             try:
                 target = model.get_submodule(path) if path else model
             except AttributeError:
-                raise SourceError(f"manifest edits module {path!r}, which the model source does not have") from None
+                raise SourceError(
+                    f"manifest edits module {path!r}, which the model source does not have"
+                ) from None
             _apply_patch(target, item["args"])
             continue
         parent_name, _, child = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
         except AttributeError:
-            raise SourceError(f"manifest edits module {path!r}, which the model source does not have") from None
+            raise SourceError(
+                f"manifest edits module {path!r}, which the model source does not have"
+            ) from None
         if item["class"] == "__deleted__":
             delattr(parent, child)
         else:
@@ -297,7 +345,9 @@ def restore_transforms(state: Any) -> None:
             _import_transform_provider(t["type"])
         fn = _RESTORERS.get(t["type"])
         if fn is None:
-            raise SourceError(f"snapshot needs transform {t['type']!r}, which cannot be restored by this version")
+            raise SourceError(
+                f"snapshot needs transform {t['type']!r}, which cannot be restored by this version"
+            )
         fn(state, t)
 
 
@@ -421,7 +471,9 @@ def _widen(token: str, vals: Any) -> Any:
     return vals.view(np.float16).astype(np.float32).view(np.uint32)
 
 
-def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[str], dict[str, Any], dict[str, Any], int]:
+def _encode_values(
+    vals: Any, rows: int | None, allow_rows: bool
+) -> tuple[list[str], dict[str, Any], dict[str, Any], int]:
     """Best of (as is | shuffle) / palette / rowpalette for a flat bit-pattern array, after
     narrowing float32 values that are exactly 16-bit floats. -> (tokens, meta, parts, est. bytes)."""
     import numpy as np
@@ -456,7 +508,12 @@ def _encode_values(vals: Any, rows: int | None, allow_rows: bool) -> tuple[list[
                     for i, p in enumerate(table_rows):
                         table[i, : len(p[0])] = p[0]  # type: ignore[index]
                     idx = np.concatenate([p[1] for p in table_rows])  # type: ignore[index]
-                    best = (["rowpalette"], {"bits": bits}, {"palette": table, **_index_stream(idx, bits)}, size)
+                    best = (
+                        ["rowpalette"],
+                        {"bits": bits},
+                        {"palette": table, **_index_stream(idx, bits)},
+                        size,
+                    )
         if allow_rows and rows and rows > 1 and item == 4 and best[0] != ["palette"]:
             grid = _rowgrid(vals.view(np.float32).reshape(rows, -1))
             if grid is not None and n + 4 * rows < best[3]:
@@ -542,7 +599,9 @@ def encode_tensor(name: str, t: torch.Tensor) -> tuple[dict[str, Any], dict[str,
     nnz = int(nz.sum())
     if nnz <= n - n // 4:
         gaps = encode_gaps(nz)
-        pos_kind, pos_part, pos_size = ("gaps", gaps, gaps.size) if gaps.size < n / 5 else ("sparse", np.packbits(nz), math.ceil(n / 8))
+        pos_kind, pos_part, pos_size = (
+            ("gaps", gaps, gaps.size) if gaps.size < n / 5 else ("sparse", np.packbits(nz), math.ceil(n / 8))
+        )
         s_enc, s_meta, s_parts, s_size = _encode_values(arr[nz], None, allow_rows=False)
         n_neg = int(negzero.sum())
         if n_neg:  # -0.0 among the zeros: their positions too, so decoding stays bit-exact
@@ -589,8 +648,14 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     bview = _BITS_VIEW[item]
     nvals = meta.get("nnz", n)
     if "rowgrid" in enc:
-        q, scale = (np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x) for x in (parts["q"], parts["scale"]))
-        values = (q.astype(np.float32).reshape(shape[0], -1) * scale.astype(np.float32)[:, None]).reshape(-1).view(bview)
+        q, scale = (
+            np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x) for x in (parts["q"], parts["scale"])
+        )
+        values = (
+            (q.astype(np.float32).reshape(shape[0], -1) * scale.astype(np.float32)[:, None])
+            .reshape(-1)
+            .view(bview)
+        )
     elif "palette" in enc:
         pal = _as_bits(parts["palette"]).astype(bview, copy=False)
         values = pal[_indices(parts, meta["bits"], nvals)]
@@ -599,14 +664,19 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
         idx = _indices(parts, meta["bits"], nvals).reshape(table.shape[0], -1)
         values = np.take_along_axis(table, idx, axis=1).reshape(-1)
     elif "shuffle" in enc:
-        values = np.ascontiguousarray(_as_bits(parts["planes"]).reshape(item, nvals).T).view(bview).reshape(-1)
+        values = (
+            np.ascontiguousarray(_as_bits(parts["planes"]).reshape(item, nvals).T).view(bview).reshape(-1)
+        )
     else:
         values = _as_bits(parts["values"]).reshape(-1)
     if narrow:
         values = _widen(narrow, values)
     if "sparse" in enc or "gaps" in enc:
-        mask = (decode_gaps(_as_bits(parts["gaps"]), n) if "gaps" in enc
-                else np.unpackbits(_as_bits(parts["mask"]))[:n].astype(bool))
+        mask = (
+            decode_gaps(_as_bits(parts["gaps"]), n)
+            if "gaps" in enc
+            else np.unpackbits(_as_bits(parts["mask"]))[:n].astype(bool)
+        )
         full = np.zeros(n, dtype=values.dtype)
         full[mask] = values
         if meta.get("negzero"):
@@ -631,7 +701,9 @@ def encode_state_dict(sd: dict[str, torch.Tensor], compression: str = "auto") ->
         index[name] = meta
         for suffix, arr in parts.items():
             key = f"{name}::{suffix}" if suffix else name
-            tensors[key] = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arr))
+            tensors[key] = (
+                arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arr))
+            )
     blob = save(tensors, metadata={"index": json.dumps(index, separators=(",", ":"))})
     if compression == "auto":
         compression = "lzma" if len(blob) <= LZMA_MAX_BYTES else "zstd"
@@ -793,7 +865,9 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SourceError(f"{d / MANIFEST}: not a {FORMAT} manifest")
     if manifest.get("version", 0) > FORMAT_VERSION:
-        raise SourceError(f"{d / MANIFEST}: format version {manifest['version']} is newer than this tool supports")
+        raise SourceError(
+            f"{d / MANIFEST}: format version {manifest['version']} is newer than this tool supports"
+        )
     return manifest
 
 
@@ -841,7 +915,9 @@ def load(directory: Path | str, apply_transforms: bool = True) -> nn.Module:
             _import_transform_provider(t["type"])
             fn = _TRANSFORMS.get(t["type"])
         if fn is None:
-            raise SourceError(f"{directory}: manifest needs load transform {t['type']!r}, unknown to this version")
+            raise SourceError(
+                f"{directory}: manifest needs load transform {t['type']!r}, unknown to this version"
+            )
         model = fn(model, t, sd)
     return model.eval()
 

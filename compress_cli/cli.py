@@ -44,8 +44,13 @@ class Renderer:
         self.c = console
         self.quiet = quiet
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True, disable=quiet,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=quiet,
         )
         self.task: Any = None
 
@@ -105,12 +110,16 @@ def report_table(report: dict[str, Any]) -> Table:
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
-    output: str | None = typer.Option(None, "--output", "-o", help="output directory (default from the recipe)"),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="output directory (default from the recipe)"
+    ),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
-    as_json: bool = typer.Option(False, "--json", help="print the final report as JSON on stdout (nothing else)"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the final report as JSON on stdout (nothing else)"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -119,7 +128,9 @@ def run(
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
-    overrides = list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
+    overrides = (
+        list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
+    )
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = Renderer(err, quiet or secondary or as_json and not sys.stderr.isatty())
     try:
@@ -128,7 +139,9 @@ def run(
     except CompressError as e:
         renderer.stop()
         if e.exit_code == 130:
-            e.problems.append(f"to resume: run the same command again with --resume (compress run {recipe} ... --resume)")
+            e.problems.append(
+                f"to resume: run the same command again with --resume (compress run {recipe} ... --resume)"
+            )
         _fail(e, debug)
     except KeyboardInterrupt:
         renderer.stop()
@@ -157,8 +170,10 @@ def validate(
 
     try:
         r, _ = load_recipe(recipe, list(set_))
-        out.print(f"[green]ok[/green] {recipe}: {r.name}, {len(r.stages)} stage(s): "
-                  + ", ".join(s.type for s in r.stages))
+        out.print(
+            f"[green]ok[/green] {recipe}: {r.name}, {len(r.stages)} stage(s): "
+            + ", ".join(s.type for s in r.stages)
+        )
         if model:
             from .dryrun import dry_run
 
@@ -208,8 +223,10 @@ def schema() -> None:
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="checkpoint file or compressed model directory"),
-            debug: bool = typer.Option(False, "--debug")) -> None:
+def inspect(
+    path: Path = typer.Argument(..., help="checkpoint file or compressed model directory"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
     """Params, nonzeros, sparsity, size and per-layer summary of a checkpoint or model directory."""
     from .inspect import inspect_path
 
@@ -220,13 +237,21 @@ def inspect(path: Path = typer.Argument(..., help="checkpoint file or compressed
     from .report import human_bytes
 
     out.print(f"[bold]{path}[/bold]: {info['kind']}, {human_bytes(info['size_bytes'])} on disk")
-    out.print(f"params {info['params']:,} · nonzero {info['nonzero_params']:,} · sparsity {info['sparsity'] * 100:.1f}%")
+    out.print(
+        f"params {info['params']:,} · nonzero {info['nonzero_params']:,} · sparsity {info['sparsity'] * 100:.1f}%"
+    )
     t = Table()
     for c in ("tensor", "shape", "dtype", "nonzero", "sparsity", "encoding"):
         t.add_column(c, justify="left" if c in ("tensor", "encoding", "dtype") else "right")
     for row in info["tensors"]:
-        t.add_row(row["name"], "×".join(map(str, row["shape"])), row["dtype"], f"{row['nonzero']:,}",
-                  f"{row['sparsity'] * 100:.1f}%", row.get("encoding", ""))
+        t.add_row(
+            row["name"],
+            "×".join(map(str, row["shape"])),
+            row["dtype"],
+            f"{row['nonzero']:,}",
+            f"{row['sparsity'] * 100:.1f}%",
+            row.get("encoding", ""),
+        )
     out.print(t)
 
 

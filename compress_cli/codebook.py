@@ -44,7 +44,9 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Ten
     edges = None
     for _ in range(iters):
         c = torch.sort(c).values
-        ends = torch.cat([torch.searchsorted(vs, (c[1:] + c[:-1]) / 2, right=True), vs.new_tensor([n], dtype=torch.long)])
+        ends = torch.cat(
+            [torch.searchsorted(vs, (c[1:] + c[:-1]) / 2, right=True), vs.new_tensor([n], dtype=torch.long)]
+        )
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
         counts = ends - starts
         empty = (counts == 0).nonzero().flatten().tolist()

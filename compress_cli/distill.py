@@ -55,13 +55,19 @@ def kd_loss(
             raise StageError("distillation with alpha > 0 needs the teacher's logits")
         t = teacher_logits.float().detach()
         if t.shape != s.shape:
-            raise StageError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+            raise StageError(
+                f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape"
+            )
         T = float(temperature)
-        kl = F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True)
+        kl = F.kl_div(
+            F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
+        )
         total = alpha * T * T * kl
     if alpha < 1:
         if targets is None:
-            raise StageError("alpha < 1 needs labels for the cross-entropy term (use alpha: 1 on unlabelled data)")
+            raise StageError(
+                "alpha < 1 needs labels for the cross-entropy term (use alpha: 1 on unlabelled data)"
+            )
         ce = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
         total = (1 - alpha) * ce if total is None else total + (1 - alpha) * ce
     assert total is not None  # alpha is in [0, 1]: one of the terms ran
@@ -80,7 +86,9 @@ class FeatureTap:
         self._handles = []
         for name in dict.fromkeys(names):
             if name not in mods or not name:
-                raise StageError(f"features: the {role} has no layer {name!r}{suggest(name, [n for n in mods if n])}")
+                raise StageError(
+                    f"features: the {role} has no layer {name!r}{suggest(name, [n for n in mods if n])}"
+                )
             self._handles.append(mods[name].register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -113,15 +121,19 @@ def make_projection(student_shape: tuple[int, ...], teacher_shape: tuple[int, ..
     from torch import nn
 
     if len(student_shape) != len(teacher_shape):
-        raise StageError(f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
-                         "have different ranks")
+        raise StageError(
+            f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
+            "have different ranks"
+        )
     if len(teacher_shape) == 4:
         cs, ct = student_shape[1], teacher_shape[1]
         return None if cs == ct else nn.Conv2d(cs, ct, 1, bias=False)
     ws, wt = student_shape[-1], teacher_shape[-1]
     if student_shape[1:-1] != teacher_shape[1:-1]:
-        raise StageError(f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
-                         "differ in more than their last dimension")
+        raise StageError(
+            f"features: student output {list(student_shape)} and teacher output {list(teacher_shape)} "
+            "differ in more than their last dimension"
+        )
     return None if ws == wt else nn.Linear(ws, wt, bias=False)
 
 
@@ -132,8 +144,14 @@ class FeatureMatcher:
     of ``example`` through both models; the projections start from a seeded random init.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str, float]],
-                 example: torch.Tensor, device: torch.device):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: list[tuple[str, str, float]],
+        example: torch.Tensor,
+        device: torch.device,
+    ):
         import torch
         from torch import nn
 
@@ -160,9 +178,16 @@ class FeatureMatcher:
                     t_shape = tuple(self.t_tap.get(t_name).shape)
                     proj = make_projection(s_shape, t_shape)
                     self.projections.append(proj if proj is not None else nn.Identity())
-                    self.shapes.append({"student": s_name, "teacher": t_name, "weight": w,
-                                        "student_shape": list(s_shape[1:]), "teacher_shape": list(t_shape[1:]),
-                                        "projection": type(proj).__name__ if proj is not None else None})
+                    self.shapes.append(
+                        {
+                            "student": s_name,
+                            "teacher": t_name,
+                            "weight": w,
+                            "student_shape": list(s_shape[1:]),
+                            "teacher_shape": list(t_shape[1:]),
+                            "projection": type(proj).__name__ if proj is not None else None,
+                        }
+                    )
             self.projections.to(device)
         except Exception:
             self.close()
@@ -254,7 +279,11 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def teacher_logit_cache(
-    teacher: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int = 0,
+    teacher: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, classes), labels (N,)) of the teacher over ``dataset`` in order, on ``device``.
 
@@ -263,8 +292,12 @@ def teacher_logit_cache(
     import torch
     from torch.utils.data import DataLoader
 
-    loader: DataLoader = DataLoader(LabelledView(dataset), batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
-                                    num_workers=num_workers)
+    loader: DataLoader = DataLoader(
+        LabelledView(dataset),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
     logits: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     teacher.eval()

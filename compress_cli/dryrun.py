@@ -12,9 +12,11 @@ def dry_run(recipe: Recipe) -> list[str]:
     state = build_state(recipe, resolve_device(recipe.device), recipe.output_dir())
     n = sum(p.numel() for p in state.model.parameters())
     n_train, n_test = len(state.data.train_dataset), len(state.data.test_dataset)  # type: ignore[arg-type]
-    lines = [f"model {recipe.model.source}: {n:,} parameters; data {recipe.data.source}: "
-             f"{n_train} train / {n_test} test, "
-             f"input {list(state.data.input_shape)}, {state.data.num_classes} classes"]
+    lines = [
+        f"model {recipe.model.source}: {n:,} parameters; data {recipe.data.source}: "
+        f"{n_train} train / {n_test} test, "
+        f"input {list(state.data.input_shape)}, {state.data.num_classes} classes"
+    ]
     for i, cfg in enumerate(recipe.stages, start=1):
         stage = get_stage(cfg.type)(cfg, i)
         lines.append(f"{i}. {stage.name}")

@@ -17,24 +17,41 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMATS = ("onnx", "torch_export", "torchscript")
-_PT2E_LOAD = ("loading the .pt2 needs torchao's quantized ops registered first: "
-              "import torchao.quantization.pt2e  # then torch.export.load(path)")
+_PT2E_LOAD = (
+    "loading the .pt2 needs torchao's quantized ops registered first: "
+    "import torchao.quantization.pt2e  # then torch.export.load(path)"
+)
 #: quantization scheme -> (formats its model exports to, why the others cannot take it)
 BY_SCHEME: dict[str | None, tuple[tuple[str, ...], str]] = {
     None: (FORMATS, ""),
     "fp16": (FORMATS, ""),
     "bf16": (FORMATS, ""),
-    "int8_dynamic": (("torchscript",), "torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
-                     "mapping and their packed weights do not pass torch.export"),
-    "int8_static": (("torch_export",), "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
-                    "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)"),
-    "qat": (("torch_export",), "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
-            "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)"),
+    "int8_dynamic": (
+        ("torchscript",),
+        "torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
+        "mapping and their packed weights do not pass torch.export",
+    ),
+    "int8_static": (
+        ("torch_export",),
+        "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
+        "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)",
+    ),
+    "qat": (
+        ("torch_export",),
+        "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
+        "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)",
+    ),
     "onnxruntime_int8": (("onnx",), "the model is an ONNX Runtime int8 graph (QDQ): it exists only as ONNX"),
-    "int8_weight_only": ((), "torchao's weight-only tensor subclasses are not exported by this stage yet; "
-                         "the checkpoint reloads with compress_cli.load() on CUDA"),
-    "int4_weight_only": ((), "torchao's weight-only tensor subclasses are not exported by this stage yet; "
-                         "the checkpoint reloads with compress_cli.load() on CUDA"),
+    "int8_weight_only": (
+        (),
+        "torchao's weight-only tensor subclasses are not exported by this stage yet; "
+        "the checkpoint reloads with compress_cli.load() on CUDA",
+    ),
+    "int4_weight_only": (
+        (),
+        "torchao's weight-only tensor subclasses are not exported by this stage yet; "
+        "the checkpoint reloads with compress_cli.load() on CUDA",
+    ),
 }
 
 
@@ -43,11 +60,19 @@ def unsupported_formats(formats: list[str], scheme: str | None, backend: str | N
     ok, why = BY_SCHEME.get(scheme, (FORMATS, ""))
     if scheme == "int8_static" and backend == "fx":  # torch.ao FX modules trace like eager ones
         ok, why = ("torchscript",), "the torch.ao FX int8 model exports to TorchScript only"
-    return [f"format {f} is not available after quantize scheme {scheme}: {why}" for f in formats if f not in ok]
+    return [
+        f"format {f} is not available after quantize scheme {scheme}: {why}" for f in formats if f not in ok
+    ]
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 18, dynamic_batch: bool = True,
-               exporters: Sequence[str] = ("dynamo", "legacy")) -> tuple[bytes, str]:
+def onnx_bytes(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    exporters: Sequence[str] = ("dynamo", "legacy"),
+) -> tuple[bytes, str]:
     """The model as ONNX (input ``input``, output ``logits``) -> (file bytes, exporter used).
 
     ``exporters`` are tried in order: ``dynamo`` (torch's dynamo-based exporter, where torch is
@@ -61,11 +86,15 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 18, dyna
         try:
             return _onnx_once(model, example, exporter, opset, dynamic_batch), exporter
         except Exception as e:
-            errors.append(f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            errors.append(
+                f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
     raise StageError("ONNX export failed (" + "; ".join(errors) + ")")
 
 
-def _onnx_once(model: nn.Module, example: torch.Tensor, exporter: str, opset: int, dynamic_batch: bool) -> bytes:
+def _onnx_once(
+    model: nn.Module, example: torch.Tensor, exporter: str, opset: int, dynamic_batch: bool
+) -> bytes:
     import io
 
     import torch
@@ -75,22 +104,45 @@ def _onnx_once(model: nn.Module, example: torch.Tensor, exporter: str, opset: in
     if exporter == "dynamo":
         shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         with torch.no_grad(), quiet():
-            prog = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
-                                     opset_version=max(opset, 18), input_names=["input"],
-                                     output_names=["logits"], verbose=False, optimize=True)
+            prog = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                dynamic_shapes=shapes,
+                opset_version=max(opset, 18),
+                input_names=["input"],
+                output_names=["logits"],
+                verbose=False,
+                optimize=True,
+            )
         assert prog is not None
         return prog.model_proto.SerializeToString()
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
     with torch.no_grad(), quiet():
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=min(opset, 20),  # type: ignore[arg-type]
-                          input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,  # type: ignore[arg-type]  # a file object is accepted
+            dynamo=False,
+            opset_version=min(opset, 20),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
     return buf.getvalue()
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: int = 18,
-                dynamic_batch: bool = True, exporter: str = "auto") -> str:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    exporter: str = "auto",
+) -> str:
     """Write ``path`` (see :func:`onnx_bytes`); returns the exporter used ('dynamo' or 'legacy')."""
     from .checkpoint import atomic_write_bytes
 
@@ -131,7 +183,9 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: Path, dynamic_ba
     try:
         ep = torch.export.export(model, (example,), dynamic_shapes=shapes)
     except Exception as e:
-        raise StageError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise StageError(
+            f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     ep = strip_unused_constants(ep)
     torch.export.save(ep, str(path))
     return ep
@@ -158,7 +212,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> A
             ts = torch.jit.trace(model.eval(), example)
         torch.jit.save(ts, str(path))
     except Exception as e:
-        raise StageError(f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise StageError(
+            f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return ts
 
 

@@ -58,7 +58,9 @@ def isolated_rng(seed: int) -> Iterator[None]:
     import torch
 
     py, npst = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
     with torch.random.fork_rng(devices=devices):
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -156,13 +158,17 @@ def open_storage(url: str | None, heartbeat_s: int | None) -> Any:
         try:
             return optuna.storages.RDBStorage(url, **kw)
         except ImportError as e:
-            raise StageError(f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL "
-                             "install the 'postgres' extra (psycopg2-binary)") from None
+            raise StageError(
+                f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL "
+                "install the 'postgres' extra (psycopg2-binary)"
+            ) from None
         except Exception as e:
             last = e
             time.sleep(0.5 + random.random() * (attempt + 1))
-    raise StageError(f"storage {redact(url)}: cannot open the study database: {type(last).__name__}: "
-                     f"{str(last).splitlines()[0] if str(last) else ''}") from None
+    raise StageError(
+        f"storage {redact(url)}: cannot open the study database: {type(last).__name__}: "
+        f"{str(last).splitlines()[0] if str(last) else ''}"
+    ) from None
 
 
 def make_sampler(cfg: HpoConfig, seed: int, shared: bool) -> Any:
@@ -175,18 +181,21 @@ def make_sampler(cfg: HpoConfig, seed: int, shared: bool) -> Any:
             import cmaes  # noqa: F401
         except ImportError:
             raise StageError("sampler cmaes needs the 'cmaes' package (pip install cmaes)") from None
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials,
-                                            warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials,
-                                      constant_liar=shared)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=cfg.sampler_startup_trials, warn_independent_sampling=False
+        )
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=cfg.sampler_startup_trials, constant_liar=shared
+    )
 
 
 def make_pruner(cfg: HpoConfig) -> Any:
     import optuna
 
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
-                                           n_warmup_steps=cfg.pruner_warmup_epochs)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
+        )
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -310,8 +319,11 @@ class Search:
         if not all(math.isfinite(v) for v in values):
             return self._fail(trial, f"objective is not finite: {values}")
         self.keep(trial.number, Outcome(sub, values))
-        self.state.emit("message", text=f"{self.stage.name}: trial {trial.number} "
-                        + ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, values, strict=True)))
+        self.state.emit(
+            "message",
+            text=f"{self.stage.name}: trial {trial.number} "
+            + ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, values, strict=True)),
+        )
         return values
 
     def _fail(self, trial: Any, message: str) -> Any:
@@ -333,7 +345,9 @@ class Search:
             if o == "accuracy":
                 out.append(float(evaluate(runner, sub.data.loader("val"), sub.data.num_classes)["accuracy"]))
             elif o == "latency_ms":
-                lat = getattr(getattr(sub.recipe, "measure", None), "latency", None) or LatencyConfig.model_validate({})
+                lat = getattr(
+                    getattr(sub.recipe, "measure", None), "latency", None
+                ) or LatencyConfig.model_validate({})
                 lat = lat.model_copy(update={"batch_sizes": [lat.batch_sizes[0]]})
                 out.append(float(latency(runner, sub.data.input_shape, lat, sub.seed)["latency_ms"]))
             elif o == "size_bytes":
@@ -354,13 +368,20 @@ class Search:
             best = max(self.kept, key=lambda n: (sign * self.kept[n].values[0], -n))
             self.kept = {best: self.kept[best]}
         else:
-            keep = {n: o for n, o in self.kept.items()
-                    if not any(self._dominates(p.values, o.values) for m, p in self.kept.items() if m != n)}
+            keep = {
+                n: o
+                for n, o in self.kept.items()
+                if not any(self._dominates(p.values, o.values) for m, p in self.kept.items() if m != n)
+            }
             self.kept = keep
 
     def _dominates(self, a: list[float], b: list[float]) -> bool:
-        better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, self.directions, strict=True)]
-        strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, self.directions, strict=True)]
+        better = [
+            (x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, self.directions, strict=True)
+        ]
+        strictly = [
+            (x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, self.directions, strict=True)
+        ]
         return all(better) and any(strictly)
 
     def defaults(self) -> dict[str, Any]:
@@ -385,8 +406,10 @@ class Search:
 
         cfg, state = self.cfg, self.state
         if distributed.active():
-            raise StageError("hpo runs its trials in one process; under torchrun start separate `compress run` "
-                             "workers that share a storage instead (see docs/tuning.md)")
+            raise StageError(
+                "hpo runs its trials in one process; under torchrun start separate `compress run` "
+                "workers that share a storage instead (see docs/tuning.md)"
+            )
         url = storage_url(cfg.storage, state, self.stage.index)
         shared = cfg.storage not in (None, "memory")
         recipe_name = getattr(state.recipe, "name", None) or "compress"
@@ -405,14 +428,22 @@ class Search:
                 seed = zlib.crc32(f"{seed}:{self.worker}".encode())
             try:
                 self.study = optuna.create_study(
-                    storage=storage, study_name=study_name, directions=self.directions,  # type: ignore[arg-type]
-                    sampler=make_sampler(cfg, seed, shared), pruner=make_pruner(cfg), load_if_exists=True,
+                    storage=storage,
+                    study_name=study_name,
+                    directions=self.directions,  # type: ignore[arg-type]
+                    sampler=make_sampler(cfg, seed, shared),
+                    pruner=make_pruner(cfg),
+                    load_if_exists=True,
                 )
             except ValueError as e:
                 raise StageError(f"study {study_name!r} in {redact(url)}: {e}") from None
-            if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
-                raise StageError(f"study {study_name!r} in {redact(url)} was created with other objectives; "
-                                 "use another study_name")
+            if list(self.study.directions) != [
+                optuna.study.StudyDirection[d.upper()] for d in self.directions
+            ]:
+                raise StageError(
+                    f"study {study_name!r} in {redact(url)} was created with other objectives; "
+                    "use another study_name"
+                )
 
             if cfg.enqueue_defaults and not self.study.get_trials(deepcopy=False):
                 defaults = self.defaults()
@@ -428,8 +459,12 @@ class Search:
             if cfg.n_trials is None or ran_before < cfg.n_trials:
                 with sigterm_as_interrupt():
                     self.study.optimize(
-                        self.run_trial, timeout=cfg.timeout_s, callbacks=[stop_when_done], catch=(StageError,),
-                        gc_after_trial=False, show_progress_bar=False,
+                        self.run_trial,
+                        timeout=cfg.timeout_s,
+                        callbacks=[stop_when_done],
+                        catch=(StageError,),
+                        gc_after_trial=False,
+                        show_progress_bar=False,
                     )
             return self.finish(study_name, url, time.perf_counter() - t0, ran_before)
 
@@ -441,13 +476,17 @@ class Search:
         cfg, state = self.cfg, self.state
         TS = optuna.trial.TrialState
         trials = [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow")]
-        counts = {name.lower(): sum(1 for t in trials if t.state == getattr(TS, name))
-                  for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+        counts = {
+            name.lower(): sum(1 for t in trials if t.state == getattr(TS, name))
+            for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+        }
         complete = [t for t in trials if t.state == TS.COMPLETE]
         if not complete:
             errors = sorted({str(t.user_attrs.get("error", "")) for t in trials if t.state == TS.FAIL} - {""})
-            raise StageError(f"no trial completed ({counts['pruned']} pruned, {counts['fail']} failed)"
-                             + (f"; errors: {' | '.join(errors[:3])}" if errors else ""))
+            raise StageError(
+                f"no trial completed ({counts['pruned']} pruned, {counts['fail']} failed)"
+                + (f"; errors: {' | '.join(errors[:3])}" if errors else "")
+            )
         if len(self.directions) == 1:
             best = self.study.best_trial
             front = [best]
@@ -458,13 +497,18 @@ class Search:
         outcome = self.kept.get(best.number)
         rerun = outcome is None
         if rerun:  # ran in another worker or an earlier run: run its parameters again here
-            state.emit("message", text=f"{self.stage.name}: best trial {best.number} ran elsewhere; "
-                                       "running its parameters here")
+            state.emit(
+                "message",
+                text=f"{self.stage.name}: best trial {best.number} ran elsewhere; "
+                "running its parameters here",
+            )
             fixed = optuna.trial.FixedTrial(best.params, number=best.number)
             try:
                 self.run_trial(fixed, rerun=True)
             except (StageError, optuna.TrialPruned) as e:
-                raise StageError(f"re-running the best trial {best.number} ({best.params}) failed: {e}") from None
+                raise StageError(
+                    f"re-running the best trial {best.number} ({best.params}) failed: {e}"
+                ) from None
             outcome = self.kept[best.number]
         assert outcome is not None
         sub = outcome.state
@@ -477,9 +521,11 @@ class Search:
         state.edits.record(self.stage.name, op="hpo", best_trial=best.number, params=dict(best.params))
         table = [_row(t, self.worker) for t in trials]
         obj = ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, best.values, strict=True))
-        notes = (f"{len(trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
-                 f"{counts['fail']} failed); best #{best.number}: {obj}; "
-                 + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+        notes = (
+            f"{len(trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
+            f"{counts['fail']} failed); best #{best.number}: {obj}; "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        )
         if rerun:
             notes += " (re-run here)"
         split = "val" if state.data.val_dataset is not None else "test (no validation split)"
@@ -494,13 +540,18 @@ class Search:
             "trials_before_this_run": ran_before,
             "ran_here": sum(1 for r in table if r.get("ran_here")),
             "search_seconds": round(seconds, 3),
-            "best": {"number": best.number, "values": list(best.values), "params": dict(best.params),
-                     "re_run_here": rerun},
+            "best": {
+                "number": best.number,
+                "values": list(best.values),
+                "params": dict(best.params),
+                "re_run_here": rerun,
+            },
             "trials": table,
         }
         if len(self.directions) > 1:
-            details["pareto_front"] = [{"number": t.number, "values": list(t.values), "params": dict(t.params)}
-                                       for t in front]
+            details["pareto_front"] = [
+                {"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in front
+            ]
             notes += f"; Pareto front: {len(front)} trial(s)"
         return StageResult(notes=notes, details=details)
 
@@ -510,7 +561,11 @@ def _fmt(v: Any) -> str:
 
 
 def _row(t: Any, worker: str) -> dict[str, Any]:
-    dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    dur = (
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        if t.datetime_complete and t.datetime_start
+        else None
+    )
     row: dict[str, Any] = {
         "number": t.number,
         "state": t.state.name.lower(),

@@ -14,7 +14,11 @@ def inspect_path(path: Path) -> dict[str, Any]:
 
     if is_model_dir(path):
         manifest, sd = load_parts(path)
-        kind, size, enc = f"compressed model ({manifest['model']['source']})", checkpoint_size(path), tensor_encodings(path)
+        kind, size, enc = (
+            f"compressed model ({manifest['model']['source']})",
+            checkpoint_size(path),
+            tensor_encodings(path),
+        )
     elif path.exists():
         obj = read_state_dict(path)
         if not isinstance(obj, dict):
@@ -29,7 +33,21 @@ def inspect_path(path: Path) -> dict[str, Any]:
         if t.is_floating_point() and not name.endswith(("running_mean", "running_var")):
             total += t.numel()
             nonzero += nz
-        rows.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                     "nonzero": nz, "sparsity": 1 - nz / t.numel() if t.numel() else 0.0, "encoding": enc.get(name, "")})
-    return {"kind": kind, "size_bytes": size, "params": total, "nonzero_params": nonzero,
-            "sparsity": 1 - nonzero / total if total else 0.0, "tensors": rows}
+        rows.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "nonzero": nz,
+                "sparsity": 1 - nz / t.numel() if t.numel() else 0.0,
+                "encoding": enc.get(name, ""),
+            }
+        )
+    return {
+        "kind": kind,
+        "size_bytes": size,
+        "params": total,
+        "nonzero_params": nonzero,
+        "sparsity": 1 - nonzero / total if total else 0.0,
+        "tensors": rows,
+    }

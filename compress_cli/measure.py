@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from .runners import Runner
 
 
-def evaluate(runner: Runner | Any, loader: DataLoader, num_classes: int, emit: Any = None) -> dict[str, float]:
+def evaluate(
+    runner: Runner | Any, loader: DataLoader, num_classes: int, emit: Any = None
+) -> dict[str, float]:
     """top-1 (and top-5 when more than 5 classes) accuracy as fractions, and mean CE loss."""
     import torch
     import torch.nn.functional as F
@@ -111,7 +113,9 @@ def time_calls(fn: Any, x: torch.Tensor, device: torch.device, warmup: int, iter
     return times
 
 
-def latency(runner: Runner, input_shape: tuple[int, ...], cfg: LatencyConfig, seed: int = 0) -> dict[str, Any]:
+def latency(
+    runner: Runner, input_shape: tuple[int, ...], cfg: LatencyConfig, seed: int = 0
+) -> dict[str, Any]:
     """p50/p90 latency (ms) at the first batch size, throughput (samples/s) at the last."""
     import torch
 

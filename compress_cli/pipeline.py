@@ -44,7 +44,9 @@ def resolve_device(spec: str) -> torch.device:
     dev = torch.device(spec)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {spec!r}: CUDA was requested but no CUDA device is available here (use cpu or auto)")
+            raise UsageError(
+                f"device {spec!r}: CUDA was requested but no CUDA device is available here (use cpu or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -67,7 +69,9 @@ def check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)")
+        raise UsageError(
+            f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)"
+        )
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is not None and not os.access(parent, os.W_OK):
         raise UsageError(f"output {out}: {parent} is not writable")
@@ -131,7 +135,9 @@ def check_model_fits_data(model: Any, data: Any) -> None:
             f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
         ) from None
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise SourceError(f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}")
+        raise SourceError(
+            f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
+        )
     if data.labelled and y.shape[1] != data.num_classes:
         raise SourceError(
             f"model outputs {y.shape[1]} classes but the data has {data.num_classes} (set model.kwargs.num_classes)"
@@ -203,7 +209,12 @@ def guard_violations(recipe: Recipe, m: dict[str, Any], base: dict[str, Any]) ->
 
 
 def run_recipe(
-    recipe: Recipe, *, force: bool = False, device: str | None = None, emit: Emit = _noop, resume: bool = False
+    recipe: Recipe,
+    *,
+    force: bool = False,
+    device: str | None = None,
+    emit: Emit = _noop,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every stage; write OUTPUT/{recipe.yaml, report.*, model/, stages/}. Returns the report.
 
@@ -254,7 +265,9 @@ class Run:
         if self.signal is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        self.emit("message", text=f"{signal.Signals(signum).name} received: finishing the current step, then saving")
+        self.emit(
+            "message", text=f"{signal.Signals(signum).name} received: finishing the current step, then saving"
+        )
 
     @contextmanager
     def _signals(self):
@@ -295,7 +308,9 @@ class Run:
         state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
         state.hparams = dict(saved["hparams"])
         state.transforms = list(saved["transforms"])
-        state.edits = EditLog([Edit(e.pop("stage"), e.pop("op"), e) for e in (dict(x) for x in saved["edits"])])
+        state.edits = EditLog(
+            [Edit(e.pop("stage"), e.pop("op"), e) for e in (dict(x) for x in saved["edits"])]
+        )
         state.model_spec = ModelConfig(**saved["model_spec"])
         state.runner = None
         restore_transforms(state)  # e.g. quantize: the int8 runtime and its runner
@@ -304,7 +319,9 @@ class Run:
         """(last complete stage index, their report entries, baseline) or a UsageError."""
         base = self.snap_root / "00-baseline" / "state.json"
         if not base.is_file():
-            raise UsageError(f"--resume: no snapshot in {self.snap_root} to resume from (run without --resume)")
+            raise UsageError(
+                f"--resume: no snapshot in {self.snap_root} to resume from (run without --resume)"
+            )
         saved = json.loads(base.read_text())
         if saved.get("top_digest") != top_digest(self.recipe):
             raise UsageError(
@@ -319,17 +336,26 @@ class Run:
                 break
             snap = json.loads(f.read_text())
             if snap.get("stage") != stage_dump(cfg):
-                changed = sorted(k for k in set(snap.get("stage", {})) | set(stage_dump(cfg))
-                                 if snap.get("stage", {}).get(k) != stage_dump(cfg).get(k))
+                changed = sorted(
+                    k
+                    for k in set(snap.get("stage", {})) | set(stage_dump(cfg))
+                    if snap.get("stage", {}).get(k) != stage_dump(cfg).get(k)
+                )
                 raise UsageError(
                     f"--resume: stages[{i - 1}] ({cfg.type}) differs from its snapshot (changed: {', '.join(changed)}); "
                     "run without --resume (with --force) to start over"
                 )
             entries.append(snap["entry"])
             last = i
-        stray = [p.name for p in self.snap_root.iterdir() if p.is_dir() and p.name[:2].isdigit() and int(p.name[:2]) > len(self.recipe.stages)]
+        stray = [
+            p.name
+            for p in self.snap_root.iterdir()
+            if p.is_dir() and p.name[:2].isdigit() and int(p.name[:2]) > len(self.recipe.stages)
+        ]
         if stray:
-            raise UsageError(f"--resume: snapshots {', '.join(sorted(stray))} belong to stages the recipe no longer has")
+            raise UsageError(
+                f"--resume: snapshots {', '.join(sorted(stray))} belong to stages the recipe no longer has"
+            )
         return last, entries, saved["baseline"]
 
     # -- the run ----------------------------------------------------------------------------
@@ -347,11 +373,17 @@ class Run:
         elif main:
             check_output(out, force)
         self.emit("setup", recipe=recipe.name, device=str(dev), output=str(out))
-        state = build_state(recipe, dev, out, self.emit)  # bad model/data fail here, before anything is written
+        state = build_state(
+            recipe, dev, out, self.emit
+        )  # bad model/data fail here, before anything is written
         state.should_stop = self.should_stop
         report: dict[str, Any] = {
-            "recipe": recipe.name, "tool_version": __version__, "device": str(dev), "seed": recipe.seed,
-            "output": str(out), "stages": [],
+            "recipe": recipe.name,
+            "tool_version": __version__,
+            "device": str(dev),
+            "seed": recipe.seed,
+            "output": str(out),
+            "stages": [],
         }
         if not main:
             distributed.barrier()
@@ -393,8 +425,11 @@ class Run:
         baseline = report["baseline"]
         # the latest snapshot that satisfies every guard: what a failed guard leaves as the result
         ok = [(0, self.snap_root / "00-baseline")] if not baseline["guard_violations"] else []
-        ok += [(e["index"], self._stage_dir(e["index"], recipe.stages[e["index"] - 1]))
-               for e in report["stages"] if not e.get("guard_violations")]
+        ok += [
+            (e["index"], self._stage_dir(e["index"], recipe.stages[e["index"] - 1]))
+            for e in report["stages"]
+            if not e.get("guard_violations")
+        ]
         last_metrics = report["stages"][-1]["metrics"] if report["stages"] else baseline
         for i, cfg in enumerate(recipe.stages, start=1):
             if i <= start:
@@ -426,8 +461,10 @@ class Run:
                 with contextlib.suppress(Exception):
                     save_snapshot(state, sdir / "interrupted" / "model")
                     kept = f"; its partial model is in {sdir / 'interrupted' / 'model'}"
-                msg = (f"interrupted by {signal.Signals(self.signal).name} during stage {i} ({cfg.type}); "
-                       f"stages 1..{i - 1} are kept in {self.snap_root}{kept}")
+                msg = (
+                    f"interrupted by {signal.Signals(self.signal).name} during stage {i} ({cfg.type}); "
+                    f"stages 1..{i - 1} are kept in {self.snap_root}{kept}"
+                )
                 self._write_partial(report, last_metrics, msg)
                 raise Interrupted(msg)
             assert result is not None
@@ -455,15 +492,24 @@ class Run:
             if recipe.guard.on_violation == "fail":
                 return self._fail(state, report, ok, violations)
             report["reverted_to"] = ok[-1][0] if ok else 0
-        return self._finalise(state, report, violations, ok if violations and recipe.guard.on_violation == "revert" else None)
+        return self._finalise(
+            state, report, violations, ok if violations and recipe.guard.on_violation == "revert" else None
+        )
 
-    def _finish_stage(self, state: State, stage: Any, result: Any, sdir: Path, duration: float,
-                      baseline: dict[str, Any]) -> dict[str, Any]:
+    def _finish_stage(
+        self, state: State, stage: Any, result: Any, sdir: Path, duration: float, baseline: dict[str, Any]
+    ) -> dict[str, Any]:
         save_snapshot(state, sdir / "model")
         metrics = measure(state, sdir / "model", baseline)
         entry = {
-            "index": stage.index, "name": stage.name, "type": stage.type_name, "duration_s": round(duration, 3),
-            "metrics": metrics, "notes": result.notes, "details": result.details, "artifacts": result.artifacts,
+            "index": stage.index,
+            "name": stage.name,
+            "type": stage.type_name,
+            "duration_s": round(duration, 3),
+            "metrics": metrics,
+            "notes": result.notes,
+            "details": result.details,
+            "artifacts": result.artifacts,
         }
         v = guard_violations(self.recipe, metrics, baseline)
         if v:
@@ -480,16 +526,27 @@ class Run:
         self._restore(state, previous)
         save_snapshot(state, sdir / "model")
         entry["reverted"] = True
-        entry["notes"] = (entry.get("notes") or "") + f" — reverted (guard violated; rejected model in {rejected})"
+        entry["notes"] = (
+            entry.get("notes") or ""
+        ) + f" — reverted (guard violated; rejected model in {rejected})"
         self._write_state(sdir, state, entry=entry, stage=stage_dump(self.recipe.stages[entry["index"] - 1]))
 
-    def _fail(self, state: State, report: dict[str, Any], ok: list[tuple[int, Path]], violations: list[str]) -> dict[str, Any]:
+    def _fail(
+        self, state: State, report: dict[str, Any], ok: list[tuple[int, Path]], violations: list[str]
+    ) -> dict[str, Any]:
         self._finalise(state, report, violations, ok)
         kept = f"stage {ok[-1][0]}" if ok and ok[-1][0] else "the baseline"
-        raise GuardError([*violations, f"kept the last result that satisfies every guard ({kept}) in {self.out / 'model'}"])
+        raise GuardError(
+            [*violations, f"kept the last result that satisfies every guard ({kept}) in {self.out / 'model'}"]
+        )
 
-    def _finalise(self, state: State, report: dict[str, Any], violations: list[str],
-                  fallback: list[tuple[int, Path]] | None) -> dict[str, Any]:
+    def _finalise(
+        self,
+        state: State,
+        report: dict[str, Any],
+        violations: list[str],
+        fallback: list[tuple[int, Path]] | None,
+    ) -> dict[str, Any]:
         from .report import write_report
 
         final_dir = self.out / "model"
@@ -502,7 +559,11 @@ class Run:
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             tmp.rename(final_dir)
-            final = dict(report["baseline"] if idx == 0 else next(e["metrics"] for e in report["stages"] if e["index"] == idx))
+            final = dict(
+                report["baseline"]
+                if idx == 0
+                else next(e["metrics"] for e in report["stages"] if e["index"] == idx)
+            )
             final["result_from_stage"] = idx
         else:
             save_snapshot(state, final_dir)
@@ -548,11 +609,14 @@ def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any
     return report
 
 
-
 def check_finite(state: State) -> None:
     import torch
 
-    bad = [n for n, t in state.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [
+        n
+        for n, t in state.model.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
     if bad:
         raise StageError(
             f"weights contain NaN/inf after this stage ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "

@@ -108,7 +108,9 @@ def remove_reparametrization(model: nn.Module, only: Iterable[str] | None = None
     for mname, mod in model.named_modules():
         if keep is not None and mname not in keep:
             continue
-        names = [h._tensor_name for h in mod._forward_pre_hooks.values() if isinstance(h, tprune.BasePruningMethod)]
+        names = [
+            h._tensor_name for h in mod._forward_pre_hooks.values() if isinstance(h, tprune.BasePruningMethod)
+        ]
         for n in names:
             tprune.remove(mod, n)
         for hid, h in list(mod._forward_hooks.items()):
@@ -179,11 +181,7 @@ def select_targets(
 ) -> list[tuple[str, nn.Module]]:
     from .state import select_modules
 
-    return [
-        (n, m)
-        for n, m in select_modules(model, include, exclude, PRUNABLE)
-        if include_head or n != head
-    ]
+    return [(n, m) for n, m in select_modules(model, include, exclude, PRUNABLE) if include_head or n != head]
 
 
 def match_overrides(
@@ -229,7 +227,9 @@ def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
         return 0
     params = [(m, "weight") for m in modules]
     scores = {(m, "weight"): effective_weight(m) for m in modules}
-    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount, importance_scores=scores)
+    tprune.global_unstructured(
+        params, pruning_method=tprune.L1Unstructured, amount=amount, importance_scores=scores
+    )
     for m in modules:
         _refresh(m)
     return amount
@@ -279,7 +279,11 @@ class SensitivityScan:
 
     def table(self) -> list[dict[str, Any]]:
         return [
-            {"layer": n, "params": self.numel[n], **{f"{r:g}": round(d, 3) for r, d in zip(self.ratios, ds, strict=True)}}
+            {
+                "layer": n,
+                "params": self.numel[n],
+                **{f"{r:g}": round(d, 3) for r, d in zip(self.ratios, ds, strict=True)},
+            }
             for n, ds in self.drops.items()
         ]
 
@@ -312,7 +316,11 @@ def scan_sensitivity(
         drops = []
         for r in ratios:
             k = int(round(r * w.numel()))
-            keep = tprune.L1Unstructured(amount=k).compute_mask(w.abs(), torch.ones_like(w)) if k > 0 else torch.ones_like(w)
+            keep = (
+                tprune.L1Unstructured(amount=k).compute_mask(w.abs(), torch.ones_like(w))
+                if k > 0
+                else torch.ones_like(w)
+            )
             with torch.no_grad():
                 src.copy_(w * keep)
             _refresh(mod)
@@ -345,7 +353,9 @@ def _hull(ratios: Sequence[float], drops: Sequence[float]) -> list[tuple[float, 
     return hull
 
 
-def allocate(scan: SensitivityScan, target: float, floors: dict[str, float] | None = None) -> dict[str, float]:
+def allocate(
+    scan: SensitivityScan, target: float, floors: dict[str, float] | None = None
+) -> dict[str, float]:
     """Per-layer sparsities whose weighted mean is ``target`` with the least summed damage.
 
     Each layer's measured damage curve (accuracy drop vs sparsity) is made non-decreasing and

@@ -85,7 +85,11 @@ def pack_array(a: Any) -> dict[str, Any]:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     a = np.array(a, order="C")  # not ascontiguousarray: it turns a 0-d scale into shape [1]
-    return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+    return {
+        "dtype": str(a.dtype),
+        "shape": list(a.shape),
+        "b64": base64.b64encode(a.tobytes()).decode("ascii"),
+    }
 
 
 def unpack_array(d: dict[str, Any]) -> np.ndarray:
@@ -233,8 +237,12 @@ def _pt2e() -> Any:
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
         return types.SimpleNamespace(
-            prepare=qp.prepare_pt2e, prepare_qat=qp.prepare_qat_pt2e, convert=qp.convert_pt2e, xiq=xiq,
-            allow_train_eval=base.allow_exported_model_train_eval, where="torchao.quantization.pt2e",
+            prepare=qp.prepare_pt2e,
+            prepare_qat=qp.prepare_qat_pt2e,
+            convert=qp.convert_pt2e,
+            xiq=xiq,
+            allow_train_eval=base.allow_exported_model_train_eval,
+            where="torchao.quantization.pt2e",
         )
     except ImportError:
         pass
@@ -244,8 +252,12 @@ def _pt2e() -> Any:
         from torch.ao.quantization.quantizer import x86_inductor_quantizer as xiq  # type: ignore[attr-defined]
 
         return types.SimpleNamespace(
-            prepare=qp.prepare_pt2e, prepare_qat=qp.prepare_qat_pt2e, convert=qp.convert_pt2e, xiq=xiq,
-            allow_train_eval=allow_exported_model_train_eval, where="torch.ao.quantization.quantize_pt2e",
+            prepare=qp.prepare_pt2e,
+            prepare_qat=qp.prepare_qat_pt2e,
+            convert=qp.convert_pt2e,
+            xiq=xiq,
+            allow_train_eval=allow_exported_model_train_eval,
+            where="torch.ao.quantization.quantize_pt2e",
         )
     except ImportError:
         raise StageError(
@@ -278,7 +290,9 @@ def x86_quantizer(reduce_range: bool, is_qat: bool = False, exclude: Iterable[st
     """X86InductorQuantizer: per-channel symmetric int8 weights, affine uint8 activations."""
     api = _pt2e()
     q = api.xiq.X86InductorQuantizer()
-    q.set_global(api.xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range))
+    q.set_global(
+        api.xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    )
     for name in exclude:
         q.set_module_name_qconfig(name, None)
     return q
@@ -298,7 +312,11 @@ def _observer_nodes(gm: Any) -> list[tuple[str, Any, Any]]:
         if not hasattr(mod, "calculate_qparams"):
             continue
         src = node.args[0]
-        what = src.target if getattr(src, "op", None) in ("get_attr", "placeholder") else str(getattr(src, "target", src))
+        what = (
+            src.target
+            if getattr(src, "op", None) in ("get_attr", "placeholder")
+            else str(getattr(src, "target", src))
+        )
         out.append((f"{len(out):03d} {what}", node, mod))
     return out
 
@@ -346,15 +364,24 @@ def snap_pt2e_weights_(model: nn.Module, qparams: dict[str, dict[str, Any]]) -> 
         if p["param"] is None:
             continue
         if p["param"] not in params:
-            raise StageError(f"quantized weight {p['param']!r} is not a parameter of the model (cannot store it)")
-        snap_(params[p["param"]], unpack_array(p["scale"]), unpack_array(p["zero_point"]), p["axis"],
-              p["quant_min"], p["quant_max"])
+            raise StageError(
+                f"quantized weight {p['param']!r} is not a parameter of the model (cannot store it)"
+            )
+        snap_(
+            params[p["param"]],
+            unpack_array(p["scale"]),
+            unpack_array(p["zero_point"]),
+            p["axis"],
+            p["quant_min"],
+            p["quant_max"],
+        )
         n += 1
     return n
 
 
-def pt2e_calibrate(model: nn.Module, batches: list[torch.Tensor], reduce_range: bool,
-                   exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def pt2e_calibrate(
+    model: nn.Module, batches: list[torch.Tensor], reduce_range: bool, exclude: Iterable[str] = ()
+) -> dict[str, dict[str, Any]]:
     """Export, ``prepare_pt2e`` with X86InductorQuantizer, run the calibration batches; -> qparams."""
     import torch
 
@@ -368,7 +395,9 @@ def pt2e_calibrate(model: nn.Module, batches: list[torch.Tensor], reduce_range: 
     return record_qparams(pm)
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, reduce_range: bool, exclude: Iterable[str] = ()) -> Any:
+def prepare_qat(
+    model: nn.Module, example: torch.Tensor, reduce_range: bool, exclude: Iterable[str] = ()
+) -> Any:
     """A QAT-prepared exported graph (fake quantization) that ``training.train`` can train:
     ``.train()`` / ``.eval()`` switch dropout/BN through torchao's move_exported_model_to_*."""
     api = _pt2e()
@@ -390,8 +419,13 @@ def copy_trained_(graph: Any, model: nn.Module) -> None:
                 v.copy_(sd[k])
 
 
-def build_pt2e(model: nn.Module, qparams: dict[str, dict[str, Any]], reduce_range: bool,
-               exclude: Iterable[str], input_shape: Iterable[int]) -> Any:
+def build_pt2e(
+    model: nn.Module,
+    qparams: dict[str, dict[str, Any]],
+    reduce_range: bool,
+    exclude: Iterable[str],
+    input_shape: Iterable[int],
+) -> Any:
     """The converted int8 graph for ``model`` (weights already on the grid) with the recorded
     qparams: export, prepare, pin every observer's qparams, ``convert_pt2e``. No calibration."""
     import torch
@@ -527,28 +561,36 @@ def fx_qconfig_mapping(reduce_range: bool, exclude: Iterable[str] = ()) -> Any:
         per_channel_weight_observer_range_neg_127_to_127,
     )
 
-    qc = QConfig(activation=HistogramObserver.with_args(reduce_range=reduce_range),
-                 weight=per_channel_weight_observer_range_neg_127_to_127)
+    qc = QConfig(
+        activation=HistogramObserver.with_args(reduce_range=reduce_range),
+        weight=per_channel_weight_observer_range_neg_127_to_127,
+    )
     mapping = get_default_qconfig_mapping("x86").set_global(qc)
     for name in exclude:
         mapping.set_module_name(name, None)
     return mapping
 
 
-def _fx_prepare(model: nn.Module, input_shape: Iterable[int], reduce_range: bool, exclude: Iterable[str]) -> Any:
+def _fx_prepare(
+    model: nn.Module, input_shape: Iterable[int], reduce_range: bool, exclude: Iterable[str]
+) -> Any:
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     try:
         with quiet():
-            return prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(reduce_range, exclude),
-                              (torch.zeros(2, *input_shape),))
+            return prepare_fx(
+                copy.deepcopy(model).eval(),
+                fx_qconfig_mapping(reduce_range, exclude),
+                (torch.zeros(2, *input_shape),),
+            )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise StageError(f"torch.ao FX cannot trace the model ({type(e).__name__}: {first})") from None
 
 
-def fx_calibrate(model: nn.Module, batches: list[torch.Tensor], reduce_range: bool,
-                 exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def fx_calibrate(
+    model: nn.Module, batches: list[torch.Tensor], reduce_range: bool, exclude: Iterable[str] = ()
+) -> dict[str, dict[str, Any]]:
     """torch.ao FX: ``prepare_fx`` (x86 mapping), run the calibration batches; -> activation qparams."""
     pm = _fx_prepare(model, batches[0].shape[1:], reduce_range, exclude)
     with torch.no_grad(), quiet():
@@ -573,8 +615,13 @@ def snap_fx_weights_(model: nn.Module, exclude: Iterable[str] = ()) -> int:
     return n
 
 
-def build_fx(model: nn.Module, qparams: dict[str, dict[str, Any]], reduce_range: bool,
-             exclude: Iterable[str], input_shape: Iterable[int]) -> nn.Module:
+def build_fx(
+    model: nn.Module,
+    qparams: dict[str, dict[str, Any]],
+    reduce_range: bool,
+    exclude: Iterable[str],
+    input_shape: Iterable[int],
+) -> nn.Module:
     """torch.ao FX ``convert_fx`` of ``model`` (weights on the grid) with the recorded activation
     qparams pinned: an eager module of quantized kernels (x86 backend)."""
     from torch.ao.quantization.quantize_fx import convert_fx
@@ -598,8 +645,12 @@ def dynamic_qconfig_spec(exclude: Iterable[str] = ()) -> dict[Any, Any]:
     )
 
     spec: dict[Any, Any] = {
-        nn.Linear: QConfig(activation=default_dynamic_quant_observer, weight=per_channel_weight_observer_range_neg_127_to_127),
-        nn.LSTM: QConfig(activation=default_dynamic_quant_observer, weight=weight_observer_range_neg_127_to_127),
+        nn.Linear: QConfig(
+            activation=default_dynamic_quant_observer, weight=per_channel_weight_observer_range_neg_127_to_127
+        ),
+        nn.LSTM: QConfig(
+            activation=default_dynamic_quant_observer, weight=weight_observer_range_neg_127_to_127
+        ),
     }
     for name in exclude:
         spec[name] = None
@@ -613,7 +664,9 @@ def dynamic_quantize(model: nn.Module, exclude: Iterable[str] = ()) -> nn.Module
     from torch.ao.quantization import quantize_dynamic
 
     with quiet():
-        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), dynamic_qconfig_spec(exclude), dtype=torch.qint8)
+        return quantize_dynamic(
+            copy.deepcopy(model).cpu().eval(), dynamic_qconfig_spec(exclude), dtype=torch.qint8
+        )
 
 
 def dequantize32(qt: torch.Tensor) -> torch.Tensor:
@@ -655,20 +708,28 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
 ONNX_EXPORTERS = {"auto": ("legacy", "dynamo"), "torchscript": ("legacy",), "dynamo": ("dynamo",)}
 
 
-def export_onnx(model: nn.Module, input_shape: Iterable[int], opset: int = 17,
-                exporter: str = "auto") -> tuple[bytes, str]:
+def export_onnx(
+    model: nn.Module, input_shape: Iterable[int], opset: int = 17, exporter: str = "auto"
+) -> tuple[bytes, str]:
     """fp32 ONNX of (a copy of) ``model`` with a dynamic batch axis -> (bytes, "torchscript" or "dynamo")."""
     import torch
 
     from .export import onnx_bytes
 
     model = copy.deepcopy(model).cpu().float().eval()
-    data, used = onnx_bytes(model, torch.zeros(2, *input_shape), opset=opset, exporters=ONNX_EXPORTERS[exporter])
+    data, used = onnx_bytes(
+        model, torch.zeros(2, *input_shape), opset=opset, exporters=ONNX_EXPORTERS[exporter]
+    )
     return data, "torchscript" if used == "legacy" else used
 
 
-def ort_quantize(fp32: bytes, batches: list[Any], reduce_range: bool, method: str = "minmax",
-                 exclude_nodes: Iterable[str] = ()) -> bytes:
+def ort_quantize(
+    fp32: bytes,
+    batches: list[Any],
+    reduce_range: bool,
+    method: str = "minmax",
+    exclude_nodes: Iterable[str] = (),
+) -> bytes:
     """ONNX Runtime ``quantize_static``: QDQ format, per-channel int8 weights, uint8 activations
     (the x86 "U8S8" layout), calibrated on ``batches`` (numpy arrays)."""
     import onnx
@@ -688,15 +749,26 @@ def ort_quantize(fp32: bytes, batches: list[Any], reduce_range: bool, method: st
             x = next(self.it, None)
             return None if x is None else {ONNX_INPUT: x}
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory() as d, quiet():
         out = Path(d) / "q.onnx"
         quantize_static(
-            onnx.load_from_string(fp32), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=methods[method], nodes_to_exclude=list(exclude_nodes) or None,
-            calibration_cache_path=None, extra_options={"CalibTensorRangeSymmetric": False},
+            onnx.load_from_string(fp32),
+            out,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(exclude_nodes) or None,
+            calibration_cache_path=None,
+            extra_options={"CalibTensorRangeSymmetric": False},
         )
         return out.read_bytes()
 
@@ -729,7 +801,9 @@ def _broadcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
-def initializer_sources(fp32: bytes, names: Iterable[str], sd: dict[str, torch.Tensor]) -> dict[str, tuple[str, bool]]:
+def initializer_sources(
+    fp32: bytes, names: Iterable[str], sd: dict[str, torch.Tensor]
+) -> dict[str, tuple[str, bool]]:
     """For ONNX initializers not named after a state-dict key: the key whose tensor, or its
     transpose, they equal exactly -> (key, transposed). The TorchScript exporter folds constant
     transposes, e.g. ``nn.Linear`` on channels-last tensors (ConvNeXt) becomes MatMul with an
@@ -739,7 +813,11 @@ def initializer_sources(fp32: bytes, names: Iterable[str], sd: dict[str, torch.T
     from onnx import numpy_helper
 
     wanted = set(names)
-    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(fp32).graph.initializer if i.name in wanted}
+    inits = {
+        i.name: numpy_helper.to_array(i)
+        for i in onnx.load_from_string(fp32).graph.initializer
+        if i.name in wanted
+    }
     by_numel: dict[int, list[str]] = {}
     for k, t in sd.items():
         if t.is_floating_point():
@@ -796,7 +874,9 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     for qname, base, node in _quantized_inits(model):
         qv = inits[qname]
         scale = inits[node.input[1]].astype(np.float32)
-        zp = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.int64)
+        zp = (
+            inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.int64)
+        )
         axis = _dq_axis(node)
         ax = axis if axis >= 0 else axis + qv.ndim
         codes = (qv.astype(np.float64) - _broadcast(zp.astype(np.float64), qv.ndim, ax)).astype(np.float32)
@@ -804,8 +884,13 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return params, snapped
 
 
-def ort_rebuild(fp32: bytes, params: dict[str, Any], reduce_range: bool, input_shape: Iterable[int],
-                exclude_nodes: Iterable[str] = ()) -> bytes:
+def ort_rebuild(
+    fp32: bytes,
+    params: dict[str, Any],
+    reduce_range: bool,
+    input_shape: Iterable[int],
+    exclude_nodes: Iterable[str] = (),
+) -> bytes:
     """The QDQ int8 model for ``fp32`` (weights already on the grid) with the recorded scales:
     ``quantize_static`` on one dummy batch gives the graph; every scale / zero point is then
     replaced by the recorded one and every quantized initializer recomputed from the fp32 weights."""
@@ -835,14 +920,22 @@ def ort_rebuild(fp32: bytes, params: dict[str, Any], reduce_range: bool, input_s
     cur = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for qname, base, node in _quantized_inits(model):
         if base not in src:
-            raise SourceError(f"quantized initializer {qname!r} has no fp32 source {base!r} in the exported model")
+            raise SourceError(
+                f"quantized initializer {qname!r} has no fp32 source {base!r} in the exported model"
+            )
         qv = cur[qname]
         scale = cur[node.input[1]].astype(np.float64)
-        zp = cur[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] in cur else np.zeros(())
+        zp = (
+            cur[node.input[2]].astype(np.float64)
+            if len(node.input) > 2 and node.input[2] in cur
+            else np.zeros(())
+        )
         ax = _dq_axis(node)
         ax = ax if ax >= 0 else ax + qv.ndim
         info = np.iinfo(qv.dtype)
-        q = np.rint(src[base].astype(np.float64) / _broadcast(scale, qv.ndim, ax)) + _broadcast(zp, qv.ndim, ax)
+        q = np.rint(src[base].astype(np.float64) / _broadcast(scale, qv.ndim, ax)) + _broadcast(
+            zp, qv.ndim, ax
+        )
         put(qname, np.clip(q, info.min, info.max).astype(qv.dtype))
     return model.SerializeToString()
 
@@ -870,7 +963,9 @@ class OrtModule(nn.Module):
             if self.threads:
                 so.intra_op_num_threads = int(self.threads)
                 so.inter_op_num_threads = 1
-            self.__dict__["_session"] = ort.InferenceSession(self.onnx_bytes, so, providers=["CPUExecutionProvider"])
+            self.__dict__["_session"] = ort.InferenceSession(
+                self.onnx_bytes, so, providers=["CPUExecutionProvider"]
+            )
         return self.__dict__["_session"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # no module hooks: ~8% at batch 1
@@ -909,7 +1004,9 @@ def weight_only(model: nn.Module, bits: int, group_size: int, device: Any) -> nn
     except ImportError:
         raise StageError(f"int{bits}_weight_only needs torchao: pip install torchao") from None
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-        raise StageError(f"int{bits}_weight_only needs a CUDA device (torchao's weight-only kernels are CUDA kernels)")
+        raise StageError(
+            f"int{bits}_weight_only needs a CUDA device (torchao's weight-only kernels are CUDA kernels)"
+        )
     m = copy.deepcopy(model).to(device).eval()
     with quiet():
         if bits == 8:
@@ -923,7 +1020,9 @@ def weight_only(model: nn.Module, bits: int, group_size: int, device: Any) -> nn
 
 # --------------------------------------------------------------------------- casts
 def _cast_input(dtype: Any, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a.to(dtype) if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args)
+    return tuple(
+        a.to(dtype) if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args
+    )
 
 
 def _cast_output(module: Any, args: Any, output: Any) -> Any:
@@ -955,21 +1054,42 @@ def rebuild(model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.M
     if scheme == "int8_dynamic":
         return dynamic_quantize(model, entry.get("exclude", []))
     if scheme == "int8_static" and entry.get("backend") == "fx":
-        return build_fx(model.cpu(), entry["qparams"], entry["reduce_range"], entry.get("exclude", []),
-                        entry["input_shape"])
+        return build_fx(
+            model.cpu(),
+            entry["qparams"],
+            entry["reduce_range"],
+            entry.get("exclude", []),
+            entry["input_shape"],
+        )
     if scheme in ("int8_static", "qat"):
-        graph = build_pt2e(model.cpu(), entry["qparams"], entry["reduce_range"], entry.get("exclude", []),
-                           entry["input_shape"])
+        graph = build_pt2e(
+            model.cpu(),
+            entry["qparams"],
+            entry["reduce_range"],
+            entry.get("exclude", []),
+            entry["input_shape"],
+        )
         return QuantizedGraph(graph, compiled=entry.get("compile", True))
     if scheme == "onnxruntime_int8":
-        fp32, _ = export_onnx(model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript"))
-        q = ort_rebuild(fp32, entry["onnx_qparams"], entry["reduce_range"], entry["input_shape"],
-                        entry.get("exclude_nodes", []))
+        fp32, _ = export_onnx(
+            model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript")
+        )
+        q = ort_rebuild(
+            fp32,
+            entry["onnx_qparams"],
+            entry["reduce_range"],
+            entry["input_shape"],
+            entry.get("exclude_nodes", []),
+        )
         return OrtModule(q)
     if scheme in CUDA_SCHEMES:
         if device is None:
             if not torch.cuda.is_available():
-                raise SourceError(f"this model was quantized with {scheme}, which needs a CUDA device to load")
+                raise SourceError(
+                    f"this model was quantized with {scheme}, which needs a CUDA device to load"
+                )
             device = torch.device("cuda")
-        return weight_only(model, 8 if scheme == "int8_weight_only" else 4, entry.get("group_size", 128), device)
+        return weight_only(
+            model, 8 if scheme == "int8_weight_only" else 4, entry.get("group_size", 128), device
+        )
     raise SourceError(f"unknown quantization scheme {scheme!r} in the manifest")

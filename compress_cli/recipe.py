@@ -32,9 +32,15 @@ class ModelConfig(_Strict):
         description="zoo:NAME | torchvision:NAME | package.module:callable | path to a compressed model dir"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments")
-    checkpoint: str | None = Field(None, description=".pt/.pth state_dict, .safetensors, or a compressed model dir")
-    input_shape: list[int] | None = Field(None, description="one sample's shape, e.g. [1, 28, 28] (default: the data's)")
-    allow_pickle: bool = Field(False, description="allow a fully pickled module checkpoint (runs code: trust it)")
+    checkpoint: str | None = Field(
+        None, description=".pt/.pth state_dict, .safetensors, or a compressed model dir"
+    )
+    input_shape: list[int] | None = Field(
+        None, description="one sample's shape, e.g. [1, 28, 28] (default: the data's)"
+    )
+    allow_pickle: bool = Field(
+        False, description="allow a fully pickled module checkpoint (runs code: trust it)"
+    )
 
     @field_validator("source")
     @classmethod
@@ -55,13 +61,20 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field("digits", description="digits | mnist | fashion_mnist | torchvision:NAME | imagefolder | synthetic | package.module:callable")
+    source: str = Field(
+        "digits",
+        description="digits | mnist | fashion_mnist | torchvision:NAME | imagefolder | synthetic | package.module:callable",
+    )
     root: str | None = Field(None, description="folder holding the dataset files")
     download: bool = Field(False, description="let torchvision datasets download (needs internet)")
     batch_size: int = Field(64, gt=0, description="training batch size")
     eval_batch_size: int = Field(256, gt=0, description="batch size for evaluation")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training data held out for validation")
-    test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out test share for sources without a test split")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of the training data held out for validation"
+    )
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="held-out test share for sources without a test split"
+    )
     calibration_batches: int = Field(8, gt=0, description="training batches kept for calibration/importance")
     limit_train: int | None = Field(None, gt=0, description="use at most this many training samples")
     limit_test: int | None = Field(None, gt=0, description="use at most this many test samples")
@@ -82,7 +95,9 @@ class DataConfig(_Strict):
 
 
 class LatencyConfig(_Strict):
-    batch_sizes: list[int] = Field([1, 64], min_length=1, description="first: latency batch; last: throughput batch")
+    batch_sizes: list[int] = Field(
+        [1, 64], min_length=1, description="first: latency batch; last: throughput batch"
+    )
     warmup: int = Field(5, ge=0)
     iterations: int = Field(20, gt=0)
     threads: int | None = Field(None, gt=0, description="CPU threads (default: torch's current setting)")
@@ -230,7 +245,9 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
                     node[part] = [] if isinstance(nxt, int) else {}
                     node = node[part]
                 else:
-                    raise RecipeError(f"--set {item}: no element {'.'.join(map(str, parts[: depth + 1]))}") from None
+                    raise RecipeError(
+                        f"--set {item}: no element {'.'.join(map(str, parts[: depth + 1]))}"
+                    ) from None
         last = parts[-1]
         try:
             if isinstance(node, list) and isinstance(last, int) and last == len(node):
@@ -261,7 +278,11 @@ def _fmt_path(path: tuple[Any, ...], stage_types: dict[int, str]) -> str:
 
 
 def _pydantic_problems(
-    err: ValidationError, raw: RawRecipe, prefix: tuple[Any, ...], model: type[BaseModel], stage_types: dict[int, str]
+    err: ValidationError,
+    raw: RawRecipe,
+    prefix: tuple[Any, ...],
+    model: type[BaseModel],
+    stage_types: dict[int, str],
 ) -> list[str]:
     problems = []
     merged: dict[str, list[str]] = {}  # union branches: one line per path, alternatives joined
@@ -272,7 +293,9 @@ def _pydantic_problems(
         if kind == "extra_forbidden" and loc:
             fields = _fields_at(model, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
-            rule = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(fields)})")
+            rule = "unknown key" + (
+                f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(fields)})"
+            )
             problems.append(f"{raw.where(path)}: {_fmt_path(path, stage_types)}: {rule}")
             continue
         if kind == "missing":
@@ -283,17 +306,25 @@ def _pydantic_problems(
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed.replace(' or ', ', ')}"
         else:
-            msg = re.sub(r"\b(Input|List|String|Dictionary|Tuple|Set) should ", "must ", msg.replace("Value error, ", ""))
+            msg = re.sub(
+                r"\b(Input|List|String|Dictionary|Tuple|Set) should ",
+                "must ",
+                msg.replace("Value error, ", ""),
+            )
         line = f"{raw.where(path)}: {_fmt_path(path, stage_types)}: "
         if line in merged:
             merged[line].append(msg.replace("must be ", "", 1))
             continue
         merged[line] = [msg, f" (got {_fmt_value(e.get('input'))})"]
         problems.append(line)
-    return [p + " or ".join(merged[p][:1] + merged[p][2:]) + merged[p][1] if p in merged else p for p in problems]
+    return [
+        p + " or ".join(merged[p][:1] + merged[p][2:]) + merged[p][1] if p in merged else p for p in problems
+    ]
 
 
-_UNION_BRANCH = re.compile(r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*Config)$")
+_UNION_BRANCH = re.compile(
+    r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*Config)$"
+)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -305,7 +336,11 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         if f is None:
             return []
         ann = f.annotation
-        cand = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cand = [
+            a
+            for a in (ann, *getattr(ann, "__args__", ()))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not cand:
             return []
         m = cand[0]
@@ -318,26 +353,36 @@ def validate(raw: RawRecipe) -> Recipe:
 
     data = raw.data
     if not isinstance(data, dict):
-        raise RecipeError(f"{raw.filename}:1: the recipe must be a mapping of keys (got {type(data).__name__})")
+        raise RecipeError(
+            f"{raw.filename}:1: the recipe must be a mapping of keys (got {type(data).__name__})"
+        )
     problems: list[str] = []
     stages_raw = data.get("stages", [])
     stage_types: dict[int, str] = {}
     stage_cfgs: list[StageConfig] = []
     if not isinstance(stages_raw, list):
-        problems.append(f"{raw.where(('stages',))}: stages: must be a list of stages (got {_fmt_value(stages_raw)})")
+        problems.append(
+            f"{raw.where(('stages',))}: stages: must be a list of stages (got {_fmt_value(stages_raw)})"
+        )
         stages_raw = []
     known = list_stages()
     for i, item in enumerate(stages_raw):
         path = ("stages", i)
         if not isinstance(item, dict):
-            problems.append(f"{raw.where(path)}: stages[{i}]: must be a mapping with a 'type' key (got {_fmt_value(item)})")
+            problems.append(
+                f"{raw.where(path)}: stages[{i}]: must be a mapping with a 'type' key (got {_fmt_value(item)})"
+            )
             continue
         t = item.get("type")
         if not isinstance(t, str):
-            problems.append(f"{raw.where(path)}: stages[{i}].type: required key is missing (one of {', '.join(known)})")
+            problems.append(
+                f"{raw.where(path)}: stages[{i}].type: required key is missing (one of {', '.join(known)})"
+            )
             continue
         if t not in known:
-            problems.append(f"{raw.where((*path, 'type'))}: stages[{i}].type: unknown stage type {t!r}{suggest(t, known)}")
+            problems.append(
+                f"{raw.where((*path, 'type'))}: stages[{i}].type: unknown stage type {t!r}{suggest(t, known)}"
+            )
             continue
         stage_types[i] = t
         cls = get_stage(t)
@@ -369,8 +414,15 @@ def cross_stage_rules(recipe: Recipe, raw: RawRecipe | None = None) -> list[str]
 
 
 def _stage_list_rules(
-    stages: list[StageConfig], path: tuple[Any, ...], prefix: str, where: Any, device: str,
-    provided: set[str], frozen: list[str | None], earlier: list[StageConfig], problems: list[str],
+    stages: list[StageConfig],
+    path: tuple[Any, ...],
+    prefix: str,
+    where: Any,
+    device: str,
+    provided: set[str],
+    frozen: list[str | None],
+    earlier: list[StageConfig],
+    problems: list[str],
 ) -> None:
     """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
     from .registry import get_stage, list_stages
@@ -382,7 +434,9 @@ def _stage_list_rules(
         for key, value in cfg.model_dump().items():
             if value == AUTO and key in findable and key not in provided:
                 finder = {"lr": "lr_find", "batch_size": "batch_size_find"}.get(key, "a stage that finds it")
-                problems.append(f"{where((*path, i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe")
+                problems.append(
+                    f"{where((*path, i, key))}: {label}.{key}: 'auto' needs {finder} earlier in the recipe"
+                )
         if frozen[0] is not None and cls.modifies(cfg):
             what = "train" if cls.trains(cfg) else "change the model"
             problems.append(
@@ -392,8 +446,17 @@ def _stage_list_rules(
         for msg in cls.check(cfg, device, tuple(earlier)):
             problems.append(f"{where((*path, i))}: {label}: {msg}")
         for field_name, nested in cls.children(cfg):
-            _stage_list_rules(nested, (*path, i, field_name), f"{label}.", where, device, provided, frozen, earlier,
-                              problems)
+            _stage_list_rules(
+                nested,
+                (*path, i, field_name),
+                f"{label}.",
+                where,
+                device,
+                provided,
+                frozen,
+                earlier,
+                problems,
+            )
         earlier.append(cfg)
         provided |= cls.provides
         if cls.freezes(cfg):

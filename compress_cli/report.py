@@ -54,7 +54,9 @@ def human_bytes(n: int | None) -> str:
 
 def rows(report: dict[str, Any]) -> list[list[str]]:
     out = []
-    items = [("baseline", report["baseline"])] + [(f"{s['index']}. {s['name']}", s["metrics"]) for s in report["stages"]]
+    items = [("baseline", report["baseline"])] + [
+        (f"{s['index']}. {s['name']}", s["metrics"]) for s in report["stages"]
+    ]
     for label, m in items:
         out.append([label] + [fn(m) for _, fn in COLUMNS[1:]])  # type: ignore[misc]
     return out
@@ -65,7 +67,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# compress report: {report['recipe']}", ""]
     if report.get("incomplete"):
         lines += [f"**Incomplete run**: {report.get('error')}", ""]
-    lines += [f"Device: `{report['device']}` · seed {report['seed']} · total {report.get('duration_s', 0):.1f} s", ""]
+    lines += [
+        f"Device: `{report['device']}` · seed {report['seed']} · total {report.get('duration_s', 0):.1f} s",
+        "",
+    ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows(report):
@@ -79,8 +84,11 @@ def to_markdown(report: dict[str, Any]) -> str:
     final = report.get("final") or {}
     srb = final.get("same_runtime_baseline")
     if srb:
-        lines += ["", f"Original model in the final runtime ({final.get('runtime')}): "
-                  f"latency {srb.get('latency_ms', 0):.3f} ms, throughput {srb.get('throughput', 0):,.0f}/s."]
+        lines += [
+            "",
+            f"Original model in the final runtime ({final.get('runtime')}): "
+            f"latency {srb.get('latency_ms', 0):.3f} ms, throughput {srb.get('throughput', 0):,.0f}/s.",
+        ]
     lines += ["", "## What the numbers mean", ""]
     lines += [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
@@ -92,15 +100,21 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [("baseline", report["baseline"])] + [(f"{s['index']}.{s['type']}", s["metrics"]) for s in report["stages"]]
+    items = [("baseline", report["baseline"])] + [
+        (f"{s['index']}.{s['type']}", s["metrics"]) for s in report["stages"]
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, m in items:
         acc = m["accuracy"] * 100
         axes[0].scatter(m["size_bytes"] / 1024, acc, s=40)
-        axes[0].annotate(label, (m["size_bytes"] / 1024, acc), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        axes[0].annotate(
+            label, (m["size_bytes"] / 1024, acc), fontsize=8, xytext=(3, 3), textcoords="offset points"
+        )
         if m.get("latency_ms"):
             axes[1].scatter(m["latency_ms"], acc, s=40)
-            axes[1].annotate(label, (m["latency_ms"], acc), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            axes[1].annotate(
+                label, (m["latency_ms"], acc), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
     axes[0].set_xscale("log")
     axes[0].set_xlabel("checkpoint size on disk (KiB, log)")
     axes[1].set_xlabel("latency, batch 1 (ms)")

@@ -48,8 +48,14 @@ class CompiledRunner(Runner):
 
     runtime = "torch-compiled"
 
-    def __init__(self, model: nn.Module, device: torch.device, compiled: Any = None, frozen: bool = False,
-                 **compile_kw: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        compiled: Any = None,
+        frozen: bool = False,
+        **compile_kw: Any,
+    ):
         super().__init__(model, device)
         self._compiled = compiled
         self._frozen = frozen
@@ -69,7 +75,11 @@ class CompiledRunner(Runner):
             return self._compiled(x.to(self.device, non_blocking=True))
 
     def describe(self) -> dict[str, Any]:
-        how = "inductor, freezing, static shapes" if self._frozen else (str(self._kw) if self._kw else "default")
+        how = (
+            "inductor, freezing, static shapes"
+            if self._frozen
+            else (str(self._kw) if self._kw else "default")
+        )
         return {**super().describe(), "compile": how}
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
@@ -100,8 +110,12 @@ class OrtRunner(Runner):
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {"runtime": self.runtime, "device": "cpu", "provider": "CPUExecutionProvider",
-                "onnxruntime": ort.__version__}
+        return {
+            "runtime": self.runtime,
+            "device": "cpu",
+            "provider": "CPUExecutionProvider",
+            "onnxruntime": ort.__version__,
+        }
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
         """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""

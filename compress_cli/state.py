@@ -49,7 +49,9 @@ class DataBundle:
         train = split == "train"
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
         if sampler is not None:
-            return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers, drop_last=False)
+            return DataLoader(
+                ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers, drop_last=False
+            )
         g = torch.Generator()
         g.manual_seed(self.seed)
         return DataLoader(
@@ -137,13 +139,18 @@ class State:
 
 
 def select_modules(
-    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()
+    model: nn.Module,
+    include: Iterable[str] = ("*",),
+    exclude: Iterable[str] = (),
+    kinds: tuple[type, ...] = (),
 ) -> list[tuple[str, nn.Module]]:
     inc, exc = list(include), list(exclude)
     out = []
     for name, mod in model.named_modules():
         if not name or (kinds and not isinstance(mod, kinds)):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(fnmatch.fnmatchcase(name, p) for p in exc):
+        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exc
+        ):
             out.append((name, mod))
     return out

@@ -27,7 +27,15 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 IMPORTANCES = ("l1", "l2", "activation", "taylor", "bn_scale")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Sigmoid, nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
 )
 
 
@@ -39,7 +47,11 @@ def make_pruning_permanent(model: nn.Module) -> list[str]:
 
     folded = []
     for name, mod in model.named_modules():
-        names = [h._tensor_name for h in list(mod._forward_pre_hooks.values()) if isinstance(h, prune.BasePruningMethod)]
+        names = [
+            h._tensor_name
+            for h in list(mod._forward_pre_hooks.values())
+            if isinstance(h, prune.BasePruningMethod)
+        ]
         for t in names:
             prune.remove(mod, t)
             folded.append(f"{name}.{t}" if name else t)
@@ -57,16 +69,22 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width (out_channels / out_features) of every conv and linear layer."""
-    return {n: int(getattr(m, "out_channels", getattr(m, "out_features", 0))) for n, m in prunable_layers(model)}
+    return {
+        n: int(getattr(m, "out_channels", getattr(m, "out_features", 0))) for n, m in prunable_layers(model)
+    }
 
 
-def executed_order(model: nn.Module, example: torch.Tensor, kinds: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)) -> list[str]:
+def executed_order(
+    model: nn.Module, example: torch.Tensor, kinds: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+) -> list[str]:
     """Names of ``kinds`` modules in the order one forward pass calls them."""
     order: list[str] = []
     hooks = []
     for name, mod in model.named_modules():
         if name and isinstance(mod, kinds):
-            hooks.append(model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: order.append(n)))
+            hooks.append(
+                model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: order.append(n))
+            )
     try:
         was = model.training
         model.eval()
@@ -92,11 +110,15 @@ def check_forward(model: nn.Module, example: torch.Tensor, out_shape: torch.Size
         with torch.no_grad():
             y = model(example)
     except Exception as e:
-        raise StageError(f"{what}: the model no longer runs ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise StageError(
+            f"{what}: the model no longer runs ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     finally:
         model.train(was)
     if not isinstance(y, torch.Tensor) or (out_shape is not None and y.shape != out_shape):
-        raise StageError(f"{what}: output shape changed to {getattr(y, 'shape', type(y))} (expected {tuple(out_shape or ())})")
+        raise StageError(
+            f"{what}: output shape changed to {getattr(y, 'shape', type(y))} (expected {tuple(out_shape or ())})"
+        )
     if not torch.isfinite(y).all():
         raise StageError(f"{what}: the model's outputs are no longer finite")
 
@@ -217,8 +239,21 @@ def accumulate_gradients(model: nn.Module, batches: Batches) -> None:
 _DIMS_OUT = ("out_channels", "out_features", "num_features", "num_channels", "embed_dim")
 _DIMS_IN = ("in_channels", "in_features")
 #: int attributes that are never a channel count
-_NOT_WIDTHS = {"stride", "padding", "dilation", "groups", "kernel_size", "num_classes", "num_heads", "num_layers",
-               "num_groups", "patch_size", "image_size", "seq_length", "output_padding"}
+_NOT_WIDTHS = {
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "kernel_size",
+    "num_classes",
+    "num_heads",
+    "num_layers",
+    "num_groups",
+    "patch_size",
+    "image_size",
+    "seq_length",
+    "output_padding",
+}
 
 
 def _dims(m: nn.Module) -> list[int]:
@@ -534,8 +569,12 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
         return a.name.startswith(b.name + ".")
 
     out = [c for c in cands if not any(inside(d, c) and d.params == c.params for d in cands)]
-    out = [c for c in out if not (c.kind == "layer" and any(d.kind == "residual" and inside(d, c) for d in out))]
-    return [c for c in out if not (c.kind == "layer" and any(d.kind == "layer" and inside(c, d) for d in out))]
+    out = [
+        c for c in out if not (c.kind == "layer" and any(d.kind == "residual" and inside(d, c) for d in out))
+    ]
+    return [
+        c for c in out if not (c.kind == "layer" and any(d.kind == "layer" and inside(c, d) for d in out))
+    ]
 
 
 def build_bypasses(model: nn.Module, cands: list[Candidate], calib: Batches) -> None:
@@ -543,7 +582,10 @@ def build_bypasses(model: nn.Module, cands: list[Candidate], calib: Batches) -> 
     unchanged (a ReLU after an identity shortcut on non-negative inputs) are left out."""
     need = {model.get_submodule(c.name): c for c in cands if c.post}
     seen: dict[str, list[torch.Tensor]] = {c.name: [] for c in need.values()}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=c.name: seen[n].append(i[0].detach())) for m, c in need.items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=c.name: seen[n].append(i[0].detach()))
+        for m, c in need.items()
+    ]
     dev = _device_of(model)
     try:
         with torch.no_grad():
@@ -631,7 +673,9 @@ def score_candidates(model: nn.Module, cands: list[Candidate], calib: Batches, c
 
 def choose(cands: list[Candidate], n: int, criterion: str) -> list[Candidate]:
     """The ``n`` least important candidates, never one inside (or around) another chosen one."""
-    order = sorted(cands, key=lambda c: (-(c.score or 0.0) if criterion == "similarity" else (c.score or 0.0), c.name))
+    order = sorted(
+        cands, key=lambda c: (-(c.score or 0.0) if criterion == "similarity" else (c.score or 0.0), c.name)
+    )
     chosen: list[Candidate] = []
     for c in order:
         if len(chosen) >= n:
@@ -662,8 +706,10 @@ def drop_layers(
         out_shape = model(example).shape
     cands = find_candidates(model, example, protect)
     if not cands:
-        raise StageError("no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
-                         "outside the protected ones")
+        raise StageError(
+            "no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
+            "outside the protected ones"
+        )
     score_candidates(model, cands, calib, criterion)
     n = count if count is not None else int(math.floor((fraction or 0.0) * len(cands) + 1e-9))
     if n <= 0:

@@ -35,7 +35,9 @@ class TrainOptions(BaseModel):
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
     l1: float = Field(0.0, ge=0, description="L1 penalty on weights of conv/linear layers")
-    batch_size: int | Literal["auto"] | None = Field(None, description="training batch (default: data.batch_size; 'auto' from batch_size_find)")
+    batch_size: int | Literal["auto"] | None = Field(
+        None, description="training batch (default: data.batch_size; 'auto' from batch_size_find)"
+    )
     scheduler: Literal["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = Field(
         "none", description="learning-rate decay"
     )
@@ -45,7 +47,9 @@ class TrainOptions(BaseModel):
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100 (fractions allowed)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
-    early_stopping: int | None = Field(None, gt=0, description="stop after N epochs without val-accuracy gain; best weights restored")
+    early_stopping: int | None = Field(
+        None, gt=0, description="stop after N epochs without val-accuracy gain; best weights restored"
+    )
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(None, gt=0, description="cap steps per epoch (quick runs)")
 
@@ -77,8 +81,13 @@ def make_optimizer(params: Any, opts: TrainOptions, lr: float) -> torch.optim.Op
     import torch
 
     if opts.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=opts.momentum, nesterov=opts.nesterov and opts.momentum > 0,
-                               weight_decay=opts.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=opts.momentum,
+            nesterov=opts.nesterov and opts.momentum > 0,
+            weight_decay=opts.weight_decay,
+        )
     if opts.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opts.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
@@ -94,7 +103,9 @@ def make_scheduler(opt: torch.optim.Optimizer, opts: TrainOptions, lr: float, st
     spe = max(1, steps_per_epoch)
     s = opts.scheduler
     if s == "onecycle":
-        return S.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.05, min(0.5, warm / total or 0.3)))
+        return S.OneCycleLR(
+            opt, max_lr=lr, total_steps=total, pct_start=max(0.05, min(0.5, warm / total or 0.3))
+        )
     if s == "step":
         main: Any = S.StepLR(opt, step_size=opts.step_size * spe, gamma=opts.gamma)
     elif s == "multistep":
@@ -117,7 +128,11 @@ def make_scheduler(opt: torch.optim.Optimizer, opts: TrainOptions, lr: float, st
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     from torch import nn
 
-    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    terms = [
+        m.weight.abs().sum()
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     return sum(terms) if terms else next(model.parameters()).new_zeros(())  # type: ignore[return-value]
 
 
@@ -185,7 +200,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = make_optimizer(params, opts, lr)
     sched = make_scheduler(opt, opts, lr, steps)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=opts.gamma) if opts.scheduler == "plateau" else None
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=opts.gamma)
+        if opts.scheduler == "plateau"
+        else None
+    )
     autocast, scaler = _amp_context(device, opts.amp)
     check_every = 1 if device.type == "cpu" else 25
     best_acc, best_state, since_best = -1.0, None, 0
@@ -208,7 +227,11 @@ def train(
             y = y.to(device, non_blocking=True)
             with autocast():
                 out = net(x)
-                loss = loss_fn(out, x, y) if loss_fn else F.cross_entropy(out, y, label_smoothing=opts.label_smoothing)
+                loss = (
+                    loss_fn(out, x, y)
+                    if loss_fn
+                    else F.cross_entropy(out, y, label_smoothing=opts.label_smoothing)
+                )
                 if opts.l1 > 0:
                     loss = loss + opts.l1 * l1_penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -235,7 +258,9 @@ def train(
             seen += 1
             global_step += 1
             if on_step is not None:
-                step_loss = float(dist_.all_reduce_tensor_mean(loss.detach().float()) if ddp else loss.detach())
+                step_loss = float(
+                    dist_.all_reduce_tensor_mean(loss.detach().float()) if ddp else loss.detach()
+                )
                 hook_stop = bool(on_step(global_step - 1, step_loss, opt))
             state.emit("step", label=label)
             if hook_stop:
@@ -255,8 +280,14 @@ def train(
             loss_sum, n_seen = dist_.all_reduce_sum([loss_sum, n_seen])
         mean_loss = loss_sum / max(1.0, n_seen)
         if not math.isfinite(mean_loss) and not hook_stop:
-            raise StageError(f"{label}: loss became {mean_loss} in epoch {epoch + 1}; lower the lr or set grad_clip")
-        metrics: dict[str, float] = {"epoch": epoch + 1, "train_loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
+            raise StageError(
+                f"{label}: loss became {mean_loss} in epoch {epoch + 1}; lower the lr or set grad_clip"
+            )
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "train_loss": mean_loss,
+            "lr": opt.param_groups[0]["lr"],
+        }
         if val_loader is not None:
             ev = _evaluate(model, device, val_loader, state.data.num_classes, ddp)
             metrics["val_accuracy"] = ev["accuracy"]
@@ -303,11 +334,17 @@ def _val_loader(state: State, ddp: bool) -> Any:
     from . import distributed as dist_
 
     ds = state.data.val_dataset if state.data.val_dataset is not None else state.data.test_dataset
-    return DataLoader(dist_.shard(ds), batch_size=state.data.eval_batch_size, shuffle=False,
-                      num_workers=state.data.num_workers)
+    return DataLoader(
+        dist_.shard(ds),
+        batch_size=state.data.eval_batch_size,
+        shuffle=False,
+        num_workers=state.data.num_workers,
+    )
 
 
-def _evaluate(model: nn.Module, device: torch.device, loader: Any, num_classes: int, ddp: bool) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, device: torch.device, loader: Any, num_classes: int, ddp: bool
+) -> dict[str, float]:
     """Validation accuracy and loss; under DDP the shard counts are summed over ranks (exact)."""
     from . import distributed as dist_
     from .measure import evaluate

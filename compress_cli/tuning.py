@@ -55,7 +55,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     modes = {name: m.training for name, m in model.named_modules()}
     py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -123,8 +125,11 @@ def suggest_lr(
     n = len(smoothed)
     lo, hi = min(skip_start, max(0, n - min_points)), n - skip_end
     if hi - lo < min_points:
-        return LrSuggestion(None, f"only {n} point(s) before the sweep stopped (need {min_points + skip_end + 1}); "
-                                  "lower min_lr or raise steps")
+        return LrSuggestion(
+            None,
+            f"only {n} point(s) before the sweep stopped (need {min_points + skip_end + 1}); "
+            "lower min_lr or raise steps",
+        )
     s = np.asarray(smoothed[lo:hi], dtype=np.float64)
     raw = np.asarray(losses[lo:hi], dtype=np.float64)
     x = np.log10(np.asarray(lrs[lo:hi], dtype=np.float64))
@@ -137,19 +142,31 @@ def suggest_lr(
     # and blind to the trend that a smoothed-vs-raw residual would mistake for noise)
     desc = raw[: i_min + 1]
     noise = float(np.median(np.abs(np.diff(desc))) / (0.6745 * math.sqrt(2))) if len(desc) > 2 else 0.0
-    info = {"relative_drop": round(rel_drop, 4), "noise_to_drop": round(noise / drop, 4) if drop > 0 else None}
+    info = {
+        "relative_drop": round(rel_drop, 4),
+        "noise_to_drop": round(noise / drop, 4) if drop > 0 else None,
+    }
     if rel_drop < min_improvement:
-        return LrSuggestion(None, f"the curve is flat: the smoothed loss fell only {rel_drop * 100:.1f}% "
-                                  f"(< {min_improvement * 100:.0f}%); the model may already be trained, "
-                                  "or max_lr is too low", info=info)
+        return LrSuggestion(
+            None,
+            f"the curve is flat: the smoothed loss fell only {rel_drop * 100:.1f}% "
+            f"(< {min_improvement * 100:.0f}%); the model may already be trained, "
+            "or max_lr is too low",
+            info=info,
+        )
     if noise > drop:
-        return LrSuggestion(None, f"the curve is noisy: batch losses scatter by {noise:.3g} from step to "
-                                  f"step, more than the whole descent {drop:.3g} (raise batch_size or steps)",
-                            info=info)
+        return LrSuggestion(
+            None,
+            f"the curve is noisy: batch losses scatter by {noise:.3g} from step to "
+            f"step, more than the whole descent {drop:.3g} (raise batch_size or steps)",
+            info=info,
+        )
     if method == "min_div":
         i = lo + i_min
         lr = lrs[i] / factor
-        return LrSuggestion(lr, f"minimum of the smoothed loss at lr {lrs[i]:.3g}, divided by {factor:g}", i, info)
+        return LrSuggestion(
+            lr, f"minimum of the smoothed loss at lr {lrs[i]:.3g}, divided by {factor:g}", i, info
+        )
     grad = np.gradient(s, x) if len(np.unique(x)) == len(x) else np.gradient(s)
     j = int(np.argmin(grad[: i_min + 1])) if i_min > 0 else int(np.argmin(grad))
     if grad[j] >= 0:
@@ -220,8 +237,11 @@ def plot_lr_curve(path: Any, sweep: LrSweep, suggestion: LrSuggestion, log_x: bo
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    finite = [(lr, raw, s) for lr, raw, s in zip(sweep.lrs, sweep.losses, sweep.smoothed, strict=True)
-              if math.isfinite(raw) and math.isfinite(s)]
+    finite = [
+        (lr, raw, s)
+        for lr, raw, s in zip(sweep.lrs, sweep.losses, sweep.smoothed, strict=True)
+        if math.isfinite(raw) and math.isfinite(s)
+    ]
     if finite:
         lrs, raws, ss = zip(*finite, strict=True)
         ax.plot(lrs, raws, color="0.75", linewidth=0.8, label="batch loss")
@@ -316,8 +336,16 @@ def probe_batch(
     g = torch.Generator().manual_seed(state.seed)
     sampler = RandomSampler(ds, replacement=True, num_samples=batch_size * steps, generator=g)  # type: ignore[arg-type]
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=state.data.num_workers)
-    probe_opts = opts.model_copy(update={"epochs": 1, "max_steps_per_epoch": steps, "batch_size": None,
-                                         "scheduler": "none", "warmup_epochs": 0.0, "early_stopping": None})
+    probe_opts = opts.model_copy(
+        update={
+            "epochs": 1,
+            "max_steps_per_epoch": steps,
+            "batch_size": None,
+            "scheduler": "none",
+            "warmup_epochs": 0.0,
+            "early_stopping": None,
+        }
+    )
     times: list[float] = []
     saved_bytes: list[int] = [0]
     seen: dict[int, int] = {}
@@ -353,8 +381,17 @@ def probe_batch(
     try:
         with preserved(model), hooks:
             last[0] = time.perf_counter()
-            train(model, state, probe_opts, loader=loader, on_step=on_step, after_step=reset_seen,
-                  validate=False, distributed=False, label=f"{label} bs={batch_size}")
+            train(
+                model,
+                state,
+                probe_opts,
+                loader=loader,
+                on_step=on_step,
+                after_step=reset_seen,
+                validate=False,
+                distributed=False,
+                label=f"{label} bs={batch_size}",
+            )
             if cuda:
                 torch.cuda.synchronize(device)
     except Exception as e:
@@ -429,5 +466,6 @@ def pick_throughput(probes: list[Probe], tolerance: float) -> Probe:
     """The smallest fitting batch whose throughput is within ``tolerance`` of the best."""
     ok = [p for p in probes if p.fits and p.samples_per_s]
     best = max(p.samples_per_s or 0.0 for p in ok)
-    return min((p for p in ok if (p.samples_per_s or 0.0) >= (1 - tolerance) * best), key=lambda p: p.batch_size)
-
+    return min(
+        (p for p in ok if (p.samples_per_s or 0.0) >= (1 - tolerance) * best), key=lambda p: p.batch_size
+    )

@@ -33,8 +33,17 @@ def test_encodings_are_bit_exact_and_chosen_by_content():
     rows = torch.randint(-127, 128, (32, 512), generator=g).float() * torch.rand(32, 1, generator=g)
     sparse_pal = palette * (torch.rand(64, 64, generator=g) > 0.7)
     ints = torch.arange(100)
-    sd = {"dense": dense, "sparse": sparse, "palette": palette, "rows": rows, "sp": sparse_pal, "ints": ints,
-          "half": dense.half(), "bf": dense.bfloat16(), "scalar": torch.tensor(3.0)}
+    sd = {
+        "dense": dense,
+        "sparse": sparse,
+        "palette": palette,
+        "rows": rows,
+        "sp": sparse_pal,
+        "ints": ints,
+        "half": dense.half(),
+        "bf": dense.bfloat16(),
+        "scalar": torch.tensor(3.0),
+    }
     out, index, _ = roundtrip(sd)
     for k, v in sd.items():
         assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
@@ -63,7 +72,18 @@ def test_architecture_diff_rebuilds_changed_and_replaced_modules(tmp_path):
     conv = names[conv_name]
     parent_name, _, child = conv_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is None))
+    setattr(
+        parent,
+        child,
+        nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            bias=conv.bias is None,
+        ),
+    )
     base = seeded_zoo("digits_cnn")
     diff = architecture_diff(base, model)
     assert [d["path"] for d in diff] == [conv_name]
@@ -112,7 +132,9 @@ def test_prune_reparametrization_is_folded(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
-    assert tensor_encodings(tmp_path / "m")[[k for k in again.state_dict() if k.endswith("weight")][0]].startswith(("sparse", "gaps"))
+    assert tensor_encodings(tmp_path / "m")[
+        [k for k in again.state_dict() if k.endswith("weight")][0]
+    ].startswith(("sparse", "gaps"))
 
 
 def test_copy_model_works_on_pruned_modules_after_forward():
@@ -138,7 +160,9 @@ def test_large_payloads_are_zstd_small_ones_xz_and_both_reload_exactly(tmp_path,
     model = tiny_cnn()
     spec = {"source": "zoo:digits_cnn"}
     small = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
-    assert (tmp_path / "m" / ck.WEIGHTS).is_file() and ck.read_manifest(tmp_path / "m")["weights"] == ck.WEIGHTS
+    assert (tmp_path / "m" / ck.WEIGHTS).is_file() and ck.read_manifest(tmp_path / "m")[
+        "weights"
+    ] == ck.WEIGHTS
     monkeypatch.setattr(ck, "LZMA_MAX_BYTES", 1000)  # this model's payload now counts as large
     big = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
     files = sorted(p.name for p in (tmp_path / "m").iterdir())

@@ -34,13 +34,20 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def roundtrip(t: torch.Tensor) -> tuple[torch.Tensor, str]:
     meta, parts = encode_tensor("t", t)
-    parts = {k: p if isinstance(p, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(p)) for k, p in parts.items()}
+    parts = {
+        k: p if isinstance(p, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(p))
+        for k, p in parts.items()
+    }
     return decode_tensor(meta, parts), meta["enc"]
 
 
 def sparse(shape, density, seed=0, values=None):
     g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g) if values is None else values[torch.randint(0, len(values), shape, generator=g)]
+    t = (
+        torch.randn(shape, generator=g)
+        if values is None
+        else values[torch.randint(0, len(values), shape, generator=g)]
+    )
     t[torch.rand(shape, generator=g) >= density] = 0
     return t
 
@@ -48,7 +55,7 @@ def sparse(shape, density, seed=0, values=None):
 def cases():
     g = torch.Generator().manual_seed(1)
     c16 = torch.randn(16, generator=g)
-    grid = (torch.randint(-127, 128, (8, 512), generator=g).float() * torch.rand(8, 1, generator=g))
+    grid = torch.randint(-127, 128, (8, 512), generator=g).float() * torch.rand(8, 1, generator=g)
     special = torch.randn(200, generator=g)
     special[::3] = -0.0
     special[1], special[2], special[4] = float("nan"), float("inf"), float("-inf")
@@ -61,7 +68,10 @@ def cases():
         "sparse_palette": (sparse((40, 40), 0.3, values=c16), "sparse+palette"),
         "gaps_palette": (sparse((200, 200), 0.05, values=c16), "gaps+palette"),
         "rowgrid": (grid, "rowgrid"),  # rows that are int8 multiples of a per-row scale
-        "rowpalette": (torch.randn(8, 100, generator=g).gather(1, torch.randint(0, 100, (8, 512), generator=g)), "rowpalette"),
+        "rowpalette": (
+            torch.randn(8, 100, generator=g).gather(1, torch.randint(0, 100, (8, 512), generator=g)),
+            "rowpalette",
+        ),
         "special_values": (special, None),
         "fp16": (torch.randn(300, generator=g).half(), "shuffle"),
         "bf16_sparse": (sparse((600,), 0.3).bfloat16(), None),
@@ -69,7 +79,10 @@ def cases():
         "int64": (torch.arange(100), "raw"),
         "tiny": (torch.randn(5, generator=g), "raw"),
         "all_zero": (torch.zeros(300), "gaps"),
-        "long_runs": (torch.zeros(3000).index_fill_(0, torch.tensor([0, 255, 256, 766, 2999]), 1.5), "gaps+bf16"),
+        "long_runs": (
+            torch.zeros(3000).index_fill_(0, torch.tensor([0, 255, 256, 766, 2999]), 1.5),
+            "gaps+bf16",
+        ),
         "scalar": (torch.tensor(3.0), "raw"),
         "fp16_values_in_fp32": (torch.randn(500, generator=g).half().float(), "f16+shuffle"),
         "bf16_values_in_fp32": (torch.randn(500, generator=g).bfloat16().float(), "bf16+shuffle"),
@@ -171,8 +184,10 @@ def test_files_written_by_the_first_encoder_still_decode():
         "r": {"shape": [3], "dtype": "float32", "enc": "raw"},
     }
     tensors = {
-        "p::palette": c, "p::idx": packed,
-        "s::mask": torch.from_numpy(np.packbits(mask.numpy())), "s::values": values,
+        "p::palette": c,
+        "p::idx": packed,
+        "s::mask": torch.from_numpy(np.packbits(mask.numpy())),
+        "s::values": values,
         "r": torch.ones(3),
     }
     blob = lzma.compress(save(tensors, metadata={"index": json.dumps(index, indent=1)}), preset=6)
@@ -208,7 +223,9 @@ def test_pruned_export_has_positive_zeros():
 def test_skewed_palette_indices_are_stored_one_per_byte():
     g = torch.Generator().manual_seed(0)
     levels = torch.linspace(-1, 1, 16)
-    t = levels[(torch.randn(20000, generator=g) * 1.5 + 7.5).round().clamp(0, 15).long()]  # ~3 bits of entropy
+    t = levels[
+        (torch.randn(20000, generator=g) * 1.5 + 7.5).round().clamp(0, 15).long()
+    ]  # ~3 bits of entropy
     meta, parts = encode_tensor("w", t)
     assert meta["enc"] == "palette" and meta["bits"] == 4 and "idx8" in parts
     back, _ = roundtrip(t)

@@ -12,7 +12,12 @@ def per_channel_int8(shape, qmax=127, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, generator=g)
     scale = w.flatten(1).abs().amax(1) / qmax
-    return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(shape[0], dtype=torch.int32), 0, -qmax - 1, qmax) + 0.0
+    return (
+        torch.fake_quantize_per_channel_affine(
+            w, scale, torch.zeros(shape[0], dtype=torch.int32), 0, -qmax - 1, qmax
+        )
+        + 0.0
+    )
 
 
 def test_per_channel_int8_weights_are_stored_as_int8_codes_bit_exact():

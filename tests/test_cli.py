@@ -77,7 +77,9 @@ def test_run_exit_codes(write_recipe, tmp_path):
 def test_runtime_failure_is_exit_1_with_one_line(write_recipe, tmp_path):
     ckpt = tmp_path / "broken.pt"
     ckpt.write_bytes(b"not a checkpoint")
-    path = write_recipe(stages=[{"type": "evaluate"}], model={"source": "zoo:digits_mlp", "checkpoint": str(ckpt)})
+    path = write_recipe(
+        stages=[{"type": "evaluate"}], model={"source": "zoo:digits_mlp", "checkpoint": str(ckpt)}
+    )
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 1
     assert "broken.pt" in res.output and "corrupt" in res.output and "Traceback" not in res.output

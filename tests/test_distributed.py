@@ -31,7 +31,10 @@ def free_port() -> int:
 
 def recipe_dict(out: Path, batch_size: int) -> dict:
     return {
-        "version": 1, "name": "ddp", "seed": 0, "device": "cpu",
+        "version": 1,
+        "name": "ddp",
+        "seed": 0,
+        "device": "cpu",
         "model": {"source": "zoo:digits_mlp"},
         "data": {"source": "digits", "batch_size": batch_size},
         "measure": {"latency": None, "macs": False},
@@ -67,14 +70,34 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     rpath.write_text(yaml.safe_dump(recipe_dict(out, 32)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "compress_cli", "run", str(rpath)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "compress_cli",
+        "run",
+        str(rpath),
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("model: ") == 1  # only rank 0 prints the result
-    assert sorted(x.name for x in out.iterdir()) == ["model", "recipe.yaml", "report.json", "report.md", "report.png",
-                                                     "stages"]
+    assert sorted(x.name for x in out.iterdir()) == [
+        "model",
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+        "report.png",
+        "stages",
+    ]
     report = json.loads((out / "report.json").read_text())
     ddp_hist = report["stages"][0]["details"]["history"]
     ddp_acc = report["final"]["accuracy"]

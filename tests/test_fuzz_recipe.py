@@ -9,14 +9,48 @@ from hypothesis import strategies as st
 from compress_cli.errors import CompressError
 from compress_cli.recipe import apply_overrides, parse_yaml, validate
 
-KEYS = ["version", "name", "seed", "device", "model", "data", "measure", "guard", "stages", "output", "type",
-        "source", "epochs", "lr", "sparsity", "batch_size", "latency", "batch_sizes", "checkpoint", "kwargs",
-        "on_violation", "time_budget_s", "scheduler", "optimizer", "zzz"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["auto", "finetune", "evaluate", "zoo:digits_mlp", "digits", "cpu"]))
-values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                      st.dictionaries(st.sampled_from(KEYS), kids, max_size=5)),
-                      max_leaves=20)
+KEYS = [
+    "version",
+    "name",
+    "seed",
+    "device",
+    "model",
+    "data",
+    "measure",
+    "guard",
+    "stages",
+    "output",
+    "type",
+    "source",
+    "epochs",
+    "lr",
+    "sparsity",
+    "batch_size",
+    "latency",
+    "batch_sizes",
+    "checkpoint",
+    "kwargs",
+    "on_violation",
+    "time_budget_s",
+    "scheduler",
+    "optimizer",
+    "zzz",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["auto", "finetune", "evaluate", "zoo:digits_mlp", "digits", "cpu"]),
+)
+values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4), st.dictionaries(st.sampled_from(KEYS), kids, max_size=5)
+    ),
+    max_leaves=20,
+)
 
 
 def load(text: str, overrides=()) -> None:

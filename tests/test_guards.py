@@ -37,8 +37,13 @@ def scramble():
 
 
 def run(tmp_path, stages, **over):
-    d = tiny_recipe_dict(tmp_path, stages=stages, measure={"latency": None},
-                         model={"source": "zoo:digits_cnn", "checkpoint": "models/digits_cnn.safetensors"}, **over)
+    d = tiny_recipe_dict(
+        tmp_path,
+        stages=stages,
+        measure={"latency": None},
+        model={"source": "zoo:digits_cnn", "checkpoint": "models/digits_cnn.safetensors"},
+        **over,
+    )
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(d))
     return compress_cli.run(p, force=True)
@@ -49,7 +54,10 @@ def report(tmp_path):
 
 
 def test_final_violation_fails_and_keeps_the_last_good_result(tmp_path, scramble):
-    with pytest.raises(GuardError, match=r"(?s)max_accuracy_drop: accuracy fell .*kept the last result that satisfies every guard \(stage 1\)"):
+    with pytest.raises(
+        GuardError,
+        match=r"(?s)max_accuracy_drop: accuracy fell .*kept the last result that satisfies every guard \(stage 1\)",
+    ):
         run(tmp_path, [{"type": "evaluate"}, {"type": "test_scramble"}], guard={"max_accuracy_drop": 1.0})
     r = report(tmp_path)
     assert r["final"]["result_from_stage"] == 1 and r["final"]["accuracy"] > 0.95
@@ -58,8 +66,11 @@ def test_final_violation_fails_and_keeps_the_last_good_result(tmp_path, scramble
 
 
 def test_stage_revert_restores_and_continues(tmp_path, scramble):
-    out = run(tmp_path, [{"type": "test_scramble", "on_violation": "revert"}, {"type": "evaluate"}],
-              guard={"max_accuracy_drop": 1.0})
+    out = run(
+        tmp_path,
+        [{"type": "test_scramble", "on_violation": "revert"}, {"type": "evaluate"}],
+        guard={"max_accuracy_drop": 1.0},
+    )
     s1 = out["stages"][0]
     assert s1["reverted"] and s1["rejected_metrics"]["accuracy"] < 0.3
     assert out["final"]["accuracy"] == out["baseline"]["accuracy"]
@@ -69,8 +80,11 @@ def test_stage_revert_restores_and_continues(tmp_path, scramble):
 
 def test_stage_fail_stops_at_once(tmp_path, scramble):
     with pytest.raises(GuardError):
-        run(tmp_path, [{"type": "test_scramble", "on_violation": "fail"}, {"type": "evaluate"}],
-            guard={"max_accuracy_drop": 1.0})
+        run(
+            tmp_path,
+            [{"type": "test_scramble", "on_violation": "fail"}, {"type": "evaluate"}],
+            guard={"max_accuracy_drop": 1.0},
+        )
     r = report(tmp_path)
     assert [s["type"] for s in r["stages"]] == ["test_scramble"]
     assert r["final"]["result_from_stage"] == 0
@@ -82,8 +96,11 @@ def test_warn_keeps_going_and_exits_ok(tmp_path, scramble):
 
 
 def test_final_revert_uses_the_last_good_snapshot(tmp_path, scramble):
-    out = run(tmp_path, [{"type": "evaluate"}, {"type": "test_scramble"}],
-              guard={"max_accuracy_drop": 1.0, "on_violation": "revert"})
+    out = run(
+        tmp_path,
+        [{"type": "evaluate"}, {"type": "test_scramble"}],
+        guard={"max_accuracy_drop": 1.0, "on_violation": "revert"},
+    )
     assert out["final"]["result_from_stage"] == 1 and out["final"]["accuracy"] > 0.95
 
 
@@ -98,7 +115,9 @@ def test_size_and_speedup_guards(tmp_path):
 
 
 def test_time_budget_stops_cleanly_and_keeps_the_work(tmp_path):
-    out = run(tmp_path, [{"type": "finetune", "epochs": 10000, "lr": 0.001}, {"type": "evaluate"}], time_budget_s=3)
+    out = run(
+        tmp_path, [{"type": "finetune", "epochs": 10000, "lr": 0.001}, {"type": "evaluate"}], time_budget_s=3
+    )
     assert "time_budget_s" in out["stopped_early"]
     assert out["skipped"] == ["2. evaluate"]
     assert out["stages"][0]["details"]["stopped_early"] is True

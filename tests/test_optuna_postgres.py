@@ -29,12 +29,19 @@ def pg_url() -> str:
     if not url:
         script = ROOT / "scripts" / "start_postgres.sh"
         try:
-            p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "COMPRESS_PG_NO_INSTALL": "1"})
+            p = subprocess.run(
+                ["bash", str(script)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "COMPRESS_PG_NO_INSTALL": "1"},
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.skip(f"cannot start PostgreSQL with {script.name}: {e}")
         if p.returncode != 0 or not p.stdout.strip():
-            pytest.skip(f"cannot start PostgreSQL with {script.name} (exit {p.returncode}): {p.stderr.strip()[-300:]}")
+            pytest.skip(
+                f"cannot start PostgreSQL with {script.name} (exit {p.returncode}): {p.stderr.strip()[-300:]}"
+            )
         url = p.stdout.strip().splitlines()[-1]
     import sqlalchemy
 
@@ -57,18 +64,29 @@ def test_two_workers_share_one_study(tmp_path, pg_url, monkeypatch):
     study = f"test-{uuid.uuid4().hex[:10]}"
     n_trials = 6
     recipe = {
-        "version": 1, "name": "shared", "seed": 0, "device": "cpu",
+        "version": 1,
+        "name": "shared",
+        "seed": 0,
+        "device": "cpu",
         "model": {"source": "zoo:digits_mlp"},
         "data": {"source": "digits"},
         "measure": {"latency": None, "macs": False},
-        "stages": [{
-            "type": "hpo", "n_trials": n_trials, "pruner": "none", "storage": pg_url, "study_name": study,
-            # off here: two workers that start together may both enqueue the configured values
-            "enqueue_defaults": False,
-            "stages": [{"type": "finetune", "epochs": 2, "max_steps_per_epoch": 8}],
-            "space": {"finetune.lr": {"float": [1e-4, 0.3], "log": True},
-                      "finetune.optimizer": {"categorical": ["sgd", "adam"]}},
-        }],
+        "stages": [
+            {
+                "type": "hpo",
+                "n_trials": n_trials,
+                "pruner": "none",
+                "storage": pg_url,
+                "study_name": study,
+                # off here: two workers that start together may both enqueue the configured values
+                "enqueue_defaults": False,
+                "stages": [{"type": "finetune", "epochs": 2, "max_steps_per_epoch": 8}],
+                "space": {
+                    "finetune.lr": {"float": [1e-4, 0.3], "log": True},
+                    "finetune.optimizer": {"categorical": ["sgd", "adam"]},
+                },
+            }
+        ],
     }
     rpath = tmp_path / "shared.yaml"
     rpath.write_text(yaml.safe_dump(recipe))
@@ -78,9 +96,13 @@ def test_two_workers_share_one_study(tmp_path, pg_url, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "optuna", "compress_cli.pipeline", "compress_cli.hpo_search"])
-    procs = [ctx.Process(target=compress_cli.run, args=(str(rpath),), kwargs={"output": str(tmp_path / f"w{i}")})
-             for i in range(2)]
+    ctx.set_forkserver_preload(
+        ["torch", "torch._dynamo", "optuna", "compress_cli.pipeline", "compress_cli.hpo_search"]
+    )
+    procs = [
+        ctx.Process(target=compress_cli.run, args=(str(rpath),), kwargs={"output": str(tmp_path / f"w{i}")})
+        for i in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

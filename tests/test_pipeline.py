@@ -50,7 +50,16 @@ def test_existing_output_needs_force(write_recipe):
 
 def test_guard_violation_raises_after_writing_report(write_recipe, tmp_path):
     path = write_recipe(
-        stages=[{"type": "finetune", "epochs": 1, "lr": 5.0, "optimizer": "sgd", "max_steps_per_epoch": 3, "grad_clip": 0.1}],
+        stages=[
+            {
+                "type": "finetune",
+                "epochs": 1,
+                "lr": 5.0,
+                "optimizer": "sgd",
+                "max_steps_per_epoch": 3,
+                "grad_clip": 0.1,
+            }
+        ],
         model={"source": "zoo:digits_mlp", "checkpoint": None},
         guard={"max_latency_ms": 1e-6},
     )
@@ -74,8 +83,10 @@ def test_input_checkpoint_is_never_modified(write_recipe, tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "in.pt")
     before = ckpt.read_bytes()
     ckpt.chmod(0o444)
-    path = write_recipe(stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 2}],
-                        model={"source": "zoo:digits_mlp", "checkpoint": str(ckpt)})
+    path = write_recipe(
+        stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 2}],
+        model={"source": "zoo:digits_mlp", "checkpoint": str(ckpt)},
+    )
     compress_cli.run(path)
     assert ckpt.read_bytes() == before
 
@@ -83,7 +94,9 @@ def test_input_checkpoint_is_never_modified(write_recipe, tmp_path):
 def test_class_count_mismatch_is_a_source_error(write_recipe):
     from compress_cli.errors import SourceError
 
-    path = write_recipe(stages=[{"type": "evaluate"}], model={"source": "zoo:digits_mlp", "kwargs": {"num_classes": 7}})
+    path = write_recipe(
+        stages=[{"type": "evaluate"}], model={"source": "zoo:digits_mlp", "kwargs": {"num_classes": 7}}
+    )
     with pytest.raises(SourceError, match="model outputs 7 classes but the data has 10"):
         compress_cli.run(path)
 

@@ -42,13 +42,19 @@ def test_unknown_top_level_key_names_line_and_suggests():
 
 
 def test_unknown_stage_type_suggests_nearest():
-    with pytest.raises(RecipeError, match=r"r\.yaml:6: stages\[0\]\.type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:6: stages\[0\]\.type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
+    ):
         check(GOOD.replace("type: finetune", "type: finetun"))
 
 
 def test_stage_key_typo_is_located_and_named():
     text = GOOD.replace("epochs: 1", "epocs: 1")
-    with pytest.raises(RecipeError, match=r"r\.yaml:7: stages\[0\] \(finetune\)\.epocs: unknown key \(did you mean 'epochs'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:7: stages\[0\] \(finetune\)\.epocs: unknown key \(did you mean 'epochs'\?\)",
+    ):
         check(text)
 
 
@@ -59,7 +65,9 @@ def test_literal_error_lists_choices_and_value():
 
 
 def test_every_problem_is_collected():
-    text = GOOD.replace("epochs: 1", "epochs: -1\n    optimizer: x").replace("name: demo", "name: demo\nseed: abc")
+    text = GOOD.replace("epochs: 1", "epochs: -1\n    optimizer: x").replace(
+        "name: demo", "name: demo\nseed: abc"
+    )
     with pytest.raises(RecipeError) as e:
         check(text)
     assert len(e.value.problems) == 3
@@ -68,7 +76,9 @@ def test_every_problem_is_collected():
 
 
 def test_yaml_syntax_error_has_line():
-    with pytest.raises(RecipeError, match=r"r\.yaml:4: YAML syntax error: expected ',' or '\]'.*started at line 3"):
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml:4: YAML syntax error: expected ',' or '\]'.*started at line 3"
+    ):
         check("version: 1\nname: x\nmodel: [unclosed\n")
 
 
@@ -142,9 +152,15 @@ def test_shipped_recipes_validate(path):
 
 
 def test_unknown_sources_fail_validation_with_suggestion():
-    with pytest.raises(RecipeError, match=r"r\.yaml:4: model\.source: unknown zoo model 'digits_mpl' \(did you mean 'digits_mlp'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:4: model\.source: unknown zoo model 'digits_mpl' \(did you mean 'digits_mlp'\?\)",
+    ):
         check(GOOD.replace("zoo:digits_mlp", "zoo:digits_mpl"))
-    with pytest.raises(RecipeError, match=r"data\.source: unknown data source 'fashion_mnsit' \(did you mean 'fashion_mnist'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"data\.source: unknown data source 'fashion_mnsit' \(did you mean 'fashion_mnist'\?\)",
+    ):
         check(GOOD + "data: {source: fashion_mnsit}\n")
 
 

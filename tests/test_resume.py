@@ -34,13 +34,20 @@ def recipe(tmp: Path, out: str, stages=STAGES, **over) -> Path:
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "compress_cli", "run", *args, "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "compress_cli", "run", *args, "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def final(out: Path) -> dict:
     r = json.loads((out / "report.json").read_text())
-    return {k: r["final"][k] for k in KEYS}, [(s["type"], {k: s["metrics"][k] for k in KEYS}) for s in r["stages"]]
+    return {k: r["final"][k] for k in KEYS}, [
+        (s["type"], {k: s["metrics"][k] for k in KEYS}) for s in r["stages"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,9 @@ def test_sigkill_then_resume_equals_uninterrupted(kill_after, tmp_path, referenc
     wait_for(out / "stages" / kill_after / "state.json", p)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not (out / "report.json").exists() or json.loads((out / "report.json").read_text()).get("incomplete", True)
+    assert not (out / "report.json").exists() or json.loads((out / "report.json").read_text()).get(
+        "incomplete", True
+    )
     r = cli(str(path), "--resume")
     assert r.wait(timeout=300) == 0, r.stderr.read()
     assert final(out) == reference

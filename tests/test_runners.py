@@ -19,10 +19,14 @@ from compress_cli.testing import digits_bundle, tiny_cnn, tiny_recipe_dict
 def test_ort_runner_evaluates_and_times_like_eager():
     data = digits_bundle(limit_train=128)
     model = tiny_cnn(seed=0).eval()
-    ort_runner = OrtRunner(quant.OrtModule(quant.export_onnx(model, data.input_shape)[0], threads=1), threads=1)
+    ort_runner = OrtRunner(
+        quant.OrtModule(quant.export_onnx(model, data.input_shape)[0], threads=1), threads=1
+    )
     eager = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.num_classes)
     via_ort = evaluate(ort_runner, data.loader("test"), data.num_classes)
-    assert via_ort["accuracy"] == eager["accuracy"] and via_ort["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert via_ort["accuracy"] == eager["accuracy"] and via_ort["loss"] == pytest.approx(
+        eager["loss"], rel=1e-4
+    )
     t = latency(ort_runner, data.input_shape, LatencyConfig(batch_sizes=[1, 16], warmup=1, iterations=3))
     assert t["latency_ms"] > 0 and t["throughput"] > 0 and t["throughput_batch"] == 16
     d = ort_runner.describe()
@@ -31,13 +35,20 @@ def test_ort_runner_evaluates_and_times_like_eager():
 
 def test_compiled_runner_describes_how_it_compiles():
     r = CompiledRunner(tiny_cnn(), torch.device("cpu"), frozen=True)
-    assert r.describe() == {"runtime": "torch-compiled", "device": "cpu", "compile": "inductor, freezing, static shapes"}
+    assert r.describe() == {
+        "runtime": "torch-compiled",
+        "device": "cpu",
+        "compile": "inductor, freezing, static shapes",
+    }
 
 
 def test_report_names_the_runtime_and_gives_the_same_runtime_baseline(tmp_path):
     d = tiny_recipe_dict(
-        tmp_path, stages=[{"type": "quantize", "scheme": "onnxruntime_int8"}], model={"source": "zoo:digits_cnn"},
-        data={"limit_train": 256}, measure={"latency": {"batch_sizes": [1, 16], "warmup": 1, "iterations": 3}},
+        tmp_path,
+        stages=[{"type": "quantize", "scheme": "onnxruntime_int8"}],
+        model={"source": "zoo:digits_cnn"},
+        data={"limit_train": 256},
+        measure={"latency": {"batch_sizes": [1, 16], "warmup": 1, "iterations": 3}},
     )
     report = run_recipe(validate(parse_yaml(yaml.safe_dump(d))))
     assert report["baseline"]["runtime"] == "torch-eager"

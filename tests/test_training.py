@@ -12,7 +12,9 @@ def opts(**kw) -> TrainOptions:
     return TrainOptions(**{"epochs": 1, "lr": 0.01, **kw})
 
 
-@pytest.mark.parametrize("sched", ["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"])
+@pytest.mark.parametrize(
+    "sched", ["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"]
+)
 def test_every_scheduler_trains(sched, tmp_path):
     state = tiny_state(tmp_path=tmp_path, limit_train=256)
     res = train(state.model, state, opts(epochs=2, scheduler=sched, milestones=[1], warmup_epochs=0.5))
@@ -47,7 +49,11 @@ def test_l1_drives_weights_down(tmp_path):
 def test_weight_decay_and_optimizers(tmp_path):
     for name, lr in (("sgd", 0.1), ("adam", 0.01), ("adamw", 0.01)):
         s = tiny_state(tmp_path=tmp_path / name)
-        res = train(s.model, s, opts(epochs=2, lr=lr, optimizer=name, weight_decay=1e-4, grad_clip=1.0, label_smoothing=0.1))
+        res = train(
+            s.model,
+            s,
+            opts(epochs=2, lr=lr, optimizer=name, weight_decay=1e-4, grad_clip=1.0, label_smoothing=0.1),
+        )
         assert res.epochs_run == 2 and res.history[-1]["val_accuracy"] > 0.5, (name, res.history)
 
 
@@ -68,8 +74,12 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         seen.append((metrics["val_accuracy"], {k: v.clone() for k, v in state.model.state_dict().items()}))
 
     # a huge lr after the first epoch makes validation accuracy fall
-    res = train(state.model, state, opts(epochs=6, optimizer="sgd", lr=0.05, scheduler="exponential", gamma=1.0,
-                                          early_stopping=1), on_epoch=on_epoch)
+    res = train(
+        state.model,
+        state,
+        opts(epochs=6, optimizer="sgd", lr=0.05, scheduler="exponential", gamma=1.0, early_stopping=1),
+        on_epoch=on_epoch,
+    )
     best_acc, best_sd = max(seen, key=lambda t: t[0])
     assert res.best_val_accuracy == best_acc
     if res.stopped_early:

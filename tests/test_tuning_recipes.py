@@ -30,11 +30,30 @@ def test_tuning_chain_runs_and_fills_auto(tmp_path):
     torch.set_num_threads(1)
     try:
         out = tmp_path / "run"
-        r = CliRunner().invoke(app, [
-            "run", str(RECIPES / "tuning_digits.yaml"), "--device", "cpu", "--output", str(out), "-q",
-            "--set", "stages.0.steps=30", "--set", "stages.0.skip_start=3", "--set", "stages.1.max_batch_size=64",
-            "--set", "stages.2.epochs=1", "--set", "stages.2.scheduler=none", "--set", "measure.latency=null",
-        ])
+        r = CliRunner().invoke(
+            app,
+            [
+                "run",
+                str(RECIPES / "tuning_digits.yaml"),
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "-q",
+                "--set",
+                "stages.0.steps=30",
+                "--set",
+                "stages.0.skip_start=3",
+                "--set",
+                "stages.1.max_batch_size=64",
+                "--set",
+                "stages.2.epochs=1",
+                "--set",
+                "stages.2.scheduler=none",
+                "--set",
+                "measure.latency=null",
+            ],
+        )
     finally:
         torch.set_num_threads(n)
     assert r.exit_code == 0, r.output

@@ -90,7 +90,9 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     if not p.exists():
         raise SourceError(f"model.checkpoint {p}: file not found")
     if p.is_dir():
-        raise SourceError(f"model.checkpoint {p}: a directory without {'manifest.json'} (not a compressed model)")
+        raise SourceError(
+            f"model.checkpoint {p}: a directory without {'manifest.json'} (not a compressed model)"
+        )
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -102,7 +104,9 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():
-            raise SourceError(f"model.checkpoint {p}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+            raise SourceError(
+                f"model.checkpoint {p}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})"
+            ) from None
         if not allow_pickle:
             raise SourceError(
                 f"model.checkpoint {p}: not a plain state_dict (it contains pickled objects: {_pickle_reason(e)}); "
@@ -131,7 +135,11 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], origi
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
 
         def few(xs: list[str]) -> str:

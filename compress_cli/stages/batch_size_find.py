@@ -18,19 +18,27 @@ class BatchSizeFindConfig(StageConfig):
         "samples/s; default: max on CUDA or when max_memory_gb is set, else throughput",
     )
     start: int = Field(8, gt=0, description="first batch size tried")
-    max_batch_size: int = Field(8192, gt=0, description="never go above this (nor above the training split's size)")
+    max_batch_size: int = Field(
+        8192, gt=0, description="never go above this (nor above the training split's size)"
+    )
     max_memory_gb: float | None = Field(
         None, gt=0, description="memory bound: CUDA measured peak, CPU estimated training-step memory"
     )
-    margin: float = Field(0.1, ge=0, lt=1, description="max mode: keep this fraction below the largest fitting batch")
-    multiple_of: int = Field(8, gt=0, description="round the result down to a multiple of this (when at least this)")
+    margin: float = Field(
+        0.1, ge=0, lt=1, description="max mode: keep this fraction below the largest fitting batch"
+    )
+    multiple_of: int = Field(
+        8, gt=0, description="round the result down to a multiple of this (when at least this)"
+    )
     steps: int = Field(3, ge=2, le=100, description="training steps per probe (the first is not timed)")
     throughput_tolerance: float = Field(
         0.05, ge=0, lt=1, description="throughput: smallest batch within this fraction of the best samples/s"
     )
     scale_lr: bool = Field(False, description="scale hparams.lr linearly with the batch-size change")
     base_lr: float | None = Field(None, gt=0, description="scale_lr: the lr to scale (default: hparams.lr)")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer of the probes (its state uses memory)")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "adam", description="optimizer of the probes (its state uses memory)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
 
@@ -56,8 +64,10 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
     def preview(self, state: State) -> list[str]:
         c = self.config
         n_train = len(state.data.train_dataset)  # type: ignore[arg-type]
-        return [f"probe batch sizes from {c.start} up to {min(c.max_batch_size, n_train)} "
-                f"({c.mode}); sets hparams.batch_size" + (" and scales hparams.lr" if c.scale_lr else "")]
+        return [
+            f"probe batch sizes from {c.start} up to {min(c.max_batch_size, n_train)} "
+            f"({c.mode}); sets hparams.batch_size" + (" and scales hparams.lr" if c.scale_lr else "")
+        ]
 
     def run(self, state: State) -> StageResult:
         from .. import distributed
@@ -75,7 +85,9 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
         if mode == "max" and not cuda and limit is None:
             limit = _available_memory()
             if limit is None:
-                raise StageError("mode max on CPU needs max_memory_gb (available memory is unknown on this system)")
+                raise StageError(
+                    "mode max on CPU needs max_memory_gb (available memory is unknown on this system)"
+                )
         lr = state.hparams.get("lr", 1e-3)
         opts = TrainOptions.model_validate(
             {"epochs": 1, "lr": float(lr), "optimizer": c.optimizer, "momentum": c.momentum, "amp": c.amp}
@@ -86,7 +98,10 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
             if bs not in probes:
                 p = probe_batch(state.model, state, opts, bs, c.steps, limit_bytes=limit, label=self.name)
                 probes[bs] = p
-                state.emit("message", text=f"{self.name}: batch {bs} " + ("fits" if p.fits else f"does not fit ({p.reason})"))
+                state.emit(
+                    "message",
+                    text=f"{self.name}: batch {bs} " + ("fits" if p.fits else f"does not fit ({p.reason})"),
+                )
             return probes[bs].fits
 
         result: tuple[int | None, str, int | None] | None = None
@@ -104,7 +119,11 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
                 ok = [p for p in probes.values() if p.fits]
                 if ok:
                     best = pick_throughput(list(probes.values()), c.throughput_tolerance)
-                    result = (best.batch_size, f"best throughput within {c.throughput_tolerance:.0%}", best.batch_size)
+                    result = (
+                        best.batch_size,
+                        f"best throughput within {c.throughput_tolerance:.0%}",
+                        best.batch_size,
+                    )
                 else:
                     result = (None, "even the start batch does not fit", None)
         final, how, found = distributed.broadcast(result)
@@ -115,10 +134,18 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
         state.hparams["batch_size"] = final
         notes = f"batch {final} ({mode}: {how}"
         notes += f", largest fitting {found}, margin {c.margin:.0%})" if mode == "max" else ")"
-        details = {"batch_size": final, "mode": mode, "search": how, "largest_fitting": found,
-                   "cap": cap, "memory_limit_gb": None if limit is None else round(limit / 2**30, 3),
-                   "memory": "measured peak (CUDA)" if cuda else "estimate: saved activations + weights, grads, optimizer state",
-                   "probes": table}
+        details = {
+            "batch_size": final,
+            "mode": mode,
+            "search": how,
+            "largest_fitting": found,
+            "cap": cap,
+            "memory_limit_gb": None if limit is None else round(limit / 2**30, 3),
+            "memory": "measured peak (CUDA)"
+            if cuda
+            else "estimate: saved activations + weights, grads, optimizer state",
+            "probes": table,
+        }
         if c.scale_lr:
             base = c.base_lr if c.base_lr is not None else state.hparams.get("lr")
             if base is None:

@@ -17,7 +17,9 @@ class CodebookConfig(StageConfig, TrainOptions):
 
     bits: Bits = Field(description="index width: 2**bits shared values per layer (2..8)")
     layers: dict[str, Bits] = Field(default_factory=dict, description="per-layer bits overrides {glob: bits}")
-    include: list[str] = Field(default_factory=lambda: ["*"], description="module name globs to share (Linear/Conv)")
+    include: list[str] = Field(
+        default_factory=lambda: ["*"], description="module name globs to share (Linear/Conv)"
+    )
     exclude: list[str] = Field(default_factory=list, description="module name globs to leave alone")
     iters: int = Field(100, ge=1, le=10000, description="k-means iterations at most")
     epochs: int = Field(0, ge=0, description="centroid fine-tuning epochs (0: cluster only)")
@@ -64,7 +66,9 @@ class Codebook(Stage[CodebookConfig]):
         overrides, unmatched = match_overrides(targets, cfg.layers)
         if unmatched:
             names = ", ".join(n for n, _ in targets)
-            raise StageError(f"layers: {', '.join(map(repr, unmatched))} match no selected layer (selected: {names})")
+            raise StageError(
+                f"layers: {', '.join(map(repr, unmatched))} match no selected layer (selected: {names})"
+            )
         return targets, {n: overrides.get(n, cfg.bits) for n, _ in targets}
 
     def preview(self, state: State) -> list[str]:
@@ -100,7 +104,9 @@ class Codebook(Stage[CodebookConfig]):
             import torch
 
             skip = {id(mod.weight) for _, mod in targets}
-            details["rounded"] = C.round_others(state.model, skip, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.others]))
+            details["rounded"] = C.round_others(
+                state.model, skip, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.others])
+            )
         extra: dict[str, Any] = {"layers": dict(cfg.layers)} if cfg.layers else {}
         if cfg.others != "keep":
             extra["others"] = cfg.others

@@ -21,8 +21,12 @@ class FeaturePair(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    student: str = Field(min_length=1, description="student layer name (as in model.named_modules(), e.g. conv2)")
-    teacher: str = Field(min_length=1, description="teacher layer name whose output the student layer should match")
+    student: str = Field(
+        min_length=1, description="student layer name (as in model.named_modules(), e.g. conv2)"
+    )
+    teacher: str = Field(
+        min_length=1, description="teacher layer name whose output the student layer should match"
+    )
     weight: float = Field(1.0, gt=0, le=1e4, description="weight of this pair's MSE in the loss")
 
 
@@ -50,7 +54,9 @@ class DistillConfig(StageConfig, TrainOptions):
     )
     temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature T of the KD term")
     alpha: float = Field(
-        0.9, ge=0, le=1,
+        0.9,
+        ge=0,
+        le=1,
         description="weight of the KD term (times T^2); 1 - alpha weighs the cross-entropy (1: labels unused)",
     )
     features: list[FeaturePair] = Field(
@@ -58,7 +64,8 @@ class DistillConfig(StageConfig, TrainOptions):
         description="intermediate layers to match (MSE), with a learned 1x1 conv/Linear projection when widths differ",
     )
     cache_teacher: bool = Field(
-        False, description="compute the teacher's logits once over the training set (fixed data, no augmentation)"
+        False,
+        description="compute the teacher's logits once over the training set (fixed data, no augmentation)",
     )
 
     _teacher_str = field_validator("teacher", mode="before")(_spec_shorthand("original"))
@@ -95,25 +102,33 @@ class Distill(Stage[DistillConfig]):
         if not isinstance(config, DistillConfig):
             return problems
         if config.cache_teacher and config.features:
-            problems.append("cache_teacher cannot be combined with features (feature matching runs the teacher "
-                            "on every batch anyway); drop one of them")
+            problems.append(
+                "cache_teacher cannot be combined with features (feature matching runs the teacher "
+                "on every batch anyway); drop one of them"
+            )
         for role, spec in (("teacher", config.teacher), ("student", config.student)):
             if isinstance(spec, ModelConfig) and spec.input_shape is not None:
                 problems.append(f"{role}.input_shape: the data decides the input shape; remove it")
         t = config.teacher
         if isinstance(t, ModelConfig) and ":" in t.source and not t.checkpoint and "weights" not in t.kwargs:
-            problems.append(f"teacher {t.source!r} has no checkpoint: a randomly initialised teacher teaches "
-                            "nothing (give teacher.checkpoint, or a compressed model directory)")
+            problems.append(
+                f"teacher {t.source!r} has no checkpoint: a randomly initialised teacher teaches "
+                "nothing (give teacher.checkpoint, or a compressed model directory)"
+            )
         return problems
 
     def preview(self, state: State) -> list[str]:
         c = self.config
         t = "the model as loaded" if c.teacher == "original" else _describe(c.teacher)  # type: ignore[arg-type]
         s = "the current model" if c.student == "current" else "NEW " + _describe(c.student)  # type: ignore[arg-type]
-        lines = [f"teacher: {t}; student: {s}; T={c.temperature}, alpha={c.alpha}"
-                 + (", teacher logits cached" if c.cache_teacher else "")]
+        lines = [
+            f"teacher: {t}; student: {s}; T={c.temperature}, alpha={c.alpha}"
+            + (", teacher logits cached" if c.cache_teacher else "")
+        ]
         if c.features:
-            lines.append("features: " + ", ".join(f"{f.student} <- {f.teacher} (x{f.weight:g})" for f in c.features))
+            lines.append(
+                "features: " + ", ".join(f"{f.student} <- {f.teacher} (x{f.weight:g})" for f in c.features)
+            )
         return lines
 
     # ------------------------------------------------------------------ run
@@ -141,11 +156,18 @@ class Distill(Stage[DistillConfig]):
         after = sum(p.numel() for p in model.parameters())
         state.model = model.to(state.device)
         # what the checkpoint manifest rebuilds the architecture from from now on
-        state.model_spec = ModelConfig.model_validate({"source": base["source"], "kwargs": base.get("kwargs") or {}})
+        state.model_spec = ModelConfig.model_validate(
+            {"source": base["source"], "kwargs": base.get("kwargs") or {}}
+        )
         state.runner = None  # a runner wraps the old model
         state.transforms = []  # load-time transforms described the old model
-        info = {"source": spec.source, "kwargs": dict(spec.kwargs), "checkpoint": spec.checkpoint,
-                "params_before": before, "params_after": after}
+        info = {
+            "source": spec.source,
+            "kwargs": dict(spec.kwargs),
+            "checkpoint": spec.checkpoint,
+            "params_before": before,
+            "params_after": after,
+        }
         state.edits.record(self.name, op="replace_model", **info)
         return info
 
@@ -181,12 +203,16 @@ class Distill(Stage[DistillConfig]):
                 ts, ss = tuple(teacher(x0).shape), tuple(student(x0).shape)
                 student.train(was)
             if ts != ss:
-                raise StageError(f"teacher outputs {list(ts[1:])} logits, the student {list(ss[1:])}: they must agree")
+                raise StageError(
+                    f"teacher outputs {list(ts[1:])} logits, the student {list(ss[1:])}: they must agree"
+                )
 
         dataset = state.data.train_dataset
         labelled = state.data.labelled and has_labels(dataset)
         if c.alpha < 1 and not labelled:
-            raise StageError("the training data has no labels: use alpha: 1 (pure distillation) or labelled data")
+            raise StageError(
+                "the training data has no labels: use alpha: 1 (pure distillation) or labelled data"
+            )
         bs = state.resolve(c.batch_size, "batch_size") if c.batch_size is not None else None
         T, alpha, smooth = c.temperature, c.alpha, c.label_smoothing
 
@@ -194,22 +220,27 @@ class Distill(Stage[DistillConfig]):
         if c.features:
             assert teacher is not None
             pairs = [(f.student, f.teacher, f.weight) for f in c.features]
-            matcher = FeatureMatcher(student, teacher, pairs, state.data.example_input(2).to(state.device),
-                                     state.device)
+            matcher = FeatureMatcher(
+                student, teacher, pairs, state.data.example_input(2).to(state.device), state.device
+            )
             details["features"] = matcher.shapes
 
         loader = None
         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         if c.cache_teacher and c.alpha > 0:
             assert teacher is not None
-            state.emit("message", text=f"{self.name}: caching the teacher's logits over {len(dataset)} samples")  # type: ignore[arg-type]
+            n = len(dataset)  # type: ignore[arg-type]
+            state.emit("message", text=f"{self.name}: caching the teacher's logits over {n} samples")
             cached_logits, cached_labels = teacher_logit_cache(
-                teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers)
+                teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers
+            )
             details["teacher_cache"] = {"samples": int(cached_logits.shape[0])}
             loader = train_loader(state, IndexedDataset(dataset), bs)
 
             def cached_loss(logits: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return kd_loss(logits, cached_logits[idx], cached_labels[idx] if alpha < 1 else None, T, alpha, smooth)
+                return kd_loss(
+                    logits, cached_logits[idx], cached_labels[idx] if alpha < 1 else None, T, alpha, smooth
+                )
 
             loss_fn = cached_loss
         else:
@@ -221,7 +252,9 @@ class Distill(Stage[DistillConfig]):
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(x)
-                loss = kd_loss(logits, t_logits if alpha > 0 else None, y if alpha < 1 else None, T, alpha, smooth)
+                loss = kd_loss(
+                    logits, t_logits if alpha > 0 else None, y if alpha < 1 else None, T, alpha, smooth
+                )
                 if matcher is not None:
                     loss = loss + matcher.loss()
                 return loss
@@ -229,8 +262,15 @@ class Distill(Stage[DistillConfig]):
             loss_fn = live_loss
 
         try:
-            res = train(student, state, c, loss_fn=loss_fn, loader=loader,
-                        extra_params=matcher.parameters() if matcher is not None else None, label=self.name)
+            res = train(
+                student,
+                state,
+                c,
+                loss_fn=loss_fn,
+                loader=loader,
+                extra_params=matcher.parameters() if matcher is not None else None,
+                label=self.name,
+            )
         finally:
             if matcher is not None:
                 matcher.close()

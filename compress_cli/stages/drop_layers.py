@@ -22,7 +22,9 @@ class DropLayersConfig(StageConfig, TrainOptions):
     )
     count: int | None = Field(None, ge=1, description="number of layers/blocks to remove")
     fraction: float | None = Field(None, gt=0, lt=1, description="share of the candidates to remove")
-    protect: list[str] = Field(default_factory=list, description="module-name globs never removed (nor any block holding one)")
+    protect: list[str] = Field(
+        default_factory=list, description="module-name globs never removed (nor any block holding one)"
+    )
     epochs: int = Field(0, ge=0, description="fine-tuning epochs after the removal (0: none)")
     if_none: Literal["fail", "skip"] = Field(
         "fail", description="when the model has no removable layer: fail the run, or skip with a note"
@@ -76,11 +78,15 @@ class DropLayers(Stage[DropLayersConfig]):
             return ["no candidate: no residual block or shape-preserving layer in an nn.Sequential"]
         n = c.count if c.count is not None else int(c.fraction * len(cands))  # type: ignore[operator]
         chosen = {x.name for x in choose(cands, n, c.importance)}
-        lines = [f"{len(cands)} candidate(s), {c.importance} score ({'higher' if c.importance == 'similarity' else 'lower'} "
-                 f"goes first); {len(chosen)} would be removed (*)"]
+        lines = [
+            f"{len(cands)} candidate(s), {c.importance} score ({'higher' if c.importance == 'similarity' else 'lower'} "
+            f"goes first); {len(chosen)} would be removed (*)"
+        ]
         for x in cands:
             mark = "*" if x.name in chosen else " "
-            lines.append(f"{mark} {x.name}: {x.kind} -> {x.replacement}, {x.params:,} params, score {x.score:.4g}")
+            lines.append(
+                f"{mark} {x.name}: {x.kind} -> {x.replacement}, {x.params:,} params, score {x.score:.4g}"
+            )
         return lines
 
     def run(self, state: State) -> StageResult:
@@ -95,9 +101,13 @@ class DropLayers(Stage[DropLayersConfig]):
             from ..structured import find_candidates, make_pruning_permanent
 
             make_pruning_permanent(state.model)
-            if not find_candidates(state.model.eval(), state.data.example_input(1).to(state.device), c.protect):
-                return StageResult(notes="skipped: no removable layer (residual block or shape-preserving layer)",
-                                   details={"candidates": [], "removed": []})
+            if not find_candidates(
+                state.model.eval(), state.data.example_input(1).to(state.device), c.protect
+            ):
+                return StageResult(
+                    notes="skipped: no removable layer (residual block or shape-preserving layer)",
+                    details={"candidates": [], "removed": []},
+                )
         cands, chosen = drop_layers(
             state.model,
             state.data.example_input(1),
@@ -109,8 +119,14 @@ class DropLayers(Stage[DropLayersConfig]):
         )
         after = sum(p.numel() for p in state.model.parameters())
         removed = [x.name for x in chosen]
-        state.edits.record(self.name, op="drop_layers", importance=c.importance, removed=removed,
-                           params_before=before, params_after=after)
+        state.edits.record(
+            self.name,
+            op="drop_layers",
+            importance=c.importance,
+            removed=removed,
+            params_before=before,
+            params_after=after,
+        )
         state.emit("message", text=f"{self.name}: removed {', '.join(removed)}")
         finetune = None
         if c.epochs > 0:
@@ -122,8 +138,14 @@ class DropLayers(Stage[DropLayersConfig]):
             notes=notes,
             details={
                 "candidates": [
-                    {"name": x.name, "kind": x.kind, "replacement": x.replacement, "params": x.params,
-                     "score": x.score, "removed": x.name in removed}
+                    {
+                        "name": x.name,
+                        "kind": x.kind,
+                        "replacement": x.replacement,
+                        "params": x.params,
+                        "score": x.score,
+                        "removed": x.name in removed,
+                    }
                     for x in cands
                 ],
                 "removed": removed,

@@ -25,13 +25,17 @@ class ExportConfig(StageConfig):
     )
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version")
     exporter: Literal["auto", "dynamo", "legacy"] = Field(
-        "auto", description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, or dynamo then legacy"
+        "auto",
+        description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, or dynamo then legacy",
     )
     dynamic_batch: bool = Field(True, description="let the batch dimension vary in the exported file")
     tolerance: float = Field(1e-3, gt=0, description="max |exported - PyTorch| allowed on a check batch")
     relative_tolerance: float = Field(
-        0.02, ge=0, description="quantized or cast models: extra allowance, times max |logit| of the reference "
-        "(the runtime the report measured); an int8 rounding step is about 0.4% of the logit range")
+        0.02,
+        ge=0,
+        description="quantized or cast models: extra allowance, times max |logit| of the reference "
+        "(the runtime the report measured); an int8 rounding step is about 0.4% of the logit range",
+    )
     directory: str = Field("export", description="folder inside the output directory")
 
 
@@ -54,8 +58,11 @@ class Export(Stage[ExportConfig]):
         from ..export import unsupported_formats
 
         quant = next((c for c in reversed(earlier) if c.type == "quantize"), None)
-        return unsupported_formats(list(getattr(config, "formats", [])), getattr(quant, "scheme", None),
-                                   getattr(quant, "backend", None))
+        return unsupported_formats(
+            list(getattr(config, "formats", [])),
+            getattr(quant, "scheme", None),
+            getattr(quant, "backend", None),
+        )
 
     def run(self, state: State) -> StageResult:
         from ..errors import StageError
@@ -78,26 +85,39 @@ class Export(Stage[ExportConfig]):
         files: dict[str, dict] = {}
         for fmt in cfg.formats:
             state.emit("message", text=f"export {fmt}")
-            path, fn, info = self._write(fmt, state, model, entry, folder, example if cpu else example.to(state.device))
+            path, fn, info = self._write(
+                fmt, state, model, entry, folder, example if cpu else example.to(state.device)
+            )
             batch = check if cfg.dynamic_batch else example
             if not cpu and fmt != "onnx":
                 batch = batch.to(state.device)
             diff, scale = max_abs_diff(fn, reference, batch)
             limit = cfg.tolerance + (cfg.relative_tolerance * scale if scheme else 0.0)
             if diff > limit:
-                raise StageError(f"{fmt}: exported model differs from what the report measured by {diff:.3g} "
-                                 f"(allowed {limit:.3g})")
-            info.update(path=str(path), size_bytes=path.stat().st_size, max_abs_diff=diff,
-                        latency_ms=median_latency_ms(fn, x1 if cpu or fmt == "onnx" else x1.to(state.device)))
+                raise StageError(
+                    f"{fmt}: exported model differs from what the report measured by {diff:.3g} "
+                    f"(allowed {limit:.3g})"
+                )
+            info.update(
+                path=str(path),
+                size_bytes=path.stat().st_size,
+                max_abs_diff=diff,
+                latency_ms=median_latency_ms(fn, x1 if cpu or fmt == "onnx" else x1.to(state.device)),
+            )
             if scheme:
                 info["quantization"] = scheme
             files[fmt] = info
             model.to(state.device)
-        notes = ", ".join(f"{k} {v['size_bytes'] / 1024:.0f} KB {v['latency_ms']:.2f} ms" for k, v in files.items())
-        return StageResult(notes=notes, details={"files": files}, artifacts=[v["path"] for v in files.values()])
+        notes = ", ".join(
+            f"{k} {v['size_bytes'] / 1024:.0f} KB {v['latency_ms']:.2f} ms" for k, v in files.items()
+        )
+        return StageResult(
+            notes=notes, details={"files": files}, artifacts=[v["path"] for v in files.values()]
+        )
 
-    def _write(self, fmt: str, state: State, model: Any, entry: dict[str, Any] | None, folder: Path,
-               example: Any) -> tuple[Path, Any, dict[str, Any]]:
+    def _write(
+        self, fmt: str, state: State, model: Any, entry: dict[str, Any] | None, folder: Path, example: Any
+    ) -> tuple[Path, Any, dict[str, Any]]:
         """Write one format; returns (file, a callable running it, report details)."""
         from .. import quant
         from ..checkpoint import atomic_write_bytes
@@ -118,16 +138,27 @@ class Export(Stage[ExportConfig]):
                 atomic_write_bytes(path, state.runner.model.onnx_bytes)
                 used = "onnxruntime_int8 (QDQ graph as quantized)"
             else:
-                used = export_onnx(model.cpu(), example.cpu(), path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
-                                   exporter=cfg.exporter)
+                used = export_onnx(
+                    model.cpu(),
+                    example.cpu(),
+                    path,
+                    opset=cfg.opset,
+                    dynamic_batch=cfg.dynamic_batch,
+                    exporter=cfg.exporter,
+                )
             return path, ort_callable(ort_session(path)), {"exporter": used, "runtime": "onnxruntime"}
         if fmt == "torch_export":
             path = folder / "model.pt2"
             info: dict[str, Any] = {"runtime": "torch-export"}
             if scheme in ("int8_static", "qat"):  # a fresh, uncompiled int8 graph (fp32 weights stripped)
                 assert entry is not None
-                model = quant.build_pt2e(state.model.cpu(), entry["qparams"], entry["reduce_range"],
-                                         entry.get("exclude", []), entry["input_shape"])
+                model = quant.build_pt2e(
+                    state.model.cpu(),
+                    entry["qparams"],
+                    entry["reduce_range"],
+                    entry.get("exclude", []),
+                    entry["input_shape"],
+                )
                 info["load"] = _PT2E_LOAD
             ep = export_torch(model, example, path, cfg.dynamic_batch)
             return path, ep.module(), info
@@ -147,6 +178,8 @@ def _plain_model(state: State):
         import torch.nn.utils.prune as P
 
         for m in model.modules():
-            for name in [n[: -len("_orig")] for n, _ in list(m.named_parameters(recurse=False)) if n.endswith("_orig")]:
+            for name in [
+                n[: -len("_orig")] for n, _ in list(m.named_parameters(recurse=False)) if n.endswith("_orig")
+            ]:
                 P.remove(m, name)
     return model.eval()

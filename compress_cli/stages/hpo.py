@@ -43,10 +43,15 @@ class Distribution(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Distribution:
-        kinds = [k for k, v in (("float", self.float_), ("int", self.int_), ("categorical", self.categorical))
-                 if v is not None]
+        kinds = [
+            k
+            for k, v in (("float", self.float_), ("int", self.int_), ("categorical", self.categorical))
+            if v is not None
+        ]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of float, int, categorical (got {', '.join(kinds) or 'none'})")
+            raise ValueError(
+                f"give exactly one of float, int, categorical (got {', '.join(kinds) or 'none'})"
+            )
         rng = self.float_ if self.float_ is not None else self.int_
         if rng is not None:
             lo, hi = rng
@@ -95,7 +100,11 @@ class Distribution(BaseModel):
             return f"one of {self.categorical}"
         rng = self.float_ if self.float_ is not None else self.int_
         kind = "float" if self.float_ is not None else "int"
-        return f"{kind} in {list(rng or ())}" + (" (log)" if self.log else "") + (f" step {self.step:g}" if self.step else "")
+        return (
+            f"{kind} in {list(rng or ())}"
+            + (" (log)" if self.log else "")
+            + (f" step {self.step:g}" if self.step else "")
+        )
 
 
 class HpoConfig(StageConfig):
@@ -107,31 +116,43 @@ class HpoConfig(StageConfig):
     space: dict[str, Distribution] = Field(
         min_length=1, description="STAGE.param (STAGE: a wrapped stage's name, type or index) -> distribution"
     )
-    n_trials: int | None = Field(20, gt=0, description="trials in the study in total (all workers and resumes)")
+    n_trials: int | None = Field(
+        20, gt=0, description="trials in the study in total (all workers and resumes)"
+    )
     timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
     objectives: list[Literal["accuracy", "latency_ms", "size_bytes", "nonzero_params", "macs"]] = Field(
-        default_factory=lambda: ["accuracy"], min_length=1,  # type: ignore[arg-type,return-value]
+        default_factory=lambda: ["accuracy"],  # type: ignore[arg-type,return-value]
+        min_length=1,
         description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... (minimized): Pareto front",
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
-    sampler_startup_trials: int = Field(5, ge=0, description="tpe/cmaes: random trials before the model-based search")
+    sampler_startup_trials: int = Field(
+        5, ge=0, description="tpe/cmaes: random trials before the model-based search"
+    )
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="stop trials whose per-epoch validation accuracy lags (single objective only)"
     )
     pruner_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
-    pruner_warmup_epochs: int = Field(0, ge=0, description="median: epochs of each trial that are never pruned")
+    pruner_warmup_epochs: int = Field(
+        0, ge=0, description="median: epochs of each trial that are never pruned"
+    )
     enqueue_defaults: bool = Field(
-        True, description="trial 0 runs the wrapped stages' configured values (those inside the space), "
-        "so the search is measured against what you configured"
+        True,
+        description="trial 0 runs the wrapped stages' configured values (those inside the space), "
+        "so the search is measured against what you configured",
     )
     storage: str | None = Field(
         None,
         description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); 'memory' keeps it "
         "in memory; default: a SQLite file in the output directory (an interrupted search resumes)",
     )
-    study_name: str | None = Field(None, description="study to create or join (default: from the recipe name)")
+    study_name: str | None = Field(
+        None, description="study to create or join (default: from the recipe name)"
+    )
     heartbeat_s: int | None = Field(
-        60, gt=0, description="database storages: trials of a worker silent for 3x this long are marked failed"
+        60,
+        gt=0,
+        description="database storages: trials of a worker silent for 3x this long are marked failed",
     )
 
     @field_validator("stages", mode="before")
@@ -168,7 +189,9 @@ class HpoConfig(StageConfig):
                     if d["type"] == "extra_forbidden":
                         import difflib
 
-                        close = difflib.get_close_matches(str(d["loc"][-1]), list(config_class.model_fields), 1, 0.5)
+                        close = difflib.get_close_matches(
+                            str(d["loc"][-1]), list(config_class.model_fields), 1, 0.5
+                        )
                         hint = f" (did you mean {close[0]!r}?)" if close else ""
                         errors.append(_err(loc, f"unknown key for {t}{hint}", d.get("input")))
                     else:
@@ -193,21 +216,35 @@ class HpoConfig(StageConfig):
                 except ValidationError as e:
                     first = e.errors()[0]
                     where = ".".join(str(p) for p in first["loc"]) or path
-                    errors.append(_err(("space", key), f"value {v!r} is not valid for {cfg.type}.{where}: "
-                                                       f"{first['msg']}", v))
+                    errors.append(
+                        _err(
+                            ("space", key),
+                            f"value {v!r} is not valid for {cfg.type}.{where}: {first['msg']}",
+                            v,
+                        )
+                    )
                     break
                 except ValueError as e:
                     errors.append(_err(("space", key), str(e), v))
                     break
         if self.n_trials is None and self.timeout_s is None:
-            errors.append(_err(("n_trials",), "set n_trials and/or timeout_s (the search needs an end)", None))
+            errors.append(
+                _err(("n_trials",), "set n_trials and/or timeout_s (the search needs an end)", None)
+            )
         if len(set(self.objectives)) != len(self.objectives):
             errors.append(_err(("objectives",), "each objective may appear once", self.objectives))
         if len(self.objectives) > 1 and self.pruner != "none":
-            errors.append(_err(("pruner",), "pruning needs a single objective: set pruner: none for a "
-                                            "multi-objective search", self.pruner))
+            errors.append(
+                _err(
+                    ("pruner",),
+                    "pruning needs a single objective: set pruner: none for a multi-objective search",
+                    self.pruner,
+                )
+            )
         if len(self.objectives) > 1 and self.sampler == "cmaes":
-            errors.append(_err(("sampler",), "cmaes searches a single objective; use tpe or random", self.sampler))
+            errors.append(
+                _err(("sampler",), "cmaes searches a single objective; use tpe or random", self.sampler)
+            )
         if errors:
             raise ValidationError.from_exception_data("HpoConfig", errors)
         return self
@@ -236,7 +273,9 @@ def resolve_space_key(stages: list[StageConfig], key: str) -> tuple[int, str]:
         names = sorted({s.name or s.type for s in stages})
         raise ValueError(f"space key {key!r}: no wrapped stage named {head!r} (have: {', '.join(names)})")
     if len(match) > 1:
-        raise ValueError(f"space key {key!r}: {len(match)} wrapped stages are {head!r}; give them names or use an index")
+        raise ValueError(
+            f"space key {key!r}: {len(match)} wrapped stages are {head!r}; give them names or use an index"
+        )
     cfg = stages[match[0]]
     top = path.split(".")[0]
     if top in ("type", "name") or top not in type(cfg).model_fields:
@@ -308,10 +347,19 @@ class Hpo(Stage[HpoConfig]):
 
     def preview(self, state: State) -> list[str]:
         c = self.config
-        end = " and ".join(x for x in (f"{c.n_trials} trials" if c.n_trials else "",
-                                       f"{c.timeout_s:g} s" if c.timeout_s else "") if x)
-        lines = [f"search {end} of: " + " -> ".join(s.name or s.type for s in c.stages)
-                 + f" ({c.sampler}, pruner {c.pruner}, objectives {', '.join(c.objectives)})"]
+        end = " and ".join(
+            x
+            for x in (
+                f"{c.n_trials} trials" if c.n_trials else "",
+                f"{c.timeout_s:g} s" if c.timeout_s else "",
+            )
+            if x
+        )
+        lines = [
+            f"search {end} of: "
+            + " -> ".join(s.name or s.type for s in c.stages)
+            + f" ({c.sampler}, pruner {c.pruner}, objectives {', '.join(c.objectives)})"
+        ]
         lines += [f"  {k}: {d.describe()}" for k, d in c.space.items()]
         return lines
 

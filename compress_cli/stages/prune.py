@@ -18,8 +18,11 @@ class PruneSchedule(TrainOptions):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(ge=1, le=1000, description="pruning steps; sparsity after step k of n is "
-                       "s_f + (s_i - s_f)(1 - k/n)^3 (Zhu & Gupta)")
+    steps: int = Field(
+        ge=1,
+        le=1000,
+        description="pruning steps; sparsity after step k of n is s_f + (s_i - s_f)(1 - k/n)^3 (Zhu & Gupta)",
+    )
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="s_i: sparsity before the first step")
     epochs: int = Field(
         1,
@@ -39,7 +42,9 @@ class SensitivityOptions(BaseModel):
         min_length=1,
         description="sparsities each layer is tried at (one layer at a time)",
     )
-    max_batches: int | None = Field(None, gt=0, description="validation batches per measurement (default: all)")
+    max_batches: int | None = Field(
+        None, gt=0, description="validation batches per measurement (default: all)"
+    )
 
     @field_validator("ratios")
     @classmethod
@@ -50,17 +55,24 @@ class SensitivityOptions(BaseModel):
 class PruneConfig(StageConfig):
     """Unstructured L1-magnitude pruning (torch.nn.utils.prune)."""
 
-    sparsity: float = Field(gt=0, lt=1, description="fraction of the selected weights set to zero (cumulative)")
+    sparsity: float = Field(
+        gt=0, lt=1, description="fraction of the selected weights set to zero (cumulative)"
+    )
     scope: Literal["global", "layer"] = Field(
         "global", description="rank weights across all selected layers, or within each layer"
     )
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name globs to prune")
     exclude: list[str] = Field(default_factory=list, description="module name globs to leave alone")
     layers: dict[str, Fraction] = Field(
-        default_factory=dict, description="per-layer sparsity overrides {glob: sparsity}; these layers leave the global pool"
+        default_factory=dict,
+        description="per-layer sparsity overrides {glob: sparsity}; these layers leave the global pool",
     )
-    include_head: bool = Field(False, description="also prune the classifier head (the layer producing the logits)")
-    schedule: PruneSchedule | None = Field(None, description="gradual pruning with fine-tuning (default: one shot)")
+    include_head: bool = Field(
+        False, description="also prune the classifier head (the layer producing the logits)"
+    )
+    schedule: PruneSchedule | None = Field(
+        None, description="gradual pruning with fine-tuning (default: one shot)"
+    )
     sensitivity: SensitivityOptions | None = Field(
         None, description="choose per-layer sparsities from a per-layer scan (replaces scope)"
     )
@@ -91,7 +103,10 @@ class Prune(Stage[PruneConfig]):
     exactly zero. The checkpoint stores the weights as bitmask + nonzero values.
     """
 
-    example = {"sparsity": 0.5, "schedule": {"steps": 2, "finetune_epochs": 1, "lr": 0.01, "max_steps_per_epoch": 2}}
+    example = {
+        "sparsity": 0.5,
+        "schedule": {"steps": 2, "finetune_epochs": 1, "lr": 0.01, "max_steps_per_epoch": 2},
+    }
 
     @classmethod
     def trains(cls, config: StageConfig) -> bool:
@@ -108,20 +123,30 @@ class Prune(Stage[PruneConfig]):
         if not targets:
             raise StageError(
                 f"no prunable layer (Linear/Conv) matches include {cfg.include} / exclude {cfg.exclude}"
-                + (f" (the head {head!r} is left out unless include_head: true)" if head and not cfg.include_head else "")
+                + (
+                    f" (the head {head!r} is left out unless include_head: true)"
+                    if head and not cfg.include_head
+                    else ""
+                )
             )
         overrides, unmatched = P.match_overrides(targets, cfg.layers)
         if unmatched:
             names = ", ".join(n for n, _ in targets)
-            raise StageError(f"layers: {', '.join(map(repr, unmatched))} match no selected layer (selected: {names})")
+            raise StageError(
+                f"layers: {', '.join(map(repr, unmatched))} match no selected layer (selected: {names})"
+            )
         return P, targets, head, overrides
 
     def preview(self, state: State) -> list[str]:
         _, targets, head, overrides = self._plan(state)
         cfg = self.config
         how = "sensitivity scan" if cfg.sensitivity else f"{cfg.scope} {cfg.sparsity:g}"
-        lines = [f"{n} ({m.weight.numel()} weights): {overrides[n]:g}" if n in overrides else f"{n} ({m.weight.numel()} weights): {how}"
-                 for n, m in targets]
+        lines = [
+            f"{n} ({m.weight.numel()} weights): {overrides[n]:g}"
+            if n in overrides
+            else f"{n} ({m.weight.numel()} weights): {how}"
+            for n, m in targets
+        ]
         if head and not cfg.include_head:
             lines.append(f"{head}: classifier head, not pruned")
         return lines
@@ -140,7 +165,9 @@ class Prune(Stage[PruneConfig]):
             if not state.data.labelled:
                 raise StageError("sensitivity: needs labelled validation data to measure accuracy drops")
             state.emit("info", message=f"{self.name}: sensitivity scan of {len(free)} layers")
-            scan = P.scan_sensitivity(free, state.model, state, cfg.sensitivity.ratios, cfg.sensitivity.max_batches)
+            scan = P.scan_sensitivity(
+                free, state.model, state, cfg.sensitivity.ratios, cfg.sensitivity.max_batches
+            )
             floors = {n: P.layer_sparsity(m) for n, m in free}
             try:
                 chosen = P.allocate(scan, cfg.sparsity, floors)

@@ -30,7 +30,10 @@ class PruneChannelsConfig(StageConfig, TrainOptions):
     )
     max_ratio: float = Field(0.9, gt=0, lt=1, description="global scope: no layer loses more than this share")
     round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts multiples of this")
-    ignore: list[str] = Field(default_factory=list, description="module-name globs whose output width is kept (the output layer always is)")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="module-name globs whose output width is kept (the output layer always is)",
+    )
     steps: int = Field(1, ge=1, le=100, description="prune gradually in this many steps (linear schedule)")
     epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step but the last (0: none)")
 
@@ -59,12 +62,16 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         widths = layer_widths(state.model)
         keep = set(output_layers(state.model, state.data.example_input(1).to(state.device)))
         ignored = sorted(keep | {n for n in widths if matches_any(n, c.ignore)})
-        lines = [f"{len(widths)} conv/linear layers, {sum(widths.values())} output channels; "
-                 f"importance {c.importance}, ratio {c.ratio} ({c.scope}), {c.steps} step(s)"]
+        lines = [
+            f"{len(widths)} conv/linear layers, {sum(widths.values())} output channels; "
+            f"importance {c.importance}, ratio {c.ratio} ({c.scope}), {c.steps} step(s)"
+        ]
         lines.append("width kept: " + ", ".join(ignored))
         for glob, r in c.layer_ratios.items():
             hits = [n for n in widths if matches_any(n, [glob])]
-            lines.append(f"{glob}: ratio {r} on {len(hits)} layer(s)" + ("" if hits else " (matches nothing)"))
+            lines.append(
+                f"{glob}: ratio {r} on {len(hits)} layer(s)" + ("" if hits else " (matches nothing)")
+            )
         return lines
 
     def run(self, state: State) -> StageResult:
@@ -82,7 +89,9 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             finetunes.append({"after_step": step, **res.summary()})
 
         def on_step(step: int, info: dict[str, Any]) -> None:
-            state.emit("message", text=f"{self.name}: step {step}/{c.steps}, {info['channels']} channels left")
+            state.emit(
+                "message", text=f"{self.name}: step {step}/{c.steps}, {info['channels']} channels left"
+            )
 
         calib = state.data.calibration() if c.importance in ("activation", "taylor") else []
         res = prune_channels(
@@ -114,8 +123,10 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             params_after=after,
         )
         changed = {n: w for n, w in res.width_table().items() if w[0] != w[1]}
-        notes = (f"{res.channels_removed} of {total} channels removed in {len(changed)} layers "
-                 f"({c.importance}, {c.scope}); params {before:,} -> {after:,}")
+        notes = (
+            f"{res.channels_removed} of {total} channels removed in {len(changed)} layers "
+            f"({c.importance}, {c.scope}); params {before:,} -> {after:,}"
+        )
         return StageResult(
             notes=notes,
             details={

@@ -12,7 +12,16 @@ from ..stage import Stage, StageConfig, StageResult
 from ..state import State
 from ..training import TrainOptions
 
-SCHEMES = ("int8_dynamic", "int8_static", "qat", "onnxruntime_int8", "int8_weight_only", "int4_weight_only", "fp16", "bf16")
+SCHEMES = (
+    "int8_dynamic",
+    "int8_static",
+    "qat",
+    "onnxruntime_int8",
+    "int8_weight_only",
+    "int4_weight_only",
+    "fp16",
+    "bf16",
+)
 _CPU_INT8 = ("int8_dynamic", "int8_static", "qat", "onnxruntime_int8")
 _CUDA_ONLY = ("int8_weight_only", "int4_weight_only")
 _CALIBRATED = ("int8_static", "onnxruntime_int8")
@@ -44,40 +53,66 @@ class QuantizeConfig(StageConfig, TrainOptions):
     The training options (epochs, lr, ...) apply to ``qat`` only; its default is one short epoch."""
 
     scheme: Literal[
-        "int8_dynamic", "int8_static", "qat", "onnxruntime_int8", "int8_weight_only", "int4_weight_only", "fp16", "bf16"
-    ] = Field(description="int8_dynamic | int8_static | qat | onnxruntime_int8 | int8_weight_only | int4_weight_only | fp16 | bf16")
+        "int8_dynamic",
+        "int8_static",
+        "qat",
+        "onnxruntime_int8",
+        "int8_weight_only",
+        "int4_weight_only",
+        "fp16",
+        "bf16",
+    ] = Field(
+        description="int8_dynamic | int8_static | qat | onnxruntime_int8 | int8_weight_only | int4_weight_only | fp16 | bf16"
+    )
     calibration_batches: int | None = Field(
-        None, gt=0, le=10_000, description="training batches used to calibrate activation ranges (default: data.calibration_batches)"
+        None,
+        gt=0,
+        le=10_000,
+        description="training batches used to calibrate activation ranges (default: data.calibration_batches)",
     )
     reduce_range: bool | None = Field(
-        None, description="7-bit activations; unset: chosen from the CPU (on for x86 without VNNI/AMX, avoids int16 saturation)"
+        None,
+        description="7-bit activations; unset: chosen from the CPU (on for x86 without VNNI/AMX, avoids int16 saturation)",
     )
     min_sqnr_db: float = Field(
-        20.0, ge=0, le=100, description="refuse the result when the int8 logits' SQNR against fp32 is below this (dB)"
+        20.0,
+        ge=0,
+        le=100,
+        description="refuse the result when the int8 logits' SQNR against fp32 is below this (dB)",
     )
-    exclude: list[str] = Field(default_factory=list, description="module name globs to keep in floating point")
+    exclude: list[str] = Field(
+        default_factory=list, description="module name globs to keep in floating point"
+    )
     compile: bool = Field(
-        True, description="int8_static/qat: run through torch.compile (inductor, freezing); false = converted graph in eager, 2-3x slower than fp32"
+        True,
+        description="int8_static/qat: run through torch.compile (inductor, freezing); false = converted graph in eager, 2-3x slower than fp32",
     )
     backend: Literal["pt2e", "fx"] | None = Field(
-        None, description="int8_static: pt2e (torchao, compiled) or fx (torch.ao, deprecated upstream, eager); unset: pt2e when torchao is installed"
+        None,
+        description="int8_static: pt2e (torchao, compiled) or fx (torch.ao, deprecated upstream, eager); unset: pt2e when torchao is installed",
     )
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="onnxruntime_int8: how activation ranges are calibrated"
     )
     opset: int = Field(17, ge=13, le=23, description="onnxruntime_int8: ONNX opset of the export")
     exporter: Literal["auto", "torchscript", "dynamo"] = Field(
-        "auto", description="onnxruntime_int8: torch.onnx exporter; auto: torchscript (much faster to export), "
-        "then dynamo where torchscript refuses an op (the one used is recorded)"
+        "auto",
+        description="onnxruntime_int8: torch.onnx exporter; auto: torchscript (much faster to export), "
+        "then dynamo where torchscript refuses an op (the one used is recorded)",
     )
-    group_size: int = Field(128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension")
+    group_size: int = Field(
+        128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension"
+    )
 
     @model_validator(mode="after")
     def _options_match_scheme(self) -> QuantizeConfig:
         fields = type(self).model_fields
         wrong = [  # a default value written back (recipe.yaml as run) is not an error
-            k for k in sorted(self.model_fields_set)
-            if k in _APPLIES and self.scheme not in _APPLIES[k] and getattr(self, k) != fields[k].get_default(call_default_factory=True)
+            k
+            for k in sorted(self.model_fields_set)
+            if k in _APPLIES
+            and self.scheme not in _APPLIES[k]
+            and getattr(self, k) != fields[k].get_default(call_default_factory=True)
         ]
         if wrong:
             k = wrong[0]
@@ -117,18 +152,25 @@ class Quantize(Stage[QuantizeConfig]):
         if scheme in _CUDA_ONLY and device in ("cpu", "mps"):
             return [f"scheme {scheme} {_WHY_CUDA} (recipe device: {device})"]
         if scheme in _CPU_INT8 and (device.startswith("cuda") or device == "mps"):
-            return [f"scheme {scheme} makes a CPU int8 model (x86/ONNX Runtime CPU kernels) and is measured on CPU; "
-                    f"set device: cpu (recipe device: {device}), or use int8_weight_only on CUDA"]
+            return [
+                f"scheme {scheme} makes a CPU int8 model (x86/ONNX Runtime CPU kernels) and is measured on CPU; "
+                f"set device: cpu (recipe device: {device}), or use int8_weight_only on CUDA"
+            ]
         return []
 
     def preview(self, state: State) -> list[str]:
         from torch import nn
 
-        kinds: tuple[type, ...] = (nn.Linear, nn.LSTM) if self.config.scheme == "int8_dynamic" else (
-            nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        kinds: tuple[type, ...] = (
+            (nn.Linear, nn.LSTM)
+            if self.config.scheme == "int8_dynamic"
+            else (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        )
         skip = {n for n, _ in state.select_modules(self.config.exclude)} if self.config.exclude else set()
         mods = [n for n, _ in state.select_modules(kinds=kinds) if n not in skip]
-        return [f"{self.config.scheme}: {len(mods)} layer(s): {', '.join(mods[:8])}{' ...' if len(mods) > 8 else ''}"]
+        return [
+            f"{self.config.scheme}: {len(mods)} layer(s): {', '.join(mods[:8])}{' ...' if len(mods) > 8 else ''}"
+        ]
 
     # ------------------------------------------------------------------ run
     def run(self, state: State) -> StageResult:
@@ -138,7 +180,9 @@ class Quantize(Stage[QuantizeConfig]):
         if scheme in _CUDA_ONLY and state.device.type != "cuda":
             raise StageError(f"scheme {scheme} {_WHY_CUDA} (running on {state.device})")
         if scheme in _CPU_INT8 and state.device.type != "cpu":
-            raise StageError(f"scheme {scheme} makes a CPU int8 model; run with --device cpu (running on {state.device})")
+            raise StageError(
+                f"scheme {scheme} makes a CPU int8 model; run with --device cpu (running on {state.device})"
+            )
         state.emit("stage_info", message=f"quantize: {scheme}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed)
@@ -186,8 +230,10 @@ class Quantize(Stage[QuantizeConfig]):
         state.edits.record(self.name, op="quantize", scheme=self.config.scheme)
         note = f"weights and activations cast to {self.config.scheme}; inputs cast on entry, logits returned as fp32"
         if self.config.scheme == "fp16" and state.device.type == "cpu":
-            note += ("; fp16 on CPU is fast only with AVX512-FP16/AMX-FP16 and may be slower than fp32 or fail "
-                     "for some convolutions elsewhere (bf16 is the CPU half-precision choice)")
+            note += (
+                "; fp16 on CPU is fast only with AVX512-FP16/AMX-FP16 and may be slower than fp32 or fail "
+                "for some convolutions elsewhere (bf16 is the CPU half-precision choice)"
+            )
         return StageResult(notes=note, details={"scheme": self.config.scheme, "runtime": "torch-eager"})
 
     def _weight_only(self, state: State) -> StageResult:
@@ -221,14 +267,21 @@ class Quantize(Stage[QuantizeConfig]):
         else:
             reduce_range, why = bool(cfg.reduce_range), "set in the recipe"
         shape = list(state.data.input_shape)
-        entry: dict[str, Any] = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
+        entry: dict[str, Any] = {
+            "type": "quantize",
+            "scheme": scheme,
+            "exclude": exclude,
+            "input_shape": shape,
+        }
         details: dict[str, Any] = {"scheme": scheme}
         artifacts: list[str] = []
         if scheme == "int8_dynamic":
             model = copy.deepcopy(reference)
             layers = quant.snap_dynamic_weights_(model, quant.dynamic_quantize(reference, exclude))
             if not layers:
-                raise StageError("int8_dynamic found no Linear/LSTM layer to quantize (convolutions need int8_static or onnxruntime_int8)")
+                raise StageError(
+                    "int8_dynamic found no Linear/LSTM layer to quantize (convolutions need int8_static or onnxruntime_int8)"
+                )
             details["layers"] = layers
         else:
             model, folded = quant.fold_batchnorm(reference)
@@ -244,7 +297,9 @@ class Quantize(Stage[QuantizeConfig]):
                 calibrate = quant.fx_calibrate if fx else quant.pt2e_calibrate
                 entry["qparams"] = calibrate(model, batches, reduce_range, exclude)
             elif scheme == "qat":
-                entry["qparams"], details["training"], reference = self._qat(state, model, reduce_range, exclude)
+                entry["qparams"], details["training"], reference = self._qat(
+                    state, model, reduce_range, exclude
+                )
             if fx:
                 details["quantized_weights"] = quant.snap_fx_weights_(model, exclude)
                 details["backend"] = entry["backend"] = "fx"
@@ -257,14 +312,18 @@ class Quantize(Stage[QuantizeConfig]):
                 details["calibration_batches"] = len(batches)
                 fp32, exporter = quant.export_onnx(model, shape, cfg.opset, cfg.exporter)
                 nodes = quant.onnx_nodes_for_modules(fp32, exclude)
-                q = quant.ort_quantize(fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes)
+                q = quant.ort_quantize(
+                    fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes
+                )
                 params, snapped = quant.ort_record(q)
                 sd = model.state_dict()
                 where = {k: (k, False) for k in snapped if k in sd}
                 where.update(quant.initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
                 missing = [k for k in snapped if k not in where]
                 if missing:
-                    raise StageError(f"ONNX initializers {missing[:3]} have no counterpart in the model's state (cannot store them)")
+                    raise StageError(
+                        f"ONNX initializers {missing[:3]} have no counterpart in the model's state (cannot store them)"
+                    )
                 with torch.no_grad():
                     for k, v in snapped.items():
                         key, transposed = where[k]
@@ -305,7 +364,9 @@ class Quantize(Stage[QuantizeConfig]):
             notes += f", reduce_range={'on' if reduce_range else 'off'}"
         return StageResult(notes=notes, details=details, artifacts=artifacts)
 
-    def _qat(self, state: State, model: Any, reduce_range: bool, exclude: list[str]) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    def _qat(
+        self, state: State, model: Any, reduce_range: bool, exclude: list[str]
+    ) -> tuple[dict[str, Any], dict[str, Any], Any]:
         """Fake-quant fine-tuning of ``model`` (BN already folded) through the shared loop; returns
         the qparams, the training summary and a copy of the fine-tuned fp32 model."""
         import copy

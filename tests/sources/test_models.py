@@ -40,7 +40,9 @@ def test_callable_source(tmp_path, monkeypatch):
 def test_same_source_same_init():
     a = build_from_source({"source": "zoo:digits_cnn"})
     b = build_from_source({"source": "zoo:digits_cnn"})
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors", "nested"])
@@ -63,7 +65,9 @@ def test_checkpoint_formats(tmp_path, fmt):
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     path = save_tiny_checkpoint(tmp_path / "cnn.pt", name="digits_cnn")
-    with pytest.raises(SourceError, match=r"does not match the model architecture; missing keys: .*unexpected keys: "):
+    with pytest.raises(
+        SourceError, match=r"does not match the model architecture; missing keys: .*unexpected keys: "
+    ):
         load_model(ModelConfig(source="zoo:digits_mlp", checkpoint=str(path)))
     wide = seeded_zoo("digits_mlp").state_dict()
     key = next(k for k in wide if k.endswith("weight"))
@@ -97,8 +101,14 @@ def test_pickled_module_only_with_allow_pickle(tmp_path):
     with pytest.raises(SourceError, match="allow_pickle"):
         load_model(ModelConfig(source="zoo:digits_mlp", checkpoint=str(path)))
     loaded, _ = load_model(ModelConfig(source="zoo:digits_mlp", checkpoint=str(path), allow_pickle=True))
-    assert torch.equal(loaded.state_dict()["fc1.weight"] if "fc1.weight" in loaded.state_dict() else next(iter(loaded.state_dict().values())),
-                       model.state_dict()["fc1.weight"] if "fc1.weight" in model.state_dict() else next(iter(model.state_dict().values())))
+    assert torch.equal(
+        loaded.state_dict()["fc1.weight"]
+        if "fc1.weight" in loaded.state_dict()
+        else next(iter(loaded.state_dict().values())),
+        model.state_dict()["fc1.weight"]
+        if "fc1.weight" in model.state_dict()
+        else next(iter(model.state_dict().values())),
+    )
 
 
 def test_truncated_checkpoints(tmp_path):

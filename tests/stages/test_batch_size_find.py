@@ -28,10 +28,15 @@ def _one_thread():
 def make_state(tmp_path: Path, model: str = "zoo:digits_mlp", **data):
     from compress_cli.pipeline import build_state
 
-    recipe = Recipe.model_validate({
-        "name": "t", "device": "cpu", "model": {"source": model},
-        "data": {"source": "digits", **data}, "output": str(tmp_path / "out"),
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "device": "cpu",
+            "model": {"source": model},
+            "data": {"source": "digits", **data},
+            "output": str(tmp_path / "out"),
+        }
+    )
     return build_state(recipe, torch.device("cpu"), tmp_path / "out")
 
 
@@ -68,8 +73,12 @@ def test_margin_and_rounding():
 
 
 def test_throughput_pick_prefers_the_smallest_near_best():
-    probes = [Probe(32, True, samples_per_s=900.0), Probe(64, True, samples_per_s=1000.0),
-              Probe(128, True, samples_per_s=980.0), Probe(256, False, "out of memory")]
+    probes = [
+        Probe(32, True, samples_per_s=900.0),
+        Probe(64, True, samples_per_s=1000.0),
+        Probe(128, True, samples_per_s=980.0),
+        Probe(256, False, "out of memory"),
+    ]
     assert pick_throughput(probes, 0.05).batch_size == 64
     assert pick_throughput(probes, 0.15).batch_size == 32
 
@@ -138,9 +147,13 @@ def test_scale_lr_without_an_lr_is_an_error(tmp_path):
 
 def test_batch_size_auto_needs_a_finder():
     def text(stages):
-        return yaml.safe_dump({"version": 1, "name": "t", "model": {"source": "zoo:digits_mlp"}, "stages": stages})
+        return yaml.safe_dump(
+            {"version": 1, "name": "t", "model": {"source": "zoo:digits_mlp"}, "stages": stages}
+        )
 
     ok = validate(parse_yaml(text([{"type": "batch_size_find"}, {"type": "finetune", "batch_size": "auto"}])))
     assert ok.stages[1].batch_size == "auto"
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(finetune\).batch_size: 'auto' needs batch_size_find"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\] \(finetune\).batch_size: 'auto' needs batch_size_find"
+    ):
         validate(parse_yaml(text([{"type": "finetune", "batch_size": "auto"}])))

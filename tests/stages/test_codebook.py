@@ -93,7 +93,9 @@ def test_centroid_finetuning_moves_centroids_not_the_sharing(state):
     run(state, "prune", sparsity=0.5, include_head=True)
     run(state, "codebook", bits=3, exclude=["fc3"])
     shared = {n: state.model.get_submodule(n).weight.detach().clone() for n in ("fc1", "fc2")}
-    res = run(state, "codebook", bits=3, exclude=["fc3"], epochs=1, lr=0.01, optimizer="sgd", weight_decay=0.01)
+    res = run(
+        state, "codebook", bits=3, exclude=["fc3"], epochs=1, lr=0.01, optimizer="sgd", weight_decay=0.01
+    )
     for n, before in shared.items():
         w = state.model.get_submodule(n).weight.detach()
         assert nonzero_values(w) <= 8 and torch.equal(w == 0, before == 0)
@@ -136,17 +138,27 @@ def test_codebook_leaves_masks_of_untouched_layers_in_force(state):
 
 def test_codebook_validation():
     def v(stages: str):
-        return validate(parse_yaml("version: 1\nname: t\nmodel: {source: 'zoo:digits_mlp'}\nstages:\n" + stages, "r.yaml"))
+        return validate(
+            parse_yaml("version: 1\nname: t\nmodel: {source: 'zoo:digits_mlp'}\nstages:\n" + stages, "r.yaml")
+        )
 
-    with pytest.raises(RecipeError, match=r"r\.yaml:6: stages\[0\] \(codebook\)\.bits: must be less than or equal to 8 \(got 9\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:6: stages\[0\] \(codebook\)\.bits: must be less than or equal to 8 \(got 9\)",
+    ):
         v("  - type: codebook\n    bits: 9\n")
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(codebook\)\.layers\.fc1: must be greater than or equal to 2"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\] \(codebook\)\.layers\.fc1: must be greater than or equal to 2"
+    ):
         v("  - type: codebook\n    bits: 4\n    layers: {fc1: 1}\n")
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(finetune\): cannot train after stages\[0\] \(codebook\)"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[1\] \(finetune\): cannot train after stages\[0\] \(codebook\)"
+    ):
         v("  - type: codebook\n    bits: 4\n  - type: finetune\n")
     r = v("  - {type: prune, sparsity: 0.5}\n  - {type: codebook, bits: 4, epochs: 2, lr: 0.001}\n")
     assert get_stage("codebook").trains(r.stages[1]) and not get_stage("codebook").trains(
-        r.stages[1].model_copy(update={"epochs": 0}))
+        r.stages[1].model_copy(update={"epochs": 0})
+    )
 
 
 def test_others_fp16_rounds_biases_and_norms_into_2_byte_storage(tmp_path):

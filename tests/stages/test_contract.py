@@ -55,5 +55,14 @@ def test_stage_contract(name, tmp_path):
     assert torch.equal(y1, y2), f"{name}: not deterministic under a fixed seed"
     assert r1["final"]["accuracy"] == r2["final"]["accuracy"]
     stage = r1["stages"][0]
-    for key in ("accuracy", "loss", "params", "nonzero_params", "size_bytes", "macs", "latency_ms", "throughput"):
+    for key in (
+        "accuracy",
+        "loss",
+        "params",
+        "nonzero_params",
+        "size_bytes",
+        "macs",
+        "latency_ms",
+        "throughput",
+    ):
         assert key in stage["metrics"]

@@ -50,8 +50,13 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     return p
 
 
-def make_state(tmp_path: Path, model: str = "zoo:digits_cnn", checkpoint: str | Path | None = None,
-               limit_train: int | None = 512, seed: int = 0):
+def make_state(
+    tmp_path: Path,
+    model: str = "zoo:digits_cnn",
+    checkpoint: str | Path | None = None,
+    limit_train: int | None = 512,
+    seed: int = 0,
+):
     m = {"source": model, **({"checkpoint": str(checkpoint)} if checkpoint else {})}
     d = tiny_recipe_dict(tmp_path, model=m, data={"limit_train": limit_train}, seed=seed)
     out = tmp_path / "out"
@@ -68,7 +73,9 @@ def accuracy(model, state) -> float:
     from compress_cli.measure import evaluate
     from compress_cli.runners import EagerRunner
 
-    return evaluate(EagerRunner(model, state.device), state.data.loader("test"), state.data.num_classes)["accuracy"]
+    return evaluate(EagerRunner(model, state.device), state.data.loader("test"), state.data.num_classes)[
+        "accuracy"
+    ]
 
 
 # ------------------------------------------------------------------ the loss
@@ -104,7 +111,9 @@ def test_alpha_zero_is_cross_entropy_and_alpha_one_is_pure_kd():
     s, t = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
     y = torch.randint(0, 10, (16,), generator=g)
     assert torch.allclose(kd_loss(s, None, y, 4.0, 0.0), F.cross_entropy(s, y))  # no teacher needed
-    assert torch.allclose(kd_loss(s, t, y, 4.0, 0.0, label_smoothing=0.1), F.cross_entropy(s, y, label_smoothing=0.1))
+    assert torch.allclose(
+        kd_loss(s, t, y, 4.0, 0.0, label_smoothing=0.1), F.cross_entropy(s, y, label_smoothing=0.1)
+    )
     pure = kd_loss(s, t, None, 4.0, 1.0)  # no labels needed
     manual = 16.0 * (F.softmax(t / 4, 1) * (F.log_softmax(t / 4, 1) - F.log_softmax(s / 4, 1))).sum(1).mean()
     assert torch.allclose(pure, manual, atol=1e-6)
@@ -154,14 +163,19 @@ def test_student_replacement_is_recorded_and_reloads(tmp_path, teacher_ckpt):
     state = make_state(tmp_path, checkpoint=teacher_ckpt)
     res = run_stage(state, student={"source": "zoo:digits_resnet", "kwargs": {"width": 8}}, epochs=2, lr=0.01)
     assert state.model_spec.source == "zoo:digits_resnet" and state.model_spec.kwargs == {"width": 8}
-    assert res.details["student"]["params_before"] == sum(p.numel() for p in seeded_zoo("digits_cnn").parameters())
+    assert res.details["student"]["params_before"] == sum(
+        p.numel() for p in seeded_zoo("digits_cnn").parameters()
+    )
     assert res.details["student"]["params_after"] == sum(p.numel() for p in state.model.parameters())
     assert state.edits.to_json()[-1]["op"] == "replace_model"
     d = tmp_path / "snap"
     save_snapshot(state, d)
     manifest = json.loads((d / "manifest.json").read_text())
     assert (manifest["model"]["source"], manifest["model"]["kwargs"], manifest["model"]["checkpoint"]) == (
-        "zoo:digits_resnet", {"width": 8}, None)
+        "zoo:digits_resnet",
+        {"width": 8},
+        None,
+    )
     assert manifest["architecture"] == []  # the base is the student itself: no diff to replay
     assert manifest["edits"][-1]["source"] == "zoo:digits_resnet"
     loaded = compress_cli.load(d)
@@ -174,9 +188,13 @@ def test_student_replacement_is_recorded_and_reloads(tmp_path, teacher_ckpt):
 
 def test_student_swap_through_a_recipe(tmp_path, teacher_ckpt):
     d = tiny_recipe_dict(
-        tmp_path, model={"source": "zoo:digits_cnn", "checkpoint": str(teacher_ckpt)}, data={"limit_train": 384},
+        tmp_path,
+        model={"source": "zoo:digits_cnn", "checkpoint": str(teacher_ckpt)},
+        data={"limit_train": 384},
         measure={"latency": None, "macs": False},
-        stages=[{"type": "distill", "student": "zoo:digits_mlp", "epochs": 2, "lr": 0.01, "cache_teacher": True}],
+        stages=[
+            {"type": "distill", "student": "zoo:digits_mlp", "epochs": 2, "lr": 0.01, "cache_teacher": True}
+        ],
     )
     report = run_recipe(validate(parse_yaml(yaml.safe_dump(d))))
     assert report["edits"][0]["op"] == "replace_model"
@@ -195,17 +213,30 @@ def test_teacher_from_a_model_dir_and_from_a_spec(tmp_path, teacher_ckpt):
     for teacher in (str(teacher_dir), {"source": "zoo:digits_cnn", "checkpoint": str(teacher_ckpt)}):
         state.model = seeded_zoo("digits_mlp", seed=5)
         res = run_stage(state, teacher=teacher, alpha=1.0, epochs=4, lr=0.01)
-        assert res.details["teacher"].startswith(str(teacher_dir) if isinstance(teacher, str) else "zoo:digits_cnn")
+        assert res.details["teacher"].startswith(
+            str(teacher_dir) if isinstance(teacher, str) else "zoo:digits_cnn"
+        )
         assert accuracy(state.model, state) > acc_t - 0.2  # it learnt the trained teacher, not the random MLP
 
 
 def test_feature_matching_with_projection_is_trained_and_not_saved(tmp_path, teacher_ckpt):
     state = make_state(tmp_path, checkpoint=teacher_ckpt)
-    res = run_stage(state, student={"source": "zoo:digits_resnet", "kwargs": {"width": 8}}, epochs=1, lr=0.01,
-                    features=[{"student": "layer1", "teacher": "relu2", "weight": 0.5},   # 8 -> 32 channels, 8x8
-                              {"student": "layer3", "teacher": "pool"}])               # 32 (2x2) -> 32 (4x4)
+    res = run_stage(
+        state,
+        student={"source": "zoo:digits_resnet", "kwargs": {"width": 8}},
+        epochs=1,
+        lr=0.01,
+        features=[
+            {"student": "layer1", "teacher": "relu2", "weight": 0.5},  # 8 -> 32 channels, 8x8
+            {"student": "layer3", "teacher": "pool"},
+        ],
+    )  # 32 (2x2) -> 32 (4x4)
     f = res.details["features"]
-    assert f[0]["projection"] == "Conv2d" and f[0]["student_shape"] == [8, 8, 8] and f[0]["teacher_shape"] == [32, 8, 8]
+    assert (
+        f[0]["projection"] == "Conv2d"
+        and f[0]["student_shape"] == [8, 8, 8]
+        and f[0]["teacher_shape"] == [32, 8, 8]
+    )
     assert f[1]["projection"] is None
     assert not state.model._forward_hooks and not state.original.relu2._forward_hooks  # hooks removed
     assert all(not m._forward_hooks for m in state.model.modules())
@@ -268,7 +299,9 @@ def test_cached_teacher_logits_train_the_same_model(tmp_path, teacher_ckpt):
     (a, ra), (b, rb) = results
     assert "teacher_cache" in rb.details and rb.details["teacher_cache"]["samples"] == 256
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert ra.details["history"][-1]["train_loss"] == pytest.approx(rb.details["history"][-1]["train_loss"], rel=1e-4)
+    assert ra.details["history"][-1]["train_loss"] == pytest.approx(
+        rb.details["history"][-1]["train_loss"], rel=1e-4
+    )
 
 
 def test_teacher_and_student_must_agree_on_classes(tmp_path):
@@ -295,16 +328,28 @@ def test_config_shorthands_and_defaults():
     assert _validate({}).stages[0].student == "current"
 
 
-@pytest.mark.parametrize(("stage", "message"), [
-    ({"teacher": "zoo:digits_mpl"}, r"teacher.*unknown zoo model 'digits_mpl' \(did you mean 'digits_mlp'\?\)"),
-    ({"teacher": "zoo:digits_cnn"}, r"teacher 'zoo:digits_cnn' has no checkpoint"),
-    ({"student": "zoo:digits_mlp", "features": [{"student": "fc1", "teacher": "fc1"}], "cache_teacher": True},
-     "cache_teacher cannot be combined with features"),
-    ({"student": {"source": "zoo:digits_mlp", "input_shape": [1, 8, 8]}}, "student.input_shape"),
-    ({"alpha": 1.5}, r"alpha.*less than or equal to 1"),
-    ({"temperature": 0}, r"temperature.*greater than 0"),
-    ({"features": [{"student": "fc1", "teacher": "fc1", "wieght": 2}]}, "did you mean 'weight'"),
-])
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {"teacher": "zoo:digits_mpl"},
+            r"teacher.*unknown zoo model 'digits_mpl' \(did you mean 'digits_mlp'\?\)",
+        ),
+        ({"teacher": "zoo:digits_cnn"}, r"teacher 'zoo:digits_cnn' has no checkpoint"),
+        (
+            {
+                "student": "zoo:digits_mlp",
+                "features": [{"student": "fc1", "teacher": "fc1"}],
+                "cache_teacher": True,
+            },
+            "cache_teacher cannot be combined with features",
+        ),
+        ({"student": {"source": "zoo:digits_mlp", "input_shape": [1, 8, 8]}}, "student.input_shape"),
+        ({"alpha": 1.5}, r"alpha.*less than or equal to 1"),
+        ({"temperature": 0}, r"temperature.*greater than 0"),
+        ({"features": [{"student": "fc1", "teacher": "fc1", "wieght": 2}]}, "did you mean 'weight'"),
+    ],
+)
 def test_validation_rules(stage, message):
     with pytest.raises(RecipeError, match=message):
         _validate(stage)
@@ -313,7 +358,9 @@ def test_validation_rules(stage, message):
 def test_preview_describes_without_touching(tmp_path):
     state = make_state(tmp_path)
     cls = get_stage("distill")
-    cfg = cls.config_class.model_validate({"type": "distill", "student": "zoo:digits_mlp", "cache_teacher": True})
+    cfg = cls.config_class.model_validate(
+        {"type": "distill", "student": "zoo:digits_mlp", "cache_teacher": True}
+    )
     before = copy.deepcopy(state.model.state_dict())
     lines = cls(cfg).preview(state)
     assert "NEW zoo:digits_mlp" in lines[0] and "cached" in lines[0]
@@ -333,18 +380,44 @@ def test_distill_under_torchrun(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = tiny_recipe_dict(tmp_path, model={"source": "zoo:digits_cnn"}, data={"batch_size": 32},
-                         measure={"latency": None, "macs": False}, stages=[
-                             {"type": "finetune", "epochs": 2, "lr": 0.01},
-                             {"type": "distill", "student": {"source": "zoo:digits_resnet", "kwargs": {"width": 8}},
-                              "epochs": 2, "lr": 0.01, "features": [{"student": "layer1", "teacher": "relu2"}]},
-                             {"type": "distill", "epochs": 1, "lr": 0.001, "cache_teacher": True}])
+    d = tiny_recipe_dict(
+        tmp_path,
+        model={"source": "zoo:digits_cnn"},
+        data={"batch_size": 32},
+        measure={"latency": None, "macs": False},
+        stages=[
+            {"type": "finetune", "epochs": 2, "lr": 0.01},
+            {
+                "type": "distill",
+                "student": {"source": "zoo:digits_resnet", "kwargs": {"width": 8}},
+                "epochs": 2,
+                "lr": 0.01,
+                "features": [{"student": "layer1", "teacher": "relu2"}],
+            },
+            {"type": "distill", "epochs": 1, "lr": 0.001, "cache_teacher": True},
+        ],
+    )
     rpath = tmp_path / "ddp.yaml"
     rpath.write_text(yaml.safe_dump(d))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "compress_cli", "run", str(rpath)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "compress_cli",
+        "run",
+        str(rpath),
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())

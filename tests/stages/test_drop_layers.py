@@ -83,7 +83,11 @@ def test_replacements_identity_and_shortcut_with_relu(calib):
     # layer1.0's input is already >= 0 (after a ReLU): the ReLU of the bypass is a no-op and left out
     assert isinstance(model.layer1[0], nn.Identity)
     # layer2.0 changes shape: replaced by its downsample path followed by the block's final ReLU
-    assert isinstance(model.layer2[0], nn.Sequential) and list(model.layer2[0]._modules) == ["conv", "bn", "post0"]
+    assert isinstance(model.layer2[0], nn.Sequential) and list(model.layer2[0]._modules) == [
+        "conv",
+        "bn",
+        "post0",
+    ]
     with torch.no_grad():
         torch.testing.assert_close(model.layer2(model.layer1(h)), expected)
     assert by["layer2.0"].replacement == "shortcut:downsample"
@@ -114,8 +118,18 @@ def test_scores_match_a_hand_computation(calib):
 def test_protect_and_output_layer():
     cands = find_candidates(seeded_zoo("digits_resnet").eval(), X1, protect=["layer1.*", "layer3.0.conv1"])
     assert [c.name for c in cands] == ["layer2.0"]
-    mlp = nn.Sequential(OrderedDict([("flatten", nn.Flatten()), ("a", nn.Linear(64, 10)), ("relu", nn.ReLU()),
-                                     ("b", nn.Linear(10, 10)), ("relu2", nn.ReLU()), ("out", nn.Linear(10, 10))]))
+    mlp = nn.Sequential(
+        OrderedDict(
+            [
+                ("flatten", nn.Flatten()),
+                ("a", nn.Linear(64, 10)),
+                ("relu", nn.ReLU()),
+                ("b", nn.Linear(10, 10)),
+                ("relu2", nn.ReLU()),
+                ("out", nn.Linear(10, 10)),
+            ]
+        )
+    )
     assert [c.name for c in find_candidates(mlp, X1)] == ["b"]  # same-shape layers, never the output layer
 
 
@@ -133,9 +147,13 @@ def test_errors(calib):
 def test_resnet18_32px_blocks_removed_and_rebuilt():
     spec = {"source": "torchvision:resnet18", "kwargs": {"num_classes": 10}}
     model = build_from_source(spec).eval()
-    calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 3]))
-             for i in range(1)]
-    cands, chosen = drop_layers(model, torch.randn(1, 3, 32, 32), calib, criterion="similarity", fraction=0.25)
+    calib = [
+        (torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 3]))
+        for i in range(1)
+    ]
+    cands, chosen = drop_layers(
+        model, torch.randn(1, 3, 32, 32), calib, criterion="similarity", fraction=0.25
+    )
     assert len(cands) == 8 and len(chosen) == 2
     diff = json.loads(json.dumps(architecture_diff(build_from_source(spec), model)))
     again = apply_architecture_diff(build_from_source(spec), diff)
@@ -149,7 +167,15 @@ def test_resnet18_32px_blocks_removed_and_rebuilt():
 def test_stage_run_preview_and_finetune(tmp_path):
     d = tiny_recipe_dict(
         tmp_path,
-        stages=[{"type": "drop_layers", "count": 1, "importance": "similarity", "epochs": 1, "max_steps_per_epoch": 2}],
+        stages=[
+            {
+                "type": "drop_layers",
+                "count": 1,
+                "importance": "similarity",
+                "epochs": 1,
+                "max_steps_per_epoch": 2,
+            }
+        ],
         model={"source": "zoo:digits_resnet"},
         data={"limit_train": 256, "limit_test": 128},
         measure={"latency": None, "macs": False},
@@ -189,8 +215,13 @@ class ProjBlock(nn.Module):
 
 def make_proj_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), ProjBlock(4, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 10)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        ProjBlock(4, 8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
 
 
 def test_sequential_subclass_shortcut_becomes_a_describable_sequential(calib):
@@ -198,7 +229,11 @@ def test_sequential_subclass_shortcut_becomes_a_describable_sequential(calib):
     model = make_proj_net()
     cands, chosen = drop_layers(model, X1, calib, criterion="loss", count=1)
     assert [(c.name, c.replacement) for c in chosen] == [("1", "shortcut:proj")]
-    assert type(model[1]) is nn.Sequential and [type(m).__name__ for m in model[1]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert type(model[1]) is nn.Sequential and [type(m).__name__ for m in model[1]] == [
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+    ]
     diff = json.loads(json.dumps(architecture_diff(make_proj_net(), model)))
     again = apply_architecture_diff(make_proj_net(), diff)
     again.load_state_dict(model.state_dict())

@@ -81,6 +81,7 @@ def test_export_after_quantize_writes_the_quantized_model(tmp_path, scheme, sour
         elif fmt == "torch_export":
             if scheme == "int8_static":
                 import torchao.quantization.pt2e  # noqa: F401 - registers the quantized ops, as the note says
+
                 assert "torchao" in info["load"]
             ep = torch.export.load(info["path"])
             got = ep.module()(x)
@@ -99,13 +100,21 @@ def test_export_refuses_formats_the_quantized_model_has_not_at_validation(tmp_pa
     from compress_cli.recipe import parse_yaml, validate
     from compress_cli.testing import tiny_recipe_dict
 
-    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", "scheme": "onnxruntime_int8"},
-                                          {"type": "export", "formats": ["onnx", "torch_export"]}])
+    d = tiny_recipe_dict(
+        tmp_path,
+        stages=[
+            {"type": "quantize", "scheme": "onnxruntime_int8"},
+            {"type": "export", "formats": ["onnx", "torch_export"]},
+        ],
+    )
     d["device"] = "cpu"
     import yaml
 
-    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: stages\[1\] \(export\): format torch_export is not available "
-                       r"after quantize scheme onnxruntime_int8: the model is an ONNX Runtime int8 graph"):
+    with pytest.raises(
+        RecipeError,
+        match=r"r\.yaml:\d+: stages\[1\] \(export\): format torch_export is not available "
+        r"after quantize scheme onnxruntime_int8: the model is an ONNX Runtime int8 graph",
+    ):
         validate(parse_yaml(yaml.safe_dump(d, sort_keys=False), "r.yaml"))
 
 

@@ -28,10 +28,15 @@ def _one_thread():
 def make_state(tmp_path: Path, **data):
     from compress_cli.pipeline import build_state
 
-    recipe = Recipe.model_validate({
-        "name": "t", "device": "cpu", "model": {"source": "zoo:digits_mlp"},
-        "data": {"source": "digits", **data}, "output": str(tmp_path / "out"),
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "device": "cpu",
+            "model": {"source": "zoo:digits_mlp"},
+            "data": {"source": "digits", **data},
+            "output": str(tmp_path / "out"),
+        }
+    )
     return build_state(recipe, torch.device("cpu"), tmp_path / "out")
 
 
@@ -41,8 +46,9 @@ def hpo(**cfg):
 
 
 def check(stages: list[dict]):
-    text = yaml.safe_dump({"version": 1, "name": "t", "model": {"source": "zoo:digits_mlp"}, "stages": stages},
-                          sort_keys=False)
+    text = yaml.safe_dump(
+        {"version": 1, "name": "t", "model": {"source": "zoo:digits_mlp"}, "stages": stages}, sort_keys=False
+    )
     return validate(parse_yaml(text, "r.yaml"))
 
 
@@ -61,40 +67,67 @@ def test_valid_config_and_nested_rules():
     h = r.stages[1]
     assert type(h.stages[0]).__name__ == "FinetuneConfig" and h.stages[0].lr == "auto"
     assert get_stage("hpo").trains(h) and get_stage("hpo").modifies(h)
-    only_eval = check([{"type": "hpo", "stages": [{"type": "evaluate"}, {**FT, "name": "ft"}],
-                        "space": {"ft.lr": {"float": [1e-3, 1e-1]}}}]).stages[0]
+    only_eval = check(
+        [
+            {
+                "type": "hpo",
+                "stages": [{"type": "evaluate"}, {**FT, "name": "ft"}],
+                "space": {"ft.lr": {"float": [1e-3, 1e-1]}},
+            }
+        ]
+    ).stages[0]
     assert get_stage("hpo").trains(only_eval)
     assert not get_stage("hpo").trains(only_eval.model_copy(update={"stages": only_eval.stages[:1]}))
 
 
-@pytest.mark.parametrize("stage,pattern", [
-    ({"stages": [{**FT, "epochs": -1}], "space": LR},
-     r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: finetune: must be greater than or equal to 0 \(got -1\)"),
-    ({"stages": [{**FT, "lrr": 0.1}], "space": LR},
-     r"stages\[0\] \(hpo\).stages\[0\].lrr: unknown key for finetune \(did you mean 'lr'\?\)"),
-    ({"stages": [{"type": "finetun"}], "space": LR},
-     r"stages\[0\] \(hpo\).stages\[0\].type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)"),
-    ({"stages": [FT], "space": {"prune.sparsity": {"float": [0.1, 0.9]}}},
-     r"space.prune.sparsity: space key 'prune.sparsity': no wrapped stage named 'prune'"),
-    ({"stages": [FT], "space": {"finetune.lrate": {"float": [0.1, 0.9]}}},
-     r"finetune has no parameter 'lrate'"),
-    ({"stages": [FT], "space": {"finetune.epochs": {"int": [-1, 3]}}},
-     r"space.finetune.epochs: value -1 is not valid for finetune.epochs"),
-    ({"stages": [FT], "space": {"finetune.lr": {"float": [0.1, 0.01]}}},
-     r"space.finetune.lr: .*lo < hi"),
-    ({"stages": [FT], "space": {"finetune.lr": {"float": [0.0, 0.1], "log": True}}},
-     r"log needs lo > 0"),
-    ({"stages": [FT], "space": {"finetune.lr": {"float": [0.001, 0.1], "int": [1, 2]}}},
-     r"give exactly one of float, int, categorical"),
-    ({"stages": [FT], "space": {"finetune.optimizer": {"categorical": ["sgd", "lion"]}}},
-     r"value 'lion' is not valid for finetune.optimizer"),
-    ({"stages": [FT], "space": LR, "objectives": ["accuracy", "latency_ms"]},
-     r"pruner: pruning needs a single objective"),
-    ({"stages": [FT], "space": LR, "n_trials": None},
-     r"n_trials: set n_trials and/or timeout_s"),
-    ({"stages": [{**FT, "lr": "auto"}], "space": LR},
-     r"stages\[0\] \(hpo\).stages\[0\] \(finetune\).lr: 'auto' needs lr_find earlier"),
-])
+@pytest.mark.parametrize(
+    "stage,pattern",
+    [
+        (
+            {"stages": [{**FT, "epochs": -1}], "space": LR},
+            r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: finetune: must be greater than or equal to 0 \(got -1\)",
+        ),
+        (
+            {"stages": [{**FT, "lrr": 0.1}], "space": LR},
+            r"stages\[0\] \(hpo\).stages\[0\].lrr: unknown key for finetune \(did you mean 'lr'\?\)",
+        ),
+        (
+            {"stages": [{"type": "finetun"}], "space": LR},
+            r"stages\[0\] \(hpo\).stages\[0\].type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
+        ),
+        (
+            {"stages": [FT], "space": {"prune.sparsity": {"float": [0.1, 0.9]}}},
+            r"space.prune.sparsity: space key 'prune.sparsity': no wrapped stage named 'prune'",
+        ),
+        (
+            {"stages": [FT], "space": {"finetune.lrate": {"float": [0.1, 0.9]}}},
+            r"finetune has no parameter 'lrate'",
+        ),
+        (
+            {"stages": [FT], "space": {"finetune.epochs": {"int": [-1, 3]}}},
+            r"space.finetune.epochs: value -1 is not valid for finetune.epochs",
+        ),
+        ({"stages": [FT], "space": {"finetune.lr": {"float": [0.1, 0.01]}}}, r"space.finetune.lr: .*lo < hi"),
+        ({"stages": [FT], "space": {"finetune.lr": {"float": [0.0, 0.1], "log": True}}}, r"log needs lo > 0"),
+        (
+            {"stages": [FT], "space": {"finetune.lr": {"float": [0.001, 0.1], "int": [1, 2]}}},
+            r"give exactly one of float, int, categorical",
+        ),
+        (
+            {"stages": [FT], "space": {"finetune.optimizer": {"categorical": ["sgd", "lion"]}}},
+            r"value 'lion' is not valid for finetune.optimizer",
+        ),
+        (
+            {"stages": [FT], "space": LR, "objectives": ["accuracy", "latency_ms"]},
+            r"pruner: pruning needs a single objective",
+        ),
+        ({"stages": [FT], "space": LR, "n_trials": None}, r"n_trials: set n_trials and/or timeout_s"),
+        (
+            {"stages": [{**FT, "lr": "auto"}], "space": LR},
+            r"stages\[0\] \(hpo\).stages\[0\] \(finetune\).lr: 'auto' needs lr_find earlier",
+        ),
+    ],
+)
 def test_invalid_configs_are_located(stage, pattern):
     with pytest.raises(RecipeError, match=pattern):
         check([{"type": "hpo", **stage}])
@@ -103,9 +136,18 @@ def test_invalid_configs_are_located(stage, pattern):
 # ------------------------------------------------------------------ searching
 def test_search_prunes_keeps_best_and_resumes(tmp_path):
     state = make_state(tmp_path)
-    space = {"finetune.lr": {"categorical": [1e-5, 3e-3, 1e-2]}, "finetune.optimizer": {"categorical": ["sgd", "adam"]}}
-    cfg = dict(stages=[{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}], space=space, n_trials=6,
-               sampler="random", pruner="median", pruner_startup_trials=2)
+    space = {
+        "finetune.lr": {"categorical": [1e-5, 3e-3, 1e-2]},
+        "finetune.optimizer": {"categorical": ["sgd", "adam"]},
+    }
+    cfg = dict(
+        stages=[{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}],
+        space=space,
+        n_trials=6,
+        sampler="random",
+        pruner="median",
+        pruner_startup_trials=2,
+    )
     res = hpo(**cfg).run(state)
     d = res.details
     assert len(d["trials"]) == 6 and d["ran_here"] == 6
@@ -120,7 +162,10 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
     acc = evaluate(EagerRunner(state.model, state.device), state.data.loader("val"), 10)["accuracy"]
     assert acc == pytest.approx(d["best"]["values"][0])
     assert max(t["values"][0] for t in d["trials"] if t["state"] == "complete") == d["best"]["values"][0]
-    assert state.edits.items[-1].op == "hpo" and state.edits.items[-1].details["best_trial"] == d["best"]["number"]
+    assert (
+        state.edits.items[-1].op == "hpo"
+        and state.edits.items[-1].details["best_trial"] == d["best"]["number"]
+    )
     assert (tmp_path / "out" / "hpo-01.db").is_file()
 
     # resume: the same study gets 2 more trials; a fresh state re-runs the best trial's parameters
@@ -140,8 +185,13 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
 def test_failing_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     state = make_state(tmp_path)
     space = {"finetune.lr": {"categorical": [1e9, 1e-2]}}  # 1e9 with SGD: the loss becomes nan
-    res = hpo(stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 4, "optimizer": "sgd"}],
-              space=space, n_trials=4, sampler="random", pruner="none").run(state)
+    res = hpo(
+        stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 4, "optimizer": "sgd"}],
+        space=space,
+        n_trials=4,
+        sampler="random",
+        pruner="none",
+    ).run(state)
     rows = res.details["trials"]
     failed = [t for t in rows if t["state"] == "fail"]
     assert failed and all("loss became" in t["error"] for t in failed)
@@ -152,8 +202,13 @@ def test_failing_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
 def test_all_trials_failing_is_a_stage_error(tmp_path):
     state = make_state(tmp_path)
     with pytest.raises(StageError, match=r"no trial completed \(0 pruned, 2 failed\); errors: .*loss became"):
-        hpo(stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 3, "optimizer": "sgd"}],
-            space={"finetune.lr": {"categorical": [1e9]}}, n_trials=2, pruner="none", storage="memory").run(state)
+        hpo(
+            stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 3, "optimizer": "sgd"}],
+            space={"finetune.lr": {"categorical": [1e9]}},
+            n_trials=2,
+            pruner="none",
+            storage="memory",
+        ).run(state)
 
 
 @pytest.mark.parametrize("how", ["keyboard", "sigterm"])
@@ -183,17 +238,29 @@ def test_interrupted_trial_is_marked_failed_not_running(tmp_path, monkeypatch, h
 
 def test_multi_objective_reports_a_pareto_front(tmp_path):
     state = make_state(tmp_path)
-    res = hpo(stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 4}],
-              space={"finetune.lr": {"float": [1e-3, 1e-1], "log": True}, "finetune.l1": {"categorical": [0.0, 1e-3]}},
-              objectives=["accuracy", "nonzero_params"], pruner="none", n_trials=4, sampler="random",
-              storage="memory").run(state)
+    res = hpo(
+        stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 4}],
+        space={
+            "finetune.lr": {"float": [1e-3, 1e-1], "log": True},
+            "finetune.l1": {"categorical": [0.0, 1e-3]},
+        },
+        objectives=["accuracy", "nonzero_params"],
+        pruner="none",
+        n_trials=4,
+        sampler="random",
+        storage="memory",
+    ).run(state)
     d = res.details
     front = d["pareto_front"]
     assert front and d["objectives"] == {"accuracy": "maximize", "nonzero_params": "minimize"}
     complete = [t for t in d["trials"] if t["state"] == "complete"]
     for f in front:  # nobody dominates a front member
-        assert not any(t["values"][0] >= f["values"][0] and t["values"][1] <= f["values"][1]
-                       and t["values"] != f["values"] for t in complete)
+        assert not any(
+            t["values"][0] >= f["values"][0]
+            and t["values"][1] <= f["values"][1]
+            and t["values"] != f["values"]
+            for t in complete
+        )
     assert d["best"]["values"][0] == max(f["values"][0] for f in front)
     assert "Pareto front" in res.notes
 
@@ -212,8 +279,15 @@ def test_trials_report_through_nested_training_and_leave_state_alone(tmp_path):
 @pytest.mark.parametrize("sampler,pruner", [("cmaes", "median"), ("tpe", "hyperband"), ("random", "none")])
 def test_samplers_and_pruners_run(tmp_path, sampler, pruner):
     state = make_state(tmp_path)
-    res = hpo(stages=[FT], space={**LR, "finetune.epochs": {"int": [1, 2]}}, n_trials=3, sampler=sampler,
-              pruner=pruner, sampler_startup_trials=1, storage="memory").run(state)
+    res = hpo(
+        stages=[FT],
+        space={**LR, "finetune.epochs": {"int": [1, 2]}},
+        n_trials=3,
+        sampler=sampler,
+        pruner=pruner,
+        sampler_startup_trials=1,
+        storage="memory",
+    ).run(state)
     assert res.details["sampler"] == sampler and len(res.details["trials"]) == 3
     assert res.details["counts"]["complete"] >= 1
 
@@ -226,14 +300,19 @@ def test_timeout_alone_ends_the_search(tmp_path):
 
 def test_first_trial_runs_the_configured_values(tmp_path):
     state = make_state(tmp_path)
-    space = {"finetune.lr": {"float": [1e-3, 1e-1], "log": True},
-             "finetune.optimizer": {"categorical": ["sgd", "adamw"]},  # the configured adam is not in it
-             "finetune.epochs": {"int": [1, 2]}}
-    res = hpo(stages=[{**FT, "lr": 0.02}], space=space, n_trials=2, pruner="none", storage="memory").run(state)
+    space = {
+        "finetune.lr": {"float": [1e-3, 1e-1], "log": True},
+        "finetune.optimizer": {"categorical": ["sgd", "adamw"]},  # the configured adam is not in it
+        "finetune.epochs": {"int": [1, 2]},
+    }
+    res = hpo(stages=[{**FT, "lr": 0.02}], space=space, n_trials=2, pruner="none", storage="memory").run(
+        state
+    )
     first = res.details["trials"][0]
     assert first.get("defaults") is True
     assert first["params"]["finetune.lr"] == 0.02 and first["params"]["finetune.epochs"] == 2
     assert first["params"]["finetune.optimizer"] in ("sgd", "adamw")  # sampled: the default is outside
     res = hpo(stages=[FT], space=LR, n_trials=1, pruner="none", storage="memory", enqueue_defaults=False).run(
-        make_state(tmp_path))
+        make_state(tmp_path)
+    )
     assert "defaults" not in res.details["trials"][0]

@@ -28,10 +28,15 @@ def _one_thread():
 def make_state(tmp_path: Path, model: str = "zoo:digits_mlp", **data):
     from compress_cli.pipeline import build_state
 
-    recipe = Recipe.model_validate({
-        "name": "t", "device": "cpu", "model": {"source": model},
-        "data": {"source": "digits", **data}, "output": str(tmp_path / "out"),
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "device": "cpu",
+            "model": {"source": model},
+            "data": {"source": "digits", **data},
+            "output": str(tmp_path / "out"),
+        }
+    )
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
     return build_state(recipe, torch.device("cpu"), out)
@@ -43,8 +48,10 @@ def run_stage(state, index: int = 1, **cfg):
 
 
 def recipe_text(stages: list[dict]) -> str:
-    return yaml.safe_dump({"version": 1, "name": "t", "device": "cpu", "model": {"source": "zoo:digits_mlp"},
-                           "stages": stages}, sort_keys=False)
+    return yaml.safe_dump(
+        {"version": 1, "name": "t", "device": "cpu", "model": {"source": "zoo:digits_mlp"}, "stages": stages},
+        sort_keys=False,
+    )
 
 
 # ------------------------------------------------------------------ curve analysis
@@ -76,7 +83,7 @@ def test_steepest_descent_on_a_clean_curve():
     s = smooth(losses, 0.0)
     sug = suggest_lr(lrs, losses, s, skip_start=5)
     assert sug.lr is not None, sug.reason
-    assert 10 ** -2.9 < sug.lr < 10 ** -2.1  # the sigmoid's steepest point is at 10^-2.5
+    assert 10**-2.9 < sug.lr < 10**-2.1  # the sigmoid's steepest point is at 10^-2.5
 
 
 def test_min_div_suggestion():
@@ -160,8 +167,12 @@ def test_lr_auto_needs_lr_find_first():
 
 def test_config_rules_are_located():
     bad = recipe_text([{"type": "lr_find", "min_lr": 0.1, "max_lr": 0.01}])
-    with pytest.raises(RecipeError, match=r"r.yaml:\d+: stages\[0\] \(lr_find\).*max_lr must be greater than min_lr"):
+    with pytest.raises(
+        RecipeError, match=r"r.yaml:\d+: stages\[0\] \(lr_find\).*max_lr must be greater than min_lr"
+    ):
         validate(parse_yaml(bad, "r.yaml"))
     bad = recipe_text([{"type": "lr_find", "steps": 2}])
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(lr_find\).steps: must be greater than or equal to 5"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\] \(lr_find\).steps: must be greater than or equal to 5"
+    ):
         validate(parse_yaml(bad, "r.yaml"))

@@ -92,8 +92,11 @@ def test_gradual_schedule_follows_the_cubic_curve_and_fine_tunes(state):
     got = [h["sparsity"] for h in res.details["schedule"]]
     assert got == pytest.approx(want, abs=1e-3)
     assert all(h["epochs"] == 1 and "val_accuracy" in h for h in res.details["schedule"])
-    assert get_stage("prune").trains(get_stage("prune").config_class.model_validate(
-        {"type": "prune", "sparsity": 0.5, "schedule": {"steps": 2}}))
+    assert get_stage("prune").trains(
+        get_stage("prune").config_class.model_validate(
+            {"type": "prune", "sparsity": 0.5, "schedule": {"steps": 2}}
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,7 +172,10 @@ def test_checkpoint_reload_is_exact_and_smaller(state, tmp_path):
     size = save_snapshot(state, tmp_path / "pruned")
     assert size < dense / 3
     manifest = compress_cli.checkpoint.read_manifest(tmp_path / "pruned")
-    assert compress_cli.checkpoint.tensor_encodings(tmp_path / "pruned")["fc1.weight"].split("+")[0] in ("sparse", "gaps")
+    assert compress_cli.checkpoint.tensor_encodings(tmp_path / "pruned")["fc1.weight"].split("+")[0] in (
+        "sparse",
+        "gaps",
+    )
     assert manifest["edits"][-1]["op"] == "prune"
     loaded = compress_cli.load(tmp_path / "pruned")
     x = torch.randn(16, 1, 8, 8)
@@ -210,8 +216,15 @@ def test_sensitivity_scan_prefers_the_robust_layer(tmp_path):
     rows = {r["layer"]: r for r in sens["table"]}
     assert set(rows) == {"fc1", "fc2"} and rows["fc1"]["0.9"] > rows["fc2"]["0.9"]
     # the scan itself left no trace: only the final pruning changed the weights
-    assert all(torch.equal(P.effective_weight(state.model.get_submodule(n))[P.effective_weight(state.model.get_submodule(n)) != 0],
-                           before[f"{n}.weight"][P.effective_weight(state.model.get_submodule(n)) != 0]) for n in ("fc1", "fc2"))
+    assert all(
+        torch.equal(
+            P.effective_weight(state.model.get_submodule(n))[
+                P.effective_weight(state.model.get_submodule(n)) != 0
+            ],
+            before[f"{n}.weight"][P.effective_weight(state.model.get_submodule(n)) != 0],
+        )
+        for n in ("fc1", "fc2")
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -221,12 +234,16 @@ def _validate(stage_yaml: str):
 
 
 def test_sparsity_out_of_range_is_a_located_recipe_error():
-    with pytest.raises(RecipeError, match=r"r\.yaml:6: stages\[0\] \(prune\)\.sparsity: .*less than 1 \(got 1\.5\)"):
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml:6: stages\[0\] \(prune\)\.sparsity: .*less than 1 \(got 1\.5\)"
+    ):
         _validate("  - type: prune\n    sparsity: 1.5\n")
 
 
 def test_schedule_and_sensitivity_validation():
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(prune\)\.schedule\.stepz: unknown key \(did you mean 'steps'\?\)"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\] \(prune\)\.schedule\.stepz: unknown key \(did you mean 'steps'\?\)"
+    ):
         _validate("  - type: prune\n    sparsity: 0.5\n    schedule: {stepz: 3}\n")
     with pytest.raises(RecipeError, match=r"initial_sparsity \(0\.6\) must be below sparsity \(0\.5\)"):
         _validate("  - type: prune\n    sparsity: 0.5\n    schedule: {steps: 3, initial_sparsity: 0.6}\n")
@@ -234,12 +251,20 @@ def test_schedule_and_sensitivity_validation():
         _validate("  - type: prune\n    sparsity: 0.5\n    sensitivity: {ratios: [0.5, 1.0]}\n")
     with pytest.raises(RecipeError, match=r"layers\.fc1: .*less than 1"):
         _validate("  - type: prune\n    sparsity: 0.5\n    layers: {fc1: 2}\n")
-    r = _validate("  - type: prune\n    sparsity: 0.5\n    schedule: {steps: 3, finetune_epochs: 2, lr: 0.1}\n")
+    r = _validate(
+        "  - type: prune\n    sparsity: 0.5\n    schedule: {steps: 3, finetune_epochs: 2, lr: 0.1}\n"
+    )
     assert r.stages[0].schedule.epochs == 2 and r.stages[0].schedule.lr == 0.1
 
 
 def test_preview_names_layers_and_the_head(state):
     cls = get_stage("prune")
-    lines = cls(cls.config_class.model_validate({"type": "prune", "sparsity": 0.5, "layers": {"fc2": 0.3}})).preview(state)
-    assert lines == ["fc1 (8192 weights): global 0.5", "fc2 (8192 weights): 0.3", "fc3: classifier head, not pruned"]
+    lines = cls(
+        cls.config_class.model_validate({"type": "prune", "sparsity": 0.5, "layers": {"fc2": 0.3}})
+    ).preview(state)
+    assert lines == [
+        "fc1 (8192 weights): global 0.5",
+        "fc2 (8192 weights): 0.3",
+        "fc3: classifier head, not pruned",
+    ]
     assert not any(P.is_pruned(m) for m in state.model.modules())

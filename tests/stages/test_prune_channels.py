@@ -156,8 +156,17 @@ def test_resnet18_32px_round_to_and_reload(tmp_path):
 def test_stage_iterative_with_finetune_reports_widths(tmp_path):
     d = tiny_recipe_dict(
         tmp_path,
-        stages=[{"type": "prune_channels", "ratio": 0.5, "importance": "activation", "steps": 2, "epochs": 1,
-                 "max_steps_per_epoch": 2, "lr": 0.001}],
+        stages=[
+            {
+                "type": "prune_channels",
+                "ratio": 0.5,
+                "importance": "activation",
+                "steps": 2,
+                "epochs": 1,
+                "max_steps_per_epoch": 2,
+                "lr": 0.001,
+            }
+        ],
         model={"source": "zoo:digits_cnn"},
         data={"limit_train": 256, "limit_test": 128},
         measure={"latency": None, "macs": False},
@@ -180,8 +189,11 @@ def test_config_validation_and_preview():
         with pytest.raises(RecipeError, match="prune_channels"):
             validate(parse_yaml(yaml.safe_dump(d)))
     state = tiny_state(seeded_zoo("digits_cnn"))
-    stage = cls(cls.config_class.model_validate({"type": "prune_channels", "ignore": ["conv1"],
-                                                  "layer_ratios": {"conv9": 0.5}}))
+    stage = cls(
+        cls.config_class.model_validate(
+            {"type": "prune_channels", "ignore": ["conv1"], "layer_ratios": {"conv9": 0.5}}
+        )
+    )
     lines = stage.preview(state)
     assert "width kept: conv1, fc" in lines and any("matches nothing" in x for x in lines)
     assert state.model.conv1.out_channels == 16  # preview does not modify

@@ -24,7 +24,9 @@ X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))
 
 
 def recipe(tmp_path: Path, stages: list[dict], device: str = "cpu", model: str = "zoo:digits_cnn"):
-    d = tiny_recipe_dict(tmp_path, stages=stages, device=device, model={"source": model}, data={"limit_train": 256})
+    d = tiny_recipe_dict(
+        tmp_path, stages=stages, device=device, model={"source": model}, data={"limit_train": 256}
+    )
     return validate(parse_yaml(yaml.safe_dump(d)))
 
 
@@ -173,7 +175,9 @@ def test_int8_on_auto_device_refused_at_run_time_without_cuda(tmp_path):
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
 def test_weight_only_refused_on_cpu_at_validation(tmp_path, scheme):
-    with pytest.raises(RecipeError, match=rf"{scheme} runs on CUDA only: .*0\.2-0\.7x.*Conv2d.*int4 needs CUDA"):
+    with pytest.raises(
+        RecipeError, match=rf"{scheme} runs on CUDA only: .*0\.2-0\.7x.*Conv2d.*int4 needs CUDA"
+    ):
         recipe(tmp_path, [{"type": "quantize", "scheme": scheme}], device="cpu")
     recipe(tmp_path, [{"type": "quantize", "scheme": scheme}], device="auto")  # decided at run time
 
@@ -185,7 +189,9 @@ def test_cpu_int8_refused_on_cuda_device(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic", "onnxruntime_int8", "qat"])
 def test_nothing_trains_or_changes_after_int8(tmp_path, scheme):
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(finetune\): cannot train after stages\[0\] \(quantize\)"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[1\] \(finetune\): cannot train after stages\[0\] \(quantize\)"
+    ):
         recipe(tmp_path, [{"type": "quantize", "scheme": scheme}, {"type": "finetune"}])
     recipe(tmp_path, [{"type": "quantize", "scheme": scheme}, {"type": "evaluate"}])
     recipe(tmp_path, [{"type": "quantize", "scheme": "bf16"}, {"type": "finetune"}])  # a cast does not freeze
@@ -231,7 +237,9 @@ def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao weight-only kernels need CUDA")
 def test_int8_weight_only_on_cuda_reloads_equal(tmp_path):
-    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="cuda", model="zoo:digits_mlp")
+    r = recipe(
+        tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="cuda", model="zoo:digits_mlp"
+    )
     state = build_state(r, torch.device("cuda"), tmp_path / "out")
     res = Quantize(QuantizeConfig(type="quantize", scheme="int8_weight_only"), 1).run(state)
     assert res.details["device"].startswith("cuda")
@@ -246,7 +254,9 @@ def test_excluded_layers_stay_float(tmp_path):
     state, res, d = run_stage(tmp_path / "ort", scheme="onnxruntime_int8", exclude=["fc"])
     inits = {i.name for i in onnx.load(res.details["onnx_file"]).graph.initializer}
     assert "conv1.weight_quantized" in inits and "fc.weight_quantized" not in inits
-    state, res, d = run_stage(tmp_path / "dyn", model="zoo:digits_mlp", scheme="int8_dynamic", exclude=["fc3"])
+    state, res, d = run_stage(
+        tmp_path / "dyn", model="zoo:digits_mlp", scheme="int8_dynamic", exclude=["fc3"]
+    )
     assert res.details["layers"] == ["fc1", "fc2"] and isinstance(compress_cli.load(d).fc3, nn.Linear)
 
 
@@ -259,7 +269,9 @@ def test_recipe_as_run_validates_again(tmp_path):
 
 
 def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 10)
+    ).eval()
     x = torch.randn(2, 1, 8, 8)
     qat = quant.prepare_qat(model, x, reduce_range=False)
     qat.train()
@@ -293,8 +305,13 @@ def test_resume_after_quantize_restores_the_runtime(tmp_path, scheme):
 
     from compress_cli.pipeline import run_recipe
 
-    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", "scheme": scheme}, {"type": "evaluate"}],
-                         model={"source": "zoo:digits_cnn"}, data={"limit_train": 256}, measure={"latency": None})
+    d = tiny_recipe_dict(
+        tmp_path,
+        stages=[{"type": "quantize", "scheme": scheme}, {"type": "evaluate"}],
+        model={"source": "zoo:digits_cnn"},
+        data={"limit_train": 256},
+        measure={"latency": None},
+    )
     r = validate(parse_yaml(yaml.safe_dump(d)))
     first = run_recipe(r)
     shutil.rmtree(tmp_path / "out" / "stages" / "02-evaluate")  # as if killed during the evaluate stage
@@ -334,7 +351,9 @@ def build(num_classes=10):
 def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monkeypatch):
     (tmp_path / "cl_net.py").write_text(CHANNELS_LAST)
     monkeypatch.syspath_prepend(str(tmp_path))
-    state, res, d = run_stage(tmp_path, model="cl_net:build", scheme="onnxruntime_int8", calibration_batches=2)
+    state, res, d = run_stage(
+        tmp_path, model="cl_net:build", scheme="onnxruntime_int8", calibration_batches=2
+    )
     import onnx
 
     from compress_cli import quant
@@ -354,4 +373,8 @@ def test_pack_array_keeps_scalars_scalar():
     # scalar"): densenet's transition pools failed on reload before this held
     for a in (np.float32(0.5), np.array(3, dtype=np.uint8), np.arange(6, dtype=np.int8).reshape(2, 3)):
         back = unpack_array(pack_array(a))
-        assert back.shape == np.asarray(a).shape and back.dtype == np.asarray(a).dtype and np.array_equal(back, a)
+        assert (
+            back.shape == np.asarray(a).shape
+            and back.dtype == np.asarray(a).dtype
+            and np.array_equal(back, a)
+        )
