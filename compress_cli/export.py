@@ -191,6 +191,20 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: Path, dynamic_ba
     return ep
 
 
+def drop_unused_state(gm: Any) -> Any:
+    """Delete the parameters and buffers of a GraphModule that no node reads. PT2E's convert folds
+    each weight into an int8 constant but leaves the fp32 parameter beside it: exported as is, the
+    .pt2 of an int8 model was 1.4x the fp32 state_dict."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name in used or any(name.startswith(f"{c}.") for c in called):
+            continue
+        owner, _, attr = name.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)
+    return gm
+
+
 def strip_unused_constants(ep: Any) -> Any:
     """Drop state no graph node reads (e.g. fp32 weights left behind by a PT2E int8 conversion)."""
     used = {n.target for n in ep.graph.nodes if n.op == "get_attr"} | {

@@ -123,6 +123,7 @@ class Export(Stage[ExportConfig]):
         from ..checkpoint import atomic_write_bytes
         from ..export import (
             _PT2E_LOAD,
+            drop_unused_state,
             export_onnx,
             export_torch,
             export_torchscript,
@@ -152,12 +153,14 @@ class Export(Stage[ExportConfig]):
             info: dict[str, Any] = {"runtime": "torch-export"}
             if scheme in ("int8_static", "qat"):  # a fresh, uncompiled int8 graph (fp32 weights stripped)
                 assert entry is not None
-                model = quant.build_pt2e(
-                    state.model.cpu(),
-                    entry["qparams"],
-                    entry["reduce_range"],
-                    entry.get("exclude", []),
-                    entry["input_shape"],
+                model = drop_unused_state(
+                    quant.build_pt2e(
+                        state.model.cpu(),
+                        entry["qparams"],
+                        entry["reduce_range"],
+                        entry.get("exclude", []),
+                        entry["input_shape"],
+                    )
                 )
                 info["load"] = _PT2E_LOAD
             ep = export_torch(model, example, path, cfg.dynamic_batch)

@@ -88,6 +88,9 @@ def test_export_after_quantize_writes_the_quantized_model(tmp_path, scheme, sour
             if scheme == "int8_static":
                 targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
                 assert any("quantize_per" in t for t in targets), "the int8 graph, not the fp32 model"
+                stored = [*ep.state_dict.values(), *ep.constants.values()]
+                fp32_weights = [t for t in stored if t.dtype == torch.float32 and t.dim() >= 2]
+                assert not fp32_weights, "the fp32 weights the int8 graph does not read are stripped"
         else:
             got = torch.jit.load(info["path"])(x)
             assert "quantized" in str(torch.jit.load(info["path"]).graph)
