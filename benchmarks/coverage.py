@@ -172,7 +172,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                     )  # best effort: go on from the last good model
                     raise
                 note = res.notes or ""
-                if res.details.get("skipped"):
+                if note.startswith("skipped"):
                     return f"refused: {note}"
                 return note[:160]
 
@@ -210,6 +210,8 @@ def one(name: str, scheme: str) -> dict[str, Any]:
 
 
 def cell(r: dict[str, Any], step: str, timeout: int) -> str:
+    if "not_run" in r:
+        return "not run" if step == STEPS[0] else "-"
     if "timeout" in r:
         return f"timeout ({timeout} s)" if step == STEPS[0] else "-"
     if "crash" in r:
@@ -230,6 +232,7 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
     }
     all_ok = sum(1 for r in rows if all(r.get(st, {}).get("status") in ("pass", "refused") for st in STEPS))
     timeouts = sum(1 for r in rows if "timeout" in r)
+    not_run = sum(1 for r in rows if "not_run" in r)
     lines = [
         "# Coverage: torchvision classifiers through every stage",
         "",
@@ -240,7 +243,8 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
         "the outputs are finite with the right shape; reload: `load()` gives the live model's outputs; export: the "
         "ONNX file in ONNX Runtime matches the live model. `refused` = the stage declined up front with a reason.",
         "",
-        f"**{all_ok} of {len(rows)} models pass or are refused up front at every step**; {timeouts} timed out.",
+        f"**{all_ok} of {len(rows)} models pass or are refused up front at every step**; {timeouts} timed out"
+        + (f"; {not_run} not run yet." if not_run else "."),
         "",
         "| step | pass | refused | fail |",
         "|---|---|---|---|",
@@ -283,6 +287,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--scheme", default="onnxruntime_int8")
     ap.add_argument("--jobs", type=int, default=1, help="models run at once (one CPU thread each)")
+    ap.add_argument(
+        "--table-only", action="store_true", help="rewrite COVERAGE.md from coverage.jsonl, run nothing"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -297,7 +304,7 @@ def main() -> int:
         for r in map(json.loads, jsonl.read_text().splitlines()):
             if r.get("scheme") == args.scheme:
                 done[r["model"]] = r
-    todo = [n for n in names if args.names or n not in done]
+    todo = [] if args.table_only else [n for n in names if args.names or n not in done]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for row in pool.map(lambda n: run_one(n, args.scheme, args.timeout), todo):
             done[row["model"]] = row
@@ -305,7 +312,7 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     all_names = torchvision.models.list_models(module=torchvision.models)
-    rows = [done[n] for n in all_names if n in done]
+    rows = [done.get(n, {"model": n, "scheme": args.scheme, "not_run": True}) for n in all_names]
     (HERE / "COVERAGE.md").write_text(table(rows, args.timeout, args.scheme))
     return 0
 

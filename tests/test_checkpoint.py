@@ -15,6 +15,7 @@ from compress_cli.checkpoint import (
     tensor_encodings,
 )
 from compress_cli.errors import SourceError
+from compress_cli.sources.models import build_from_source as load_source_model
 from compress_cli.testing import seeded_zoo
 
 SPEC = {"source": "zoo:digits_cnn", "kwargs": {}}
@@ -171,3 +172,18 @@ def test_large_payloads_are_zstd_small_ones_xz_and_both_reload_exactly(tmp_path,
     again = ck.load(tmp_path / "m")
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_modules_that_check_their_state_version_reload(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without module versions (``_metadata``)."""
+    model = load_source_model({"source": "torchvision:mnasnet0_5", "kwargs": {"num_classes": 10}})
+    save_model(
+        model,
+        tmp_path / "m",
+        model_spec={"source": "torchvision:mnasnet0_5", "kwargs": {"num_classes": 10}},
+        input_shape=[3, 32, 32],
+    )
+    again = load(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again(x))

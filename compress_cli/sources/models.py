@@ -153,6 +153,11 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], origi
         if shapes:
             parts.append(f"mis-shaped: {few(shapes)}")
         raise SourceError(f"{origin}: checkpoint does not match the model architecture; " + "; ".join(parts))
+    if getattr(sd, "_metadata", None) is None:  # module versions (MNASNet refuses a state without them)
+        from collections import OrderedDict
+
+        sd = OrderedDict(sd)
+        sd._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(sd, strict=True)
 
 
