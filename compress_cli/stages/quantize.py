@@ -319,13 +319,16 @@ class Quantize(Stage[QuantizeConfig]):
                 sd = model.state_dict()
                 where = {k: (k, False) for k in snapped if k in sd}
                 where.update(quant.initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
-                missing = [k for k in snapped if k not in where]
-                if missing:
-                    raise StageError(
-                        f"ONNX initializers {missing[:3]} have no counterpart in the model's state (cannot store them)"
-                    )
+                # constants the exporter derived from parameters (e.g. Swin's gathered relative-position
+                # bias) have no state-dict key: they stay fp32 in the checkpoint, and load() derives and
+                # quantizes them again with the recorded scales, exactly as here
+                derived = [k for k in snapped if k not in where]
+                if derived:
+                    details["derived_constants"] = len(derived)
                 with torch.no_grad():
                     for k, v in snapped.items():
+                        if k not in where:
+                            continue
                         key, transposed = where[k]
                         t = torch.from_numpy(v)
                         sd[key].copy_(t.T if transposed else t.reshape(sd[key].shape))

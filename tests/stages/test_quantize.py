@@ -378,3 +378,40 @@ def test_pack_array_keeps_scalars_scalar():
             and back.dtype == np.asarray(a).dtype
             and np.array_equal(back, a)
         )
+
+
+DERIVED = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A bias gathered from a table by a constant index (as Swin's relative-position bias): the ONNX
+    exporter folds table[index] into an initializer that is no parameter of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 16)
+        self.table = nn.Parameter(torch.randn(32))
+        self.register_buffer("index", torch.arange(16) * 2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.fc(torch.relu(self.conv(x)).flatten(1)) + self.table[self.index]
+        return self.head(torch.relu(h))
+
+
+def build(num_classes=10):
+    return Net()
+'''
+
+
+def test_onnxruntime_int8_with_constants_derived_from_parameters_reloads_exactly(tmp_path, monkeypatch):
+    (tmp_path / "derived_net.py").write_text(DERIVED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state, res, d = run_stage(
+        tmp_path, model="derived_net:build", scheme="onnxruntime_int8", calibration_batches=2
+    )
+    assert res.details.get("derived_constants", 0) >= 1, "the folded table[index] constant is quantized"
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
