@@ -315,7 +315,8 @@ def train(
                 result.stopped_early = True
                 break
         stop = state.should_stop()
-        if dist_.any_rank(stop) if ddp else stop:
+        if dist_.any_rank(stop) if ddp else stop:  # the budget ran out during validation, or a signal
+            result.stopped_early = True
             break
     if best_state is not None and opts.early_stopping is not None:
         model.load_state_dict(best_state)
