@@ -342,18 +342,18 @@ class Net(nn.Module):
         x = self.pw(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.head(torch.relu(x).flatten(1))
 
-
-def build(num_classes=10):
-    return Net()
 '''
 
 
-def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monkeypatch):
-    (tmp_path / "cl_net.py").write_text(CHANNELS_LAST)
+def ort_int8_on(tmp_path, monkeypatch, name: str, source: str):
+    """Quantize the ``Net`` defined by ``source`` (a module file written to tmp_path) with onnxruntime_int8."""
+    (tmp_path / f"{name}.py").write_text(source + "\n\ndef build(num_classes=10):\n    return Net()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    state, res, d = run_stage(
-        tmp_path, model="cl_net:build", scheme="onnxruntime_int8", calibration_batches=2
-    )
+    return run_stage(tmp_path, model=f"{name}:build", scheme="onnxruntime_int8", calibration_batches=2)
+
+
+def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monkeypatch):
+    state, res, d = ort_int8_on(tmp_path, monkeypatch, "cl_net", CHANNELS_LAST)
     import onnx
 
     from compress_cli import quant
@@ -401,17 +401,10 @@ class Net(nn.Module):
         h = self.fc(torch.relu(self.conv(x)).flatten(1)) + self.table[self.index]
         return self.head(torch.relu(h))
 
-
-def build(num_classes=10):
-    return Net()
 '''
 
 
 def test_onnxruntime_int8_with_constants_derived_from_parameters_reloads_exactly(tmp_path, monkeypatch):
-    (tmp_path / "derived_net.py").write_text(DERIVED)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    state, res, d = run_stage(
-        tmp_path, model="derived_net:build", scheme="onnxruntime_int8", calibration_batches=2
-    )
+    state, res, d = ort_int8_on(tmp_path, monkeypatch, "derived_net", DERIVED)
     assert res.details.get("derived_constants", 0) >= 1, "the folded table[index] constant is quantized"
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
