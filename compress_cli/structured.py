@@ -379,7 +379,11 @@ def prune_channels(
     except StageError:
         raise
     except Exception as e:
-        raise StageError(f"torch-pruning could not trace the model: {_first_line(e)}") from None
+        raise StageError(
+            f"torch-pruning could not trace the model: {_first_line(e)}. Its dependency graph cannot follow "
+            "some tensor reshapes across channels (known: ShuffleNet's channel_shuffle, Swin's window "
+            "attention); put the modules around them in `ignore`, or use drop_layers / prune instead"
+        ) from None
     result = ChannelPruneResult(before, before, ignored, folded)
     for step in range(steps):
         if importance == "activation":
