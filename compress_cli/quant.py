@@ -919,6 +919,10 @@ def ort_rebuild(
         put(name, unpack_array(packed))
     cur = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for qname, base, node in _quantized_inits(model):
+        if base not in src and base.rstrip("0123456789") in src:
+            base = base.rstrip(
+                "0123456789"
+            )  # ORT's copy of an initializer shared by several nodes: NAME0, NAME1...
         if base not in src:
             raise SourceError(
                 f"quantized initializer {qname!r} has no fp32 source {base!r} in the exported model"

@@ -18,10 +18,8 @@ _spec.loader.exec_module(coverage)
 pytestmark = pytest.mark.slow
 
 
-KNOWN = {  # failures the sweep found and this version does not fix yet (benchmarks/COVERAGE.md)
-    "vit_b_32": "onnxruntime_int8: the exporter renames a shared LayerNorm bias initializer "
-    "(ln_1.bias0) and ort_rebuild does not map it back",
-}
+#: failures the sweep found that this version does not fix yet (benchmarks/COVERAGE.md): name -> why
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
