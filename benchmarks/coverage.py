@@ -130,7 +130,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
     import torch
 
     from compress_cli import load
-    from compress_cli.errors import StageError
+    from compress_cli.checkpoint import copy_model
     from compress_cli.pipeline import check_finite, save_snapshot
     from compress_cli.registry import get_stage
 
@@ -161,15 +161,13 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             cls = get_stage(cfg.type)
 
             def run_stage(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
-                before = {k: v.clone() for k, v in state.model.state_dict().items()}
+                before = copy_model(state.model)
                 try:
                     res = cls(cfg, i).run(state)
                     check_finite(state)
                     outputs(state, x)
                 except Exception:
-                    state.model.load_state_dict(
-                        before, strict=False
-                    )  # best effort: go on from the last good model
+                    state.model = before  # go on from the last good model (a failed stage may half-edit it)
                     raise
                 note = res.notes or ""
                 if note.startswith("skipped"):
@@ -205,7 +203,6 @@ def one(name: str, scheme: str) -> dict[str, Any]:
         step("reload", reload)
         step("export", export)
     row["s"] = round(time.perf_counter() - t0, 1)
-    del StageError
     return row
 
 

@@ -90,6 +90,9 @@ class _Lookup(torch.autograd.Function):
 class SharedWeight(nn.Module):
     """Parametrization ``weight = where(mask, centroids[index], 0)``; only ``centroids`` trains."""
 
+    index: torch.Tensor
+    mask: torch.Tensor
+
     def __init__(self, centroids: torch.Tensor, index: torch.Tensor, mask: torch.Tensor):
         super().__init__()
         self.centroids = nn.Parameter(centroids.clone())
@@ -98,7 +101,7 @@ class SharedWeight(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         w = _Lookup.apply(self.centroids, self.index)
-        return torch.where(tensor_attr(self, "mask"), w, torch.zeros((), dtype=w.dtype, device=w.device))
+        return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 @dataclass
