@@ -188,3 +188,27 @@ def test_centroid_finetuning_is_deterministic(tmp_path):
         run(s, "codebook", bits=4, epochs=1, lr=0.001, max_steps_per_epoch=2)
         outs.append(s.model.state_dict())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_fold_batchnorm_shares_the_folded_weights_keeps_zeros_and_reloads(tmp_path):
+    s = make_state(tmp_path, "zoo:digits_cnn")
+    train(s.model, s, TrainOptions(epochs=1, lr=0.01, max_steps_per_epoch=5))  # BN stats move off init
+    run(s, "prune", sparsity=0.6, include_head=True)
+    zeros = {n: P.effective_weight(s.model.get_submodule(n)) == 0 for n in ("conv1", "conv2", "fc")}
+    x = torch.randn(8, 1, 8, 8)
+    y = s.model.eval()(x)
+    res = run(
+        s, "codebook", bits=6, others="fp16", fold_batchnorm=True, epochs=1, lr=1e-3, max_steps_per_epoch=3
+    )
+    assert res.details["folded"] == ["conv1+bn1", "conv2+bn2"]
+    assert isinstance(s.model.bn1, torch.nn.Identity) and s.model.conv1.bias is not None
+    for n, z in zeros.items():  # folding and centroid training keep every pruned weight at zero
+        w = s.model.get_submodule(n).weight
+        assert torch.all(w[z] == 0) and nonzero_values(w) <= 64, n
+    assert torch.allclose(s.model.eval()(x), y, atol=0.2)  # 6-bit sharing of the folded weights
+    save_snapshot(s, tmp_path / "folded")
+    edit = read_manifest(tmp_path / "folded")["edits"][-1]
+    assert edit == {"stage": "codebook", "op": "codebook", "bits": 6, "others": "fp16", "folded_batchnorm": 2}
+    assert not any(k.startswith("bn") for k in s.model.state_dict())  # 4 tensors less per pair
+    loaded = compress_cli.load(tmp_path / "folded")
+    assert torch.equal(loaded(x), s.model(x))
