@@ -12,7 +12,8 @@ are finite with shape (N, 10); ``reload`` saves the checkpoint the pipeline writ
 ``compress_cli.load()``'s outputs with the live model's; ``export`` is the export stage, which
 checks the file in ONNX Runtime against the live model. A step that fails is recorded with the
 error's first line and the chain goes on from the last good model. A refusal (a stage saying up
-front that it cannot apply, e.g. drop_layers finding no removable block) is recorded as such.
+front that it cannot apply: ``Stage.preflight`` before anything runs, as ``compress run`` does, or
+drop_layers finding no removable block) is recorded as such, and the chain goes on without it.
 
 Writes ``benchmarks/coverage.jsonl`` (one row per model, reused on reruns) and
 ``benchmarks/COVERAGE.md``.
@@ -131,6 +132,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
 
     from compress_cli import load
     from compress_cli.checkpoint import copy_model
+    from compress_cli.errors import CompressError
     from compress_cli.pipeline import check_finite, save_snapshot
     from compress_cli.registry import get_stage
 
@@ -157,8 +159,17 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             except Exception as e:
                 row[key] = {"status": "fail", "info": first_line(e), "s": round(time.perf_counter() - ts, 1)}
 
+        refusals = {}  # what `compress run` would refuse up front (Stage.preflight), before stage 1
+        for i, cfg in enumerate(recipe.stages):
+            try:
+                get_stage(cfg.type)(cfg, i).preflight(state)
+            except CompressError as e:
+                refusals[i] = e.problems[0]
         for i, cfg in enumerate(recipe.stages):
             cls = get_stage(cfg.type)
+            if i in refusals:
+                row[cfg.type] = {"status": "refused", "info": refusals[i], "s": 0.0}
+                continue
 
             def run_stage(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
                 before = copy_model(state.model)

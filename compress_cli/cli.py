@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CompressError
+from .errors import CompressError, StageError
 
 app = typer.Typer(
     add_completion=False,
@@ -177,8 +177,11 @@ def validate(
         if model:
             from .dryrun import dry_run
 
-            for line in dry_run(r):
+            lines, refused = dry_run(r)
+            for line in lines:
                 out.print(line)
+            if refused:
+                raise StageError(refused)
     except CompressError as e:
         _fail(e, debug)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .recipe import Recipe
 
 
-def dry_run(recipe: Recipe) -> list[str]:
-    from .pipeline import build_state, resolve_device
+def dry_run(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """-> (what each stage would touch, the stages' up-front refusals of this model)."""
+    from .pipeline import build_state, preflight, resolve_device
     from .registry import get_stage
 
     state = build_state(recipe, resolve_device(recipe.device), recipe.output_dir())
@@ -21,4 +22,4 @@ def dry_run(recipe: Recipe) -> list[str]:
         stage = get_stage(cfg.type)(cfg, i)
         lines.append(f"{i}. {stage.name}")
         lines += [f"   {line}" for line in stage.preview(state)]
-    return lines
+    return lines, preflight(state)

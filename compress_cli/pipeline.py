@@ -377,6 +377,9 @@ class Run:
             recipe, dev, out, self.emit
         )  # bad model/data fail here, before anything is written
         state.should_stop = self.should_stop
+        refused = preflight(state, skip=start if resume else 0)
+        if refused:  # before any file is written or anything trains
+            raise StageError(refused)
         report: dict[str, Any] = {
             "recipe": recipe.name,
             "tool_version": __version__,
@@ -607,6 +610,26 @@ def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any
             raise StageError(f"stages[{i - 1}] ({cfg.type}): {type(e).__name__}: {e}") from e
     report["hparams"] = state.hparams
     return report
+
+
+def preflight(state: State, configs: Any = None, where: str = "stages", skip: int = 0) -> list[str]:
+    """Every stage's (and nested stage's) :meth:`Stage.preflight` against the loaded model, before
+    anything runs: the located refusals, one line each (empty: all stages can apply). The first
+    ``skip`` stages (already done, on --resume) are not checked."""
+    from .registry import get_stage
+
+    problems: list[str] = []
+    for i, cfg in enumerate(state.recipe.stages if configs is None else configs, start=1):
+        if i <= skip:
+            continue
+        cls = get_stage(cfg.type)
+        try:
+            cls(cfg, i).preflight(state)
+        except CompressError as e:
+            problems += [f"{where}[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
+        for field, children in cls.children(cfg):
+            problems += preflight(state, children, f"{where}[{i - 1}].{field}")
+    return problems
 
 
 def check_finite(state: State) -> None:

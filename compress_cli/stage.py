@@ -96,6 +96,12 @@ class Stage(Generic[C]):
         an export format the model left by the ``earlier`` stages (in run order) cannot take."""
         return []
 
+    def preflight(self, state: State) -> None:
+        """Checks against the loaded model, run for every stage before the first one starts (and by
+        ``compress validate --model``): raise :class:`~compress_cli.errors.StageError` when this
+        stage cannot apply to this model at all, so a run refuses up front instead of failing after
+        hours of earlier stages. Must not modify the state."""
+
     def preview(self, state: State) -> list[str]:
         """Dry run (``compress validate --model``): what this stage would touch. Must not modify."""
         return []

@@ -128,6 +128,54 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
+def high_rank_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Reshapes in one forward pass that turn a tensor of at most 4 dimensions into one of 5 or
+    more (ShuffleNet's channel shuffle, Swin's and MaxViT's window partitions), as
+    ``"module: view [..] -> [..]"``. torch-pruning's dependency graph maps channels through
+    flatten/unflatten between 2-D and 4-D only: on these it raises (ZeroDivisionError, TypeError)
+    or grows its index mappings until memory runs out, so ``prune_channels`` refuses such a model
+    up front. One entry per module."""
+    from torch.overrides import TorchFunctionMode
+
+    names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
+    stack: list[str] = []
+    found: dict[str, str] = {}
+    reshapes = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten}
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if (
+                func in reshapes
+                and isinstance(out, torch.Tensor)
+                and args
+                and isinstance(args[0], torch.Tensor)
+            ):
+                if args[0].dim() <= 4 < out.dim():
+                    where = stack[-1] if stack else type(model).__name__
+                    found.setdefault(where, f"{where}: view {list(args[0].shape)} -> {list(out.shape)}")
+            return out
+
+    def enter(m: nn.Module, _i: Any) -> None:
+        stack.append(names.get(id(m), "?"))
+
+    def leave(_m: nn.Module, _i: Any, _o: Any) -> None:  # returns None: the output stays as it is
+        stack.pop()
+
+    pre = nn.modules.module.register_module_forward_pre_hook(enter)
+    post = nn.modules.module.register_module_forward_hook(leave)
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), Watch():
+            model(example)
+    finally:
+        pre.remove()
+        post.remove()
+        model.train(was)
+    return list(found.values())
+
+
 # --------------------------------------------------------------------------- channel importance
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -380,9 +428,8 @@ def prune_channels(
         raise
     except Exception as e:
         raise StageError(
-            f"torch-pruning could not trace the model: {_first_line(e)}. Its dependency graph cannot follow "
-            "some tensor reshapes across channels (known: ShuffleNet's channel_shuffle, Swin's window "
-            "attention); put the modules around them in `ignore`, or use drop_layers / prune instead"
+            f"torch-pruning could not trace the model: {_first_line(e)}; use prune (unstructured) or "
+            "drop_layers on this model instead"
         ) from None
     result = ChannelPruneResult(before, before, ignored, folded)
     for step in range(steps):

@@ -55,6 +55,19 @@ class PruneChannels(Stage[PruneChannelsConfig]):
     def trains(cls, config: StageConfig) -> bool:
         return isinstance(config, PruneChannelsConfig) and config.epochs > 0 and config.steps > 1
 
+    def preflight(self, state: State) -> None:
+        from ..structured import high_rank_reshapes
+
+        found = high_rank_reshapes(state.model, state.data.example_input(1).to(state.device))
+        if found:
+            raise StageError(
+                f"cannot remove channels from this model: it reshapes feature maps into 5 or more "
+                f"dimensions ({found[0]}{f', and {len(found) - 1} more' if len(found) > 1 else ''}; "
+                "a channel shuffle or window partition), which torch-pruning's dependency graph cannot "
+                "follow (it fails or exhausts memory). Use prune (unstructured), drop_layers, codebook "
+                "or quantize on this model instead"
+            )
+
     def preview(self, state: State) -> list[str]:
         from ..structured import layer_widths, matches_any, output_layers
 

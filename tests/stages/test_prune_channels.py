@@ -197,3 +197,47 @@ def test_config_validation_and_preview():
     lines = stage.preview(state)
     assert "width kept: conv1, fc" in lines and any("matches nothing" in x for x in lines)
     assert state.model.conv1.out_channels == 16  # preview does not modify
+
+
+def test_channel_shuffle_and_window_partition_are_refused_before_anything_runs(tmp_path):
+    """torch-pruning cannot follow a reshape into 5+ dims (ShuffleNet fails, Swin/MaxViT exhaust
+    memory): the run refuses at the start, located, with nothing written; validate --model too."""
+    from typer.testing import CliRunner
+
+    from compress_cli.cli import app
+    from compress_cli.structured import high_rank_reshapes
+
+    found = high_rank_reshapes(
+        build_from_source({"source": "torchvision:shufflenet_v2_x0_5", "kwargs": {"num_classes": 10}}),
+        torch.randn(1, 3, 32, 32),
+    )
+    assert found[0] == "stage2.0: view [1, 48, 4, 4] -> [1, 2, 24, 4, 4]" and len(found) == 16
+    assert high_rank_reshapes(build_from_source({"source": "zoo:digits_resnet"}), X[:1]) == []
+    d = tiny_recipe_dict(
+        tmp_path,
+        model={"source": "torchvision:shufflenet_v2_x0_5", "kwargs": {"num_classes": 10}},
+        data={"source": "synthetic", "input_shape": [3, 32, 32], "num_classes": 10},
+        stages=[
+            {"type": "prune", "sparsity": 0.5},
+            {
+                "type": "hpo",
+                "n_trials": 2,
+                "space": {"prune_channels.ratio": {"float": [0.2, 0.4]}},
+                "stages": [{"type": "prune_channels", "ratio": 0.3}],
+            },
+            {"type": "prune_channels", "ratio": 0.3},
+        ],
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(StageError) as e:
+        run_recipe(validate(parse_yaml(path.read_text(), str(path))))
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "stages[1].stages[0] (prune_channels)",
+        "stages[2] (prune_channels)",
+    ]
+    assert "stage2.0: view [1, 48, 4, 4] -> [1, 2, 24, 4, 4], and 15 more" in e.value.problems[1]
+    assert "use prune (unstructured), drop_layers" in e.value.problems[1].lower()
+    assert not (tmp_path / "out").exists()  # refused before the baseline or stage 1 wrote anything
+    res = CliRunner().invoke(app, ["validate", str(path), "--model"])
+    assert res.exit_code == 1 and "1. prune" in res.output and "stages[2] (prune_channels)" in res.output
