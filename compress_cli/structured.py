@@ -145,15 +145,13 @@ def high_rank_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
     class Watch(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
-            if (
-                func in reshapes
-                and isinstance(out, torch.Tensor)
-                and args
-                and isinstance(args[0], torch.Tensor)
-            ):
-                if args[0].dim() <= 4 < out.dim():
-                    where = stack[-1] if stack else type(model).__name__
-                    found.setdefault(where, f"{where}: view {list(args[0].shape)} -> {list(out.shape)}")
+            src: Any = args[0] if args else None
+            grows = (
+                isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() <= 4 < out.dim()
+            )
+            if grows and func in reshapes:
+                where = stack[-1] if stack else type(model).__name__
+                found.setdefault(where, f"{where}: view {list(src.shape)} -> {list(out.shape)}")
             return out
 
     def enter(m: nn.Module, _i: Any) -> None:
