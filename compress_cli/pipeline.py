@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 Emit = Callable[..., None]
 
 
+MASKS = "masks.safetensors.xz"  # next to a snapshot's state.json: the pruning masks in force
+
+
 def _noop(*_: Any, **__: Any) -> None:
     pass
 
@@ -286,7 +289,16 @@ class Run:
         return self.snap_root / f"{i:02d}-{cfg.type}"
 
     def _write_state(self, d: Path, state: State, **extra: Any) -> None:
-        from .checkpoint import atomic_write_text
+        from .checkpoint import atomic_write_bytes, atomic_write_text, encode_state_dict
+        from .pruning import masks
+
+        # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
+        # later training exactly as the uninterrupted run does; stored as 0/1 tensors (bitmasks)
+        held = masks(state.model)
+        if held:
+            atomic_write_bytes(d / MASKS, encode_state_dict({k: m.float() for k, m in held.items()})[0])
+        else:
+            (d / MASKS).unlink(missing_ok=True)
 
         payload = {
             "top_digest": top_digest(self.recipe),
@@ -306,6 +318,13 @@ class Run:
 
         saved = json.loads((d / "state.json").read_text())
         state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
+        if (d / MASKS).is_file():
+            from .checkpoint import decode_state_dict
+            from .pruning import apply_masks
+
+            apply_masks(
+                state.model, {k: m.bool() for k, m in decode_state_dict((d / MASKS).read_bytes()).items()}
+            )
         state.hparams = dict(saved["hparams"])
         state.transforms = list(saved["transforms"])
         state.edits = EditLog(

@@ -119,3 +119,22 @@ def test_signal_finishes_the_step_saves_and_exits_130(sig, tmp_path):
     assert (out / "stages" / "01-finetune" / "interrupted" / "model" / "manifest.json").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["incomplete"] is True and "interrupted" in report["error"]
+
+
+def test_resume_after_prune_keeps_the_masks_through_later_training(tmp_path):
+    """The snapshot carries the pruning masks in force: a finetune resumed after a prune stage keeps
+    the pruned weights at zero, as the uninterrupted run does (bit for bit)."""
+    import shutil
+
+    stages = [{"type": "prune", "sparsity": 0.7}, {"type": "finetune", "epochs": 2, "lr": 0.01}]
+    path = recipe(tmp_path, "run", stages=stages)
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["run", str(path), "-q"]).exit_code == 0
+    reference = final(out)
+    assert (out / "stages" / "01-prune" / "masks.safetensors.xz").is_file()
+    shutil.rmtree(out / "stages" / "02-finetune")  # as if killed during the finetune
+    (out / "report.json").unlink()
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert final(out) == reference
+    assert reference[0]["nonzero_params"] < 0.35 * reference[0]["params"]
