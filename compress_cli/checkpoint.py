@@ -841,8 +841,17 @@ def save_model(
     atomic_write_bytes(directory / manifest["weights"], blob)
     for stale in {WEIGHTS, WEIGHTS_ZSTD} - {manifest["weights"]}:  # a re-save with the other codec
         (directory / stale).unlink(missing_ok=True)
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    atomic_write_text(directory / MANIFEST, manifest_text(manifest))
     return checkpoint_size(directory)
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """One top-level key per line, each value compact: readable, and a third of ``indent=2``'s
+    size (the manifest counts in the checkpoint's size: 600 of a deep-compressed model's 14 KB)."""
+    lines = [
+        f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'), default=str)}" for k, v in manifest.items()
+    ]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def checkpoint_size(directory: Path | str) -> int:

@@ -173,3 +173,29 @@ def round_others(model: nn.Module, skip: set[int], dtype: torch.dtype) -> list[s
             t.copy_(r)
         done.append(name)
     return done
+
+
+def absorb_batchnorm_stats(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Rewrite every affine batch norm with running statistics so that its statistics live in its
+    weight and bias: ``weight' = weight / sqrt(var + eps)``, ``bias' = bias - mean * weight'``, running
+    mean 0 and running variance ``1 - eps`` (so ``var + eps`` is 1). Eval-mode outputs are unchanged
+    (to float rounding); the two statistics become constants that the checkpoint stores in a few
+    bytes. For a model that no longer trains (training mode would update the statistics again).
+    Returns the names rewritten and the constant tensors (to leave out of any later rounding)."""
+    done: list[str] = []
+    constants: list[torch.Tensor] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.affine:
+            continue
+        if m.running_mean is None or m.running_var is None:
+            continue
+        with torch.no_grad():
+            inv = (m.running_var.double() + m.eps).rsqrt()
+            scale = m.weight.double() * inv
+            m.bias.copy_(m.bias.double() - m.running_mean.double() * scale)
+            m.weight.copy_(scale)
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0 - m.eps)
+        constants += [m.running_mean, m.running_var]
+        done.append(name)
+    return done, constants

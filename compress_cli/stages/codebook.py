@@ -28,10 +28,13 @@ class CodebookConfig(StageConfig, TrainOptions):
         description="every other float parameter/buffer (biases, norms): kept, or rounded to float16/bfloat16 "
         "values at the end (stored in 2 bytes; the model stays float32)",
     )
-    fold_batchnorm: bool = Field(
-        False,
-        description="first fold each batch norm into the conv before it (the conv gets a bias, the BN "
-        "becomes Identity): 4 fewer tensors per pair to store; the folded weights are what gets shared",
+    batchnorm: Literal["keep", "fold", "affine"] = Field(
+        "keep",
+        description="batch norms: keep; fold each into the conv before it first (the conv gets a bias, the BN "
+        "becomes Identity: 4 fewer tensors per pair, but the folded weights are what gets shared, which can "
+        "cost accuracy); affine: at the end, move the running statistics into the BN's weight and bias "
+        "(running mean 0, variance 1 - eps: the same outputs in eval mode, 2 constant tensors that store "
+        "in a few bytes)",
     )
 
 
@@ -87,7 +90,7 @@ class Codebook(Stage[CodebookConfig]):
 
         cfg = self.config
         details: dict[str, Any] = {}
-        if cfg.fold_batchnorm:
+        if cfg.batchnorm == "fold":
             from ..quant import fold_batchnorm
 
             masks = remove_reparametrization(state.model)  # fold the effective (masked) weights
@@ -114,16 +117,19 @@ class Codebook(Stage[CodebookConfig]):
             details["finetune"] = res.summary()
             for name, mod in targets:
                 per[name]["clusters"] = C.distinct_nonzero(mod)
+        skip = {id(mod.weight) for _, mod in targets}
+        if cfg.batchnorm == "affine":
+            details["affine"], constants = C.absorb_batchnorm_stats(state.model)
+            skip |= {id(t) for t in constants}
         if cfg.others != "keep":
             import torch
 
-            skip = {id(mod.weight) for _, mod in targets}
             details["rounded"] = C.round_others(
                 state.model, skip, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.others])
             )
         extra: dict[str, Any] = {"layers": dict(cfg.layers)} if cfg.layers else {}
-        if cfg.fold_batchnorm:
-            extra["folded_batchnorm"] = len(details["folded"])
+        if cfg.batchnorm != "keep":
+            extra["batchnorm"] = cfg.batchnorm
         if cfg.others != "keep":
             extra["others"] = cfg.others
         state.edits.record(self.name, op="codebook", bits=cfg.bits, **extra)

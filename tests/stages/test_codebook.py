@@ -198,7 +198,7 @@ def test_fold_batchnorm_shares_the_folded_weights_keeps_zeros_and_reloads(tmp_pa
     x = torch.randn(8, 1, 8, 8)
     y = s.model.eval()(x)
     res = run(
-        s, "codebook", bits=6, others="fp16", fold_batchnorm=True, epochs=1, lr=1e-3, max_steps_per_epoch=3
+        s, "codebook", bits=6, others="fp16", batchnorm="fold", epochs=1, lr=1e-3, max_steps_per_epoch=3
     )
     assert res.details["folded"] == ["conv1+bn1", "conv2+bn2"]
     assert isinstance(s.model.bn1, torch.nn.Identity) and s.model.conv1.bias is not None
@@ -208,7 +208,25 @@ def test_fold_batchnorm_shares_the_folded_weights_keeps_zeros_and_reloads(tmp_pa
     assert torch.allclose(s.model.eval()(x), y, atol=0.2)  # 6-bit sharing of the folded weights
     save_snapshot(s, tmp_path / "folded")
     edit = read_manifest(tmp_path / "folded")["edits"][-1]
-    assert edit == {"stage": "codebook", "op": "codebook", "bits": 6, "others": "fp16", "folded_batchnorm": 2}
+    assert edit == {"stage": "codebook", "op": "codebook", "bits": 6, "others": "fp16", "batchnorm": "fold"}
     assert not any(k.startswith("bn") for k in s.model.state_dict())  # 4 tensors less per pair
     loaded = compress_cli.load(tmp_path / "folded")
     assert torch.equal(loaded(x), s.model(x))
+
+
+def test_batchnorm_affine_moves_the_statistics_into_weight_and_bias(tmp_path):
+    s = make_state(tmp_path, "zoo:digits_cnn")
+    train(s.model, s, TrainOptions(epochs=1, lr=0.01, max_steps_per_epoch=5))  # BN stats move off init
+    x = torch.randn(8, 1, 8, 8)
+    run(s, "codebook", bits=4)
+    y = s.model.eval()(x)
+    plain = save_snapshot(s, tmp_path / "plain")
+    s2 = make_state(tmp_path / "2", "zoo:digits_cnn")
+    s2.model.load_state_dict(s.model.state_dict())
+    res = run(s2, "codebook", bits=4, batchnorm="affine")
+    assert res.details["affine"] == ["bn1", "bn2"]
+    bn = s2.model.bn2
+    assert torch.all(bn.running_mean == 0) and float((bn.running_var + bn.eps).rsqrt().max()) == 1.0
+    assert torch.allclose(s2.model.eval()(x), y, atol=1e-5)  # eval outputs unchanged
+    assert save_snapshot(s2, tmp_path / "affine") < plain  # two constant tensors per BN
+    assert torch.equal(compress_cli.load(tmp_path / "affine")(x), s2.model(x))
