@@ -749,6 +749,11 @@ def ort_quantize(
             x = next(self.it, None)
             return None if x is None else {ONNX_INPUT: x}
 
+    model = onnx.load_from_string(fp32)
+    # nodes computing constants (Swin v2's cpb_mlp on its relative_coords_table buffer): quantizing
+    # them buys nothing, and ORT quantizes a constant MatMul input as a weight, then shares it as an
+    # activation through Identity nodes -> a DequantizeLinear bound to int8 and uint8 at load
+    exclude = sorted(set(exclude_nodes) | set(constant_nodes(model.graph)))
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -757,7 +762,7 @@ def ort_quantize(
     with tempfile.TemporaryDirectory() as d, quiet():
         out = Path(d) / "q.onnx"
         quantize_static(
-            onnx.load_from_string(fp32),
+            model,
             out,
             Reader(),
             quant_format=QuantFormat.QDQ,
@@ -766,11 +771,23 @@ def ort_quantize(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
-            nodes_to_exclude=list(exclude_nodes) or None,
+            nodes_to_exclude=exclude or None,
             calibration_cache_path=None,
             extra_options={"CalibTensorRangeSymmetric": False},
         )
         return out.read_bytes()
+
+
+def constant_nodes(graph: Any) -> list[str]:
+    """Names of the nodes of an ONNX graph whose outputs do not depend on its inputs."""
+    live = {i.name for i in graph.input}
+    out = []
+    for n in graph.node:  # ONNX graphs are topologically sorted
+        if any(i in live for i in n.input):
+            live.update(n.output)
+        else:
+            out.append(n.name)
+    return out
 
 
 def onnx_nodes_for_modules(fp32: bytes, modules: Iterable[str]) -> list[str]:

@@ -408,3 +408,42 @@ def test_onnxruntime_int8_with_constants_derived_from_parameters_reloads_exactly
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "derived_net", DERIVED)
     assert res.details.get("derived_constants", 0) >= 1, "the folded table[index] constant is quantized"
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+
+
+CONSTANT_MLP = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """Swin v2's continuous position bias: an MLP applied to a constant coordinate table (a buffer
+    every block holds with the same values, so the exporter shares one initializer through Identity)."""
+
+    def __init__(self):
+        super().__init__()
+        coords = torch.stack(torch.meshgrid(torch.arange(-3.0, 4), torch.arange(-3.0, 4), indexing="ij"), -1)
+        self.register_buffer("table", coords.unsqueeze(0) / 3)
+        self.cpb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1, bias=False))
+        self.fc = nn.Linear(49, 49)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x) + self.cpb(self.table).flatten())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.up = nn.Linear(64, 49)
+        self.blocks = nn.Sequential(Block(), Block(), Block())
+        self.head = nn.Linear(49, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.up(self.conv(x).flatten(1))))
+
+'''
+
+
+def test_onnxruntime_int8_leaves_constant_subgraphs_in_float(tmp_path, monkeypatch):
+    state, res, d = ort_int8_on(tmp_path, monkeypatch, "cpb_net", CONSTANT_MLP)
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
