@@ -289,14 +289,18 @@ class Run:
         return self.snap_root / f"{i:02d}-{cfg.type}"
 
     def _write_state(self, d: Path, state: State, **extra: Any) -> None:
+        import numpy as np
+        import torch
+
         from .checkpoint import atomic_write_bytes, atomic_write_text, encode_state_dict
         from .pruning import masks
 
         # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
-        # later training exactly as the uninterrupted run does; stored as 0/1 tensors (bitmasks)
+        # later training exactly as the uninterrupted run does; one bit per weight, entropy-coded
         held = masks(state.model)
         if held:
-            atomic_write_bytes(d / MASKS, encode_state_dict({k: m.float() for k, m in held.items()})[0])
+            packed = {k: torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1))) for k, m in held.items()}
+            atomic_write_bytes(d / MASKS, encode_state_dict(packed)[0])
         else:
             (d / MASKS).unlink(missing_ok=True)
 
@@ -319,12 +323,20 @@ class Run:
         saved = json.loads((d / "state.json").read_text())
         state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
         if (d / MASKS).is_file():
+            import math
+
+            import numpy as np
+            import torch
+
             from .checkpoint import decode_state_dict
             from .pruning import apply_masks
 
-            apply_masks(
-                state.model, {k: m.bool() for k, m in decode_state_dict((d / MASKS).read_bytes()).items()}
-            )
+            held = {}
+            for key, bits in decode_state_dict((d / MASKS).read_bytes()).items():
+                shape = state.model.get_parameter(key).shape  # the mask's tensor, a plain parameter now
+                flat = np.unpackbits(bits.numpy())[: math.prod(shape)].astype(bool)
+                held[key] = torch.from_numpy(flat).reshape(shape)
+            apply_masks(state.model, held)
         state.hparams = dict(saved["hparams"])
         state.transforms = list(saved["transforms"])
         state.edits = EditLog(
