@@ -220,18 +220,38 @@ def count_masked(module: nn.Module) -> int:
 
 def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
     """Rank the weights of ``modules`` together by |w| and mask the smallest until
-    ``sparsity`` of them (cumulative, counting earlier masks) are masked. Returns newly masked."""
+    ``sparsity`` of them (cumulative, counting earlier masks) are masked. Returns newly masked.
+
+    The masks are what ``torch.nn.utils.prune.global_unstructured`` with L1Unstructured computes
+    (ties at the threshold go in module order), installed with ``custom_from_mask``; but the
+    threshold comes from one ``kthvalue`` over the unmasked magnitudes instead of a ``topk`` over
+    concatenated scores and masks: ~8 bytes per weight at peak instead of ~35 (ViT-H/14's 632M
+    weights ran out of 24 GB)."""
     total = sum(tensor_attr(m).numel() for m in modules)
     amount = int(round(sparsity * total)) - sum(count_masked(m) for m in modules)
     if amount <= 0 or not modules:
         return 0
-    params = [(m, "weight") for m in modules]
-    scores = {(m, "weight"): effective_weight(m) for m in modules}
-    tprune.global_unstructured(
-        params, pruning_method=tprune.L1Unstructured, amount=amount, importance_scores=scores
-    )
-    for m in modules:
-        _refresh(m)
+
+    def alive(m: nn.Module) -> torch.Tensor:
+        w = tensor_attr(m)
+        return tensor_attr(m, "weight_mask").bool() if is_pruned(m) else torch.ones_like(w, dtype=torch.bool)
+
+    with torch.no_grad():
+        pool = torch.cat([effective_weight(m).abs()[alive(m)].float() for m in modules])
+        threshold = pool.kthvalue(amount).values
+        del pool
+        ties = amount - sum(int(((effective_weight(m).abs() < threshold) & alive(m)).sum()) for m in modules)
+        for m in modules:
+            keep = alive(m)
+            mag = effective_weight(m).abs()
+            drop = keep & (mag < threshold)
+            if ties > 0:
+                tied = (keep & (mag == threshold)).flatten().nonzero().flatten()[:ties]
+                drop.view(-1)[tied] = True
+                ties -= tied.numel()
+            del mag
+            tprune.custom_from_mask(m, "weight", (keep & ~drop).to(tensor_attr(m).dtype))
+            _refresh(m)
     return amount
 
 

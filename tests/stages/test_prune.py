@@ -268,3 +268,36 @@ def test_preview_names_layers_and_the_head(state):
         "fc3: classifier head, not pruned",
     ]
     assert not any(P.is_pruned(m) for m in state.model.modules())
+
+
+def test_prune_global_gives_torch_global_unstructureds_masks_and_exact_counts():
+    """Our lean global ranking (one kthvalue) against torch.nn.utils.prune.global_unstructured,
+    one shot and cumulative; with ties at the threshold the count is still exact."""
+    import torch.nn.utils.prune as tprune
+
+    def layers(seed):
+        g = torch.Generator().manual_seed(seed)
+        mods = [torch.nn.Linear(40, 30), torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(30, 10)]
+        with torch.no_grad():
+            for m in mods:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1 + len(m.weight.shape)))
+        return mods
+
+    ours, ref = layers(0), layers(0)
+    for sparsity in (0.5, 0.8):
+        P.prune_global(ours, sparsity)
+        total = sum(m.weight.numel() for m in ref)
+        already = sum(int((m.weight_mask == 0).sum()) for m in ref if hasattr(m, "weight_mask"))
+        tprune.global_unstructured(
+            [(m, "weight") for m in ref],
+            pruning_method=tprune.L1Unstructured,
+            amount=round(sparsity * total) - already,
+        )
+        for a, b in zip(ours, ref, strict=True):
+            assert torch.equal(a.weight_mask, b.weight_mask) and torch.equal(a.weight, b.weight)
+    tied = [torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)]
+    with torch.no_grad():
+        for m in tied:
+            m.weight.fill_(0.5)
+    assert P.prune_global(tied, 0.35) == 70
+    assert sum(int((m.weight == 0).sum()) for m in tied) == 70
