@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from sweep_structured import first_line, model_kwargs  # noqa: E402
 
+BIG_MODEL = 200_000_000  # parameters: above, the rollback copy of the model is kept on disk
 STEPS = ("prune", "prune_channels", "drop_layers", "quantize", "reload", "export")
 #: a subset of architectures kept as slow tests (tests/test_coverage.py)
 REPRESENTATIVE = (
@@ -181,14 +182,22 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                 continue
 
             def run_stage(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
-                before = copy_model(state.model)
+                # go on from the last good model after a failure (a failed stage may half-edit it);
+                # the copy waits on disk for big models (ViT-H/14: a second 632M-parameter copy in
+                # memory, masks included, does not fit next to the stage's own work in 24 GB)
+                on_disk = sum(p.numel() for p in state.model.parameters()) > BIG_MODEL
+                if on_disk:
+                    torch.save(state.model, out / "before.pt")
+                before = None if on_disk else copy_model(state.model)
                 try:
                     res = cls(cfg, i).run(state)
                     check_finite(state)
                     outputs(state, x)
                 except Exception:
-                    state.model = before  # go on from the last good model (a failed stage may half-edit it)
+                    state.model = torch.load(out / "before.pt", weights_only=False) if on_disk else before
                     raise
+                finally:
+                    (out / "before.pt").unlink(missing_ok=True)
                 note = res.notes or ""
                 if note.startswith("skipped"):
                     return f"refused: {note}"
