@@ -303,8 +303,18 @@ def run_one(name: str, scheme: str, timeout: int) -> dict[str, Any]:
     got = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if got:
         return json.loads(got[-1][7:])
+    if res.returncode == -9:  # what the kernel's OOM killer sends
+        return {
+            "model": name,
+            "scheme": scheme,
+            "crash": "killed by SIGKILL (the OOM killer, on this machine)",
+        }
     err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    return {"model": name, "scheme": scheme, "crash": (err[-1] if err else f"exit {res.returncode}")[:200]}
+    return {
+        "model": name,
+        "scheme": scheme,
+        "crash": f"exit {res.returncode}: " + (err[-1] if err else "")[:200],
+    }
 
 
 def main() -> int:
