@@ -846,8 +846,9 @@ def save_model(
 
 
 def manifest_text(manifest: dict[str, Any]) -> str:
-    """One top-level key per line, each value compact: readable, and a third of ``indent=2``'s
-    size (the manifest counts in the checkpoint's size: 600 of a deep-compressed model's 14 KB)."""
+    """One top-level key per line, each value compact: readable, and 50-70 % of ``indent=2``'s size
+    (the manifest counts in the checkpoint's size: 446 of the deep-compressed Fashion CNN's 14,806
+    bytes, 605 with ``indent=2``)."""
     lines = [
         f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'), default=str)}" for k, v in manifest.items()
     ]

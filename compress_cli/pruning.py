@@ -222,11 +222,13 @@ def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
     """Rank the weights of ``modules`` together by |w| and mask the smallest until
     ``sparsity`` of them (cumulative, counting earlier masks) are masked. Returns newly masked.
 
-    The masks are what ``torch.nn.utils.prune.global_unstructured`` with L1Unstructured computes
-    (ties at the threshold go in module order), installed with ``custom_from_mask``; but the
-    threshold comes from one ``kthvalue`` over the unmasked magnitudes instead of a ``topk`` over
-    concatenated scores and masks: ~8 bytes per weight at peak instead of ~35 (ViT-H/14's 632M
-    weights ran out of 24 GB)."""
+    The masks are those of ``torch.nn.utils.prune.global_unstructured`` with L1Unstructured, up to
+    ties: weights with exactly the threshold's magnitude are masked in module order, where torch's
+    ``topk`` picks among them arbitrarily (8 of 44M differed on vit_b_32; the count is the same).
+    Installed with ``custom_from_mask``; the threshold comes from one ``kthvalue`` over the unmasked
+    magnitudes instead of a ``topk`` over concatenated scores and masks. Measured on vit_b_32
+    (87M weights, one thread): peak process memory 29 instead of 51 bytes per weight, 4.0 s
+    instead of 12.4 s."""
     total = sum(tensor_attr(m).numel() for m in modules)
     amount = int(round(sparsity * total)) - sum(count_masked(m) for m in modules)
     if amount <= 0 or not modules:
