@@ -136,7 +136,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
     from compress_cli import load
     from compress_cli.checkpoint import copy_model
     from compress_cli.errors import CompressError
-    from compress_cli.pipeline import check_finite, save_snapshot
+    from compress_cli.pipeline import check_finite, release_memory, save_snapshot
     from compress_cli.registry import get_stage
 
     torch.set_num_threads(1)
@@ -168,6 +168,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                 }
             except Exception as e:
                 row[key] = {"status": "fail", "info": first_line(e), "s": round(time.perf_counter() - ts, 1)}
+            release_memory()  # as `compress run` does after each stage
 
         refusals = {}  # what `compress run` would refuse up front (Stage.preflight), before stage 1
         for i, cfg in enumerate(recipe.stages):

@@ -93,6 +93,10 @@ def prepare_output(out: Path, force: bool) -> None:
         raise UsageError(f"output {out}: not writable ({e.strerror or e})") from None
 
 
+#: bytes of weights above which the frozen original model waits in a file instead of in memory
+ORIGINAL_IN_MEMORY_MAX = 1 << 30
+
+
 def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _noop) -> State:
     from .sources.data import build_data
     from .sources.models import load_model
@@ -103,14 +107,11 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
     model, spec = load_model(recipe.model)
     check_model_fits_data(model, data)
     model.to(device).eval()
-    original = copy.deepcopy(model).eval()
-    for p in original.parameters():
-        p.requires_grad_(False)
     from .recipe import ModelConfig
 
-    return State(
+    state = State(
         model=model,
-        original=original,
+        original=model,  # replaced below
         data=data,
         device=device,
         recipe=recipe,
@@ -119,6 +120,22 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
         seed=recipe.seed,
         emit=emit,
     )
+    if sum(t.numel() * t.element_size() for t in model.state_dict().values()) > ORIGINAL_IN_MEMORY_MAX:
+        # a second copy in memory would be the model's size again for the whole run (ViT-H/14: 2.5 GB)
+        import tempfile
+        import weakref
+
+        import torch
+
+        folder = tempfile.mkdtemp(prefix="compress-original-")
+        torch.save(model, Path(folder) / "original.pt")
+        state.original = Path(folder) / "original.pt"
+        weakref.finalize(state, shutil.rmtree, folder, ignore_errors=True)
+    else:
+        state.original = copy.deepcopy(model).eval()
+        for p in state.original.parameters():
+            p.requires_grad_(False)
+    return state
 
 
 def check_model_fits_data(model: Any, data: Any) -> None:
@@ -446,7 +463,7 @@ class Run:
         d = self.snap_root / "00-baseline"
         save_snapshot(state, d / "model")
         baseline = measure(state, d / "model", None)
-        baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original)
+        baseline["fp32_bytes"] = fp32_state_dict_bytes(state.original_model())
         baseline["size_ratio"] = baseline["fp32_bytes"] / baseline["size_bytes"]
         baseline["guard_violations"] = guard_violations(self.recipe, baseline, baseline)
         self._write_state(d, state, baseline=baseline, stage=None)
@@ -479,6 +496,7 @@ class Run:
             ts = time.perf_counter()
             try:
                 result = stage.run(state)
+                release_memory()
                 check_finite(state)
             except CompressError as e:
                 e.problems = [f"stages[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
@@ -661,6 +679,19 @@ def preflight(state: State, configs: Any = None, where: str = "stages", skip: in
         for field, children in cls.children(cfg):
             problems += preflight(state, children, f"{where}[{i - 1}].{field}")
     return problems
+
+
+def release_memory() -> None:
+    """Hand the memory a stage freed back to the operating system. A stage's temporaries (model
+    copies, an ONNX file in memory) are freed when it returns, but glibc keeps much of the heap they
+    used, and the next stage's peak comes on top: ViT-H/14 (632M parameters) held 10.2 GB resident
+    after prune_channels, 5.3 GB after this."""
+    import ctypes
+    import gc
+
+    gc.collect()  # reference cycles (torch-pruning's dependency graph) hold tensors until collected
+    with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere there is nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def check_finite(state: State) -> None:

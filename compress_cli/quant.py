@@ -206,15 +206,16 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def fold_batchnorm(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` (eval mode, CPU) with each conv->BN pair folded: the conv gets the BN's
     affine map (and a bias), the BN becomes ``nn.Identity`` — standard layers, so the checkpoint's
-    architecture diff records and rebuilds them without special code."""
+    architecture diff records and rebuilds them without special code. ``inplace``: fold ``model``
+    itself (a caller's own copy), not a copy of it."""
     import torch
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    model = copy.deepcopy(model).cpu().eval()
+    model = (model if inplace else copy.deepcopy(model)).cpu().eval()
     folded = []
     with torch.no_grad():
         for conv_name, bn_name in conv_bn_pairs(model):
@@ -711,20 +712,50 @@ ONNX_EXPORTERS = {"auto": ("legacy", "dynamo"), "torchscript": ("legacy",), "dyn
 def export_onnx(
     model: nn.Module, input_shape: Iterable[int], opset: int = 17, exporter: str = "auto"
 ) -> tuple[bytes, str]:
-    """fp32 ONNX of (a copy of) ``model`` with a dynamic batch axis -> (bytes, "torchscript" or "dynamo")."""
+    """fp32 ONNX of ``model`` (in eval mode) with a dynamic batch axis -> (bytes, "torchscript" or "dynamo").
+
+    ``model`` is left as it was. It is copied only when it is not all-CPU fp32 already: the copy is
+    the model's size again, which a 500M-parameter model (ViT-H/14) cannot spare next to the exporter."""
     import torch
 
     from .export import onnx_bytes
 
-    model = copy.deepcopy(model).cpu().float().eval()
-    data, used = onnx_bytes(
-        model, torch.zeros(2, *input_shape), opset=opset, exporters=ONNX_EXPORTERS[exporter]
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64, torch.bool) for t in tensors
     )
+    modes = {name: m.training for name, m in model.named_modules()}
+    work = model if ready else copy.deepcopy(model).cpu().float()
+    try:
+        data, used = onnx_bytes(
+            work.eval(), torch.zeros(2, *input_shape), opset=opset, exporters=ONNX_EXPORTERS[exporter]
+        )
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
     return data, "torchscript" if used == "legacy" else used
 
 
+def export_onnx_file(
+    model: nn.Module, input_shape: Iterable[int], path: Path, opset: int = 17, exporter: str = "auto"
+) -> str:
+    """:func:`export_onnx` written to ``path``; returns the exporter used. For the ONNX Runtime
+    quantizer, which reads a file: the bytes are not held in memory while it runs (they are the
+    model's size again)."""
+    data, used = export_onnx(model, input_shape, opset, exporter)
+    Path(path).write_bytes(data)
+    return used
+
+
+def load_onnx(src: bytes | Path) -> Any:
+    """An ONNX ModelProto from file bytes or a path."""
+    import onnx
+
+    return onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(str(src))
+
+
 def ort_quantize(
-    fp32: bytes,
+    fp32: bytes | Path,
     batches: list[Any],
     reduce_range: bool,
     method: str = "minmax",
@@ -732,7 +763,6 @@ def ort_quantize(
 ) -> bytes:
     """ONNX Runtime ``quantize_static``: QDQ format, per-channel int8 weights, uint8 activations
     (the x86 "U8S8" layout), calibrated on ``batches`` (numpy arrays)."""
-    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -749,21 +779,26 @@ def ort_quantize(
             x = next(self.it, None)
             return None if x is None else {ONNX_INPUT: x}
 
-    model = onnx.load_from_string(fp32)
     # nodes computing constants (Swin v2's cpb_mlp on its relative_coords_table buffer): quantizing
     # them buys nothing, and ORT quantizes a constant MatMul input as a weight, then shares it as an
     # activation through Identity nodes -> a DequantizeLinear bound to int8 and uint8 at load
-    exclude = sorted(set(exclude_nodes) | set(constant_nodes(model.graph)))
+    exclude = sorted(set(exclude_nodes) | set(constant_nodes(load_onnx(fp32).graph)))
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
     with tempfile.TemporaryDirectory() as d, quiet():
+        # from a file, not a ModelProto: ORT then loads the model once (given a proto, it saves and
+        # reloads it, and ours stays alive too: two more copies of the weights at the peak)
         out = Path(d) / "q.onnx"
+        if isinstance(fp32, bytes):
+            (src := Path(d) / "fp32.onnx").write_bytes(fp32)
+        else:
+            src = fp32
         quantize_static(
-            model,
-            out,
+            str(src),
+            str(out),
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
@@ -790,14 +825,12 @@ def constant_nodes(graph: Any) -> list[str]:
     return out
 
 
-def onnx_nodes_for_modules(fp32: bytes, modules: Iterable[str]) -> list[str]:
+def onnx_nodes_for_modules(fp32: bytes | Path, modules: Iterable[str]) -> list[str]:
     """Names of the ONNX nodes that read a parameter of one of ``modules`` (for nodes_to_exclude)."""
-    import onnx
-
     prefixes = tuple(m + "." for m in modules)
     if not prefixes:
         return []
-    g = onnx.load_from_string(fp32).graph
+    g = load_onnx(fp32).graph
     inits = {i.name for i in g.initializer}
     return [n.name for n in g.node if any(i in inits and i.startswith(prefixes) for i in n.input)]
 
@@ -819,22 +852,17 @@ def _broadcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 
 def initializer_sources(
-    fp32: bytes, names: Iterable[str], sd: dict[str, torch.Tensor]
+    fp32: bytes | Path, names: Iterable[str], sd: dict[str, torch.Tensor]
 ) -> dict[str, tuple[str, bool]]:
     """For ONNX initializers not named after a state-dict key: the key whose tensor, or its
     transpose, they equal exactly -> (key, transposed). The TorchScript exporter folds constant
     transposes, e.g. ``nn.Linear`` on channels-last tensors (ConvNeXt) becomes MatMul with an
     initializer ``onnx::MatMul_N`` = W^T."""
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
     wanted = set(names)
-    inits = {
-        i.name: numpy_helper.to_array(i)
-        for i in onnx.load_from_string(fp32).graph.initializer
-        if i.name in wanted
-    }
+    inits = {i.name: numpy_helper.to_array(i) for i in load_onnx(fp32).graph.initializer if i.name in wanted}
     by_numel: dict[int, list[str]] = {}
     for k, t in sd.items():
         if t.is_floating_point():
@@ -902,7 +930,7 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def ort_rebuild(
-    fp32: bytes,
+    fp32: bytes | Path,
     params: dict[str, Any],
     reduce_range: bool,
     input_shape: Iterable[int],
@@ -917,7 +945,8 @@ def ort_rebuild(
 
     dummy = [np.random.default_rng(0).standard_normal((2, *input_shape)).astype(np.float32)]
     model = onnx.load_from_string(ort_quantize(fp32, dummy, reduce_range, "minmax", exclude_nodes))
-    src = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(fp32).graph.initializer}
+    # initializers as protos, each converted when used: all of them as arrays is the model's size again
+    src = {i.name: i for i in load_onnx(fp32).graph.initializer}
     index = {i.name: k for k, i in enumerate(model.graph.initializer)}
 
     def put(name: str, value: np.ndarray) -> None:
@@ -934,7 +963,7 @@ def ort_rebuild(
         )
     for name, packed in params.items():
         put(name, unpack_array(packed))
-    cur = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    cur = {i.name: i for i in model.graph.initializer}  # put() updates these protos in place
     for qname, base, node in _quantized_inits(model):
         if base not in src and base.rstrip("0123456789") in src:
             base = base.rstrip(
@@ -944,19 +973,18 @@ def ort_rebuild(
             raise SourceError(
                 f"quantized initializer {qname!r} has no fp32 source {base!r} in the exported model"
             )
-        qv = cur[qname]
-        scale = cur[node.input[1]].astype(np.float64)
+        qv = numpy_helper.to_array(cur[qname])
+        scale = numpy_helper.to_array(cur[node.input[1]]).astype(np.float64)
         zp = (
-            cur[node.input[2]].astype(np.float64)
+            numpy_helper.to_array(cur[node.input[2]]).astype(np.float64)
             if len(node.input) > 2 and node.input[2] in cur
             else np.zeros(())
         )
         ax = _dq_axis(node)
         ax = ax if ax >= 0 else ax + qv.ndim
         info = np.iinfo(qv.dtype)
-        q = np.rint(src[base].astype(np.float64) / _broadcast(scale, qv.ndim, ax)) + _broadcast(
-            zp, qv.ndim, ax
-        )
+        w = numpy_helper.to_array(src[base]).astype(np.float64)
+        q = np.rint(w / _broadcast(scale, qv.ndim, ax)) + _broadcast(zp, qv.ndim, ax)
         put(qname, np.clip(q, info.min, info.max).astype(qv.dtype))
     return model.SerializeToString()
 
@@ -1092,16 +1120,22 @@ def rebuild(model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.M
         )
         return QuantizedGraph(graph, compiled=entry.get("compile", True))
     if scheme == "onnxruntime_int8":
-        fp32, _ = export_onnx(
-            model, entry["input_shape"], entry.get("opset", 17), entry.get("exporter", "torchscript")
-        )
-        q = ort_rebuild(
-            fp32,
-            entry["onnx_qparams"],
-            entry["reduce_range"],
-            entry["input_shape"],
-            entry.get("exclude_nodes", []),
-        )
+        with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
+            fp32 = Path(d) / "fp32.onnx"
+            export_onnx_file(
+                model,
+                entry["input_shape"],
+                fp32,
+                entry.get("opset", 17),
+                entry.get("exporter", "torchscript"),
+            )
+            q = ort_rebuild(
+                fp32,
+                entry["onnx_qparams"],
+                entry["reduce_range"],
+                entry["input_shape"],
+                entry.get("exclude_nodes", []),
+            )
         return OrtModule(q)
     if scheme in CUDA_SCHEMES:
         if device is None:

@@ -86,7 +86,10 @@ class CompiledRunner(Runner):
         """The original fp32 model compiled the same way, timed with the recipe's latency config."""
         import copy
 
-        original = copy.deepcopy(state.original).to(self.device).eval()
+        original = state.original_model()
+        if original is state.original:  # in memory: compiling must not touch it
+            original = copy.deepcopy(original)
+        original = original.to(self.device).eval()
         return baseline_latency(state, CompiledRunner(original, self.device, frozen=self._frozen, **self._kw))
 
 
@@ -121,7 +124,7 @@ class OrtRunner(Runner):
         """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
         from .quant import OrtModule, export_onnx
 
-        fp32, _ = export_onnx(state.original, state.data.input_shape)
+        fp32, _ = export_onnx(state.original_model(), state.data.input_shape)
         return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
 
 

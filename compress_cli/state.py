@@ -101,7 +101,9 @@ class EditLog:
 @dataclass
 class State:
     model: nn.Module
-    original: nn.Module  # the model as loaded, frozen; the teacher and the baseline
+    #: the model as loaded, frozen: the default teacher and the baseline; a big one waits in a file
+    #: (see pipeline.build_state). Read it with ``original_model()``.
+    original: nn.Module | Path
     data: DataBundle
     device: torch.device
     recipe: Recipe
@@ -119,6 +121,18 @@ class State:
     #: called by training.train after every epoch with (epoch, metrics), after its own on_epoch
     #: (hpo reports validation accuracy to its pruner this way, through any wrapped stage)
     epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list, repr=False)
+
+    def original_model(self) -> nn.Module:
+        """The model as loaded (eval mode, no gradients); read back from its file for each call when
+        it waits on disk, so a caller holds it only as long as it needs it."""
+        if not isinstance(self.original, Path):
+            return self.original
+        import torch
+
+        model = torch.load(self.original, map_location=self.device, weights_only=False).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
 
     def select_modules(
         self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()

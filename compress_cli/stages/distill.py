@@ -137,7 +137,7 @@ class Distill(Stage[DistillConfig]):
 
         t = self.config.teacher
         if t == "original":
-            return freeze_teacher(state.original, state.device), "original"
+            return freeze_teacher(state.original_model(), state.device), "original"
         assert isinstance(t, ModelConfig)
         from ..pipeline import check_model_fits_data
         from ..sources.models import load_model

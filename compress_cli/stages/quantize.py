@@ -261,6 +261,16 @@ class Quantize(Stage[QuantizeConfig]):
         cfg = self.config
         scheme = cfg.scheme
         reference = quant.strip_pruning(state.model).cpu().eval()
+
+        def check_batch() -> Any:
+            return next(iter(state.data.loader("val")))[0].cpu().float()
+
+        # the int8 logits must follow fp32 on a validation batch (SQNR check below); the fp32 logits
+        # are taken now, so the conversion works on this one copy (qat: after fine-tuning)
+        if scheme != "qat":
+            x = check_batch()
+            with torch.inference_mode():
+                y_ref = reference(x)
         exclude = self._excluded(state)
         if cfg.reduce_range is None:
             reduce_range, why = quant.choose_reduce_range()
@@ -284,7 +294,8 @@ class Quantize(Stage[QuantizeConfig]):
                 )
             details["layers"] = layers
         else:
-            model, folded = quant.fold_batchnorm(reference)
+            model, folded = quant.fold_batchnorm(reference, inplace=True)
+            del reference  # now `model`
             details["folded_batchnorm"] = folded
             details["reduce_range"] = reduce_range
             details["reduce_range_reason"] = why
@@ -297,9 +308,10 @@ class Quantize(Stage[QuantizeConfig]):
                 calibrate = quant.fx_calibrate if fx else quant.pt2e_calibrate
                 entry["qparams"] = calibrate(model, batches, reduce_range, exclude)
             elif scheme == "qat":
-                entry["qparams"], details["training"], reference = self._qat(
-                    state, model, reduce_range, exclude
-                )
+                entry["qparams"], details["training"] = self._qat(state, model, reduce_range, exclude)
+                x = check_batch()
+                with torch.inference_mode():
+                    y_ref = model.eval()(x)  # the fine-tuned fp32 weights, before snapping
             if fx:
                 details["quantized_weights"] = quant.snap_fx_weights_(model, exclude)
                 details["backend"] = entry["backend"] = "fx"
@@ -308,32 +320,7 @@ class Quantize(Stage[QuantizeConfig]):
                 details["backend"] = quant._pt2e().where
                 entry["compile"] = cfg.compile
             else:  # onnxruntime_int8
-                batches = self._calibration(state)
-                details["calibration_batches"] = len(batches)
-                fp32, exporter = quant.export_onnx(model, shape, cfg.opset, cfg.exporter)
-                nodes = quant.onnx_nodes_for_modules(fp32, exclude)
-                q = quant.ort_quantize(
-                    fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes
-                )
-                params, snapped = quant.ort_record(q)
-                sd = model.state_dict()
-                where = {k: (k, False) for k in snapped if k in sd}
-                where.update(quant.initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
-                # constants the exporter derived from parameters (e.g. Swin's gathered relative-position
-                # bias) have no state-dict key: they stay fp32 in the checkpoint, and load() derives and
-                # quantizes them again with the recorded scales, exactly as here
-                derived = [k for k in snapped if k not in where]
-                if derived:
-                    details["derived_constants"] = len(derived)
-                with torch.no_grad():
-                    for k, v in snapped.items():
-                        if k not in where:
-                            continue
-                        key, transposed = where[k]
-                        t = torch.from_numpy(v)
-                        sd[key].copy_(t.T if transposed else t.reshape(sd[key].shape))
-                details["quantized_tensors"] = len(snapped)
-                entry.update(onnx_qparams=params, opset=cfg.opset, exporter=exporter, exclude_nodes=nodes)
+                self._onnxruntime(state, model, reduce_range, entry, details)
         runtime = quant.rebuild(model, entry)
         if isinstance(runtime, quant.OrtModule):
             path = state.output_dir / "model.onnx"
@@ -343,9 +330,7 @@ class Quantize(Stage[QuantizeConfig]):
             details["onnx_bytes"] = len(runtime.onnx_bytes)
         runner = make_runner(runtime, entry, state)
         # accept the result only if the int8 logits follow fp32 (catches e.g. int16 saturation)
-        x = next(iter(state.data.loader("val")))[0].cpu().float()
         with torch.inference_mode():
-            y_ref = reference(x)  # qat: the fine-tuned fp32 weights before snapping
             runner.prepare()
             y = runner(x)
         sqnr = quant.sqnr_db(y_ref, y)
@@ -367,13 +352,55 @@ class Quantize(Stage[QuantizeConfig]):
             notes += f", reduce_range={'on' if reduce_range else 'off'}"
         return StageResult(notes=notes, details=details, artifacts=artifacts)
 
+    def _onnxruntime(
+        self, state: State, model: Any, reduce_range: bool, entry: dict[str, Any], details: dict[str, Any]
+    ) -> None:
+        """ONNX Runtime static int8 on ``model``'s ONNX export: snaps ``model``'s weights to the grid
+        ORT chose and records its scales in ``entry`` (load() rebuilds the same graph from them)."""
+        import tempfile
+        from pathlib import Path
+
+        import torch
+
+        from .. import quant
+
+        cfg = self.config
+        batches = self._calibration(state)
+        details["calibration_batches"] = len(batches)
+        with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
+            # the fp32 ONNX (the model's size) waits on disk while ONNX Runtime quantizes it
+            fp32 = Path(d) / "fp32.onnx"
+            exporter = quant.export_onnx_file(model, entry["input_shape"], fp32, cfg.opset, cfg.exporter)
+            nodes = quant.onnx_nodes_for_modules(fp32, entry["exclude"])
+            q = quant.ort_quantize(
+                fp32, quant.calibration_arrays(batches), reduce_range, cfg.calibrate_method, nodes
+            )
+            params, snapped = quant.ort_record(q)
+            del q
+            sd = model.state_dict()
+            where = {k: (k, False) for k in snapped if k in sd}
+            where.update(quant.initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
+        # constants the exporter derived from parameters (e.g. Swin's gathered relative-position
+        # bias) have no state-dict key: they stay fp32 in the checkpoint, and load() derives and
+        # quantizes them again with the recorded scales, exactly as here
+        derived = [k for k in snapped if k not in where]
+        if derived:
+            details["derived_constants"] = len(derived)
+        with torch.no_grad():
+            for k, v in snapped.items():
+                if k not in where:
+                    continue
+                key, transposed = where[k]
+                t = torch.from_numpy(v)
+                sd[key].copy_(t.T if transposed else t.reshape(sd[key].shape))
+        details["quantized_tensors"] = len(snapped)
+        entry.update(onnx_qparams=params, opset=cfg.opset, exporter=exporter, exclude_nodes=nodes)
+
     def _qat(
         self, state: State, model: Any, reduce_range: bool, exclude: list[str]
-    ) -> tuple[dict[str, Any], dict[str, Any], Any]:
-        """Fake-quant fine-tuning of ``model`` (BN already folded) through the shared loop; returns
-        the qparams, the training summary and a copy of the fine-tuned fp32 model."""
-        import copy
-
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Fake-quant fine-tuning of ``model`` (BN already folded) through the shared loop, its fp32
+        weights copied back into ``model``; returns the qparams and the training summary."""
         import torch
 
         from .. import quant
@@ -386,7 +413,7 @@ class Quantize(Stage[QuantizeConfig]):
         quant.copy_trained_(graph, model)
         with quant.quiet(), torch.no_grad():
             qparams = quant.record_qparams(graph)
-        return qparams, res.summary(), copy.deepcopy(model).eval()
+        return qparams, res.summary()
 
 
 def measure_threads(state: State) -> int:

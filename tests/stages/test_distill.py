@@ -144,6 +144,37 @@ def test_t_squared_keeps_the_gradient_scale():
 
 
 # ------------------------------------------------------------------ the stage
+def test_a_big_original_waits_on_disk_and_teaches_the_same(tmp_path, teacher_ckpt, monkeypatch):
+    """Over ORIGINAL_IN_MEMORY_MAX the frozen original is a file read back per use (not a second
+    in-memory copy for the whole run); distillation from it gives the same student, bit for bit."""
+    import gc
+
+    import compress_cli.pipeline as pipeline
+
+    students = []
+    for limit in (None, 0):
+        if limit is not None:
+            monkeypatch.setattr(pipeline, "ORIGINAL_IN_MEMORY_MAX", limit)
+        state = make_state(tmp_path / str(limit), checkpoint=teacher_ckpt)
+        state.model = seeded_zoo("digits_cnn", seed=3)
+        teacher = state.original_model()
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        x = torch.randn(4, 1, 8, 8)
+        with torch.no_grad():
+            ref = seeded_zoo("digits_cnn").eval()
+            ref.load_state_dict(torch.load(teacher_ckpt))
+            assert torch.equal(teacher(x), ref(x))
+        run_stage(state, epochs=1, lr=0.01, alpha=0.9, temperature=4.0)
+        students.append(state.model.state_dict())
+        if limit is not None:
+            path = state.original
+            assert isinstance(path, Path) and path.is_file()
+            del state
+            gc.collect()
+            assert not path.parent.exists()  # removed with the run's state
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
 def test_teacher_untouched_and_student_learns_from_it(tmp_path, teacher_ckpt):
     state = make_state(tmp_path, checkpoint=teacher_ckpt)
     state.model = seeded_zoo("digits_cnn", seed=3)  # a fresh student of the same shape
