@@ -31,6 +31,35 @@ def test_onnx_legacy_torch_export_and_torchscript(tmp_path):
     assert res.artifacts == [v["path"] for v in files.values()]
 
 
+def test_legacy_exporter_takes_multihead_attention():
+    """Eval without grad sends nn.MultiheadAttention down its fused fast path, an op the TorchScript
+    exporter has no symbolic for; the export takes the standard path (same outputs) and leaves the
+    fast path switched on for everyone else."""
+    from compress_cli.export import onnx_bytes
+
+    class Attn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(8, 16)
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x.flatten(1, 2))  # (N, 8, 8): the image rows as 8 tokens
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    data, used = onnx_bytes(model, torch.zeros(2, 1, 8, 8), exporters=("legacy",))
+    assert used == "legacy" and torch.backends.mha.get_fastpath_enabled()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x)
+    assert float(y.abs().max()) > 0.05
+    assert abs(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]) - y).max() < 1e-5
+
+
 def test_export_of_a_pruned_model_folds_the_masks(tmp_path):
     import torch.nn.utils.prune as P
 
