@@ -166,7 +166,7 @@ def bench_latency(
     cfg = cls.config_class.model_validate(load_dict("fashion_prune_distill.yaml")["stages"][0])
     cls(cfg, 1).run(state)
     models = {
-        "teacher fashion_cnn": state.original,
+        "teacher fashion_cnn": state.original_model(),
         "prune_channels 0.7": state.model,
         "fashion_cnn_small": build_from_source({"source": "zoo:fashion_cnn_small"}).eval(),
     }

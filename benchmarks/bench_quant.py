@@ -179,7 +179,7 @@ def main() -> None:
     state = build_state(recipe, torch.device("cpu"), tmp / "state")
     calib = [x for x, _ in state.data.calibration()]
     reduce_range, why = quant.choose_reduce_range()
-    original = copy.deepcopy(state.original).eval()
+    original = copy.deepcopy(state.original_model()).eval()
     torch.set_num_threads(args.threads)
     direct_static = direct_pt2e(copy.deepcopy(original), calib, reduce_range)
     direct_onnx, direct_onnx_bytes = direct_ort(
