@@ -94,19 +94,29 @@ def onnx_bytes(
 
 
 @contextlib.contextmanager
-def _mha_standard_path() -> Iterator[None]:
-    """``nn.MultiheadAttention`` without its fused fast path (taken in eval mode without grad): the
-    fused op ``aten::_native_multi_head_attention`` has no TorchScript-exporter symbolic, so every
-    ViT fell back to the dynamo exporter (3.3x slower on vit_b_32: 14.1 s vs 4.3 s)."""
+def _torchscript_exporter_fixes() -> Iterator[None]:
+    """Two quirks of torch's TorchScript ONNX exporter, undone for the export:
+
+    - ``nn.MultiheadAttention`` takes its fused fast path in eval mode without grad, and the fused op
+      (``aten::_native_multi_head_attention``) has no symbolic: every ViT fell back to the dynamo
+      exporter (3.3x slower on vit_b_32: 14.1 s vs 4.3 s). The standard path exports.
+    - The exporter switches its C++ log on for good (``setup_onnx_logging`` tests the function
+      ``_jit_is_onnx_log_enabled`` for truth, not its result), then prints the whole IR graph to the
+      process's stdout when an op fails: thousands of lines for a ViT, past Python's redirection.
+    """
     import torch
 
-    mha = torch.backends.mha
-    was = mha.get_fastpath_enabled()
+    mha, c = torch.backends.mha, torch._C
+    fast, log, set_log = mha.get_fastpath_enabled(), c._jit_is_onnx_log_enabled(), c._jit_set_onnx_log_enabled
     mha.set_fastpath_enabled(False)
+    set_log(False)
+    c._jit_set_onnx_log_enabled = lambda enabled: None
     try:
         yield
     finally:
-        mha.set_fastpath_enabled(was)
+        c._jit_set_onnx_log_enabled = set_log
+        set_log(log)
+        mha.set_fastpath_enabled(fast)
 
 
 def _onnx_once(
@@ -136,7 +146,7 @@ def _onnx_once(
         return prog.model_proto.SerializeToString()
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
-    with torch.no_grad(), quiet(), _mha_standard_path():
+    with torch.no_grad(), quiet(), _torchscript_exporter_fixes():
         torch.onnx.export(
             model,
             (example,),

@@ -60,6 +60,25 @@ def test_legacy_exporter_takes_multihead_attention():
     assert abs(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]) - y).max() < 1e-5
 
 
+def test_a_failed_torchscript_export_prints_nothing(capfd):
+    """torch's TorchScript exporter leaves its C++ log on and prints the whole IR graph to the process's
+    stdout when an op fails (here adaptive pooling 9 -> 4); the fallback to dynamo stays silent."""
+    from compress_cli.export import onnx_bytes
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.AdaptiveAvgPool2d((4, 4)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    ).eval()
+    for _ in range(2):  # the second time too: the exporter's switch must not stick
+        _, used = onnx_bytes(model, torch.zeros(2, 1, 11, 11), exporters=("legacy", "dynamo"))
+        assert used == "dynamo"
+    out, err = capfd.readouterr()
+    assert "graph" not in out and "graph" not in err
+    assert not torch._C._jit_is_onnx_log_enabled()
+
+
 def test_export_of_a_pruned_model_folds_the_masks(tmp_path):
     import torch.nn.utils.prune as P
 
