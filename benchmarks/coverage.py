@@ -18,7 +18,7 @@ drop_layers finding no removable block) is recorded as such, and the chain goes 
 Writes ``benchmarks/coverage.jsonl`` (one row per model, reused on reruns) and
 ``benchmarks/COVERAGE.md``.
 
-    python benchmarks/coverage.py [--timeout 300] [--scheme onnxruntime_int8] [--jobs 2] [NAME ...]
+    python benchmarks/coverage.py [--timeout 2400] [--scheme onnxruntime_int8] [--jobs 2] [NAME ...]
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def run_one(name: str, scheme: str, timeout: int) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="*")
-    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--timeout", type=int, default=2400, help="seconds per model (ViT-H/14 takes ~15 min)")
     ap.add_argument("--scheme", default="onnxruntime_int8")
     ap.add_argument("--jobs", type=int, default=1, help="models run at once (one CPU thread each)")
     ap.add_argument(
