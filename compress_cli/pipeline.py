@@ -24,6 +24,7 @@ from .recipe import Recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from .state import State
 
@@ -109,9 +110,24 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
     model.to(device).eval()
     from .recipe import ModelConfig
 
+    original: nn.Module | Path
+    folder = None
+    if sum(t.numel() * t.element_size() for t in model.state_dict().values()) > ORIGINAL_IN_MEMORY_MAX:
+        # a second copy in memory would be the model's size again for the whole run (ViT-H/14: 2.5 GB)
+        import tempfile
+
+        import torch
+
+        folder = tempfile.mkdtemp(prefix="compress-original-")
+        original = Path(folder) / "original.pt"
+        torch.save(model, original)
+    else:
+        original = copy.deepcopy(model).eval()
+        for p in original.parameters():
+            p.requires_grad_(False)
     state = State(
         model=model,
-        original=model,  # replaced below
+        original=original,
         data=data,
         device=device,
         recipe=recipe,
@@ -120,21 +136,10 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
         seed=recipe.seed,
         emit=emit,
     )
-    if sum(t.numel() * t.element_size() for t in model.state_dict().values()) > ORIGINAL_IN_MEMORY_MAX:
-        # a second copy in memory would be the model's size again for the whole run (ViT-H/14: 2.5 GB)
-        import tempfile
+    if folder is not None:
         import weakref
 
-        import torch
-
-        folder = tempfile.mkdtemp(prefix="compress-original-")
-        torch.save(model, Path(folder) / "original.pt")
-        state.original = Path(folder) / "original.pt"
-        weakref.finalize(state, shutil.rmtree, folder, ignore_errors=True)
-    else:
-        state.original = copy.deepcopy(model).eval()
-        for p in state.original.parameters():
-            p.requires_grad_(False)
+        weakref.finalize(state, shutil.rmtree, folder, ignore_errors=True)  # goes with the run's state
     return state
 
 

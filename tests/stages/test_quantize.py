@@ -364,18 +364,25 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
 
 
-def test_export_onnx_leaves_the_model_as_it_was():
+def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
     """No copy for a CPU fp32 model (a 500M-parameter model cannot spare one), yet its train/eval
     modes come back; a model in another dtype is exported from an fp32 copy."""
+    import copy
+
     from compress_cli.testing import tiny_cnn
 
+    copies = []
+    deepcopy = copy.deepcopy
+    monkeypatch.setattr(quant.copy, "deepcopy", lambda o, *a: copies.append(o) or deepcopy(o, *a))
     x = torch.randn(3, 1, 8, 8)
-    for dtype in (torch.float32, torch.float64):
+    for dtype, copied in ((torch.float32, 0), (torch.float64, 1)):
+        copies.clear()
         model = tiny_cnn().to(dtype).train()
         next(iter(model.children())).eval()  # mixed modes: each module's own comes back
         modes = {n: m.training for n, m in model.named_modules()}
         before = {k: v.clone() for k, v in model.state_dict().items()}
         fp32, _ = quant.export_onnx(model, [1, 8, 8])
+        assert sum(o is model for o in copies) == copied
         assert {n: m.training for n, m in model.named_modules()} == modes
         assert all(
             torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items()
