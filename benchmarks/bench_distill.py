@@ -48,8 +48,8 @@ def load_dict(name: str) -> dict[str, Any]:
 
 
 def run(d: dict[str, Any]) -> dict[str, Any]:
-    from compress_cli.pipeline import run_recipe
-    from compress_cli.recipe import parse_yaml, validate
+    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.engine.run import run_recipe
 
     return run_recipe(validate(parse_yaml(yaml.safe_dump(d, sort_keys=False))), force=True)
 
@@ -152,12 +152,12 @@ def bench_latency(
     three alike. Latency does not depend on the weights: the student is freshly built."""
     import torch
 
-    from compress_cli.measure import latency
-    from compress_cli.pipeline import build_state
-    from compress_cli.recipe import LatencyConfig, Recipe
-    from compress_cli.registry import get_stage
-    from compress_cli.runners import EagerRunner
+    from compress_cli.config.recipe import LatencyConfig, Recipe
+    from compress_cli.engine.run import build_state
+    from compress_cli.runtime.measure import latency
+    from compress_cli.runtime.runners import EagerRunner
     from compress_cli.sources.models import build_from_source
+    from compress_cli.stages.registry import get_stage
 
     d = prepare(load_dict("fashion_prune_distill.yaml"), 0, teacher, 2000, tmp / "latency")
     d["stages"] = []

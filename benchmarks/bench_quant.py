@@ -29,17 +29,17 @@ import numpy as np
 import torch
 
 import compress_cli
-from compress_cli import quant
-from compress_cli.measure import evaluate
-from compress_cli.pipeline import build_state, run_recipe
-from compress_cli.recipe import load_recipe
+from compress_cli.config.recipe import load_recipe
+from compress_cli.engine.run import build_state, run_recipe
+from compress_cli.quantization import core as quant
+from compress_cli.runtime.measure import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("ours int8_static", "direct pt2e"), ("ours onnxruntime_int8", "direct ort quantize_static")]
 
 
 class Fn:
-    """A callable as a runner for compress_cli.measure.evaluate."""
+    """A callable as a runner for compress_cli.runtime.measure.evaluate."""
 
     def __init__(self, fn: Any):
         self.fn = fn

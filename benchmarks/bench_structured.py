@@ -54,9 +54,9 @@ def part_a() -> list[str]:
 
     from compress_cli import load
     from compress_cli.checkpoint import save_model
-    from compress_cli.measure import count_macs
+    from compress_cli.pruning.structured import layer_widths, prune_channels
+    from compress_cli.runtime.measure import count_macs
     from compress_cli.sources.models import build_from_source
-    from compress_cli.structured import layer_widths, prune_channels
 
     spec = {"source": "torchvision:resnet18", "kwargs": {}}
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -109,7 +109,7 @@ def part_a() -> list[str]:
 def fashion_32(limit_train: int, limit_test: int):
     from torch.utils.data import TensorDataset
 
-    from compress_cli.recipe import DataConfig
+    from compress_cli.config.recipe import DataConfig
     from compress_cli.sources.data import build_data
 
     b = build_data(
@@ -146,8 +146,8 @@ def accuracy(model, loader) -> float:
 
 
 def part_b() -> list[str]:
-    from compress_cli.registry import get_stage
     from compress_cli.sources.models import build_from_source
+    from compress_cli.stages.registry import get_stage
     from compress_cli.testing import tiny_state
     from compress_cli.training import TrainOptions, train
 

@@ -28,8 +28,8 @@ import torch
 
 
 def make_state(model: str, seed: int, out: Path) -> Any:
-    from compress_cli.pipeline import build_state
-    from compress_cli.recipe import Recipe
+    from compress_cli.config.recipe import Recipe
+    from compress_cli.engine.run import build_state
 
     recipe = Recipe.model_validate(
         {
@@ -46,8 +46,8 @@ def make_state(model: str, seed: int, out: Path) -> Any:
 
 
 def accuracy(state: Any, split: str) -> float:
-    from compress_cli.measure import evaluate
-    from compress_cli.runners import EagerRunner
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
 
     return evaluate(EagerRunner(state.model, state.device), state.data.loader(split), state.data.num_classes)[
         "accuracy"
@@ -55,7 +55,7 @@ def accuracy(state: Any, split: str) -> float:
 
 
 def run_stage(state: Any, type_: str, index: int = 1, **cfg: Any) -> Any:
-    from compress_cli.registry import get_stage
+    from compress_cli.stages.registry import get_stage
 
     cls = get_stage(type_)
     return cls(cls.config_class.model_validate({"type": type_, **cfg}), index).run(state)

@@ -80,8 +80,8 @@ def build(name: str, out: Path, scheme: str) -> Any:
     import torch
     import yaml
 
-    from compress_cli.pipeline import build_state
-    from compress_cli.recipe import parse_yaml, validate
+    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.engine.run import build_state
 
     kw, size = model_kwargs(name)
     recipe = validate(
@@ -117,7 +117,7 @@ def build(name: str, out: Path, scheme: str) -> Any:
 def outputs(state: Any, x: Any) -> Any:
     import torch
 
-    from compress_cli.pipeline import current_runner
+    from compress_cli.engine.run import current_runner
 
     runner = current_runner(state)
     runner.prepare()
@@ -135,9 +135,9 @@ def one(name: str, scheme: str) -> dict[str, Any]:
 
     from compress_cli import load
     from compress_cli.checkpoint import copy_model
+    from compress_cli.engine.run import check_finite, release_memory, save_snapshot
     from compress_cli.errors import CompressError
-    from compress_cli.pipeline import check_finite, release_memory, save_snapshot
-    from compress_cli.registry import get_stage
+    from compress_cli.stages.registry import get_stage
 
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name, "scheme": scheme}
@@ -217,7 +217,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             return f"{size_bytes / 1e6:.2f} MB, max diff {diff:.2g}"
 
         def export() -> str:
-            from compress_cli.export import unsupported_formats
+            from compress_cli.runtime.export import unsupported_formats
 
             cls = get_stage("export")
             cfg = cls.config_class(type="export", formats=["onnx"])

@@ -70,9 +70,9 @@ def one(name: str) -> dict:
 
     import torch
 
-    from compress_cli.measure import count_macs
+    from compress_cli.pruning.structured import drop_layers, prune_channels
+    from compress_cli.runtime.measure import count_macs
     from compress_cli.sources.models import build_from_source
-    from compress_cli.structured import drop_layers, prune_channels
 
     torch.set_num_threads(1)
     kw, size = model_kwargs(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from compress_cli._version import __version__
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,7 +22,7 @@ __all__ = ["__version__", "load", "run"]
 
 def load(path: str | Path) -> nn.Module:
     """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode."""
-    from .checkpoint import load as _load
+    from compress_cli.checkpoint import load as _load
 
     return _load(path)
 
@@ -36,8 +36,8 @@ def run(
     output: str | None = None,
 ) -> dict[str, Any]:
     """Validate and run a recipe file; returns the report (as written to report.json)."""
-    from .pipeline import run_recipe
-    from .recipe import load_recipe
+    from compress_cli.config.recipe import load_recipe
+    from compress_cli.engine.run import run_recipe
 
     r, _ = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
     return run_recipe(r, force=force, device=device)

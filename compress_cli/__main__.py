@@ -1,3 +1,3 @@
-from .cli import main
+from compress_cli.cli import main
 
 main()

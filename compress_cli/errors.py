@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class CompressError(Exception):
     """Base of every error the tool raises on purpose. ``problems`` holds one line per problem."""
@@ -43,3 +46,10 @@ class Interrupted(CompressError):
     """SIGINT/SIGTERM received; a snapshot was written. Exit code 130."""
 
     exit_code = 130
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, else `` (known: a, b, ...)``: appended to errors."""
+    choices = list(choices)
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(choices))})"

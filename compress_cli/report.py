@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from compress_cli._utils.io import atomic_write_text
 
 DEFINITIONS = {
     "accuracy": "top-1 accuracy on the held-out split, fraction 0..1",

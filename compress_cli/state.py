@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
-    from .recipe import ModelConfig, Recipe
+    from compress_cli.config.recipe import ModelConfig, Recipe
 
 
 @dataclass
@@ -146,7 +146,7 @@ class State:
                 return self.hparams[key]
             if default is not None:
                 return default
-            from .errors import StageError
+            from compress_cli.errors import StageError
 
             raise StageError(f"{key}: 'auto' but no earlier stage found a value")
         return value

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from .state import DataBundle
+    from compress_cli.state import DataBundle
 
 
 def seeded_zoo(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
     """Build ``zoo:name`` with weights drawn from ``seed`` (the global RNG state is left untouched)."""
     import torch
 
-    from .sources.zoo import build_zoo
+    from compress_cli.sources.zoo import build_zoo
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -50,8 +50,8 @@ def digits_bundle(
     seed: int = 0, batch_size: int = 64, limit_train: int | None = None, **data: Any
 ) -> DataBundle:
     """The embedded digits set split into train/val/test loaders (``data`` adds DataConfig fields)."""
-    from .recipe import DataConfig
-    from .sources.data import build_data
+    from compress_cli.config.recipe import DataConfig
+    from compress_cli.sources.data import build_data
 
     cfg = DataConfig(source="digits", batch_size=batch_size, limit_train=limit_train, **data)
     return build_data(cfg, seed)
@@ -121,8 +121,8 @@ def tiny_state(
     elif isinstance(model, dict):
         recipe_overrides["model"], model = model, None
 
-    from .pipeline import build_state
-    from .recipe import Recipe
+    from compress_cli.config.recipe import Recipe
+    from compress_cli.engine.run import build_state
 
     out = Path(tmp_path) if tmp_path is not None else Path(tempfile.mkdtemp(prefix="compress-test-"))
     d = tiny_recipe_dict(out, data={"limit_train": limit_train}, seed=seed, **recipe_overrides)

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .errors import StageError
+from compress_cli.errors import StageError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .state import State
+    from compress_cli.state import State
 
 
 class TrainOptions(BaseModel):
@@ -180,7 +180,7 @@ def train(
     import torch
     import torch.nn.functional as F
 
-    from . import distributed as dist_
+    from compress_cli.runtime import distributed as dist_
 
     device = state.device
     ddp = distributed and dist_.active()
@@ -332,7 +332,7 @@ def _val_loader(state: State, ddp: bool) -> Any:
         return state.data.loader("val")
     from torch.utils.data import DataLoader
 
-    from . import distributed as dist_
+    from compress_cli.runtime import distributed as dist_
 
     ds = state.data.val_dataset if state.data.val_dataset is not None else state.data.test_dataset
     return DataLoader(
@@ -347,8 +347,8 @@ def _evaluate(
     model: nn.Module, device: torch.device, loader: Any, num_classes: int, ddp: bool
 ) -> dict[str, float]:
     """Validation accuracy and loss; under DDP the shard counts are summed over ranks (exact)."""
-    from . import distributed as dist_
-    from .measure import evaluate
+    from compress_cli.runtime import distributed as dist_
+    from compress_cli.runtime.measure import evaluate
 
     if not ddp:
         return evaluate(_TrainRunner(model, device), loader, num_classes)

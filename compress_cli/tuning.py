@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .state import State
-    from .training import TrainOptions
+    from compress_cli.state import State
+    from compress_cli.training import TrainOptions
 
 
 # --------------------------------------------------------------------------- restoring
@@ -195,7 +195,7 @@ def run_lr_sweep(
 ) -> LrSweep:
     """Train ``model`` for ``len(schedule)`` steps with the lr following ``schedule`` (through
     ``training.train``'s ``on_step`` hook), recording each step's loss. Does not restore the model."""
-    from .training import train
+    from compress_cli.training import train
 
     lrs: list[float] = []
     losses: list[float] = []
@@ -329,7 +329,7 @@ def probe_batch(
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from .training import train
+    from compress_cli.training import train
 
     device = state.device
     ds = state.data.train_dataset

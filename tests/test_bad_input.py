@@ -364,18 +364,18 @@ def test_output_is_a_file(tmp_path):
 def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
     import errno
 
-    import compress_cli.checkpoint as ck
+    from compress_cli._utils import io
 
-    real = ck.atomic_write_bytes
+    real = io.os.fsync
     calls = {"n": 0}
 
-    def full(path, data):
+    def full(fd):  # every file the tool writes goes through atomic_write_bytes' fsync
         calls["n"] += 1
         if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
 
-    monkeypatch.setattr(ck, "atomic_write_bytes", full)
+    monkeypatch.setattr(io.os, "fsync", full)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_recipe(tmp_path, measure={"latency": None})))
     res = runner.invoke(app, ["run", str(path)])

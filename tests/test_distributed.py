@@ -44,7 +44,7 @@ def recipe_dict(out: Path, batch_size: int) -> dict:
 
 
 def test_helpers_are_no_ops_in_one_process(monkeypatch):
-    from compress_cli import distributed
+    from compress_cli.runtime import distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     dev = torch.device("cpu")
@@ -59,10 +59,10 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from compress_cli.measure import evaluate
-    from compress_cli.pipeline import build_state
-    from compress_cli.recipe import Recipe
-    from compress_cli.runners import EagerRunner
+    from compress_cli.config.recipe import Recipe
+    from compress_cli.engine.run import build_state
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
     from compress_cli.training import TrainOptions, train
 
     out = tmp_path / "ddp"

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from compress_cli.registry import list_stages
+from compress_cli.stages.registry import list_stages
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from compress_cli.config.recipe import apply_overrides, parse_yaml, validate
 from compress_cli.errors import CompressError
-from compress_cli.recipe import apply_overrides, parse_yaml, validate
 
 KEYS = [
     "version",

@@ -10,8 +10,8 @@ import yaml
 
 import compress_cli
 from compress_cli.errors import GuardError
-from compress_cli.registry import _REGISTRY, register_stage
-from compress_cli.stage import Stage, StageConfig, StageResult
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import _REGISTRY, register_stage
 from compress_cli.testing import tiny_recipe_dict
 
 

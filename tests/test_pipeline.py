@@ -10,8 +10,8 @@ import torch
 
 import compress_cli
 from compress_cli.errors import GuardError, UsageError
-from compress_cli.measure import evaluate
-from compress_cli.runners import EagerRunner
+from compress_cli.runtime.measure import evaluate
+from compress_cli.runtime.runners import EagerRunner
 from compress_cli.testing import digits_bundle
 
 CONTRACT = ("accuracy", "loss", "params", "nonzero_params", "size_bytes", "macs", "latency_ms", "throughput")
@@ -121,7 +121,7 @@ def test_release_memory_returns_the_freed_heap_to_the_os():
     code = textwrap.dedent(
         """
         import torch
-        from compress_cli.pipeline import release_memory
+        from compress_cli.engine.run import release_memory
 
         def rss():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
@@ -138,5 +138,7 @@ def test_release_memory_returns_the_freed_heap_to_the_os():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     high, freed, trimmed = map(float, out.split())
-    assert freed > high - 50  # freed, but still resident
+    # glibc may hand some of the freed heap back by itself (it did on one machine: 1130 -> 730 MB);
+    # what release_memory must do is return the rest
     assert trimmed < high - 300  # back to the OS
+    assert trimmed <= freed + 5

@@ -9,11 +9,11 @@ def check_model_source(source: str) -> str | None:
     """A problem with the ``model.source`` string, or None. Cheap: imports nothing heavy."""
     from pathlib import Path
 
-    from ..registry import suggest
+    from compress_cli.errors import did_you_mean
 
     kind, sep, name = source.partition(":")
     if kind == "zoo":
-        return None if name in ZOO_NAMES else f"unknown zoo model {name!r}{suggest(name, ZOO_NAMES)}"
+        return None if name in ZOO_NAMES else f"unknown zoo model {name!r}{did_you_mean(name, ZOO_NAMES)}"
     if kind == "torchvision":
         return None if name else "torchvision: needs a model name, e.g. torchvision:resnet18"
     if sep:

@@ -8,13 +8,13 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SourceError
+from compress_cli.errors import SourceError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..recipe import ModelConfig
+    from compress_cli.config.recipe import ModelConfig
 
 
 def build_from_source(spec: dict[str, Any]) -> nn.Module:
@@ -28,7 +28,7 @@ def build_from_source(spec: dict[str, Any]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if kind == "zoo" and name:
-            from .zoo import build_zoo
+            from compress_cli.sources.zoo import build_zoo
 
             model = build_zoo(name, **kwargs)
         elif kind == "torchvision" and name:
@@ -36,7 +36,7 @@ def build_from_source(spec: dict[str, Any]) -> nn.Module:
         elif name and "." in kind or (name and kind.isidentifier()):
             model = _callable(kind, name, kwargs)
         else:
-            from ..checkpoint import is_model_dir, load
+            from compress_cli.checkpoint import is_model_dir, load
 
             if is_model_dir(source):
                 return load(source)
@@ -54,11 +54,11 @@ def build_from_source(spec: dict[str, Any]) -> nn.Module:
 def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
-    from ..registry import suggest
+    from compress_cli.errors import did_you_mean
 
     known = torchvision.models.list_models()
     if name not in known:
-        raise SourceError(f"model.source torchvision:{name}: unknown model{suggest(name, known)}")
+        raise SourceError(f"model.source torchvision:{name}: unknown model{did_you_mean(name, known)}")
     kwargs.setdefault("weights", None)
     try:
         return torchvision.models.get_model(name, **kwargs)
@@ -166,7 +166,7 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
 
     The base spec is what the compressed checkpoint's manifest will rebuild from.
     """
-    from ..checkpoint import is_model_dir, load, read_manifest
+    from compress_cli.checkpoint import is_model_dir, load, read_manifest
 
     spec = {"source": cfg.source, "kwargs": dict(cfg.kwargs)}
     if is_model_dir(cfg.source):

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SourceError
-from ..registry import suggest
+from compress_cli.errors import SourceError, did_you_mean
 
 
 def _conv_bn_relu(name: str, cin: int, cout: int) -> list[tuple[str, nn.Module]]:
@@ -193,7 +192,7 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
 def input_shape(name: str, **kwargs: Any) -> tuple[int, int, int]:
     """The sample shape ``zoo:name`` built with ``kwargs`` expects."""
     if name not in INPUT_SHAPES:
-        raise SourceError(f"zoo:{name}: unknown zoo model{suggest(name, ZOO)}")
+        raise SourceError(f"zoo:{name}: unknown zoo model{did_you_mean(name, ZOO)}")
     c, h, w = INPUT_SHAPES[name]
     if name == "lenet5" and "input_size" in kwargs:
         h = w = int(kwargs["input_size"])
@@ -204,7 +203,7 @@ def build_zoo(name: str, **kwargs: Any) -> nn.Module:
     """Build ``zoo:name``; SourceError (with the nearest name) when it does not exist."""
     fn = ZOO.get(name)
     if fn is None:
-        raise SourceError(f"zoo:{name}: unknown zoo model{suggest(name, ZOO)}")
+        raise SourceError(f"zoo:{name}: unknown zoo model{did_you_mean(name, ZOO)}")
     try:
         return fn(**kwargs)
     except TypeError as e:

@@ -4,9 +4,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
 
 
 class BatchSizeFindConfig(StageConfig):
@@ -70,10 +70,10 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
         ]
 
     def run(self, state: State) -> StageResult:
-        from .. import distributed
-        from ..errors import StageError
-        from ..training import TrainOptions
-        from ..tuning import Probe, apply_margin, pick_throughput, probe_batch, search_max_batch
+        from compress_cli.errors import StageError
+        from compress_cli.runtime import distributed
+        from compress_cli.training import TrainOptions
+        from compress_cli.tuning import Probe, apply_margin, pick_throughput, probe_batch, search_max_batch
 
         c = self.config
         cuda = state.device.type == "cuda"

@@ -4,10 +4,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 Bits = Annotated[int, Field(ge=2, le=8)]
 
@@ -64,8 +64,8 @@ class Codebook(Stage[CodebookConfig]):
         return True
 
     def _targets(self, state: State) -> tuple[list[tuple[str, Any]], dict[str, int]]:
-        from ..errors import StageError
-        from ..pruning import PRUNABLE, match_overrides
+        from compress_cli.errors import StageError
+        from compress_cli.pruning.unstructured import PRUNABLE, match_overrides
 
         cfg = self.config
         targets = state.select_modules(cfg.include, cfg.exclude, PRUNABLE)
@@ -84,14 +84,14 @@ class Codebook(Stage[CodebookConfig]):
         return [f"{n} ({m.weight.numel()} weights): {bits[n]} bits" for n, m in targets]
 
     def run(self, state: State) -> StageResult:
-        from .. import codebook as C
-        from ..pruning import apply_masks, remove_reparametrization
-        from ..training import train
+        from compress_cli import codebook as C
+        from compress_cli.pruning.unstructured import apply_masks, remove_reparametrization
+        from compress_cli.training import train
 
         cfg = self.config
         details: dict[str, Any] = {}
         if cfg.batchnorm == "fold":
-            from ..quant import fold_batchnorm
+            from compress_cli.quantization.core import fold_batchnorm
 
             masks = remove_reparametrization(state.model)  # fold the effective (masked) weights
             training = state.model.training

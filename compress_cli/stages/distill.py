@@ -5,12 +5,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import StageError
-from ..recipe import ModelConfig
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.config.recipe import ModelConfig
+from compress_cli.errors import StageError
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 if TYPE_CHECKING:
     import torch
@@ -133,22 +133,22 @@ class Distill(Stage[DistillConfig]):
 
     # ------------------------------------------------------------------ run
     def _teacher(self, state: State) -> tuple[Any, str]:
-        from ..distill import freeze_teacher
+        from compress_cli.distillation import freeze_teacher
 
         t = self.config.teacher
         if t == "original":
             return freeze_teacher(state.original_model(), state.device), "original"
         assert isinstance(t, ModelConfig)
-        from ..pipeline import check_model_fits_data
-        from ..sources.models import load_model
+        from compress_cli.engine.run import check_model_fits_data
+        from compress_cli.sources.models import load_model
 
         model, _ = load_model(t)
         check_model_fits_data(model, state.data)
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
-        from ..pipeline import check_model_fits_data
-        from ..sources.models import load_model
+        from compress_cli.engine.run import check_model_fits_data
+        from compress_cli.sources.models import load_model
 
         model, base = load_model(spec)
         check_model_fits_data(model, state.data)
@@ -174,7 +174,7 @@ class Distill(Stage[DistillConfig]):
     def run(self, state: State) -> StageResult:
         import torch
 
-        from ..distill import (
+        from compress_cli.distillation import (
             FeatureMatcher,
             IndexedDataset,
             LabelledView,
@@ -183,7 +183,7 @@ class Distill(Stage[DistillConfig]):
             teacher_logit_cache,
             train_loader,
         )
-        from ..training import train
+        from compress_cli.training import train
 
         c = self.config
         details: dict[str, Any] = {"temperature": c.temperature, "alpha": c.alpha}

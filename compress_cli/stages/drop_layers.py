@@ -4,11 +4,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..errors import StageError
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.errors import StageError
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 
 class DropLayersConfig(StageConfig, TrainOptions):
@@ -55,7 +55,7 @@ class DropLayers(Stage[DropLayersConfig]):
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
     def _candidates(self, state: State):  # type: ignore[no-untyped-def]
-        from ..structured import find_candidates, make_pruning_permanent, score_candidates
+        from compress_cli.pruning.structured import find_candidates, make_pruning_permanent, score_candidates
 
         model = state.model
         make_pruning_permanent(model)
@@ -68,7 +68,7 @@ class DropLayers(Stage[DropLayersConfig]):
     def preview(self, state: State) -> list[str]:
         import copy
 
-        from ..structured import choose
+        from compress_cli.pruning.structured import choose
 
         c = self.config
         work = copy.copy(state)
@@ -90,15 +90,15 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from ..structured import drop_layers
-        from ..training import train
+        from compress_cli.pruning.structured import drop_layers
+        from compress_cli.training import train
 
         c = self.config
         if c.importance == "loss" and not state.data.labelled:
             raise StageError("importance 'loss' needs labelled data; use activation or similarity")
         before = sum(p.numel() for p in state.model.parameters())
         if c.if_none == "skip":
-            from ..structured import find_candidates, make_pruning_permanent
+            from compress_cli.pruning.structured import find_candidates, make_pruning_permanent
 
             make_pruning_permanent(state.model)
             if not find_candidates(

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
 
 Format = Literal["onnx", "torch_export", "torchscript"]
 
@@ -55,7 +55,7 @@ class Export(Stage[ExportConfig]):
 
     @classmethod
     def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
-        from ..export import unsupported_formats
+        from compress_cli.runtime.export import unsupported_formats
 
         quant = next((c for c in reversed(earlier) if c.type == "quantize"), None)
         return unsupported_formats(
@@ -65,8 +65,8 @@ class Export(Stage[ExportConfig]):
         )
 
     def run(self, state: State) -> StageResult:
-        from ..errors import StageError
-        from ..export import max_abs_diff, median_latency_ms, unsupported_formats
+        from compress_cli.errors import StageError
+        from compress_cli.runtime.export import max_abs_diff, median_latency_ms, unsupported_formats
 
         cfg = self.config
         entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
@@ -119,9 +119,9 @@ class Export(Stage[ExportConfig]):
         self, fmt: str, state: State, model: Any, entry: dict[str, Any] | None, folder: Path, example: Any
     ) -> tuple[Path, Any, dict[str, Any]]:
         """Write one format; returns (file, a callable running it, report details)."""
-        from .. import quant
-        from ..checkpoint import atomic_write_bytes
-        from ..export import (
+        from compress_cli._utils.io import atomic_write_bytes
+        from compress_cli.quantization import core as quant
+        from compress_cli.runtime.export import (
             _PT2E_LOAD,
             drop_unused_state,
             export_onnx,
@@ -173,7 +173,7 @@ class Export(Stage[ExportConfig]):
 
 def _plain_model(state: State):
     """The model with unstructured-pruning reparametrisations folded (exporters need plain weights)."""
-    from ..checkpoint import copy_model
+    from compress_cli.checkpoint import copy_model
 
     model = state.model
     if any(k.endswith("_orig") for k in model.state_dict()):

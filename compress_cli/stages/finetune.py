@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions, train
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions, train
 
 
 class FinetuneConfig(StageConfig, TrainOptions):

@@ -14,9 +14,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
 
 #: what each objective means and which way is better
 OBJECTIVES = {
@@ -159,7 +159,8 @@ class HpoConfig(StageConfig):
     @classmethod
     def _wrapped_configs(cls, value: Any) -> Any:
         """Validate each wrapped stage through its own config model; errors keep their location."""
-        from ..registry import get_stage, list_stages, suggest
+        from compress_cli.errors import did_you_mean
+        from compress_cli.stages.registry import get_stage, list_stages
 
         if not isinstance(value, list):
             return value
@@ -175,7 +176,7 @@ class HpoConfig(StageConfig):
                 continue
             t = item["type"]
             if t not in known:
-                errors.append(_err((i, "type"), f"unknown stage type {t!r}{suggest(t, known)}", t))
+                errors.append(_err((i, "type"), f"unknown stage type {t!r}{did_you_mean(t, known)}", t))
                 continue
             if t == "hpo":
                 errors.append(_err((i, "type"), "hpo cannot wrap another hpo", t))
@@ -329,7 +330,7 @@ class Hpo(Stage[HpoConfig]):
 
     @classmethod
     def _any(cls, config: StageConfig, prop: str) -> bool:
-        from ..registry import get_stage
+        from compress_cli.stages.registry import get_stage
 
         return any(getattr(get_stage(c.type), prop)(c) for c in config.stages)  # type: ignore[attr-defined]
 
@@ -364,6 +365,6 @@ class Hpo(Stage[HpoConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from ..hpo_search import run_search
+        from compress_cli.hpo.search import run_search
 
         return run_search(self, state)

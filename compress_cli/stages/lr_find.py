@@ -4,9 +4,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
 
 
 class LrFindConfig(StageConfig):
@@ -88,9 +88,16 @@ class LrFind(Stage[LrFindConfig]):
     def run(self, state: State) -> StageResult:
         import math
 
-        from .. import distributed
-        from ..training import TrainOptions
-        from ..tuning import downsample, lr_schedule, plot_lr_curve, preserved, run_lr_sweep, suggest_lr
+        from compress_cli.runtime import distributed
+        from compress_cli.training import TrainOptions
+        from compress_cli.tuning import (
+            downsample,
+            lr_schedule,
+            plot_lr_curve,
+            preserved,
+            run_lr_sweep,
+            suggest_lr,
+        )
 
         c = self.config
         schedule = lr_schedule(c.min_lr, c.max_lr, c.steps, c.mode)

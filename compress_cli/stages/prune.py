@@ -4,10 +4,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 Ratio = Annotated[float, Field(gt=0, lt=1)]
@@ -114,8 +114,8 @@ class Prune(Stage[PruneConfig]):
         return sched is not None and sched.epochs > 0
 
     def _plan(self, state: State) -> tuple[Any, list[Any], str | None, dict[str, float]]:
-        from .. import pruning as P
-        from ..errors import StageError
+        from compress_cli.errors import StageError
+        from compress_cli.pruning import unstructured as P
 
         cfg = self.config
         head = P.find_head(state.model, state.data.example_input(1).to(state.device))
@@ -152,8 +152,8 @@ class Prune(Stage[PruneConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from ..errors import StageError
-        from ..training import train
+        from compress_cli.errors import StageError
+        from compress_cli.training import train
 
         P, targets, head, overrides = self._plan(state)
         cfg = self.config

@@ -4,11 +4,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ..errors import StageError
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.errors import StageError
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 Ratio = Annotated[float, Field(gt=0, lt=1)]
 
@@ -56,7 +56,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return isinstance(config, PruneChannelsConfig) and config.epochs > 0 and config.steps > 1
 
     def preflight(self, state: State) -> None:
-        from ..structured import high_rank_reshapes
+        from compress_cli.pruning.structured import high_rank_reshapes
 
         found = high_rank_reshapes(state.model, state.data.example_input(1).to(state.device))
         if found:
@@ -69,7 +69,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             )
 
     def preview(self, state: State) -> list[str]:
-        from ..structured import layer_widths, matches_any, output_layers
+        from compress_cli.pruning.structured import layer_widths, matches_any, output_layers
 
         c = self.config
         widths = layer_widths(state.model)
@@ -88,8 +88,8 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from ..structured import prune_channels
-        from ..training import train
+        from compress_cli.pruning.structured import prune_channels
+        from compress_cli.training import train
 
         c = self.config
         if c.importance == "taylor" and not state.data.labelled:

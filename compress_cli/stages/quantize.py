@@ -5,12 +5,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..checkpoint import register_restore, register_transform
-from ..errors import StageError
-from ..registry import register_stage
-from ..stage import Stage, StageConfig, StageResult
-from ..state import State
-from ..training import TrainOptions
+from compress_cli.checkpoint import register_restore, register_transform
+from compress_cli.errors import StageError
+from compress_cli.stages.base import Stage, StageConfig, StageResult
+from compress_cli.stages.registry import register_stage
+from compress_cli.state import State
+from compress_cli.training import TrainOptions
 
 SCHEMES = (
     "int8_dynamic",
@@ -133,7 +133,7 @@ class Quantize(Stage[QuantizeConfig]):
     measured in the runtime it was converted for (``state.runner``), and nothing may train after a
     real int8 conversion. The checkpoint stores the weights snapped to the int8 grid (8 bits each
     after the palette encoding) plus the quantization parameters; ``compress_cli.load()`` rebuilds
-    the same runtime module (see compress_cli/quant.py for what each scheme returns).
+    the same runtime module (see compress_cli/quantization/core.py for what each scheme returns).
     """
 
     example = {"scheme": "int8_dynamic"}
@@ -193,7 +193,7 @@ class Quantize(Stage[QuantizeConfig]):
             return self._int8(state)
 
     def _backend(self) -> str:
-        from .. import quant
+        from compress_cli.quantization import core as quant
 
         if self.config.backend is not None:
             return self.config.backend
@@ -222,7 +222,7 @@ class Quantize(Stage[QuantizeConfig]):
         return [b.cpu().float() for b in batches]
 
     def _cast(self, state: State) -> StageResult:
-        from .. import quant
+        from compress_cli.quantization import core as quant
 
         entry = {"type": "quantize", "scheme": self.config.scheme}
         quant.rebuild(state.model, entry)
@@ -237,7 +237,7 @@ class Quantize(Stage[QuantizeConfig]):
         return StageResult(notes=note, details={"scheme": self.config.scheme, "runtime": "torch-eager"})
 
     def _weight_only(self, state: State) -> StageResult:
-        from .. import quant
+        from compress_cli.quantization import core as quant
 
         entry: dict[str, Any] = {"type": "quantize", "scheme": self.config.scheme}
         if self.config.scheme == "int4_weight_only":
@@ -256,7 +256,7 @@ class Quantize(Stage[QuantizeConfig]):
 
         import torch
 
-        from .. import quant
+        from compress_cli.quantization import core as quant
 
         cfg = self.config
         scheme = cfg.scheme
@@ -362,7 +362,7 @@ class Quantize(Stage[QuantizeConfig]):
 
         import torch
 
-        from .. import quant
+        from compress_cli.quantization import core as quant
 
         cfg = self.config
         batches = self._calibration(state)
@@ -403,8 +403,8 @@ class Quantize(Stage[QuantizeConfig]):
         weights copied back into ``model``; returns the qparams and the training summary."""
         import torch
 
-        from .. import quant
-        from ..training import train
+        from compress_cli.quantization import core as quant
+        from compress_cli.training import train
 
         example = next(iter(state.data.loader("train", shuffle=False)))[0][:2].cpu().float()
         graph = quant.prepare_qat(model, example, reduce_range, exclude)
@@ -427,7 +427,7 @@ def make_runner(runtime: Any, entry: dict[str, Any], state: State) -> Any:
     """The runner that measures ``runtime`` where it is deployed (stage and snapshot restore)."""
     import torch
 
-    from ..runners import CompiledRunner, EagerRunner, OrtRunner
+    from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 
     scheme = entry["scheme"]
     if scheme == "onnxruntime_int8":
@@ -443,7 +443,7 @@ def make_runner(runtime: Any, entry: dict[str, Any], state: State) -> Any:
 @register_restore("quantize")
 def _restore_quantized(state: State, entry: dict[str, Any]) -> None:
     """--resume / revert: rebuild the runtime from the stored (snapped) module, as the stage did."""
-    from .. import quant
+    from compress_cli.quantization import core as quant
 
     runtime = quant.rebuild(state.model, entry, device=state.device)
     state.runner = None if entry["scheme"] in ("fp16", "bf16") else make_runner(runtime, entry, state)
@@ -451,7 +451,7 @@ def _restore_quantized(state: State, entry: dict[str, Any]) -> None:
 
 @register_transform("quantize")
 def _load_quantized(model: Any, entry: dict[str, Any], state_dict: Any) -> Any:
-    """load(): rebuild the runtime module the report measured (see compress_cli.quant.rebuild)."""
-    from .. import quant
+    """load(): rebuild the runtime module the report measured (see compress_cli.quantization.core.rebuild)."""
+    from compress_cli.quantization import core as quant
 
     return quant.rebuild(model, entry)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from compress_cli.config.recipe import DataConfig
 from compress_cli.errors import SourceError
-from compress_cli.recipe import DataConfig
 from compress_cli.sources.data import (
     FASHION_STATS,
     MNIST_STATS,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from compress_cli.config.recipe import ModelConfig
 from compress_cli.errors import SourceError
-from compress_cli.recipe import ModelConfig
 from compress_cli.sources.models import build_from_source, load_model
 from compress_cli.testing import save_tiny_checkpoint, seeded_zoo
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from compress_cli.config.recipe import Recipe
 from compress_cli.errors import SourceError
-from compress_cli.recipe import Recipe
 from compress_cli.sources.zoo import INPUT_SHAPES, ZOO, BasicBlock, build_zoo, input_shape
 from compress_cli.testing import (
     save_tiny_checkpoint,

@@ -10,9 +10,9 @@ import torch
 import yaml
 from torch import nn
 
+from compress_cli.config.recipe import Recipe, parse_yaml, validate
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.recipe import Recipe, parse_yaml, validate
-from compress_cli.registry import get_stage
+from compress_cli.stages.registry import get_stage
 from compress_cli.training import TrainOptions
 from compress_cli.tuning import Probe, apply_margin, pick_throughput, probe_batch, search_max_batch
 
@@ -26,7 +26,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, model: str = "zoo:digits_mlp", **data):
-    from compress_cli.pipeline import build_state
+    from compress_cli.engine.run import build_state
 
     recipe = Recipe.model_validate(
         {

@@ -16,11 +16,11 @@ import yaml
 from torch.utils.data import TensorDataset
 
 import compress_cli
-from compress_cli.distill import FeatureMatcher, kd_loss
+from compress_cli.config.recipe import Recipe, parse_yaml, validate
+from compress_cli.distillation import FeatureMatcher, kd_loss
+from compress_cli.engine.run import build_state, run_recipe, save_snapshot
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pipeline import build_state, run_recipe, save_snapshot
-from compress_cli.recipe import Recipe, parse_yaml, validate
-from compress_cli.registry import get_stage
+from compress_cli.stages.registry import get_stage
 from compress_cli.testing import seeded_zoo, tiny_recipe_dict
 
 
@@ -70,8 +70,8 @@ def run_stage(state, index: int = 1, **cfg):
 
 
 def accuracy(model, state) -> float:
-    from compress_cli.measure import evaluate
-    from compress_cli.runners import EagerRunner
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
 
     return evaluate(EagerRunner(model, state.device), state.data.loader("test"), state.data.num_classes)[
         "accuracy"
@@ -149,7 +149,7 @@ def test_a_big_original_waits_on_disk_and_teaches_the_same(tmp_path, teacher_ckp
     in-memory copy for the whole run); distillation from it gives the same student, bit for bit."""
     import gc
 
-    import compress_cli.pipeline as pipeline
+    import compress_cli.engine.run as pipeline
 
     students = []
     for limit in (None, 0):

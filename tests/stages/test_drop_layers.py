@@ -17,12 +17,12 @@ from compress_cli.checkpoint import (
     read_manifest,
     save_model,
 )
+from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pipeline import run_recipe
-from compress_cli.recipe import parse_yaml, validate
-from compress_cli.registry import get_stage
+from compress_cli.pruning.structured import drop_layers, find_candidates, residual_structure, score_candidates
 from compress_cli.sources.models import build_from_source
-from compress_cli.structured import drop_layers, find_candidates, residual_structure, score_candidates
+from compress_cli.stages.registry import get_stage
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
 
 X1 = torch.randn(1, 1, 8, 8)
@@ -75,7 +75,7 @@ def test_replacements_identity_and_shortcut_with_relu(calib):
     by = {c.name: c for c in cands}
     for c in cands:
         c.score = 0.0 if c.name in ("layer1.0", "layer2.0") else 1.0
-    from compress_cli.structured import _set_module, build_bypasses, choose
+    from compress_cli.pruning.structured import _set_module, build_bypasses, choose
 
     build_bypasses(model, cands, calib)
     for c in choose(cands, 2, "loss"):

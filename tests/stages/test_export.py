@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compress_cli.registry import get_stage
+from compress_cli.stages.registry import get_stage
 from compress_cli.testing import tiny_state
 
 
@@ -35,7 +35,7 @@ def test_legacy_exporter_takes_multihead_attention():
     """Eval without grad sends nn.MultiheadAttention down its fused fast path, an op the TorchScript
     exporter has no symbolic for; the export takes the standard path (same outputs) and leaves the
     fast path switched on for everyone else."""
-    from compress_cli.export import onnx_bytes
+    from compress_cli.runtime.export import onnx_bytes
 
     class Attn(torch.nn.Module):
         def __init__(self) -> None:
@@ -63,7 +63,7 @@ def test_legacy_exporter_takes_multihead_attention():
 def test_a_failed_torchscript_export_prints_nothing(capfd):
     """torch's TorchScript exporter leaves its C++ log on and prints the whole IR graph to the process's
     stdout when an op fails (here adaptive pooling 9 -> 4); the fallback to dynamo stays silent."""
-    from compress_cli.export import onnx_bytes
+    from compress_cli.runtime.export import onnx_bytes
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3),
@@ -147,8 +147,8 @@ def test_export_after_quantize_writes_the_quantized_model(tmp_path, scheme, sour
 
 
 def test_export_refuses_formats_the_quantized_model_has_not_at_validation(tmp_path):
+    from compress_cli.config.recipe import parse_yaml, validate
     from compress_cli.errors import RecipeError
-    from compress_cli.recipe import parse_yaml, validate
     from compress_cli.testing import tiny_recipe_dict
 
     d = tiny_recipe_dict(

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
+from compress_cli.config.recipe import Recipe, parse_yaml, validate
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.recipe import Recipe, parse_yaml, validate
-from compress_cli.registry import get_stage
+from compress_cli.stages.registry import get_stage
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +26,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, **data):
-    from compress_cli.pipeline import build_state
+    from compress_cli.engine.run import build_state
 
     recipe = Recipe.model_validate(
         {
@@ -156,8 +156,8 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
     pruned = [t for t in d["trials"] if t["state"] == "pruned"]
     assert all(t["epochs_reported"] < 3 for t in pruned)  # stopped before the last epoch
     # the kept model is the best trial's: its validation accuracy is the best value
-    from compress_cli.measure import evaluate
-    from compress_cli.runners import EagerRunner
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
 
     acc = evaluate(EagerRunner(state.model, state.device), state.data.loader("val"), 10)["accuracy"]
     assert acc == pytest.approx(d["best"]["values"][0])
@@ -213,7 +213,7 @@ def test_all_trials_failing_is_a_stage_error(tmp_path):
 
 @pytest.mark.parametrize("how", ["keyboard", "sigterm"])
 def test_interrupted_trial_is_marked_failed_not_running(tmp_path, monkeypatch, how):
-    from compress_cli import hpo_search
+    from compress_cli.hpo import search as hpo_search
 
     calls = []
     real = hpo_search.Search.objective_values

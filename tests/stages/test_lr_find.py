@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from compress_cli.config.recipe import Recipe, parse_yaml, validate
 from compress_cli.errors import RecipeError
-from compress_cli.recipe import Recipe, parse_yaml, validate
-from compress_cli.registry import get_stage
+from compress_cli.stages.registry import get_stage
 from compress_cli.tuning import lr_schedule, smooth, suggest_lr
 
 
@@ -26,7 +26,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, model: str = "zoo:digits_mlp", **data):
-    from compress_cli.pipeline import build_state
+    from compress_cli.engine.run import build_state
 
     recipe = Recipe.model_validate(
         {

@@ -12,11 +12,11 @@ import yaml
 from torch import nn
 
 import compress_cli
-from compress_cli import quant
+from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.engine.run import build_state, save_snapshot
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pipeline import build_state, save_snapshot
-from compress_cli.recipe import parse_yaml, validate
-from compress_cli.runners import CompiledRunner, EagerRunner, OrtRunner
+from compress_cli.quantization import core as quant
+from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.testing import tiny_recipe_dict
 
@@ -261,7 +261,7 @@ def test_excluded_layers_stay_float(tmp_path):
 
 
 def test_recipe_as_run_validates_again(tmp_path):
-    from compress_cli.recipe import recipe_to_yaml
+    from compress_cli.config.recipe import recipe_to_yaml
 
     r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
     again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
@@ -303,7 +303,7 @@ def test_reduce_range_can_be_forced(tmp_path):
 def test_resume_after_quantize_restores_the_runtime(tmp_path, scheme):
     import shutil
 
-    from compress_cli.pipeline import run_recipe
+    from compress_cli.engine.run import run_recipe
 
     d = tiny_recipe_dict(
         tmp_path,
@@ -356,7 +356,7 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "cl_net", CHANNELS_LAST)
     import onnx
 
-    from compress_cli import quant
+    from compress_cli.quantization import core as quant
 
     fp32, _ = quant.export_onnx(state.model, [1, 8, 8])
     assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
@@ -395,7 +395,7 @@ def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
 def test_pack_array_keeps_scalars_scalar():
     import numpy as np
 
-    from compress_cli.quant import pack_array, unpack_array
+    from compress_cli.quantization.core import pack_array, unpack_array
 
     # ONNX Runtime's QLinearAveragePool refuses a [1]-shaped scale ("Scale and Zero-point must be a
     # scalar"): densenet's transition pools failed on reload before this held

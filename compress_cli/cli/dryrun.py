@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .recipe import Recipe
+from compress_cli.config.recipe import Recipe
 
 
 def dry_run(recipe: Recipe) -> tuple[list[str], list[str]]:
     """-> (what each stage would touch, the stages' up-front refusals of this model)."""
-    from .pipeline import build_state, preflight, resolve_device
-    from .registry import get_stage
+    from compress_cli.engine.run import build_state, preflight, resolve_device
+    from compress_cli.stages.registry import get_stage
 
     state = build_state(recipe, resolve_device(recipe.device), recipe.output_dir())
     n = sum(p.numel() for p in state.model.parameters())

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError
-from .stage import StageConfig
+from compress_cli.errors import RecipeError
+from compress_cli.stages.base import StageConfig
 
 AUTO = "auto"
 
@@ -45,7 +45,7 @@ class ModelConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        from .sources import check_model_source
+        from compress_cli.sources import check_model_source
 
         problem = check_model_source(v)
         if problem:
@@ -86,7 +86,7 @@ class DataConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        from .sources.data import check_source
+        from compress_cli.sources.data import check_source
 
         problem = check_source(v)
         if problem:
@@ -349,7 +349,8 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def validate(raw: RawRecipe) -> Recipe:
     """Both passes plus the cross-stage rules; raises RecipeError listing every problem."""
-    from .registry import get_stage, list_stages, suggest
+    from compress_cli.errors import did_you_mean
+    from compress_cli.stages.registry import get_stage, list_stages
 
     data = raw.data
     if not isinstance(data, dict):
@@ -381,7 +382,7 @@ def validate(raw: RawRecipe) -> Recipe:
             continue
         if t not in known:
             problems.append(
-                f"{raw.where((*path, 'type'))}: stages[{i}].type: unknown stage type {t!r}{suggest(t, known)}"
+                f"{raw.where((*path, 'type'))}: stages[{i}].type: unknown stage type {t!r}{did_you_mean(t, known)}"
             )
             continue
         stage_types[i] = t
@@ -425,7 +426,7 @@ def _stage_list_rules(
     problems: list[str],
 ) -> None:
     """The rules over one list of stages; nested lists (``Stage.children``) are checked in place."""
-    from .registry import get_stage, list_stages
+    from compress_cli.stages.registry import get_stage, list_stages
 
     findable = set().union(*(get_stage(t).provides for t in list_stages()))  # what 'auto' can stand for
     for i, cfg in enumerate(stages):
@@ -484,7 +485,7 @@ def recipe_to_yaml(recipe: Recipe, filled: dict[str, Any] | None = None) -> str:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the recipe format, with each stage's config under a oneOf on ``type``."""
-    from .registry import get_stage, list_stages
+    from compress_cli.stages.registry import get_stage, list_stages
 
     schema = Recipe.model_json_schema()
     variants = []

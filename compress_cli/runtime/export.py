@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import StageError
+from compress_cli.errors import StageError
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +126,7 @@ def _onnx_once(
 
     import torch
 
-    from .quant import quiet
+    from compress_cli.quantization.core import quiet
 
     if exporter == "dynamo":
         shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -171,7 +171,7 @@ def export_onnx(
     exporter: str = "auto",
 ) -> str:
     """Write ``path`` (see :func:`onnx_bytes`); returns the exporter used ('dynamo' or 'legacy')."""
-    from .checkpoint import atomic_write_bytes
+    from compress_cli._utils.io import atomic_write_bytes
 
     order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
     data, used = onnx_bytes(model, example, opset=opset, dynamic_batch=dynamic_batch, exporters=order)
@@ -278,7 +278,7 @@ def max_abs_diff(fn: Any, reference: Any, x: torch.Tensor) -> tuple[float, float
 def median_latency_ms(fn: Any, x: torch.Tensor, warmup: int = 3, iterations: int = 10) -> float:
     import torch
 
-    from .measure import time_calls
+    from compress_cli.runtime.measure import time_calls
 
     with torch.inference_mode():
         return statistics.median(time_calls(fn, x, torch.device("cpu"), warmup, iterations)) * 1e3

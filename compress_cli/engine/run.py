@@ -19,14 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CompressError, GuardError, Interrupted, StageError, UsageError
-from .recipe import Recipe, recipe_to_yaml
+from compress_cli.config.recipe import Recipe, recipe_to_yaml
+from compress_cli.errors import CompressError, GuardError, Interrupted, StageError, UsageError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .state import State
+    from compress_cli.state import State
 
 Emit = Callable[..., None]
 
@@ -99,16 +99,16 @@ ORIGINAL_IN_MEMORY_MAX = 1 << 30
 
 
 def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _noop) -> State:
-    from .sources.data import build_data
-    from .sources.models import load_model
-    from .state import State
+    from compress_cli.sources.data import build_data
+    from compress_cli.sources.models import load_model
+    from compress_cli.state import State
 
     seed_everything(recipe.seed, recipe.deterministic)
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
     model, spec = load_model(recipe.model)
     check_model_fits_data(model, data)
     model.to(device).eval()
-    from .recipe import ModelConfig
+    from compress_cli.config.recipe import ModelConfig
 
     original: nn.Module | Path
     folder = None
@@ -147,7 +147,7 @@ def check_model_fits_data(model: Any, data: Any) -> None:
     """One forward pass on a data sample: shapes and class counts must agree."""
     import torch
 
-    from .errors import SourceError
+    from compress_cli.errors import SourceError
 
     x = data.example_input(2)
     try:
@@ -170,13 +170,13 @@ def check_model_fits_data(model: Any, data: Any) -> None:
 
 
 def current_runner(state: State) -> Any:
-    from .runners import EagerRunner
+    from compress_cli.runtime.runners import EagerRunner
 
     return state.runner if state.runner is not None else EagerRunner(state.model, state.device)
 
 
 def save_snapshot(state: State, directory: Path) -> int:
-    from .checkpoint import save_model
+    from compress_cli.checkpoint import save_model
 
     return save_model(
         state.model,
@@ -191,8 +191,8 @@ def save_snapshot(state: State, directory: Path) -> int:
 
 def measure(state: State, model_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
     """Every metric, the same for every stage. ``model_dir`` holds the saved checkpoint."""
-    from .checkpoint import checkpoint_size
-    from .measure import count_macs, evaluate, latency, param_counts
+    from compress_cli.checkpoint import checkpoint_size
+    from compress_cli.runtime.measure import count_macs, evaluate, latency, param_counts
 
     cfg = state.recipe.measure
     runner = current_runner(state)
@@ -314,8 +314,9 @@ class Run:
         import numpy as np
         import torch
 
-        from .checkpoint import atomic_write_bytes, atomic_write_text, encode_state_dict
-        from .pruning import masks
+        from compress_cli._utils.io import atomic_write_bytes, atomic_write_text
+        from compress_cli.checkpoint import encode_state_dict
+        from compress_cli.pruning.unstructured import masks
 
         # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
         # later training exactly as the uninterrupted run does; one bit per weight, entropy-coded
@@ -338,9 +339,9 @@ class Run:
 
     def _restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""
-        from .checkpoint import load, restore_transforms
-        from .recipe import ModelConfig
-        from .state import Edit, EditLog
+        from compress_cli.checkpoint import load, restore_transforms
+        from compress_cli.config.recipe import ModelConfig
+        from compress_cli.state import Edit, EditLog
 
         saved = json.loads((d / "state.json").read_text())
         state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
@@ -350,8 +351,8 @@ class Run:
             import numpy as np
             import torch
 
-            from .checkpoint import decode_state_dict
-            from .pruning import apply_masks
+            from compress_cli.checkpoint import decode_state_dict
+            from compress_cli.pruning.unstructured import apply_masks
 
             held = {}
             for key, bits in decode_state_dict((d / MASKS).read_bytes()).items():
@@ -413,8 +414,9 @@ class Run:
 
     # -- the run ----------------------------------------------------------------------------
     def execute(self, force: bool, resume: bool) -> dict[str, Any]:
-        from . import __version__, distributed
-        from .checkpoint import atomic_write_text
+        from compress_cli._utils.io import atomic_write_text
+        from compress_cli._version import __version__
+        from compress_cli.runtime import distributed
 
         recipe, out = self.recipe, self.out
         dev = distributed.setup(resolve_device(recipe.device))
@@ -463,7 +465,7 @@ class Run:
             return self._stages(state, report, start)
 
     def _measure_baseline(self, state: State) -> dict[str, Any]:
-        from .measure import fp32_state_dict_bytes
+        from compress_cli.runtime.measure import fp32_state_dict_bytes
 
         d = self.snap_root / "00-baseline"
         save_snapshot(state, d / "model")
@@ -475,7 +477,7 @@ class Run:
         return baseline
 
     def _stages(self, state: State, report: dict[str, Any], start: int) -> dict[str, Any]:
-        from .registry import get_stage
+        from compress_cli.stages.registry import get_stage
 
         recipe = self.recipe
         baseline = report["baseline"]
@@ -604,7 +606,7 @@ class Run:
         violations: list[str],
         fallback: list[tuple[int, Path]] | None,
     ) -> dict[str, Any]:
-        from .report import write_report
+        from compress_cli.report import write_report
 
         final_dir = self.out / "model"
         if fallback is not None:  # the result is the last snapshot that satisfied the guards
@@ -638,7 +640,7 @@ class Run:
         return report
 
     def _write_partial(self, report: dict[str, Any], last: dict[str, Any], error: str) -> None:
-        from .report import write_report
+        from compress_cli.report import write_report
 
         if "baseline" not in report:
             return
@@ -650,7 +652,7 @@ class Run:
 def _run_stages_secondary(state: State, report: dict[str, Any]) -> dict[str, Any]:
     """A rank other than 0 under torchrun: run the same stages (so collective operations match),
     write nothing, measure nothing."""
-    from .registry import get_stage
+    from compress_cli.stages.registry import get_stage
 
     for i, cfg in enumerate(state.recipe.stages, start=1):
         state.stage_dir = None
@@ -670,7 +672,7 @@ def preflight(state: State, configs: Any = None, where: str = "stages", skip: in
     """Every stage's (and nested stage's) :meth:`Stage.preflight` against the loaded model, before
     anything runs: the located refusals, one line each (empty: all stages can apply). The first
     ``skip`` stages (already done, on --resume) are not checked."""
-    from .registry import get_stage
+    from compress_cli.stages.registry import get_stage
 
     problems: list[str] = []
     for i, cfg in enumerate(state.recipe.stages if configs is None else configs, start=1):

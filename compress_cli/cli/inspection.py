@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError
+from compress_cli.errors import SourceError
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
-    from .checkpoint import checkpoint_size, is_model_dir, load_parts, tensor_encodings
-    from .sources.models import read_state_dict
+    from compress_cli.checkpoint import checkpoint_size, is_model_dir, load_parts, tensor_encodings
+    from compress_cli.sources.models import read_state_dict
 
     if is_model_dir(path):
         manifest, sd = load_parts(path)

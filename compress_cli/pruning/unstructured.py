@@ -30,7 +30,7 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 if TYPE_CHECKING:
-    from .state import State
+    from compress_cli.state import State
 
 #: module kinds whose ``weight`` the prune and codebook stages work on
 PRUNABLE: tuple[type[nn.Module], ...] = (
@@ -179,7 +179,7 @@ def select_targets(
     head: str | None,
     include_head: bool,
 ) -> list[tuple[str, nn.Module]]:
-    from .state import select_modules
+    from compress_cli.state import select_modules
 
     return [(n, m) for n, m in select_modules(model, include, exclude, PRUNABLE) if include_head or n != head]
 
@@ -319,8 +319,8 @@ def scan_sensitivity(
 ) -> SensitivityScan:
     """Prune one layer at a time to each ratio (L1, counting zeros already there), measure the
     validation top-1 drop in points, restore the layer. The model is left as it was."""
-    from .measure import evaluate
-    from .runners import EagerRunner
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
 
     batches = []
     for i, b in enumerate(state.data.loader("val", shuffle=False)):

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from .recipe import LatencyConfig
-    from .runners import Runner
+    from compress_cli.config.recipe import LatencyConfig
+    from compress_cli.runtime.runners import Runner
 
 
 def evaluate(
@@ -41,7 +41,7 @@ def evaluate(
             if emit:
                 emit("eval_step", n=len(y))
     if n == 0:
-        from .errors import StageError
+        from compress_cli.errors import StageError
 
         raise StageError("evaluation split is empty")
     res = {"accuracy": correct1 / n, "loss": loss_sum / n, "samples": n}
@@ -52,7 +52,7 @@ def evaluate(
 
 def param_counts(model: nn.Module) -> dict[str, Any]:
     """params and nonzero params over the state's floating tensors (masked weights count as zero)."""
-    from .checkpoint import export_state_dict
+    from compress_cli.checkpoint import export_state_dict
 
     total = nonzero = 0
     for name, t in export_state_dict(model).items():
@@ -147,7 +147,7 @@ def fp32_state_dict_bytes(model: nn.Module) -> int:
 
     import torch
 
-    from .checkpoint import export_state_dict
+    from compress_cli.checkpoint import export_state_dict
 
     buf = io.BytesIO()
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in export_state_dict(model).items()}

@@ -20,14 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import StageError
+from compress_cli.errors import StageError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
-    from .state import State
+    from compress_cli.state import State
 
 #: the label an unlabelled sample gets, so the training loop's ``(x, y)`` unpacking works
 NO_LABEL = -1
@@ -79,7 +79,7 @@ class FeatureTap:
     """Keeps the latest output of each named module (forward hooks); ``close()`` removes them."""
 
     def __init__(self, model: nn.Module, names: list[str], role: str):
-        from .registry import suggest
+        from compress_cli.errors import did_you_mean
 
         mods = dict(model.named_modules())
         self.outputs: dict[str, Any] = {}
@@ -87,7 +87,7 @@ class FeatureTap:
         for name in dict.fromkeys(names):
             if name not in mods or not name:
                 raise StageError(
-                    f"features: the {role} has no layer {name!r}{suggest(name, [n for n in mods if n])}"
+                    f"features: the {role} has no layer {name!r}{did_you_mean(name, [n for n in mods if n])}"
                 )
             self._handles.append(mods[name].register_forward_hook(self._hook(name)))
 
@@ -262,7 +262,7 @@ def train_loader(state: State, dataset: Any, batch_size: int | None) -> DataLoad
     import torch
     from torch.utils.data import DataLoader
 
-    from . import distributed as dist_
+    from compress_cli.runtime import distributed as dist_
 
     data = state.data
     bs = batch_size or data.batch_size

@@ -7,17 +7,16 @@ Stages register themselves when their module is imported; built-in stages live i
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import RecipeError
+from compress_cli.errors import RecipeError, did_you_mean
 
 if TYPE_CHECKING:
-    from .stage import Stage
+    from compress_cli.stages.base import Stage
 
 _REGISTRY: dict[str, type[Stage[Any]]] = {}
 _LOADED = False
@@ -44,10 +43,10 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import stages
+    from compress_cli import stages
 
     for info in pkgutil.iter_modules(stages.__path__):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and info.name not in ("base", "registry"):
             importlib.import_module(f"{stages.__name__}.{info.name}")
     for ep in entry_points(group="compress_cli.stages"):
         ep.load()
@@ -63,9 +62,4 @@ def get_stage(name: str) -> type[Stage[Any]]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise RecipeError(f"unknown stage type {name!r}{suggest(name, _REGISTRY)}") from None
-
-
-def suggest(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(choices))})"
+        raise RecipeError(f"unknown stage type {name!r}{did_you_mean(name, _REGISTRY)}") from None

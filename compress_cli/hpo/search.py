@@ -35,12 +35,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CompressError, StageError
+from compress_cli.errors import CompressError, StageError
 
 if TYPE_CHECKING:
-    from .stage import StageResult
-    from .stages.hpo import Hpo, HpoConfig
-    from .state import State
+    from compress_cli.stages.base import StageResult
+    from compress_cli.stages.hpo import Hpo, HpoConfig
+    from compress_cli.state import State
 
 
 @dataclass
@@ -220,7 +220,7 @@ class Search:
     """One ``hpo`` stage run: the objective, the kept outcomes, the final choice."""
 
     def __init__(self, stage: Hpo, state: State):
-        from .stages.hpo import OBJECTIVES, resolve_space_key
+        from compress_cli.stages.hpo import OBJECTIVES, resolve_space_key
 
         self.stage = stage
         self.cfg: HpoConfig = stage.config
@@ -242,7 +242,7 @@ class Search:
             if kind in ("epoch_start", "epoch_end", "step", "message", "eval_step"):
                 base_emit(kind, **kw)
 
-        from .checkpoint import copy_model
+        from compress_cli.checkpoint import copy_model
 
         trial_dir = Path(s.output_dir) / f"hpo-{self.stage.index:02d}-trials" / f"trial-{number:03d}"
         return replace(
@@ -261,8 +261,8 @@ class Search:
     def run_trial(self, trial: Any, *, rerun: bool = False) -> list[float]:
         import optuna
 
-        from .registry import get_stage
-        from .stages.hpo import with_params
+        from compress_cli.stages.hpo import with_params
+        from compress_cli.stages.registry import get_stage
 
         cfg = self.cfg
         if not rerun:
@@ -335,9 +335,9 @@ class Search:
         return (self.state.seed + 1) * 1_000_003 + number
 
     def objective_values(self, sub: State) -> list[float]:
-        from .measure import count_macs, evaluate, latency, param_counts
-        from .pipeline import current_runner, save_snapshot
-        from .recipe import LatencyConfig
+        from compress_cli.config.recipe import LatencyConfig
+        from compress_cli.engine.run import current_runner, save_snapshot
+        from compress_cli.runtime.measure import count_macs, evaluate, latency, param_counts
 
         runner = current_runner(sub)
         out: list[float] = []
@@ -402,7 +402,7 @@ class Search:
     def run(self) -> StageResult:
         import optuna
 
-        from . import distributed
+        from compress_cli.runtime import distributed
 
         cfg, state = self.cfg, self.state
         if distributed.active():
@@ -471,7 +471,7 @@ class Search:
     def finish(self, study_name: str, url: str | None, seconds: float, ran_before: int) -> StageResult:
         import optuna
 
-        from .stage import StageResult
+        from compress_cli.stages.base import StageResult
 
         cfg, state = self.cfg, self.state
         TS = optuna.trial.TrialState

@@ -45,15 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import SourceError
-from ..registry import suggest
+from compress_cli.errors import SourceError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-    from ..recipe import DataConfig
-    from ..state import DataBundle
+    from compress_cli.config.recipe import DataConfig
+    from compress_cli.state import DataBundle
 
 #: the plain names ``data.source`` accepts (besides ``torchvision:NAME`` and ``module:callable``)
 SOURCES = ("digits", "mnist", "fashion_mnist", "imagefolder", "synthetic")
@@ -100,7 +99,7 @@ def check_source(source: str) -> str | None:
         if mod and attr and all(p.isidentifier() for p in mod.split(".")) and attr.isidentifier():
             return None
         return f"expected package.module:callable (got {source!r})"
-    return f"unknown data source {source!r}{suggest(source, SOURCES)}; or torchvision:NAME, package.module:callable"
+    return f"unknown data source {source!r}{did_you_mean(source, SOURCES)}; or torchvision:NAME, package.module:callable"
 
 
 def build_data(cfg: DataConfig, seed: int, input_shape: Sequence[int] | None = None) -> DataBundle:
@@ -205,7 +204,7 @@ def _bundle(
     num_classes: int,
     input_shape: Sequence[int],
 ) -> DataBundle:
-    from ..state import DataBundle
+    from compress_cli.state import DataBundle
 
     return DataBundle(
         train_dataset=train,
@@ -620,7 +619,7 @@ def _torchvision(cfg: DataConfig, seed: int, name: str) -> DataBundle:
     cls = getattr(tvd, name, None)
     if not isinstance(cls, type):
         known = [n for n in dir(tvd) if n[:1].isupper() and isinstance(getattr(tvd, n), type)]
-        raise SourceError(f"{source}: no dataset {name!r} in torchvision.datasets{suggest(name, known)}")
+        raise SourceError(f"{source}: no dataset {name!r} in torchvision.datasets{did_you_mean(name, known)}")
     root = Path(cfg.root).expanduser() if cfg.root else _default_root()
     if cfg.root and not cfg.download and not root.exists():
         raise SourceError(f"{source}: data.root {root} does not exist (set data.download: true to fetch it)")
@@ -758,7 +757,7 @@ def _callable(cfg: DataConfig, seed: int, source: str) -> DataBundle:
     if fn is None or not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         raise SourceError(
-            f"data.source {source}: module {mod_name!r} has no callable {attr!r}{suggest(attr, names)}"
+            f"data.source {source}: module {mod_name!r} has no callable {attr!r}{did_you_mean(attr, names)}"
         )
     kwargs = dict(cfg.kwargs)
     if cfg.root is not None:

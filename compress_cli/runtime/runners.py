@@ -66,7 +66,7 @@ class CompiledRunner(Runner):
 
         if self._compiled is None:
             if self._frozen:
-                from .quant import compile_frozen
+                from compress_cli.quantization.core import compile_frozen
 
                 self._compiled = compile_frozen(self.model)
             else:
@@ -122,7 +122,7 @@ class OrtRunner(Runner):
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
         """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
-        from .quant import OrtModule, export_onnx
+        from compress_cli.quantization.core import OrtModule, export_onnx
 
         fp32, _ = export_onnx(state.original_model(), state.data.input_shape)
         return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
@@ -130,7 +130,7 @@ class OrtRunner(Runner):
 
 def baseline_latency(state: Any, runner: Runner) -> dict[str, Any] | None:
     """Latency/throughput of ``runner`` with the recipe's latency config (None when latency is off)."""
-    from .measure import latency
+    from compress_cli.runtime.measure import latency
 
     cfg = state.recipe.measure.latency
     if cfg is None:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import SourceError, StageError
+from compress_cli.errors import SourceError, StageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -153,8 +153,8 @@ def strip_pruning(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with torch.nn.utils.prune's reparametrizations made permanent
     (``weight = weight_orig * weight_mask`` becomes a plain parameter; zeros stay zeros, and
     quantize to exactly zero). Nothing trains after an int8 conversion, so masks need not hold."""
-    from .checkpoint import copy_model
-    from .pruning import remove_reparametrization
+    from compress_cli.checkpoint import copy_model
+    from compress_cli.pruning.unstructured import remove_reparametrization
 
     model = copy_model(model)
     remove_reparametrization(model)
@@ -688,7 +688,7 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
     """Write the int8 weights of ``qmodel`` (as float32 values) into ``model``; -> the layer names."""
     from torch.ao.nn.quantized import dynamic as nnqd
 
-    from .pruning import tensor_attr
+    from compress_cli.pruning.unstructured import tensor_attr
 
     done = []
     with torch.no_grad():
@@ -718,7 +718,7 @@ def export_onnx(
     the model's size again, which a 500M-parameter model (ViT-H/14) cannot spare next to the exporter."""
     import torch
 
-    from .export import onnx_bytes
+    from compress_cli.runtime.export import onnx_bytes
 
     tensors = [*model.parameters(), *model.buffers()]
     ready = all(
@@ -1027,7 +1027,7 @@ class OrtModule(nn.Module):
         return torch.from_numpy(session.run(None, {ONNX_INPUT: x.contiguous().numpy()})[0])
 
     def save(self, path: str | Path) -> Path:
-        from .checkpoint import atomic_write_bytes
+        from compress_cli._utils.io import atomic_write_bytes
 
         p = Path(path)
         atomic_write_bytes(p, self.onnx_bytes)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CompressError, StageError
+from compress_cli.errors import CompressError, StageError
 
 app = typer.Typer(
     add_completion=False,
@@ -97,7 +97,7 @@ class Renderer:
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    from .report import COLUMNS, rows
+    from compress_cli.report import COLUMNS, rows
 
     t = Table(title=f"{report['recipe']} ({report['device']})")
     for name, _ in COLUMNS:
@@ -124,9 +124,9 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
-    from .distributed import env_rank
-    from .pipeline import run_recipe
-    from .recipe import load_recipe
+    from compress_cli.config.recipe import load_recipe
+    from compress_cli.engine.run import run_recipe
+    from compress_cli.runtime.distributed import env_rank
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
@@ -166,7 +166,7 @@ def validate(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
-    from .recipe import load_recipe
+    from compress_cli.config.recipe import load_recipe
 
     try:
         r, _ = load_recipe(recipe, list(set_))
@@ -175,7 +175,7 @@ def validate(
             + ", ".join(s.type for s in r.stages)
         )
         if model:
-            from .dryrun import dry_run
+            from compress_cli.cli.dryrun import dry_run
 
             lines, refused = dry_run(r)
             for line in lines:
@@ -189,7 +189,7 @@ def validate(
 @app.command()
 def stages(name: str | None = typer.Argument(None, help="a stage type to describe")) -> None:
     """List the registered stages, or describe one stage's parameters."""
-    from .registry import get_stage, list_stages
+    from compress_cli.stages.registry import get_stage, list_stages
 
     try:
         if name is None:
@@ -220,7 +220,7 @@ def stages(name: str | None = typer.Argument(None, help="a stage type to describ
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the recipe format (for yaml-language-server)."""
-    from .recipe import json_schema
+    from compress_cli.config.recipe import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
@@ -231,13 +231,13 @@ def inspect(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Params, nonzeros, sparsity, size and per-layer summary of a checkpoint or model directory."""
-    from .inspect import inspect_path
+    from compress_cli.cli.inspection import inspect_path
 
     try:
         info = inspect_path(path)
     except CompressError as e:
         _fail(e, debug)
-    from .report import human_bytes
+    from compress_cli.report import human_bytes
 
     out.print(f"[bold]{path}[/bold]: {info['kind']}, {human_bytes(info['size_bytes'])} on disk")
     out.print(

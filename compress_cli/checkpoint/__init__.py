@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import SourceError
+from compress_cli._utils.io import atomic_write_bytes, atomic_write_text
+from compress_cli.errors import SourceError
 
 if TYPE_CHECKING:
     import torch
@@ -38,25 +39,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors.xz"
 WEIGHTS_ZSTD = "weights.safetensors.zst"
-
-
-# --------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- module specs
@@ -819,7 +801,7 @@ def save_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Write DIR/manifest.json and the weights; returns the total bytes on disk."""
-    from .sources.models import build_from_source
+    from compress_cli.sources.models import build_from_source
 
     directory = Path(directory)
     base = build_from_source(model_spec)
@@ -905,7 +887,7 @@ def tensor_encodings(directory: Path | str) -> dict[str, str]:
 
 def rebuild(manifest: dict[str, Any]) -> nn.Module:
     """The architecture the manifest describes, with the base source's initial weights."""
-    from .sources.models import build_from_source
+    from compress_cli.sources.models import build_from_source
 
     model = build_from_source(manifest["model"])
     return apply_architecture_diff(model, manifest.get("architecture", []))
@@ -914,7 +896,7 @@ def rebuild(manifest: dict[str, Any]) -> nn.Module:
 def load(directory: Path | str, apply_transforms: bool = True) -> nn.Module:
     """Rebuild a compressed model directory written by this tool (eval mode). With
     ``apply_transforms=False``: the stored module, before load transforms (e.g. quantization)."""
-    from .sources.models import load_state_dict_checked
+    from compress_cli.sources.models import load_state_dict_checked
 
     manifest, sd = load_parts(directory)
     model = rebuild(manifest)
@@ -933,6 +915,6 @@ def load(directory: Path | str, apply_transforms: bool = True) -> nn.Module:
 
 
 def _import_transform_provider(name: str) -> None:
-    from .registry import list_stages
+    from compress_cli.stages.registry import list_stages
 
     list_stages()  # stage modules register their transforms on import

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import StageError
+from compress_cli.errors import StageError
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 

@@ -73,7 +73,7 @@ def setup(device: torch.device) -> torch.device:
     import torch
     import torch.distributed as dist
 
-    from .errors import UsageError
+    from compress_cli.errors import UsageError
 
     if env_world_size() <= 1:
         return device

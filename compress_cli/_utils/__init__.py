@@ -1,0 +1,1 @@
+"""Leaf helpers: they import nothing from the rest of the package."""
