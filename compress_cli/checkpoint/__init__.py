@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
