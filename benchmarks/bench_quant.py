@@ -30,7 +30,8 @@ import torch
 
 import compress_cli
 from compress_cli.config.recipe import load_recipe
-from compress_cli.engine.run import build_state, run_recipe
+from compress_cli.engine.run import run_recipe
+from compress_cli.engine.setup import build_state
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.measure import evaluate
 

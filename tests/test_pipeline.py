@@ -121,7 +121,7 @@ def test_release_memory_returns_the_freed_heap_to_the_os():
     code = textwrap.dedent(
         """
         import torch
-        from compress_cli.engine.run import release_memory
+        from compress_cli.engine.setup import release_memory
 
         def rss():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024

@@ -347,7 +347,7 @@ def scan_sensitivity(
                 src.copy_(w * keep)
             _refresh(mod)
             drops.append((base - evaluate(runner, batches, n_cls)["accuracy"]) * 100)  # type: ignore[arg-type]
-            state.emit("step", label="sensitivity")
+            state.ctx.listener.on_step("sensitivity")
         with torch.no_grad():
             src.copy_(saved)
         _refresh(mod)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compress_cli.config.recipe import ModelConfig
+    from compress_cli.state import DataBundle
 
 
 def build_from_source(spec: dict[str, Any]) -> nn.Module:
@@ -195,3 +196,29 @@ def _pickle_reason(e: Exception) -> str:
         if "global" in line.lower():
             return line.strip().rstrip(".")
     return "objects other than tensors"
+
+
+def check_model_fits_data(model: nn.Module, data: DataBundle) -> None:
+    """One forward pass on a data sample: the input shape must fit and the output must be
+    (batch, classes) logits with as many classes as the data has (SourceError otherwise)."""
+    import torch
+
+    x = data.example_input(2)
+    try:
+        with torch.no_grad():
+            model.eval()
+            y = model(x)
+    except Exception as e:
+        raise SourceError(
+            f"model does not accept the data's input shape {list(data.input_shape)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
+        ) from None
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise SourceError(
+            f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
+        )
+    if data.labelled and y.shape[1] != data.num_classes:
+        raise SourceError(
+            f"model outputs {y.shape[1]} classes but the data has {data.num_classes} "
+            "(set model.kwargs.num_classes)"
+        )

@@ -139,16 +139,14 @@ class Distill(Stage[DistillConfig]):
         if t == "original":
             return freeze_teacher(state.original_model(), state.device), "original"
         assert isinstance(t, ModelConfig)
-        from compress_cli.engine.run import check_model_fits_data
-        from compress_cli.sources.models import load_model
+        from compress_cli.sources.models import check_model_fits_data, load_model
 
         model, _ = load_model(t)
         check_model_fits_data(model, state.data)
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
-        from compress_cli.engine.run import check_model_fits_data
-        from compress_cli.sources.models import load_model
+        from compress_cli.sources.models import check_model_fits_data, load_model
 
         model, base = load_model(spec)
         check_model_fits_data(model, state.data)
@@ -230,7 +228,7 @@ class Distill(Stage[DistillConfig]):
         if c.cache_teacher and c.alpha > 0:
             assert teacher is not None
             n = len(dataset)  # type: ignore[arg-type]
-            state.emit("message", text=f"{self.name}: caching the teacher's logits over {n} samples")
+            state.ctx.listener.on_message(f"{self.name}: caching the teacher's logits over {n} samples")
             cached_logits, cached_labels = teacher_logit_cache(
                 teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers
             )

@@ -183,7 +183,7 @@ class Quantize(Stage[QuantizeConfig]):
             raise StageError(
                 f"scheme {scheme} makes a CPU int8 model; run with --device cpu (running on {state.device})"
             )
-        state.emit("stage_info", message=f"quantize: {scheme}")
+        state.ctx.listener.on_message(f"quantize: {scheme}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed)
             if scheme in ("fp16", "bf16"):
@@ -304,7 +304,7 @@ class Quantize(Stage[QuantizeConfig]):
             if scheme == "int8_static":
                 batches = self._calibration(state)
                 details["calibration_batches"] = len(batches)
-                state.emit("stage_info", message=f"calibrating on {len(batches)} batch(es)")
+                state.ctx.listener.on_message(f"calibrating on {len(batches)} batch(es)")
                 calibrate = quant.fx_calibrate if fx else quant.pt2e_calibrate
                 entry["qparams"] = calibrate(model, batches, reduce_range, exclude)
             elif scheme == "qat":
@@ -323,7 +323,7 @@ class Quantize(Stage[QuantizeConfig]):
                 self._onnxruntime(state, model, reduce_range, entry, details)
         runtime = quant.rebuild(model, entry)
         if isinstance(runtime, quant.OrtModule):
-            path = state.output_dir / "model.onnx"
+            path = state.ctx.output_dir / "model.onnx"
             runtime.save(path)
             artifacts.append(str(path))
             details["onnx_file"] = str(path)

@@ -26,7 +26,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, **data):
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
 
     recipe = Recipe.model_validate(
         {
@@ -273,7 +273,7 @@ def test_trials_report_through_nested_training_and_leave_state_alone(tmp_path):
     assert all(t["epochs_reported"] == 2 for t in res.details["trials"])  # one report per epoch
     assert state.model is not original_model  # the best trial's copy became the model
     assert all(torch.equal(before[k], v) for k, v in original_model.state_dict().items())  # copies trained
-    assert state.epoch_callbacks == []
+    assert state.ctx.epoch_callbacks == []
 
 
 @pytest.mark.parametrize("sampler,pruner", [("cmaes", "median"), ("tpe", "hyperband"), ("random", "none")])

@@ -13,11 +13,12 @@ from torch import nn
 
 import compress_cli
 from compress_cli.config.recipe import parse_yaml, validate
-from compress_cli.engine.run import build_state, save_snapshot
+from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
+from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 
 X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))
