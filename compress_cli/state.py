@@ -81,6 +81,7 @@ class DataBundle:
         return self._calib
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
+        """Random inputs of the data's shape (for shape checks, MACs, tracing)."""
         import torch
 
         return torch.randn(batch, *self.input_shape)
@@ -88,6 +89,8 @@ class DataBundle:
 
 @dataclass
 class Edit:
+    """One structural or numerical change a stage made (recorded in the model's manifest)."""
+
     stage: str
     op: str
     details: dict[str, Any]
@@ -95,12 +98,16 @@ class Edit:
 
 @dataclass
 class EditLog:
+    """The edits of a run, in order."""
+
     items: list[Edit] = field(default_factory=list)
 
     def record(self, stage: str, op: str | None = None, **details: Any) -> None:
+        """Append an edit by ``stage`` (``op`` defaults to the stage's name)."""
         self.items.append(Edit(stage, op or stage, details))
 
     def to_json(self) -> list[dict[str, Any]]:
+        """The edits as the manifest and the report store them."""
         return [{"stage": e.stage, "op": e.op, **e.details} for e in self.items]
 
 
@@ -191,6 +198,7 @@ class State:
     def select_modules(
         self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()
     ) -> list[tuple[str, nn.Module]]:
+        """:func:`select_modules` over the state's model."""
         return select_modules(self.model, include, exclude, kinds)
 
     def resolve(self, value: Any, key: str, default: Any = None) -> Any:
@@ -228,6 +236,8 @@ def select_modules(
     exclude: Iterable[str] = (),
     kinds: tuple[type, ...] = (),
 ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of ``model``'s submodules whose names match an ``include`` glob and no
+    ``exclude`` glob, limited to instances of ``kinds`` when given."""
     inc, exc = list(include), list(exclude)
     out = []
     for name, mod in model.named_modules():

@@ -45,6 +45,7 @@ class SnapshotStore:
 
     @property
     def baseline_dir(self) -> Path:
+        """The folder of the baseline (the model as loaded, measured before any stage)."""
         return self.root / BASELINE
 
     def stage_dir(self, index: int) -> Path:

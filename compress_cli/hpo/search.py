@@ -265,6 +265,7 @@ class Search:
 
     # ------------------------------------------------------------------ the study
     def study_count(self) -> int:
+        """Trials in the study, whatever their state (overflow trials left out)."""
         return sum(1 for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow"))
 
     def run(self) -> tuple[str, dict[str, Any]]:

@@ -161,8 +161,6 @@ def sample_param(trial: Any, key: str, dist: Distribution) -> Any:
     if dist.categorical is not None:
         return trial.suggest_categorical(key, dist.categorical)
     if dist.int_ is not None:
-        lo, hi = dist.int_
-        return trial.suggest_int(key, lo, hi, step=int(dist.step or 1), log=dist.log)
+        return trial.suggest_int(key, *dist.int_, step=int(dist.step or 1), log=dist.log)
     assert dist.float_ is not None
-    lo, hi = dist.float_
-    return trial.suggest_float(key, lo, hi, step=dist.step, log=dist.log)
+    return trial.suggest_float(key, *dist.float_, step=dist.step, log=dist.log)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,7 +136,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
 
 
 @contextmanager
-def cpu_threads(n: int | None):
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored after."""
     import torch
 
     if n is None:
