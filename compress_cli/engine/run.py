@@ -80,6 +80,8 @@ class Run:
 
     def execute(self, force: bool, resume: bool) -> Report:
         """Set up, measure the baseline (or restore the resume point), run the stages, finish."""
+        entries: list[StageEntry]
+        baseline: Metrics | None
         from compress_cli._utils.io import atomic_write_text
         from compress_cli._version import __version__
         from compress_cli.engine.distributed import run_stages_secondary
@@ -90,7 +92,7 @@ class Run:
         main = distributed.is_main()  # under torchrun only rank 0 writes files and measures
         if resume and distributed.world_size() > 1:
             raise UsageError("--resume is not supported under torchrun; resume with a single process")
-        start, entries, baseline = 0, list[StageEntry](), None
+        start, entries, baseline = 0, [], None  # what a resume point restores
         if resume:
             start, entries, baseline = self.snapshots.resume_point()
         elif main:

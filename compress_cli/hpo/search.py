@@ -22,7 +22,6 @@ How a search ends and what counts:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import socket
@@ -32,7 +31,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,7 +46,7 @@ from compress_cli.hpo.space import (
 )
 from compress_cli.hpo.storage import make_pruner, make_sampler, open_storage, redact, storage_url
 from compress_cli.hpo.table import format_value, trial_row
-from compress_cli.hpo.trial import PrunerReport, TrialListener, isolated_rng
+from compress_cli.hpo.trial import PrunerReport, isolated_rng, trial_state
 
 if TYPE_CHECKING:
     from compress_cli.stages.base import Stage, StageConfig
@@ -133,23 +132,6 @@ class Search:
         self.study: Any = None
 
     # ------------------------------------------------------------------ one trial
-    def trial_state(self, number: int) -> State:
-        """A copy of the state for trial ``number``: its own model, hparams, edits, transforms and
-        folder; the data, device and stop source are shared."""
-        from compress_cli.checkpoint import copy_model
-
-        s = self.state
-        folder = s.ctx.output_dir / f"hpo-{self.index:02d}-trials" / f"trial-{number:03d}"
-        return replace(
-            s,
-            model=copy_model(s.model),
-            hparams=copy.deepcopy(s.hparams),
-            edits=copy.deepcopy(s.edits),
-            transforms=copy.deepcopy(s.transforms),
-            runner=None,
-            ctx=s.ctx.for_trial(folder, TrialListener(s.ctx.listener, number)),
-        )
-
     def run_trial(self, trial: Any, *, rerun: bool = False) -> list[float]:
         """Optuna's objective: sample, run the wrapped stages on a copy, measure, keep."""
         import optuna
@@ -169,7 +151,8 @@ class Search:
             configs = [with_params(c, by_stage[i]) if i in by_stage else c for i, c in enumerate(cfg.stages)]
         except Exception as e:  # a combination the wrapped stage refuses
             return self._fail(trial, f"parameters {params} rejected: {str(e).splitlines()[0]}")
-        sub = self.trial_state(trial.number)
+        folder = self.state.ctx.output_dir / f"hpo-{self.index:02d}-trials" / f"trial-{trial.number:03d}"
+        sub = trial_state(self.state, folder, trial.number)
         pruner = PrunerReport(trial, single=len(cfg.objectives) == 1)
         sub.ctx.epoch_callbacks = [pruner]
         t0 = time.perf_counter()

@@ -1,14 +1,36 @@
-"""One hpo trial's plumbing: its own random generators, what it shows of its progress, and the
-epoch callback that reports to Optuna's pruner."""
+"""One hpo trial's plumbing: its copy of the state, its own random generators, what it shows of its
+progress, and the epoch callback that reports to Optuna's pruner."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from compress_cli.events import RunListener
+
+if TYPE_CHECKING:
+    from compress_cli.state import State
+
+
+def trial_state(state: State, folder: Path, number: int) -> State:
+    """A copy of ``state`` for trial ``number``: its own model, hparams, edits, transforms and
+    ``folder``, progress through a :class:`TrialListener`; data, device and stop source shared."""
+    from compress_cli.checkpoint import copy_model
+
+    return replace(
+        state,
+        model=copy_model(state.model),
+        hparams=copy.deepcopy(state.hparams),
+        edits=copy.deepcopy(state.edits),
+        transforms=copy.deepcopy(state.transforms),
+        runner=None,
+        ctx=state.ctx.for_trial(folder, TrialListener(state.ctx.listener, number)),
+    )
 
 
 @contextlib.contextmanager
