@@ -1,8 +1,14 @@
-"""Stage registry: ``register_stage`` / ``get_stage`` / ``list_stages``.
+"""Stage registry: ``register_stage`` / ``get_stage`` / ``list_stages``, and recipes checked against it.
 
 Stages register themselves when their module is imported; built-in stages live in
 ``compress_cli.stages`` and external packages add theirs through the entry-point group
-``compress_cli.stages`` (each entry point names a module to import).
+``compress_cli.stages`` (each entry point names a module to import), e.g. in their pyproject.toml::
+
+    [project.entry-points."compress_cli.stages"]
+    my_stage = "my_package.my_stage"
+
+``validate`` / ``load_recipe`` / ``json_schema`` are the config layer's functions given the
+:func:`catalog` of what is installed: config is below the stages and sources and cannot look them up.
 """
 
 from __future__ import annotations
@@ -11,8 +17,14 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from compress_cli.config.catalog import Catalog
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.schema import recipe_schema
+from compress_cli.config.validation import recipe_from_raw
+from compress_cli.config.yaml import RawRecipe, apply_overrides, read_recipe_file
 from compress_cli.errors import RecipeError, did_you_mean
 
 if TYPE_CHECKING:
@@ -53,13 +65,45 @@ def _load_all() -> None:
 
 
 def list_stages() -> list[str]:
+    """Every registered stage type, sorted."""
     _load_all()
     return sorted(_REGISTRY)
 
 
 def get_stage(name: str) -> type[Stage[Any]]:
+    """The stage class registered as ``name``; an unknown name raises RecipeError with a suggestion."""
     _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise RecipeError(f"unknown stage type {name!r}{did_you_mean(name, _REGISTRY)}") from None
+
+
+def catalog() -> Catalog:
+    """What recipes are validated against: the registered stages plus the model/data source checks."""
+    from compress_cli.sources import check_model_source
+    from compress_cli.sources.data import check_source
+
+    _load_all()
+    return Catalog(
+        stages={name: _REGISTRY[name] for name in sorted(_REGISTRY)},
+        check_model_source=check_model_source,
+        check_data_source=check_source,
+    )
+
+
+def validate(raw: RawRecipe) -> Recipe:
+    """Both validation passes plus the cross-stage rules; raises RecipeError listing every problem."""
+    return recipe_from_raw(raw, catalog())
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RawRecipe]:
+    """Read a recipe file, apply ``--set`` overrides, validate -> (recipe, raw YAML with lines)."""
+    raw = read_recipe_file(path)
+    apply_overrides(raw, overrides or [])
+    return validate(raw), raw
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the recipe format, with every registered stage's config (``compress schema``)."""
+    return recipe_schema(catalog().stages)
