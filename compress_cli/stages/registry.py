@@ -7,6 +7,9 @@ Stages register themselves when their module is imported; built-in stages live i
     [project.entry-points."compress_cli.stages"]
     my_stage = "my_package.my_stage"
 
+A plugin that fails to import, or registers a name that is taken, stops the program with one
+:class:`CompressError` naming the entry point and the cause (``--debug`` shows the traceback).
+
 ``validate`` / ``load_recipe`` / ``json_schema`` are the config layer's functions given the
 :func:`catalog` of what is installed: config is below the stages and sources and cannot look them up.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,13 +28,16 @@ from compress_cli.config.recipe import Recipe
 from compress_cli.config.schema import recipe_schema
 from compress_cli.config.validation import recipe_from_raw
 from compress_cli.config.yaml import RawRecipe, apply_overrides, read_recipe_file
-from compress_cli.errors import RecipeError, did_you_mean
+from compress_cli.errors import CompressError, RecipeError, did_you_mean
 
 if TYPE_CHECKING:
     from compress_cli.stages.base import Stage
 
+ENTRY_POINT_GROUP = "compress_cli.stages"
+
 _REGISTRY: dict[str, type[Stage[Any]]] = {}
-_LOADED = False
+_LOADED = False  # set once every built-in stage and every plugin imported without error
+_LOADING = False  # a stage module that asks the registry while it is being imported sees it as is
 
 S = TypeVar("S", bound="type[Stage[Any]]")
 
@@ -51,17 +57,34 @@ def register_stage(name: str) -> Callable[[S], S]:
 
 
 def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
+    """Import the built-in stage modules, then every plugin of the entry-point group (once)."""
+    global _LOADED, _LOADING
+    if _LOADED or _LOADING:
         return
-    _LOADED = True
-    from compress_cli import stages
+    _LOADING = True
+    try:
+        from compress_cli import stages
 
-    for info in pkgutil.iter_modules(stages.__path__):
-        if not info.name.startswith("_") and info.name not in ("base", "registry"):
-            importlib.import_module(f"{stages.__name__}.{info.name}")
-    for ep in entry_points(group="compress_cli.stages"):
+        for info in pkgutil.iter_modules(stages.__path__):
+            if not info.name.startswith("_") and info.name not in ("base", "registry"):
+                importlib.import_module(f"{stages.__name__}.{info.name}")
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            _load_plugin(ep)
+        _LOADED = True
+    finally:
+        _LOADING = False
+
+
+def _load_plugin(ep: EntryPoint) -> None:
+    """Import one plugin module; any failure becomes one CompressError naming the entry point."""
+    try:
         ep.load()
+    except Exception as e:
+        dist = f" (package {ep.dist.name})" if ep.dist is not None else ""
+        raise CompressError(
+            f"stage plugin {ep.name!r} = {ep.value!r}{dist} in entry-point group {ENTRY_POINT_GROUP!r} "
+            f"failed to load: {type(e).__name__}: {e}"
+        ) from e
 
 
 def list_stages() -> list[str]:
