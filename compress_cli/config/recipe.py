@@ -1,9 +1,10 @@
 """The recipe models: ``Recipe`` and its sections (model, data, measure, guard).
 
-Every model forbids unknown keys and is frozen. Building one directly checks types and ranges only;
-``compress_cli.config.validation`` adds the located problems, the stage configs, the source checks
-(see :mod:`compress_cli.config.catalog`) and the cross-stage rules. The section models carry
-comments, not docstrings: pydantic would copy a docstring into the schema ``compress schema`` prints.
+Every model forbids unknown keys and is frozen; source strings are checked by what the sources
+package registered (:mod:`compress_cli.config.source_checks`). ``compress_cli.config.validation``
+adds the stage configs, one located line per problem and the cross-stage rules. The section models
+carry comments, not docstrings: pydantic would copy a docstring into the schema ``compress schema``
+prints.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress_cli.config.catalog import check_source
+from compress_cli.config.source_checks import check_source
 from compress_cli.config.stage import StageConfig
 
 #: the value of a stage field that an earlier finder stage fills in (``lr: auto``)

@@ -27,7 +27,7 @@ def cross_stage_rules(
 ) -> list[str]:
     """One located problem line per broken rule (``raw`` gives the lines); [] if the recipe is fine.
 
-    ``stages`` maps each stage type in ``recipe`` to its class (the registry's catalog).
+    ``stages`` maps each stage type in ``recipe`` to its class (the stage registry).
     """
     where = raw.where if raw else (lambda p: "<recipe>")
     findable = set().union(*(spec.provides for spec in stages.values()))  # what 'auto' can stand for

@@ -1,5 +1,7 @@
 """Where models and data come from: model sources, dataset sources, the built-in model zoo."""
 
+from compress_cli.config.source_checks import register_source_check
+
 #: names of the built-in zoo networks (kept here so recipe validation needs no torch import;
 #: a test checks it matches sources.zoo.ZOO)
 ZOO_NAMES = ("digits_mlp", "digits_cnn", "digits_resnet", "lenet5", "fashion_cnn", "fashion_cnn_small")
@@ -23,3 +25,13 @@ def check_model_source(source: str) -> str | None:
     if (Path(source) / "manifest.json").is_file():
         return None
     return f"expected zoo:NAME, torchvision:NAME, package.module:callable or a compressed model directory (got {source!r})"
+
+
+def _check_data_source(source: str) -> str | None:
+    from compress_cli.sources.data import check_source  # numpy: only when a data.source is validated
+
+    return check_source(source)
+
+
+register_source_check("model", check_model_source)
+register_source_check("data", _check_data_source)

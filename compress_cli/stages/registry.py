@@ -10,8 +10,8 @@ Stages register themselves when their module is imported; built-in stages live i
 A plugin that fails to import, or registers a name that is taken, stops the program with one
 :class:`CompressError` naming the entry point and the cause (``--debug`` shows the traceback).
 
-``validate`` / ``load_recipe`` / ``json_schema`` are the config layer's functions given the
-:func:`catalog` of what is installed: config is below the stages and sources and cannot look them up.
+``validate`` / ``load_recipe`` / ``json_schema`` are the config layer's functions given the registered
+stages: config is below the stages and cannot look them up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from compress_cli.config.catalog import Catalog
 from compress_cli.config.recipe import Recipe
 from compress_cli.config.schema import recipe_schema
 from compress_cli.config.validation import recipe_from_raw
@@ -102,22 +101,17 @@ def get_stage(name: str) -> type[Stage[Any]]:
         raise RecipeError(f"unknown stage type {name!r}{did_you_mean(name, _REGISTRY)}") from None
 
 
-def catalog() -> Catalog:
-    """What recipes are validated against: the registered stages plus the model/data source checks."""
-    from compress_cli.sources import check_model_source
-    from compress_cli.sources.data import check_source
-
+def _stage_specs() -> dict[str, type[Stage[Any]]]:
+    """Every registered stage class by type, sorted: what config validates recipes against."""
     _load_all()
-    return Catalog(
-        stages={name: _REGISTRY[name] for name in sorted(_REGISTRY)},
-        check_model_source=check_model_source,
-        check_data_source=check_source,
-    )
+    return {name: _REGISTRY[name] for name in sorted(_REGISTRY)}
 
 
 def validate(raw: RawRecipe) -> Recipe:
     """Both validation passes plus the cross-stage rules; raises RecipeError listing every problem."""
-    return recipe_from_raw(raw, catalog())
+    import compress_cli.sources  # noqa: F401  (registers the model and data source checks with config)
+
+    return recipe_from_raw(raw, _stage_specs())
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RawRecipe]:
@@ -129,4 +123,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the recipe format, with every registered stage's config (``compress schema``)."""
-    return recipe_schema(catalog().stages)
+    return recipe_schema(_stage_specs())
