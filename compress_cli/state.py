@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from compress_cli._utils.modules import select_modules
 
 if TYPE_CHECKING:
     import torch
@@ -150,21 +151,3 @@ class State:
 
             raise StageError(f"{key}: 'auto' but no earlier stage found a value")
         return value
-
-
-def select_modules(
-    model: nn.Module,
-    include: Iterable[str] = ("*",),
-    exclude: Iterable[str] = (),
-    kinds: tuple[type, ...] = (),
-) -> list[tuple[str, nn.Module]]:
-    inc, exc = list(include), list(exclude)
-    out = []
-    for name, mod in model.named_modules():
-        if not name or (kinds and not isinstance(mod, kinds)):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exc
-        ):
-            out.append((name, mod))
-    return out

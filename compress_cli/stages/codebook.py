@@ -1,3 +1,5 @@
+"""The ``codebook`` stage: Deep Compression weight sharing (per-layer k-means), optional centroid tuning."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -65,7 +67,7 @@ class Codebook(Stage[CodebookConfig]):
 
     def _targets(self, state: State) -> tuple[list[tuple[str, Any]], dict[str, int]]:
         from compress_cli.errors import StageError
-        from compress_cli.pruning.unstructured import PRUNABLE, match_overrides
+        from compress_cli.pruning import PRUNABLE, match_overrides
 
         cfg = self.config
         targets = state.select_modules(cfg.include, cfg.exclude, PRUNABLE)
@@ -85,7 +87,7 @@ class Codebook(Stage[CodebookConfig]):
 
     def run(self, state: State) -> StageResult:
         from compress_cli import codebook as C
-        from compress_cli.pruning.unstructured import apply_masks, remove_reparametrization
+        from compress_cli.pruning import apply_masks, make_permanent
         from compress_cli.training import train
 
         cfg = self.config
@@ -93,13 +95,13 @@ class Codebook(Stage[CodebookConfig]):
         if cfg.batchnorm == "fold":
             from compress_cli.quantization.core import fold_batchnorm
 
-            masks = remove_reparametrization(state.model)  # fold the effective (masked) weights
+            masks = make_permanent(state.model)  # fold the effective (masked) weights
             training = state.model.training
             state.model, details["folded"] = fold_batchnorm(state.model)
             state.model.to(state.device).train(training)
             apply_masks(state.model, masks)  # zeros stay zeros through the folding and after it
         targets, bits = self._targets(state)
-        remove_reparametrization(state.model, only=[n for n, _ in targets])
+        make_permanent(state.model, only=[n for n, _ in targets])
         per: dict[str, dict[str, Any]] = {}
         for name, mod in targets:
             r = C.share_weights(mod, bits[name], cfg.iters)

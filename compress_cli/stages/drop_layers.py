@@ -1,3 +1,5 @@
+"""The ``drop_layers`` stage: remove whole residual blocks and layers, least important first."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -55,10 +57,10 @@ class DropLayers(Stage[DropLayersConfig]):
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
     def _candidates(self, state: State):  # type: ignore[no-untyped-def]
-        from compress_cli.pruning.structured import find_candidates, make_pruning_permanent, score_candidates
+        from compress_cli.pruning import find_candidates, make_permanent, score_candidates
 
         model = state.model
-        make_pruning_permanent(model)
+        make_permanent(model)
         model.eval()
         cands = find_candidates(model, state.data.example_input(1).to(state.device), self.config.protect)
         if cands:
@@ -68,7 +70,7 @@ class DropLayers(Stage[DropLayersConfig]):
     def preview(self, state: State) -> list[str]:
         import copy
 
-        from compress_cli.pruning.structured import choose
+        from compress_cli.pruning import choose
 
         c = self.config
         work = copy.copy(state)
@@ -90,7 +92,7 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.pruning.structured import drop_layers
+        from compress_cli.pruning import drop_layers
         from compress_cli.training import train
 
         c = self.config
@@ -98,9 +100,9 @@ class DropLayers(Stage[DropLayersConfig]):
             raise StageError("importance 'loss' needs labelled data; use activation or similarity")
         before = sum(p.numel() for p in state.model.parameters())
         if c.if_none == "skip":
-            from compress_cli.pruning.structured import find_candidates, make_pruning_permanent
+            from compress_cli.pruning import find_candidates, make_permanent
 
-            make_pruning_permanent(state.model)
+            make_permanent(state.model)
             if not find_candidates(
                 state.model.eval(), state.data.example_input(1).to(state.device), c.protect
             ):
