@@ -27,16 +27,16 @@ class CodebookConfig(StageConfig, TrainOptions):
     epochs: int = Field(0, ge=0, description="centroid fine-tuning epochs (0: cluster only)")
     others: Literal["keep", "fp16", "bf16"] = Field(
         "keep",
-        description="every other float parameter/buffer (biases, norms): kept, or rounded to float16/bfloat16 "
-        "values at the end (stored in 2 bytes; the model stays float32)",
+        description="every other float parameter/buffer (biases, norms): kept, or rounded to "
+        "float16/bfloat16 values at the end (stored in 2 bytes; the model stays float32)",
     )
     batchnorm: Literal["keep", "fold", "affine"] = Field(
         "keep",
-        description="batch norms: keep; fold each into the conv before it first (the conv gets a bias, the BN "
-        "becomes Identity: 4 fewer tensors per pair, but the folded weights are what gets shared, which can "
-        "cost accuracy); affine: at the end, move the running statistics into the BN's weight and bias "
-        "(running mean 0, variance 1 - eps: the same outputs in eval mode, 2 constant tensors that store "
-        "in a few bytes)",
+        description="batch norms: keep; fold each into the conv before it first (the conv gets a bias, "
+        "the BN becomes Identity: 4 fewer tensors per pair, but the folded weights are what gets shared, "
+        "which can cost accuracy); affine: at the end, move the running statistics into the BN's weight "
+        "and bias (running mean 0, variance 1 - eps: the same outputs in eval mode, 2 constant tensors "
+        "that store in a few bytes)",
     )
 
 

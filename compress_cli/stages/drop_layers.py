@@ -80,8 +80,9 @@ class DropLayers(Stage[DropLayersConfig]):
             return ["no candidate: no residual block or shape-preserving layer in an nn.Sequential"]
         n = c.count if c.count is not None else int(c.fraction * len(cands))  # type: ignore[operator]
         chosen = {x.name for x in choose(cands, n, c.importance)}
+        first = "higher" if c.importance == "similarity" else "lower"
         lines = [
-            f"{len(cands)} candidate(s), {c.importance} score ({'higher' if c.importance == 'similarity' else 'lower'} "
+            f"{len(cands)} candidate(s), {c.importance} score ({first} "
             f"goes first); {len(chosen)} would be removed (*)"
         ]
         for x in cands:
@@ -133,7 +134,10 @@ class DropLayers(Stage[DropLayersConfig]):
         finetune = None
         if c.epochs > 0:
             finetune = train(state.model, state, c, label=self.name).summary()
-        notes = f"{len(removed)} of {len(cands)} candidate(s) removed ({c.importance}): {', '.join(removed)}; params {before:,} -> {after:,}"
+        notes = (
+            f"{len(removed)} of {len(cands)} candidate(s) removed ({c.importance}): {', '.join(removed)}; "
+            f"params {before:,} -> {after:,}"
+        )
         if c.count is not None and len(removed) < c.count:
             notes += f" (asked for {c.count}; nested candidates exclude each other)"
         return StageResult(

@@ -84,7 +84,8 @@ class PruneConfig(StageConfig):
     def _schedule_below_target(self) -> PruneConfig:
         if self.schedule is not None and self.schedule.initial_sparsity >= self.sparsity:
             raise ValueError(
-                f"schedule.initial_sparsity ({self.schedule.initial_sparsity}) must be below sparsity ({self.sparsity})"
+                f"schedule.initial_sparsity ({self.schedule.initial_sparsity}) "
+                f"must be below sparsity ({self.sparsity})"
             )
         return self
 
@@ -236,4 +237,5 @@ def _val_accuracy(state: State, max_batches: int | None) -> Callable[[], float]:
         batches.append((b[0], b[1]))
     runner = EagerRunner(state.model, state.device)
     n_cls = state.data.num_classes
-    return lambda: evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]  # any iterable of batches
+    # evaluate takes any iterable of batches, not only a DataLoader
+    return lambda: evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]
