@@ -143,19 +143,17 @@ class Distill(Stage[DistillConfig]):
         if t == "original":
             return freeze_teacher(state.original_model(), state.device), "original"
         assert isinstance(t, ModelConfig)
-        from compress_cli.engine.run import check_model_fits_data
         from compress_cli.sources.models import load_model
 
         model, _ = load_model(t)
-        check_model_fits_data(model, state.data)
+        state.data.check_model(model)
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
-        from compress_cli.engine.run import check_model_fits_data
         from compress_cli.sources.models import load_model
 
         model, base = load_model(spec)
-        check_model_fits_data(model, state.data)
+        state.data.check_model(model)
         before = sum(p.numel() for p in state.model.parameters())
         after = sum(p.numel() for p in model.parameters())
         state.model = model.to(state.device)

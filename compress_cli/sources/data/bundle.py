@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
     from compress_cli.config.recipe import DataConfig
@@ -95,6 +96,33 @@ class DataBundle:
                 out.append((batch[0], batch[1]))
             self._calib = out
         return self._calib
+
+    def check_model(self, model: nn.Module) -> None:
+        """One forward pass of ``model`` on a sample of this data's shape: raise SourceError unless it
+        gives ``(batch, classes)`` logits with as many classes as the data has (when labelled)."""
+        import torch
+
+        from compress_cli.errors import SourceError
+
+        x = self.example_input(2)
+        try:
+            with torch.no_grad():
+                model.eval()
+                y = model(x)
+        except Exception as e:
+            raise SourceError(
+                f"model does not accept the data's input shape {list(self.input_shape)} "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
+            ) from None
+        if not isinstance(y, torch.Tensor) or y.dim() != 2:
+            raise SourceError(
+                f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
+            )
+        if self.labelled and y.shape[1] != self.num_classes:
+            raise SourceError(
+                f"model outputs {y.shape[1]} classes but the data has {self.num_classes} "
+                "(set model.kwargs.num_classes)"
+            )
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A random batch of ``batch`` inputs of the data's sample shape (tracing, MACs, latency)."""
