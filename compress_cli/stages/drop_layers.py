@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,6 +11,9 @@ from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
 from compress_cli.training import TrainOptions
+
+if TYPE_CHECKING:
+    from compress_cli.pruning import Candidate
 
 
 class DropLayersConfig(StageConfig, TrainOptions):
@@ -56,7 +59,7 @@ class DropLayers(Stage[DropLayersConfig]):
     def trains(cls, config: StageConfig) -> bool:
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
-    def _candidates(self, state: State):  # type: ignore[no-untyped-def]
+    def _candidates(self, state: State) -> list[Candidate]:
         from compress_cli.pruning import find_candidates, make_permanent, score_candidates
 
         model = state.model
