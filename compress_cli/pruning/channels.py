@@ -301,7 +301,7 @@ def prune_channels(
     """
     import torch_pruning as tp
 
-    folded = list(make_permanent(model))
+    folded = make_permanent(model)
     model.eval()
     dev = device_of(model)
     example = example.to(dev)

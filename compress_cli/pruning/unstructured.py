@@ -12,9 +12,10 @@ When should a later stage call :func:`make_permanent`? Whenever it rebuilds, con
 modules instead of training them: quantization (PT2E/FX/ONNX export, fusion), the ``codebook``
 stage, structural pruning with torch-pruning (channels, layers), ``torch.export``/``torch.compile``
 for deployment. It bakes ``weight_orig * weight_mask`` into a plain ``weight`` parameter (so the
-zeros stay, but later training may move them); it returns the masks, and :func:`apply_masks`
-puts them back if the stage trains afterwards. Stages that only train (finetune, distill, QAT
-before conversion) or only read the model need nothing: the masks hold by themselves.
+zeros stay, but later training may move them); a stage that trains afterwards takes
+:func:`masks` first and puts them back with :func:`apply_masks`. Stages that only train
+(finetune, distill, QAT before conversion) or only read the model need nothing: the masks hold
+by themselves.
 Deep copies work at any time (a forward hook keeps the recomputed ``weight`` detached).
 """
 
@@ -91,18 +92,18 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_permanent(model: nn.Module, only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def make_permanent(model: nn.Module, only: Iterable[str] | None = None) -> list[str]:
     """Make pruning permanent, in every module or only in the modules named in ``only``: each
     ``X = X_orig * X_mask`` reparametrization of torch.nn.utils.prune becomes a plain parameter
     ``X`` holding the effective values (zeros included, as the product gives them), and both its
     forward pre-hook and our ``_detach_pruned`` forward hook are removed, so the modules are
     ordinary layers again for graph surgery, tracing, conversion or export.
 
-    Returns the masks removed, ``{"module.X": bool mask}`` (True = kept; the keys name the
-    tensors made permanent), for :func:`apply_masks` when the caller trains afterwards. A no-op
-    on a model without pruned tensors."""
+    Returns the ``"module.X"`` names made permanent. A caller that trains afterwards takes
+    :func:`masks` first and puts them back with :func:`apply_masks` (no mask is copied here: on a
+    large model that copy is a byte per weight). A no-op on a model without pruned tensors."""
     keep = None if only is None else set(only)
-    found = {k: v for k, v in masks(model).items() if keep is None or k.rpartition(".")[0] in keep}
+    done = []
     for mname, mod in model.named_modules():
         if keep is not None and mname not in keep:
             continue
@@ -111,15 +112,16 @@ def make_permanent(model: nn.Module, only: Iterable[str] | None = None) -> dict[
         ]
         for n in names:
             tprune.remove(mod, n)
+            done.append(f"{mname}.{n}" if mname else n)
         for hid, h in list(mod._forward_hooks.items()):
             if h is _detach_pruned:
                 del mod._forward_hooks[hid]
-    return found
+    return done
 
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
-    """Install masks (e.g. from :func:`make_permanent`) with ``prune.custom_from_mask``;
-    they compose with masks already in place."""
+    """Install masks (e.g. taken with :func:`masks` before :func:`make_permanent`) with
+    ``prune.custom_from_mask``; they compose with masks already in place."""
     for key, m in mask_dict.items():
         mname, _, tname = key.rpartition(".")
         mod = model.get_submodule(mname) if mname else model

@@ -87,7 +87,7 @@ class Codebook(Stage[CodebookConfig]):
 
     def run(self, state: State) -> StageResult:
         from compress_cli import codebook as C
-        from compress_cli.pruning import apply_masks, make_permanent
+        from compress_cli.pruning import apply_masks, make_permanent, masks
         from compress_cli.training import train
 
         cfg = self.config
@@ -95,11 +95,12 @@ class Codebook(Stage[CodebookConfig]):
         if cfg.batchnorm == "fold":
             from compress_cli.quantization.core import fold_batchnorm
 
-            masks = make_permanent(state.model)  # fold the effective (masked) weights
+            saved = masks(state.model)
+            make_permanent(state.model)  # fold the effective (masked) weights
             training = state.model.training
             state.model, details["folded"] = fold_batchnorm(state.model)
             state.model.to(state.device).train(training)
-            apply_masks(state.model, masks)  # zeros stay zeros through the folding and after it
+            apply_masks(state.model, saved)  # zeros stay zeros through the folding and after it
         targets, bits = self._targets(state)
         make_permanent(state.model, only=[n for n, _ in targets])
         per: dict[str, dict[str, Any]] = {}

@@ -156,7 +156,8 @@ def test_remove_and_apply_masks_round_trip(state):
     run_stage(state, sparsity=0.6)
     x = torch.randn(5, 1, 8, 8)
     y = state.model.eval()(x)
-    found = P.make_permanent(state.model)
+    found = P.masks(state.model)
+    P.make_permanent(state.model)
     assert set(found) == {"fc1.weight", "fc2.weight"}
     assert not any(k.endswith(("_orig", "_mask")) for k in state.model.state_dict())
     assert isinstance(state.model.fc1.weight, torch.nn.Parameter)
