@@ -54,7 +54,7 @@ def part_a() -> list[str]:
 
     from compress_cli import load
     from compress_cli.checkpoint import save_model
-    from compress_cli.pruning.structured import layer_widths, prune_channels
+    from compress_cli.pruning import layer_widths, prune_channels
     from compress_cli.runtime.measure import count_macs
     from compress_cli.sources.models import build_from_source
 

@@ -106,7 +106,7 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
     seed_everything(recipe.seed, recipe.deterministic)
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
     model, spec = load_model(recipe.model)
-    check_model_fits_data(model, data)
+    data.check_model(model)
     model.to(device).eval()
     from compress_cli.config.recipe import ModelConfig
 
@@ -141,32 +141,6 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
 
         weakref.finalize(state, shutil.rmtree, folder, ignore_errors=True)  # goes with the run's state
     return state
-
-
-def check_model_fits_data(model: Any, data: Any) -> None:
-    """One forward pass on a data sample: shapes and class counts must agree."""
-    import torch
-
-    from compress_cli.errors import SourceError
-
-    x = data.example_input(2)
-    try:
-        with torch.no_grad():
-            model.eval()
-            y = model(x)
-    except Exception as e:
-        raise SourceError(
-            f"model does not accept the data's input shape {list(data.input_shape)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
-        ) from None
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise SourceError(
-            f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
-        )
-    if data.labelled and y.shape[1] != data.num_classes:
-        raise SourceError(
-            f"model outputs {y.shape[1]} classes but the data has {data.num_classes} (set model.kwargs.num_classes)"
-        )
 
 
 def current_runner(state: State) -> Any:

@@ -12,7 +12,7 @@ from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, 
 from compress_cli.config.recipe import parse_yaml, validate
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pruning.structured import IMPORTANCES, layer_widths, prune_channels
+from compress_cli.pruning import IMPORTANCES, layer_widths, prune_channels
 from compress_cli.sources.models import build_from_source
 from compress_cli.stages.registry import get_stage
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
@@ -205,7 +205,7 @@ def test_channel_shuffle_and_window_partition_are_refused_before_anything_runs(t
     from typer.testing import CliRunner
 
     from compress_cli.cli import app
-    from compress_cli.pruning.structured import high_rank_reshapes
+    from compress_cli.pruning import high_rank_reshapes
 
     found = high_rank_reshapes(
         build_from_source({"source": "torchvision:shufflenet_v2_x0_5", "kwargs": {"num_classes": 10}}),
