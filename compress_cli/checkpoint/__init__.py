@@ -232,7 +232,10 @@ def load(
     manifest = read_manifest(d)
     model = build(manifest["model"])
     sd = _read_weights(d, manifest)
-    model = apply_architecture_diff(model, manifest.get("architecture", []))
+    try:
+        model = apply_architecture_diff(model, manifest.get("architecture", []), stored=sd)
+    except SourceError as e:
+        raise SourceError([f"{d / MANIFEST}: {p}" for p in e.problems]) from None
     load_state_dict_checked(model, sd, str(directory))
     for t in manifest.get("transforms", []) if apply_transforms else []:
         fn = load_transform(t["type"])

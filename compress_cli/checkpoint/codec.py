@@ -179,6 +179,12 @@ def _encode_values(
 
 
 _FLOAT_OF_WIDTH = {"bf16": "bfloat16", "f16": "float16"}
+#: the dtypes an encoded (not raw) tensor can have, by the name the index stores
+_FLOAT_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in vars(torch).values()
+    if isinstance(d, torch.dtype) and d.is_floating_point
+}
 
 
 def _as_float_tensor(bits: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -284,7 +290,9 @@ def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
     if meta["enc"] == "raw":
         return parts[""]
     shape = meta["shape"]
-    dtype = getattr(torch, meta["dtype"])
+    dtype = _FLOAT_DTYPES.get(meta["dtype"])
+    if dtype is None:  # the index is read from the file: look names up, never getattr on them
+        raise ValueError(f"tensor encoded as {meta['dtype']!r}, not a floating-point dtype")
     n = int(np.prod(shape)) if shape else 1
     enc = meta["enc"].split("+")
     narrow = next((e for e in enc if e in _FLOAT_OF_WIDTH), None)

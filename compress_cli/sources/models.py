@@ -135,7 +135,8 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
             ) from None
         if not allow_pickle:
             raise SourceError(
-                f"model.checkpoint {p}: not a plain state_dict (it contains pickled objects: {_pickle_reason(e)}); "
+                f"model.checkpoint {p}: not a plain state_dict "
+                f"(it contains pickled objects: {_pickle_reason(e)}); "
                 "loading it would run code from the file. If you trust it, set model.allow_pickle: true"
             ) from None
         obj = torch.load(p, map_location="cpu", weights_only=False)

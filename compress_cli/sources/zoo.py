@@ -105,7 +105,8 @@ def _fashion(channels: tuple[int, int, int], hidden: int, num_classes: int, in_c
 
 
 def fashion_cnn(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.25) -> nn.Module:
-    """28x28 images, about 187k parameters: conv-BN-ReLU blocks 32/64/96 with max pools, Linear 864->128->10."""
+    """28x28 images, about 187k parameters: conv-BN-ReLU blocks 32/64/96 with max pools,
+    Linear 864->128->10."""
     return _fashion((32, 64, 96), 128, num_classes, in_channels, dropout)
 
 
