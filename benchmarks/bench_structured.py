@@ -66,7 +66,14 @@ def part_a() -> list[str]:
     prune_channels(ours, x, importance="l1", ratio=0.5)
     t_ours = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        save_model(ours, Path(d) / "m", model_spec=spec, input_shape=[3, 224, 224], num_classes=1000)
+        save_model(
+            ours,
+            Path(d) / "m",
+            base=build_from_source(spec),
+            model_spec=spec,
+            input_shape=[3, 224, 224],
+            num_classes=1000,
+        )
         reloaded = load(Path(d) / "m")
     direct = copy.deepcopy(original)
     t0 = time.perf_counter()

@@ -151,11 +151,14 @@ def current_runner(state: State) -> Any:
 
 def save_snapshot(state: State, directory: Path) -> int:
     from compress_cli.checkpoint import save_model
+    from compress_cli.sources.models import build_from_source
 
+    spec = state.model_spec.model_dump(mode="json")
     return save_model(
         state.model,
         directory,
-        model_spec=state.model_spec.model_dump(mode="json"),
+        base=build_from_source(spec),
+        model_spec=spec,
         input_shape=list(state.data.input_shape),
         num_classes=state.data.num_classes,
         edits=state.edits.to_json(),
@@ -289,7 +292,7 @@ class Run:
         import torch
 
         from compress_cli._utils.io import atomic_write_bytes, atomic_write_text
-        from compress_cli.checkpoint import encode_state_dict
+        from compress_cli.checkpoint.codec import encode_state_dict
         from compress_cli.pruning.unstructured import masks
 
         # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
@@ -313,19 +316,21 @@ class Run:
 
     def _restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""
-        from compress_cli.checkpoint import load, restore_transforms
+        from compress_cli.checkpoint import restore_transforms
         from compress_cli.config.recipe import ModelConfig
+        from compress_cli.sources.models import load_model_dir, trusted_sources
         from compress_cli.state import Edit, EditLog
 
         saved = json.loads((d / "state.json").read_text())
-        state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
+        model = load_model_dir(d / "model", trust_source=trusted_sources(self.recipe), apply_transforms=False)
+        state.model = model.to(state.device)  # as the stage left it
         if (d / MASKS).is_file():
             import math
 
             import numpy as np
             import torch
 
-            from compress_cli.checkpoint import decode_state_dict
+            from compress_cli.checkpoint.codec import decode_state_dict
             from compress_cli.pruning.unstructured import apply_masks
 
             held = {}

@@ -10,10 +10,10 @@ import yaml
 from torch import nn
 
 import compress_cli
+from compress_cli import load
 from compress_cli.checkpoint import (
     apply_architecture_diff,
     architecture_diff,
-    load,
     read_manifest,
     save_model,
 )
@@ -54,7 +54,14 @@ def test_each_criterion_drops_a_block_that_reloads(criterion, calib, tmp_path):
     scores = sorted(c.score for c in cands)
     picked = sorted(c.score for c in chosen)
     assert picked == (scores[-2:] if criterion == "similarity" else scores[:2])
-    save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8], num_classes=10)
+    save_model(
+        model,
+        tmp_path / "m",
+        base=build_from_source(SPEC),
+        model_spec=SPEC,
+        input_shape=[1, 8, 8],
+        num_classes=10,
+    )
     again = load(tmp_path / "m")
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

@@ -8,7 +8,8 @@ import yaml
 from torch import nn
 
 import compress_cli
-from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, load, save_model
+from compress_cli import load
+from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, save_model
 from compress_cli.config.recipe import parse_yaml, validate
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
@@ -37,7 +38,14 @@ def rebuild_equal(model: nn.Module, spec: dict, shape: tuple[int, ...]) -> nn.Mo
 
 
 def reload_equal(model: nn.Module, spec: dict, tmp_path, shape=(1, 8, 8)) -> nn.Module:
-    save_model(model, tmp_path / "m", model_spec=spec, input_shape=list(shape), num_classes=10)
+    save_model(
+        model,
+        tmp_path / "m",
+        base=build_from_source(spec),
+        model_spec=spec,
+        input_shape=list(shape),
+        num_classes=10,
+    )
     again = load(tmp_path / "m")
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     model.eval()
