@@ -20,11 +20,17 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "load", "run"]
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode."""
-    from compress_cli.checkpoint import load as _load
+def load(path: str | Path, *, trust_source: bool = False) -> nn.Module:
+    """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode.
 
-    return _load(path)
+    A model directory is data: when its manifest names a ``package.module:callable`` model source
+    (code), loading it runs that code, so it is refused unless ``trust_source=True``, in the spirit
+    of Hugging Face's ``trust_remote_code``. Built-in sources (``zoo:``, ``torchvision:``) need no
+    opt-in.
+    """
+    from compress_cli.sources.models import load_model_dir
+
+    return load_model_dir(path, trust_source=trust_source)
 
 
 def run(

@@ -2,82 +2,19 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress_cli._utils.modules import select_modules
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from torch.utils.data import DataLoader, Dataset
 
     from compress_cli.config.recipe import ModelConfig, Recipe
-
-
-@dataclass
-class DataBundle:
-    """Loaders over the train / validation / test splits plus a few calibration batches.
-
-    ``train_dataset`` is kept so stages can ask for a loader with another batch size.
-    """
-
-    train_dataset: Dataset
-    val_dataset: Dataset | None
-    test_dataset: Dataset
-    num_classes: int
-    input_shape: tuple[int, ...]
-    batch_size: int
-    eval_batch_size: int = 256
-    calibration_batches: int = 8
-    seed: int = 0
-    num_workers: int = 0
-    labelled: bool = True
-    _calib: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
-
-    def loader(
-        self, split: str, batch_size: int | None = None, shuffle: bool | None = None, sampler: Any = None
-    ) -> DataLoader:
-        """A loader over ``split``; ``sampler`` (e.g. a DistributedSampler) replaces shuffling."""
-        import torch
-        from torch.utils.data import DataLoader
-
-        ds = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
-        if ds is None:
-            ds = self.test_dataset
-        train = split == "train"
-        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        if sampler is not None:
-            return DataLoader(
-                ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers, drop_last=False
-            )
-        g = torch.Generator()
-        g.manual_seed(self.seed)
-        return DataLoader(
-            ds,
-            batch_size=bs,
-            shuffle=train if shuffle is None else shuffle,
-            generator=g,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
-
-    def calibration(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``calibration_batches`` training batches (fixed order, cached)."""
-        if self._calib is None:
-            out = []
-            for i, batch in enumerate(self.loader("train", shuffle=False)):
-                if i >= self.calibration_batches:
-                    break
-                out.append((batch[0], batch[1]))
-            self._calib = out
-        return self._calib
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        import torch
-
-        return torch.randn(batch, *self.input_shape)
+    from compress_cli.sources.data.bundle import DataBundle
 
 
 @dataclass
@@ -150,21 +87,3 @@ class State:
 
             raise StageError(f"{key}: 'auto' but no earlier stage found a value")
         return value
-
-
-def select_modules(
-    model: nn.Module,
-    include: Iterable[str] = ("*",),
-    exclude: Iterable[str] = (),
-    kinds: tuple[type, ...] = (),
-) -> list[tuple[str, nn.Module]]:
-    inc, exc = list(include), list(exclude)
-    out = []
-    for name, mod in model.named_modules():
-        if not name or (kinds and not isinstance(mod, kinds)):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exc
-        ):
-            out.append((name, mod))
-    return out

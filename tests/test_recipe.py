@@ -166,7 +166,7 @@ def test_unknown_sources_fail_validation_with_suggestion():
 
 
 def test_zoo_names_constant_matches_zoo():
-    from compress_cli.sources import ZOO_NAMES
+    from compress_cli.sources.spec import ZOO_NAMES
     from compress_cli.sources.zoo import ZOO
 
     assert set(ZOO_NAMES) == set(ZOO)

@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+TRUST_HELP = "let the model directory in model.source / model.checkpoint run the code its manifest names"
 if not out.is_terminal:
     out.width = max(out.width, 150)
 
@@ -117,6 +118,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
     as_json: bool = typer.Option(
         False, "--json", help="print the final report as JSON on stdout (nothing else)"
     ),
@@ -130,7 +132,7 @@ def run(
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
-    )
+    ) + (["model.trust_source=true"] if trust_source else [])
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = Renderer(err, quiet or secondary or as_json and not sys.stderr.isatty())
     try:
@@ -163,13 +165,14 @@ def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value"),
     model: bool = typer.Option(False, "--model", help="also load the model and show what each stage touches"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
     from compress_cli.stages.registry import load_recipe
 
     try:
-        r, _ = load_recipe(recipe, list(set_))
+        r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
         out.print(
             f"[green]ok[/green] {recipe}: {r.name}, {len(r.stages)} stage(s): "
             + ", ".join(s.type for s in r.stages)

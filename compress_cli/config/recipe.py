@@ -42,6 +42,12 @@ class ModelConfig(_Strict):
     allow_pickle: bool = Field(
         False, description="allow a fully pickled module checkpoint (runs code: trust it)"
     )
+    trust_source: bool = Field(
+        False,
+        exclude=True,  # a decision of whoever runs: not copied into recipe.yaml, manifests, digests
+        description="let a compressed model directory (source, checkpoint, snapshots) name a "
+        "package.module:callable source, i.e. run code it names (trust it)",
+    )
 
     @field_validator("source")
     @classmethod

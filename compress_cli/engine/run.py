@@ -107,7 +107,7 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
     seed_everything(recipe.seed, recipe.deterministic)
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
     model, spec = load_model(recipe.model)
-    check_model_fits_data(model, data)
+    data.check_model(model)
     model.to(device).eval()
     from compress_cli.config.recipe import ModelConfig
 
@@ -144,32 +144,6 @@ def build_state(recipe: Recipe, device: torch.device, out: Path, emit: Emit = _n
     return state
 
 
-def check_model_fits_data(model: Any, data: Any) -> None:
-    """One forward pass on a data sample: shapes and class counts must agree."""
-    import torch
-
-    from compress_cli.errors import SourceError
-
-    x = data.example_input(2)
-    try:
-        with torch.no_grad():
-            model.eval()
-            y = model(x)
-    except Exception as e:
-        raise SourceError(
-            f"model does not accept the data's input shape {list(data.input_shape)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
-        ) from None
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise SourceError(
-            f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
-        )
-    if data.labelled and y.shape[1] != data.num_classes:
-        raise SourceError(
-            f"model outputs {y.shape[1]} classes but the data has {data.num_classes} (set model.kwargs.num_classes)"
-        )
-
-
 def current_runner(state: State) -> Any:
     from compress_cli.runtime.runners import EagerRunner
 
@@ -178,11 +152,14 @@ def current_runner(state: State) -> Any:
 
 def save_snapshot(state: State, directory: Path) -> int:
     from compress_cli.checkpoint import save_model
+    from compress_cli.sources.models import build_from_source
 
+    spec = state.model_spec.model_dump(mode="json")
     return save_model(
         state.model,
         directory,
-        model_spec=state.model_spec.model_dump(mode="json"),
+        base=build_from_source(spec),
+        model_spec=spec,
         input_shape=list(state.data.input_shape),
         num_classes=state.data.num_classes,
         edits=state.edits.to_json(),
@@ -316,7 +293,7 @@ class Run:
         import torch
 
         from compress_cli._utils.io import atomic_write_bytes, atomic_write_text
-        from compress_cli.checkpoint import encode_state_dict
+        from compress_cli.checkpoint.codec import encode_state_dict
         from compress_cli.pruning.unstructured import masks
 
         # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
@@ -340,19 +317,21 @@ class Run:
 
     def _restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""
-        from compress_cli.checkpoint import load, restore_transforms
+        from compress_cli.checkpoint import restore_transforms
         from compress_cli.config.recipe import ModelConfig
+        from compress_cli.sources.models import load_model_dir, trusted_sources
         from compress_cli.state import Edit, EditLog
 
         saved = json.loads((d / "state.json").read_text())
-        state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
+        model = load_model_dir(d / "model", trust_source=trusted_sources(self.recipe), apply_transforms=False)
+        state.model = model.to(state.device)  # as the stage left it
         if (d / MASKS).is_file():
             import math
 
             import numpy as np
             import torch
 
-            from compress_cli.checkpoint import decode_state_dict
+            from compress_cli.checkpoint.codec import decode_state_dict
             from compress_cli.pruning.unstructured import apply_masks
 
             held = {}

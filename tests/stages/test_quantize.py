@@ -362,7 +362,7 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     fp32, _ = quant.export_onnx(state.model, [1, 8, 8])
     assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
     assert res.details["quantized_tensors"] >= 3
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
 
 
 def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
@@ -436,7 +436,7 @@ class Net(nn.Module):
 def test_onnxruntime_int8_with_constants_derived_from_parameters_reloads_exactly(tmp_path, monkeypatch):
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "derived_net", DERIVED)
     assert res.details.get("derived_constants", 0) >= 1, "the folded table[index] constant is quantized"
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
 
 
 CONSTANT_MLP = '''
@@ -475,4 +475,4 @@ class Net(nn.Module):
 
 def test_onnxruntime_int8_leaves_constant_subgraphs_in_float(tmp_path, monkeypatch):
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "cpb_net", CONSTANT_MLP)
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
