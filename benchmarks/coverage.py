@@ -80,8 +80,9 @@ def build(name: str, out: Path, scheme: str) -> Any:
     import torch
     import yaml
 
-    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.config.yaml import parse_yaml
     from compress_cli.engine.run import build_state
+    from compress_cli.stages.registry import validate
 
     kw, size = model_kwargs(name)
     recipe = validate(

@@ -42,8 +42,8 @@ def run(
     output: str | None = None,
 ) -> dict[str, Any]:
     """Validate and run a recipe file; returns the report (as written to report.json)."""
-    from compress_cli.config.recipe import load_recipe
     from compress_cli.engine.run import run_recipe
+    from compress_cli.stages.registry import load_recipe
 
     r, _ = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
     return run_recipe(r, force=force, device=device)

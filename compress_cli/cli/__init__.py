@@ -126,9 +126,9 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
-    from compress_cli.config.recipe import load_recipe
     from compress_cli.engine.run import run_recipe
     from compress_cli.runtime.distributed import env_rank
+    from compress_cli.stages.registry import load_recipe
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
@@ -169,7 +169,7 @@ def validate(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
-    from compress_cli.config.recipe import load_recipe
+    from compress_cli.stages.registry import load_recipe
 
     try:
         r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
@@ -223,7 +223,7 @@ def stages(name: str | None = typer.Argument(None, help="a stage type to describ
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the recipe format (for yaml-language-server)."""
-    from compress_cli.config.recipe import json_schema
+    from compress_cli.stages.registry import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 

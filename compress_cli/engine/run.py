@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress_cli.config.recipe import Recipe, recipe_to_yaml
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import recipe_to_yaml
 from compress_cli.errors import CompressError, GuardError, Interrupted, StageError, UsageError
 
 if TYPE_CHECKING:

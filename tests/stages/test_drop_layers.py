@@ -17,12 +17,12 @@ from compress_cli.checkpoint import (
     read_manifest,
     save_model,
 )
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.pruning.layers import drop_layers, find_candidates, residual_structure, score_candidates
 from compress_cli.sources.models import build_from_source
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
 
 X1 = torch.randn(1, 1, 8, 8)

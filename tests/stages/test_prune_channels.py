@@ -10,12 +10,12 @@ from torch import nn
 import compress_cli
 from compress_cli import load
 from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, save_model
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.pruning import IMPORTANCES, layer_widths, prune_channels
 from compress_cli.sources.models import build_from_source
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
 
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))

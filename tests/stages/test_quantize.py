@@ -12,12 +12,13 @@ import yaml
 from torch import nn
 
 import compress_cli
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import build_state, save_snapshot
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
+from compress_cli.stages.registry import validate
 from compress_cli.testing import tiny_recipe_dict
 
 X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -261,7 +262,7 @@ def test_excluded_layers_stay_float(tmp_path):
 
 
 def test_recipe_as_run_validates_again(tmp_path):
-    from compress_cli.config.recipe import recipe_to_yaml
+    from compress_cli.config.yaml import recipe_to_yaml
 
     r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
     again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
