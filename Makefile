@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow lint bench coverage install clean data fashion
+.PHONY: demo test test-slow lint format bench coverage install clean data fashion
 
 $(BIN)/compress: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,10 +25,16 @@ test: install
 test-slow: install
 	$(BIN)/pytest -m slow
 
+# What CI gates on (.ci/run), besides the tests.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy compress_cli
+
+# Fix what ruff can fix by itself, then format; `make lint` tells what is left.
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist (needs root and the Debian mirror).
 data:

@@ -48,8 +48,9 @@ def load_dict(name: str) -> dict[str, Any]:
 
 
 def run(d: dict[str, Any]) -> dict[str, Any]:
-    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.config.yaml import parse_yaml
     from compress_cli.engine.run import run_recipe
+    from compress_cli.stages.registry import validate
 
     return run_recipe(validate(parse_yaml(yaml.safe_dump(d, sort_keys=False))), force=True)
 

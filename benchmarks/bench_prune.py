@@ -26,11 +26,11 @@ import yaml
 
 import compress_cli
 from compress_cli.checkpoint import export_state_dict
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.setup import build_state
 from compress_cli.runtime.measure import evaluate, fp32_state_dict_bytes
 from compress_cli.runtime.runners import EagerRunner
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.state import save_snapshot
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 import compress_cli
-from compress_cli.config.recipe import load_recipe
 from compress_cli.engine.run import run_recipe
 from compress_cli.engine.setup import build_state
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.measure import evaluate
+from compress_cli.stages.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("ours int8_static", "direct pt2e"), ("ours onnxruntime_int8", "direct ort quantize_static")]

@@ -54,7 +54,7 @@ def part_a() -> list[str]:
 
     from compress_cli import load
     from compress_cli.checkpoint import save_model
-    from compress_cli.pruning.structured import layer_widths, prune_channels
+    from compress_cli.pruning import layer_widths, prune_channels
     from compress_cli.runtime.measure import count_macs
     from compress_cli.sources.models import build_from_source
 
@@ -66,7 +66,14 @@ def part_a() -> list[str]:
     prune_channels(ours, x, importance="l1", ratio=0.5)
     t_ours = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        save_model(ours, Path(d) / "m", model_spec=spec, input_shape=[3, 224, 224], num_classes=1000)
+        save_model(
+            ours,
+            Path(d) / "m",
+            base=build_from_source(spec),
+            model_spec=spec,
+            input_shape=[3, 224, 224],
+            num_classes=1000,
+        )
         reloaded = load(Path(d) / "m")
     direct = copy.deepcopy(original)
     t0 = time.perf_counter()

@@ -80,8 +80,9 @@ def build(name: str, out: Path, scheme: str) -> Any:
     import torch
     import yaml
 
-    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.config.yaml import parse_yaml
     from compress_cli.engine.setup import build_state
+    from compress_cli.stages.registry import validate
 
     kw, size = model_kwargs(name)
     recipe = validate(
@@ -264,11 +265,12 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
         "# Coverage: torchvision classifiers through every stage",
         "",
         f"`python benchmarks/coverage.py` (`make coverage`). {len(rows)} models from "
-        "`torchvision.models.list_models(module=torchvision.models)`, random init, 10 classes, small input, "
-        f"synthetic data, 1 CPU thread, {timeout} s per model. Chain: prune 0.5 (global) -> prune_channels 0.3 (l1) "
-        f"-> drop_layers 1 (similarity) -> quantize {scheme} -> save + `load()` -> export onnx. A step passes when "
-        "the outputs are finite with the right shape; reload: `load()` gives the live model's outputs; export: the "
-        "ONNX file in ONNX Runtime matches the live model. `refused` = the stage declined up front with a reason.",
+        "`torchvision.models.list_models(module=torchvision.models)`, random init, 10 classes, "
+        f"small input, synthetic data, 1 CPU thread, {timeout} s per model. Chain: prune 0.5 (global) "
+        f"-> prune_channels 0.3 (l1) -> drop_layers 1 (similarity) -> quantize {scheme} -> save + "
+        "`load()` -> export onnx. A step passes when the outputs are finite with the right shape; "
+        "reload: `load()` gives the live model's outputs; export: the ONNX file in ONNX Runtime matches "
+        "the live model. `refused` = the stage declined up front with a reason.",
         "",
         f"**{all_ok} of {len(rows)} models pass or are refused up front at every step**; {timeouts} timed out"
         + (f"; {not_run} not run yet." if not_run else "."),

@@ -70,7 +70,7 @@ def one(name: str) -> dict:
 
     import torch
 
-    from compress_cli.pruning.structured import drop_layers, prune_channels
+    from compress_cli.pruning import drop_layers, prune_channels
     from compress_cli.runtime.measure import count_macs
     from compress_cli.sources.models import build_from_source
 

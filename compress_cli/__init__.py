@@ -20,11 +20,17 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "load", "run"]
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode."""
-    from compress_cli.checkpoint import load as _load
+def load(path: str | Path, *, trust_source: bool = False) -> nn.Module:
+    """Rebuild a model directory written by ``compress run`` (``OUTPUT/model``), in eval mode.
 
-    return _load(path)
+    A model directory is data: when its manifest names a ``package.module:callable`` model source
+    (code), loading it runs that code, so it is refused unless ``trust_source=True``, in the spirit
+    of Hugging Face's ``trust_remote_code``. Built-in sources (``zoo:``, ``torchvision:``) need no
+    opt-in.
+    """
+    from compress_cli.sources.models import load_model_dir
+
+    return load_model_dir(path, trust_source=trust_source)
 
 
 def run(
@@ -36,8 +42,8 @@ def run(
     output: str | None = None,
 ) -> dict[str, Any]:
     """Validate and run a recipe file; returns the report (as written to report.json)."""
-    from compress_cli.config.recipe import load_recipe
     from compress_cli.engine.run import run_recipe
+    from compress_cli.stages.registry import load_recipe
 
     r, _ = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
     return run_recipe(r, force=force, device=device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-from compress_cli.pruning.unstructured import tensor_attr
+from compress_cli._utils.modules import tensor_attr
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:

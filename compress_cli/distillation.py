@@ -301,12 +301,13 @@ def teacher_logit_cache(
     logits: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     teacher.eval()
+    n = len(dataset)  # type: ignore[arg-type]
     with torch.no_grad():  # not inference_mode: the cached tensors take part in autograd-recorded ops later
         for x, y in loader:
             out = teacher(x.to(device)).float()
-            if not logits and out.numel() // max(1, out.shape[0]) * len(dataset) * 4 > CACHE_LIMIT_BYTES:  # type: ignore[arg-type]
+            if not logits and out.numel() // max(1, out.shape[0]) * n * 4 > CACHE_LIMIT_BYTES:
                 raise StageError(
-                    f"cache_teacher: {len(dataset)} samples x {out.shape[1]} logits exceed "  # type: ignore[arg-type]
+                    f"cache_teacher: {n} samples x {out.shape[1]} logits exceed "
                     f"{CACHE_LIMIT_BYTES // 1024**3} GiB; set cache_teacher: false"
                 )
             logits.append(out)

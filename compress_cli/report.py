@@ -118,7 +118,8 @@ DEFINITIONS = {
     "size_bytes": "bytes on disk of the compressed checkpoint (manifest + encoded weights)",
     "size_ratio": "fp32 state_dict saved with torch.save (baseline fp32_bytes) / size_bytes",
     "macs": "multiply-accumulates of one forward pass at batch 1 (torch.utils.flop_counter / 2)",
-    "latency_ms": "median wall time of one forward pass at latency_batch, after warm-up, on the run device, in the named runtime",
+    "latency_ms": "median wall time of one forward pass at latency_batch, after warm-up, on the run device, "
+    "in the named runtime",
     "latency_p90_ms": "90th percentile of the same",
     "throughput": "samples per second at throughput_batch (median over repeats)",
     "speedup": "baseline latency_ms / this latency_ms",

@@ -3,88 +3,23 @@ hparams, edits) and, in ``State.ctx``, the run's services a stage may use (:clas
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from compress_cli._utils.modules import select_modules
 from compress_cli.events import RunListener
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from torch.utils.data import DataLoader, Dataset
 
     from compress_cli.config.recipe import ModelConfig, Recipe
     from compress_cli.runtime.runners import Runner
+    from compress_cli.sources.data.bundle import DataBundle
     from compress_cli.stages.base import Stage, StageResult
-
-
-@dataclass
-class DataBundle:
-    """Loaders over the train / validation / test splits plus a few calibration batches.
-
-    ``train_dataset`` is kept so stages can ask for a loader with another batch size.
-    """
-
-    train_dataset: Dataset
-    val_dataset: Dataset | None
-    test_dataset: Dataset
-    num_classes: int
-    input_shape: tuple[int, ...]
-    batch_size: int
-    eval_batch_size: int = 256
-    calibration_batches: int = 8
-    seed: int = 0
-    num_workers: int = 0
-    labelled: bool = True
-    _calib: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
-
-    def loader(
-        self, split: str, batch_size: int | None = None, shuffle: bool | None = None, sampler: Any = None
-    ) -> DataLoader:
-        """A loader over ``split``; ``sampler`` (e.g. a DistributedSampler) replaces shuffling."""
-        import torch
-        from torch.utils.data import DataLoader
-
-        ds = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
-        if ds is None:
-            ds = self.test_dataset
-        train = split == "train"
-        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        if sampler is not None:
-            return DataLoader(
-                ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers, drop_last=False
-            )
-        g = torch.Generator()
-        g.manual_seed(self.seed)
-        return DataLoader(
-            ds,
-            batch_size=bs,
-            shuffle=train if shuffle is None else shuffle,
-            generator=g,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
-
-    def calibration(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``calibration_batches`` training batches (fixed order, cached)."""
-        if self._calib is None:
-            out = []
-            for i, batch in enumerate(self.loader("train", shuffle=False)):
-                if i >= self.calibration_batches:
-                    break
-                out.append((batch[0], batch[1]))
-            self._calib = out
-        return self._calib
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        """Random inputs of the data's shape (for shape checks, MACs, tracing)."""
-        import torch
-
-        return torch.randn(batch, *self.input_shape)
 
 
 @dataclass
@@ -174,7 +109,7 @@ class State:
     edits: EditLog = field(default_factory=EditLog)
     #: load-time transforms a stage needs replayed by load() (e.g. quantization); see checkpoint
     transforms: list[dict[str, Any]] = field(default_factory=list)
-    runner: Runner | None = None  # what measures the model; None = torch eager
+    runner: Any = None  # the runtime.runners.Runner that measures the model; None = torch eager
     seed: int = 0
 
     def current_runner(self) -> Runner:
@@ -218,33 +153,16 @@ def save_snapshot(state: State, directory: Path) -> int:
     """Write the state's model as a compressed model directory (the format ``compress_cli.load``
     reads: architecture diff, edits, load transforms, encoded weights); returns its bytes on disk."""
     from compress_cli.checkpoint import save_model
+    from compress_cli.sources.models import build_from_source
 
+    spec = state.model_spec.model_dump(mode="json")
     return save_model(
         state.model,
         directory,
-        model_spec=state.model_spec.model_dump(mode="json"),
+        base=build_from_source(spec),
+        model_spec=spec,
         input_shape=list(state.data.input_shape),
         num_classes=state.data.num_classes,
         edits=state.edits.to_json(),
         transforms=state.transforms,
     )
-
-
-def select_modules(
-    model: nn.Module,
-    include: Iterable[str] = ("*",),
-    exclude: Iterable[str] = (),
-    kinds: tuple[type, ...] = (),
-) -> list[tuple[str, nn.Module]]:
-    """(name, module) of ``model``'s submodules whose names match an ``include`` glob and no
-    ``exclude`` glob, limited to instances of ``kinds`` when given."""
-    inc, exc = list(include), list(exclude)
-    out = []
-    for name, mod in model.named_modules():
-        if not name or (kinds and not isinstance(mod, kinds)):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exc
-        ):
-            out.append((name, mod))
-    return out

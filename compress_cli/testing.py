@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from compress_cli.state import DataBundle
+    from compress_cli.sources.data import DataBundle
 
 
 def seeded_zoo(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:

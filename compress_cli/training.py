@@ -56,13 +56,27 @@ class TrainOptions(BaseModel):
 
 @dataclass
 class TrainResult:
+    """What one ``train`` call did: epochs run, per-epoch history, best validation accuracy."""
+
     epochs_run: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_val_accuracy: float | None = None
     stopped_early: bool = False
     seconds: float = 0.0
 
+    def notes(self, *parts: str) -> str:
+        """A training stage's one-line notes: epochs run, then ``parts``, the last validation
+        accuracy and whether early stopping restored the best weights."""
+        last = self.history[-1] if self.history else {}
+        notes = ", ".join([f"{self.epochs_run} epoch(s)", *parts])
+        if "val_accuracy" in last:
+            notes += f", val {last['val_accuracy'] * 100:.2f}%"
+        if self.stopped_early:
+            notes += ", stopped early (best weights restored)"
+        return notes
+
     def summary(self) -> dict[str, Any]:
+        """The result as report details (history included)."""
         return {
             "epochs_run": self.epochs_run,
             "best_val_accuracy": self.best_val_accuracy,

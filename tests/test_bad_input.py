@@ -47,10 +47,12 @@ def _ckpt(tmp: Path, kind: str) -> str:
 
 def _model_dir_corrupt(tmp: Path) -> str:
     from compress_cli.checkpoint import save_model
+    from compress_cli.sources.models import build_from_source
     from compress_cli.testing import tiny_mlp
 
     d = tmp / "modeldir"
-    save_model(tiny_mlp(), d, model_spec={"source": "zoo:digits_mlp"}, input_shape=[1, 8, 8])
+    spec = {"source": "zoo:digits_mlp"}
+    save_model(tiny_mlp(), d, base=build_from_source(spec), model_spec=spec, input_shape=[1, 8, 8])
     w = d / "weights.safetensors.xz"
     w.write_bytes(w.read_bytes()[:50])
     return str(d)

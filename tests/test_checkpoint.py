@@ -4,16 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from compress_cli import load
 from compress_cli.checkpoint import (
     apply_architecture_diff,
     architecture_diff,
-    decode_state_dict,
-    encode_state_dict,
-    load,
     read_manifest,
     save_model,
     tensor_encodings,
 )
+from compress_cli.checkpoint.codec import decode_state_dict, encode_state_dict
 from compress_cli.errors import SourceError
 from compress_cli.sources.models import build_from_source as load_source_model
 from compress_cli.testing import seeded_zoo
@@ -99,7 +98,14 @@ def test_save_load_roundtrip_with_structural_change(tmp_path):
     parent_name, _, child = head_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Linear(head.in_features, head.out_features, bias=False))
-    size = save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8], num_classes=10)
+    size = save_model(
+        model,
+        tmp_path / "m",
+        base=load_source_model(SPEC),
+        model_spec=SPEC,
+        input_shape=[1, 8, 8],
+        num_classes=10,
+    )
     assert size > 0
     again = load(tmp_path / "m")
     x = torch.randn(4, 1, 8, 8)
@@ -110,7 +116,7 @@ def test_save_load_roundtrip_with_structural_change(tmp_path):
 
 def test_corrupt_or_missing_files_are_source_errors(tmp_path):
     model = seeded_zoo("digits_cnn")
-    save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8])
+    save_model(model, tmp_path / "m", base=load_source_model(SPEC), model_spec=SPEC, input_shape=[1, 8, 8])
     w = tmp_path / "m" / "weights.safetensors.xz"
     w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
     with pytest.raises(SourceError, match="corrupt or truncated weights"):
@@ -128,7 +134,8 @@ def test_prune_reparametrization_is_folded(tmp_path):
     model = seeded_zoo("digits_mlp").eval()
     lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
     P.l1_unstructured(lin, "weight", amount=0.8)
-    save_model(model, tmp_path / "m", model_spec={"source": "zoo:digits_mlp"}, input_shape=[1, 8, 8])
+    spec = {"source": "zoo:digits_mlp"}
+    save_model(model, tmp_path / "m", base=load_source_model(spec), model_spec=spec, input_shape=[1, 8, 8])
     again = load(tmp_path / "m")
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
@@ -156,20 +163,25 @@ def test_copy_model_works_on_pruned_modules_after_forward():
 
 def test_large_payloads_are_zstd_small_ones_xz_and_both_reload_exactly(tmp_path, monkeypatch):
     import compress_cli.checkpoint as ck
+    import compress_cli.checkpoint.codec as codec
     from compress_cli.testing import tiny_cnn
 
     model = tiny_cnn()
     spec = {"source": "zoo:digits_cnn"}
-    small = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
+    small = ck.save_model(
+        model, tmp_path / "m", base=load_source_model(spec), model_spec=spec, input_shape=[1, 8, 8]
+    )
     assert (tmp_path / "m" / ck.WEIGHTS).is_file() and ck.read_manifest(tmp_path / "m")[
         "weights"
     ] == ck.WEIGHTS
-    monkeypatch.setattr(ck, "LZMA_MAX_BYTES", 1000)  # this model's payload now counts as large
-    big = ck.save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
+    monkeypatch.setattr(codec, "LZMA_MAX_BYTES", 1000)  # this model's payload now counts as large
+    big = ck.save_model(
+        model, tmp_path / "m", base=load_source_model(spec), model_spec=spec, input_shape=[1, 8, 8]
+    )
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["manifest.json", ck.WEIGHTS_ZSTD], "the re-save replaces the xz file"
     assert big == ck.checkpoint_size(tmp_path / "m") and big > small * 0.9
-    again = ck.load(tmp_path / "m")
+    again = load(tmp_path / "m")
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
 
@@ -180,6 +192,7 @@ def test_modules_that_check_their_state_version_reload(tmp_path):
     save_model(
         model,
         tmp_path / "m",
+        base=load_source_model({"source": "torchvision:mnasnet0_5", "kwargs": {"num_classes": 10}}),
         model_spec={"source": "torchvision:mnasnet0_5", "kwargs": {"num_classes": 10}},
         input_shape=[3, 32, 32],
     )

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compress_cli.checkpoint import (
+from compress_cli.checkpoint.codec import (
     decode_gaps,
     decode_state_dict,
     decode_tensor,

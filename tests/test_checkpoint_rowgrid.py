@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compress_cli.checkpoint import decode_state_dict, encode_state_dict, encode_tensor
+from compress_cli.checkpoint.codec import decode_state_dict, encode_state_dict, encode_tensor
 
 
 def per_channel_int8(shape, qmax=127, seed=0):

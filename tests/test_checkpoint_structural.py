@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, load, save_model
+from compress_cli import load
+from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, save_model
 from compress_cli.errors import SourceError
 
 
@@ -64,7 +65,7 @@ def test_a_new_sequential_is_described_by_its_children(tmp_path):
     blk = model.layer2[0]
     model.layer2[0] = nn.Sequential(blk.downsample.conv, blk.downsample.bn, nn.ReLU(), nn.Dropout(0.1))
     model.eval()
-    save_model(model, tmp_path / "m", model_spec=spec, input_shape=[1, 8, 8])
+    save_model(model, tmp_path / "m", base=build_from_source(spec), model_spec=spec, input_shape=[1, 8, 8])
     again = load(tmp_path / "m")
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():

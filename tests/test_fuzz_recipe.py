@@ -6,8 +6,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress_cli.config.recipe import apply_overrides, parse_yaml, validate
+from compress_cli.config.yaml import apply_overrides, parse_yaml
 from compress_cli.errors import CompressError
+from compress_cli.stages.registry import validate
 
 KEYS = [
     "version",

@@ -126,7 +126,8 @@ def test_release_memory_returns_the_freed_heap_to_the_os():
         def rss():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 
-        x = torch.ones(8 << 20)  # a freed 32 MB block raises glibc's mmap threshold: 1 MB blocks go on the heap
+        # a freed 32 MB block raises glibc's mmap threshold: 1 MB blocks go on the heap
+        x = torch.ones(8 << 20)
         del x
         blocks = [torch.ones(1 << 18) for _ in range(400)]  # 400 MB
         high = rss()

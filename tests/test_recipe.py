@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress_cli.config.recipe import apply_overrides, json_schema, load_recipe, parse_yaml, validate
+from compress_cli.config.yaml import apply_overrides, parse_yaml
 from compress_cli.errors import RecipeError
+from compress_cli.stages.registry import json_schema, load_recipe, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +166,7 @@ def test_unknown_sources_fail_validation_with_suggestion():
 
 
 def test_zoo_names_constant_matches_zoo():
-    from compress_cli.sources import ZOO_NAMES
+    from compress_cli.sources.spec import ZOO_NAMES
     from compress_cli.sources.zoo import ZOO
 
     assert set(ZOO_NAMES) == set(ZOO)

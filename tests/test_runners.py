@@ -8,11 +8,13 @@ import pytest
 import torch
 import yaml
 
-from compress_cli.config.recipe import LatencyConfig, parse_yaml, validate
+from compress_cli.config.recipe import LatencyConfig
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.measure import evaluate, latency
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
+from compress_cli.stages.registry import validate
 from compress_cli.testing import digits_bundle, tiny_cnn, tiny_recipe_dict
 
 

@@ -11,8 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from compress_cli.cli import app
-from compress_cli.config.recipe import load_recipe
-from compress_cli.stages.registry import list_stages
+from compress_cli.stages.registry import list_stages, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

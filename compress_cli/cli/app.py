@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Make PyTorch models smaller and faster, and tune them, from YAML recipes.",
     pretty_exceptions_enable=False,
 )
+TRUST_HELP = "let the model directory in model.source / model.checkpoint run the code its manifest names"
 
 
 def _fail(e: CompressError, debug: bool) -> NoReturn:
@@ -35,6 +36,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
     as_json: bool = typer.Option(
         False, "--json", help="print the final report as JSON on stdout (nothing else)"
     ),
@@ -42,13 +44,13 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
-    from compress_cli.config.recipe import load_recipe
     from compress_cli.engine.run import execute_recipe
     from compress_cli.runtime.distributed import env_rank
+    from compress_cli.stages.registry import load_recipe
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
-    )
+    ) + (["model.trust_source=true"] if trust_source else [])
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = render.Renderer(render.err, quiet or secondary or as_json and not sys.stderr.isatty())
     try:
@@ -80,13 +82,14 @@ def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value"),
     model: bool = typer.Option(False, "--model", help="also load the model and show what each stage touches"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
-    from compress_cli.config.recipe import load_recipe
+    from compress_cli.stages.registry import load_recipe
 
     try:
-        r, _ = load_recipe(recipe, list(set_))
+        r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
         render.validated(recipe, r.name, [s.type for s in r.stages])
         if model:
             from compress_cli.cli.dryrun import dry_run
@@ -124,7 +127,7 @@ def stages(name: str | None = typer.Argument(None, help="a stage type to describ
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the recipe format (for yaml-language-server)."""
-    from compress_cli.config.recipe import json_schema
+    from compress_cli.stages.registry import json_schema
 
     render.schema(json_schema())
 

@@ -16,7 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress_cli.config.recipe import Recipe, recipe_to_yaml
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import recipe_to_yaml
 from compress_cli.engine.guards import GuardPolicy
 from compress_cli.engine.setup import build_state, check_output, preflight, prepare_output, resolve_device
 from compress_cli.engine.signals import StopController

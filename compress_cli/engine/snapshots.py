@@ -60,7 +60,7 @@ class SnapshotStore:
         import torch
 
         from compress_cli._utils.io import atomic_write_bytes, atomic_write_text
-        from compress_cli.checkpoint import encode_state_dict
+        from compress_cli.checkpoint.codec import encode_state_dict
         from compress_cli.pruning.unstructured import masks
 
         # the pruning masks in force: a resumed (or reverted-to) model must keep its zeros through
@@ -84,19 +84,21 @@ class SnapshotStore:
 
     def restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""
-        from compress_cli.checkpoint import load, restore_transforms
+        from compress_cli.checkpoint import restore_transforms
         from compress_cli.config.recipe import ModelConfig
+        from compress_cli.sources.models import load_model_dir, trusted_sources
         from compress_cli.state import Edit, EditLog
 
         saved = json.loads((d / "state.json").read_text())
-        state.model = load(d / "model", apply_transforms=False).to(state.device)  # as the stage left it
+        model = load_model_dir(d / "model", trust_source=trusted_sources(self.recipe), apply_transforms=False)
+        state.model = model.to(state.device)  # as the stage left it
         if (d / MASKS).is_file():
             import math
 
             import numpy as np
             import torch
 
-            from compress_cli.checkpoint import decode_state_dict
+            from compress_cli.checkpoint.codec import decode_state_dict
             from compress_cli.pruning.unstructured import apply_masks
 
             held = {}

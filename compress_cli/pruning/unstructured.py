@@ -1,4 +1,4 @@
-"""Unstructured magnitude pruning on top of ``torch.nn.utils.prune``, and its helpers.
+"""Unstructured magnitude pruning on top of ``torch.nn.utils.prune``, and making it permanent.
 
 The ``prune`` stage leaves every pruned tensor reparametrized the torch way: ``weight_orig`` (the
 trained parameter) and ``weight_mask`` (a buffer), with ``weight = weight_orig * weight_mask``
@@ -8,13 +8,14 @@ effective weight), and what makes a second prune stage compose with the first (t
 ``PruningContainer`` multiplies the masks; our sparsity targets are cumulative).
 ``checkpoint.export_state_dict`` folds the pairs back into ``weight`` when saving.
 
-When should a later stage call :func:`remove_reparametrization`? Whenever it rebuilds, converts
-or traces modules instead of training them: quantization (PT2E/FX/ONNX export, fusion), the
-``codebook`` stage, structural pruning with torch-pruning, ``torch.export``/``torch.compile`` for
-deployment. It bakes ``weight_orig * weight_mask`` into a plain ``weight`` parameter (so the
-zeros stay, but later training may move them); it returns the masks, and :func:`apply_masks`
-puts them back if the stage trains afterwards. Stages that only train (finetune, distill, QAT
-before conversion) or only read the model need nothing: the masks hold by themselves.
+When should a later stage call :func:`make_permanent`? Whenever it rebuilds, converts or traces
+modules instead of training them: quantization (PT2E/FX/ONNX export, fusion), the ``codebook``
+stage, structural pruning with torch-pruning (channels, layers), ``torch.export``/``torch.compile``
+for deployment. It bakes ``weight_orig * weight_mask`` into a plain ``weight`` parameter (so the
+zeros stay, but later training may move them); a stage that trains afterwards takes
+:func:`masks` first and puts them back with :func:`apply_masks`. Stages that only train
+(finetune, distill, QAT before conversion) or only read the model need nothing: the masks hold
+by themselves.
 Deep copies work at any time (a forward hook keeps the recomputed ``weight`` detached).
 """
 
@@ -22,15 +23,14 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.utils.prune as tprune
 from torch import nn
 
-if TYPE_CHECKING:
-    from compress_cli.state import State
+from compress_cli._utils.modules import select_modules, tensor_attr
 
 #: module kinds whose ``weight`` the prune and codebook stages work on
 PRUNABLE: tuple[type[nn.Module], ...] = (
@@ -45,13 +45,6 @@ PRUNABLE: tuple[type[nn.Module], ...] = (
 
 
 # --------------------------------------------------------------------------- reparametrization
-def tensor_attr(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """``module.<name>`` typed as the tensor it is (nn.Module attributes type as Tensor | Module)."""
-    t = getattr(module, name)
-    assert isinstance(t, torch.Tensor), f"{type(module).__name__}.{name} is not a tensor"
-    return t
-
-
 def is_pruned(module: nn.Module, name: str = "weight") -> bool:
     """True when ``module.name`` is reparametrized by torch.nn.utils.prune."""
     return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
@@ -80,7 +73,7 @@ def _has_detach_hook(module: nn.Module) -> bool:
     return any(h is _detach_pruned for h in module._forward_hooks.values())
 
 
-def _refresh(module: nn.Module, name: str = "weight") -> None:
+def refresh(module: nn.Module, name: str = "weight") -> None:
     """Recompute the effective tensor without grad and make sure the detach hook is installed."""
     if is_pruned(module, name):
         setattr(module, name, effective_weight(module, name))
@@ -99,12 +92,18 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def remove_reparametrization(model: nn.Module, only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Make pruning permanent: ``weight_orig * weight_mask`` becomes a plain ``weight`` parameter
-    (zeros included) and the hooks go; in every module, or only in the modules named in ``only``.
-    Returns the masks that were removed, for :func:`apply_masks`. A no-op without pruned tensors."""
+def make_permanent(model: nn.Module, only: Iterable[str] | None = None) -> list[str]:
+    """Make pruning permanent, in every module or only in the modules named in ``only``: each
+    ``X = X_orig * X_mask`` reparametrization of torch.nn.utils.prune becomes a plain parameter
+    ``X`` holding the effective values (zeros included, as the product gives them), and both its
+    forward pre-hook and our ``_detach_pruned`` forward hook are removed, so the modules are
+    ordinary layers again for graph surgery, tracing, conversion or export.
+
+    Returns the ``"module.X"`` names made permanent. A caller that trains afterwards takes
+    :func:`masks` first and puts them back with :func:`apply_masks` (no mask is copied here: on a
+    large model that copy is a byte per weight). A no-op on a model without pruned tensors."""
     keep = None if only is None else set(only)
-    found = {k: v for k, v in masks(model).items() if keep is None or k.rpartition(".")[0] in keep}
+    done = []
     for mname, mod in model.named_modules():
         if keep is not None and mname not in keep:
             continue
@@ -113,22 +112,23 @@ def remove_reparametrization(model: nn.Module, only: Iterable[str] | None = None
         ]
         for n in names:
             tprune.remove(mod, n)
+            done.append(f"{mname}.{n}" if mname else n)
         for hid, h in list(mod._forward_hooks.items()):
             if h is _detach_pruned:
                 del mod._forward_hooks[hid]
-    return found
+    return done
 
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
-    """Install masks (e.g. from :func:`remove_reparametrization`) with ``prune.custom_from_mask``;
-    they compose with masks already in place."""
+    """Install masks (e.g. taken with :func:`masks` before :func:`make_permanent`) with
+    ``prune.custom_from_mask``; they compose with masks already in place."""
     for key, m in mask_dict.items():
         mname, _, tname = key.rpartition(".")
         mod = model.get_submodule(mname) if mname else model
         ref = getattr(mod, tname + "_orig", None)
         ref = ref if ref is not None else getattr(mod, tname)
         tprune.custom_from_mask(mod, tname, m.to(device=ref.device, dtype=ref.dtype))
-        _refresh(mod, tname)
+        refresh(mod, tname)
 
 
 def mask_zeros(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> int:
@@ -142,7 +142,7 @@ def mask_zeros(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> in
         new = int((already & ~keep).sum())
         if new:
             tprune.custom_from_mask(mod, "weight", keep.to(w.dtype))
-            _refresh(mod)
+            refresh(mod)
             newly += new
     return newly
 
@@ -179,8 +179,8 @@ def select_targets(
     head: str | None,
     include_head: bool,
 ) -> list[tuple[str, nn.Module]]:
-    from compress_cli.state import select_modules
-
+    """The prunable layers (:data:`PRUNABLE`) matching ``include`` and not ``exclude`` globs; the
+    classifier ``head`` only with ``include_head``."""
     return [(n, m) for n, m in select_modules(model, include, exclude, PRUNABLE) if include_head or n != head]
 
 
@@ -213,6 +213,7 @@ def cubic_schedule(initial: float, final: float, steps: int) -> list[float]:
 
 # --------------------------------------------------------------------------- pruning
 def count_masked(module: nn.Module) -> int:
+    """How many entries of ``module.weight`` its pruning mask holds at zero (0 when not pruned)."""
     if is_pruned(module):
         return int((tensor_attr(module, "weight_mask") == 0).sum())
     return 0
@@ -253,7 +254,7 @@ def prune_global(modules: Sequence[nn.Module], sparsity: float) -> int:
                 ties -= tied.numel()
             del mag
             tprune.custom_from_mask(m, "weight", (keep & ~drop).to(tensor_attr(m).dtype))
-            _refresh(m)
+            refresh(m)
     return amount
 
 
@@ -263,7 +264,7 @@ def prune_layer(module: nn.Module, sparsity: float) -> int:
     if amount <= 0:
         return 0
     tprune.l1_unstructured(module, "weight", amount=amount, importance_scores=effective_weight(module))
-    _refresh(module)
+    refresh(module)
     return amount
 
 
@@ -278,140 +279,20 @@ class Group:
 
     @property
     def numel(self) -> int:
+        """Weights in the group."""
         return sum(tensor_attr(m).numel() for m in self.modules)
 
     def apply(self, sparsity: float) -> int:
+        """Prune the group up to ``sparsity`` (pooled: ranked together); returns newly masked."""
         if self.pooled:
             return prune_global(self.modules, sparsity)
         return sum(prune_layer(m, sparsity) for m in self.modules)
 
 
 def layer_sparsity(module: nn.Module) -> float:
+    """The fraction of exact zeros in ``module``'s effective weight."""
     w = effective_weight(module)
     return float((w == 0).sum()) / max(1, w.numel())
-
-
-# --------------------------------------------------------------------------- sensitivity
-@dataclass
-class SensitivityScan:
-    ratios: list[float]
-    baseline_accuracy: float
-    drops: dict[str, list[float]] = field(default_factory=dict)  # layer -> accuracy drop (points) per ratio
-    numel: dict[str, int] = field(default_factory=dict)
-
-    def table(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "layer": n,
-                "params": self.numel[n],
-                **{f"{r:g}": round(d, 3) for r, d in zip(self.ratios, ds, strict=True)},
-            }
-            for n, ds in self.drops.items()
-        ]
-
-
-def scan_sensitivity(
-    targets: list[tuple[str, nn.Module]],
-    model: nn.Module,
-    state: State,
-    ratios: Sequence[float],
-    max_batches: int | None = None,
-) -> SensitivityScan:
-    """Prune one layer at a time to each ratio (L1, counting zeros already there), measure the
-    validation top-1 drop in points, restore the layer. The model is left as it was."""
-    from compress_cli.runtime.measure import evaluate
-    from compress_cli.runtime.runners import EagerRunner
-
-    batches = []
-    for i, b in enumerate(state.data.loader("val", shuffle=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append((b[0], b[1]))
-    runner = EagerRunner(model, state.device)
-    n_cls = state.data.num_classes
-    base = evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]  # any iterable of batches
-    scan = SensitivityScan(ratios=list(ratios), baseline_accuracy=base)
-    for name, mod in targets:
-        src = tensor_attr(mod, "weight_orig" if is_pruned(mod) else "weight")
-        saved = src.detach().clone()
-        w = effective_weight(mod)
-        drops = []
-        for r in ratios:
-            k = int(round(r * w.numel()))
-            keep = (
-                tprune.L1Unstructured(amount=k).compute_mask(w.abs(), torch.ones_like(w))
-                if k > 0
-                else torch.ones_like(w)
-            )
-            with torch.no_grad():
-                src.copy_(w * keep)
-            _refresh(mod)
-            drops.append((base - evaluate(runner, batches, n_cls)["accuracy"]) * 100)  # type: ignore[arg-type]
-            state.ctx.listener.on_step("sensitivity")
-        with torch.no_grad():
-            src.copy_(saved)
-        _refresh(mod)
-        scan.drops[name] = drops
-        scan.numel[name] = w.numel()
-    return scan
-
-
-def _hull(ratios: Sequence[float], drops: Sequence[float]) -> list[tuple[float, float]]:
-    """Lower convex hull of the damage curve through (0, 0) and the scanned points, after making
-    it non-decreasing (a drop that shrinks at a higher ratio is noise)."""
-    pts, top = [(0.0, 0.0)], 0.0
-    for r, d in zip(ratios, drops, strict=True):
-        top = max(top, d)
-        pts.append((r, top))
-    hull: list[tuple[float, float]] = []
-    for p in pts:
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] is not below the chord
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-def allocate(
-    scan: SensitivityScan, target: float, floors: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Per-layer sparsities whose weighted mean is ``target`` with the least summed damage.
-
-    Each layer's measured damage curve (accuracy drop vs sparsity) is made non-decreasing and
-    replaced by its lower convex hull; pieces of sparsity are then handed out greedily by damage
-    per pruned weight, cheapest first, across all layers (optimal for convex piecewise-linear
-    curves: every layer ends at the same marginal damage per weight). A layer starts at its
-    ``floors`` value (the sparsity it already has). Raises ValueError when even the largest
-    scanned ratio everywhere falls short of the target."""
-    names = list(scan.drops)
-    floors = floors or {}
-    total = sum(scan.numel[k] for k in names)
-    alloc = {k: floors.get(k, 0.0) for k in names}
-    need = target * total - sum(alloc[k] * scan.numel[k] for k in names)
-    pieces = []  # (damage per weight, layer order, layer, from, to)
-    for order, k in enumerate(names):
-        hull = _hull(scan.ratios, scan.drops[k])
-        for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
-            lo = max(x1, alloc[k])
-            if x2 > lo:
-                pieces.append(((y2 - y1) / ((x2 - x1) * scan.numel[k]), order, k, lo, x2))
-    reach = sum((b - a) * scan.numel[k] for _, _, k, a, b in pieces)
-    if reach < need - 1e-9:
-        best = (total * target - need + reach) / total
-        raise ValueError(
-            f"the scanned ratios reach at most {best:.3f} overall sparsity (target {target}); "
-            "add larger sensitivity.ratios"
-        )
-    for _, _, k, a, b in sorted(pieces):
-        if need <= 1e-9:
-            break
-        take = min(b - a, need / scan.numel[k])
-        alloc[k] = a + take
-        need -= take * scan.numel[k]
-    return alloc
 
 
 def summary(targets: list[tuple[str, nn.Module]]) -> tuple[dict[str, dict[str, Any]], float]:
@@ -425,25 +306,3 @@ def summary(targets: list[tuple[str, nn.Module]]) -> tuple[dict[str, dict[str, A
         zeros += z
         total += w.numel()
     return per, (zeros / total if total else 0.0)
-
-
-__all__ = [
-    "PRUNABLE",
-    "Group",
-    "SensitivityScan",
-    "allocate",
-    "apply_masks",
-    "cubic_schedule",
-    "effective_weight",
-    "find_head",
-    "is_pruned",
-    "layer_sparsity",
-    "mask_zeros",
-    "masks",
-    "prune_global",
-    "prune_layer",
-    "remove_reparametrization",
-    "scan_sensitivity",
-    "select_targets",
-    "summary",
-]

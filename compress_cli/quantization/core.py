@@ -154,10 +154,10 @@ def strip_pruning(model: nn.Module) -> nn.Module:
     (``weight = weight_orig * weight_mask`` becomes a plain parameter; zeros stay zeros, and
     quantize to exactly zero). Nothing trains after an int8 conversion, so masks need not hold."""
     from compress_cli.checkpoint import copy_model
-    from compress_cli.pruning.unstructured import remove_reparametrization
+    from compress_cli.pruning import make_permanent
 
     model = copy_model(model)
-    remove_reparametrization(model)
+    make_permanent(model)
     return model
 
 
@@ -688,7 +688,7 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
     """Write the int8 weights of ``qmodel`` (as float32 values) into ``model``; -> the layer names."""
     from torch.ao.nn.quantized import dynamic as nnqd
 
-    from compress_cli.pruning.unstructured import tensor_attr
+    from compress_cli._utils.modules import tensor_attr
 
     done = []
     with torch.no_grad():

@@ -1,55 +1,80 @@
-"""Model sources: ``zoo:NAME``, ``torchvision:NAME``, ``package.module:callable``, a compressed
-model directory; checkpoints as state_dict ``.pt/.pth`` (weights_only), ``.safetensors``, or a
-compressed model directory. A fully pickled module only with ``allow_pickle: true``."""
+"""Model sources -> modules: the one place a ``model.source`` becomes an ``nn.Module``.
+
+Sources (grammar in ``sources.spec``): ``zoo:NAME``, ``torchvision:NAME``, ``package.module:callable``,
+a compressed model directory; checkpoints as state_dict ``.pt/.pth`` (weights_only), ``.safetensors``,
+or a compressed model directory. A fully pickled module only with ``allow_pickle: true``. A model
+directory is data: the source its manifest names is built here only when it is built-in, or the
+caller trusts it (``trust_source``), so loading a shared directory never runs code from it.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress_cli.errors import SourceError
+from compress_cli.sources.spec import manifest_source_problem, parse_model_source
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from compress_cli.config.recipe import ModelConfig
-    from compress_cli.state import DataBundle
+    from compress_cli.config.recipe import ModelConfig, Recipe
 
 
 def build_from_source(spec: dict[str, Any]) -> nn.Module:
-    """Build the architecture named by ``{"source": ..., "kwargs": {...}}`` (random init)."""
+    """Build the architecture named by ``{"source": ..., "kwargs": {...}}`` (random init, the same
+    for the same source whatever the global RNG is doing). A compressed model directory is not
+    built but loaded (``load_model_dir``)."""
     import torch
 
     source = spec["source"]
     kwargs = dict(spec.get("kwargs") or {})
-    kind, _, name = source.partition(":")
-    # Same random init for the same source, whatever the global RNG is doing.
+    try:
+        parsed = parse_model_source(source)
+    except ValueError as e:
+        raise SourceError(f"model.source {source!r}: {e}") from None
+    if parsed.kind == "directory":
+        raise SourceError(
+            f"model.source {source!r}: expected zoo:NAME, torchvision:NAME or package.module:callable "
+            "(a compressed model directory is loaded, not built)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if kind == "zoo" and name:
+        if parsed.kind == "zoo":
             from compress_cli.sources.zoo import build_zoo
 
-            model = build_zoo(name, **kwargs)
-        elif kind == "torchvision" and name:
-            model = _torchvision(name, kwargs)
-        elif name and "." in kind or (name and kind.isidentifier()):
-            model = _callable(kind, name, kwargs)
+            model = build_zoo(parsed.name, **kwargs)
+        elif parsed.kind == "torchvision":
+            model = _torchvision(parsed.name, kwargs)
         else:
-            from compress_cli.checkpoint import is_model_dir, load
-
-            if is_model_dir(source):
-                return load(source)
-            raise SourceError(
-                f"model.source {source!r}: expected zoo:NAME, torchvision:NAME, package.module:callable "
-                "or a compressed model directory"
-            )
+            model = _callable(parsed.name, parsed.attr, kwargs)
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise SourceError(f"model.source {source!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def load_model_dir(
+    directory: str | Path, *, trust_source: bool | Collection[str] = False, apply_transforms: bool = True
+) -> nn.Module:
+    """Rebuild a compressed model directory (eval mode).
+
+    Its manifest may name a built-in source only, unless ``trust_source`` is True or lists the
+    ``package.module:callable`` it names: otherwise SourceError, before anything is imported.
+    """
+    from compress_cli.checkpoint import MANIFEST, load
+
+    def base(spec: dict[str, Any]) -> nn.Module:
+        problem = manifest_source_problem(spec["source"], trust_source)
+        if problem:
+            raise SourceError(f"{Path(directory) / MANIFEST}: {problem}")
+        return build_from_source(spec)
+
+    return load(directory, base, apply_transforms=apply_transforms)
 
 
 def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -110,7 +135,8 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
             ) from None
         if not allow_pickle:
             raise SourceError(
-                f"model.checkpoint {p}: not a plain state_dict (it contains pickled objects: {_pickle_reason(e)}); "
+                f"model.checkpoint {p}: not a plain state_dict "
+                f"(it contains pickled objects: {_pickle_reason(e)}); "
                 "loading it would run code from the file. If you trust it, set model.allow_pickle: true"
             ) from None
         obj = torch.load(p, map_location="cpu", weights_only=False)
@@ -131,47 +157,16 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     raise SourceError(f"model.checkpoint {p}: expected a state_dict of tensors (got {type(obj).__name__})")
 
 
-def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> None:
-    """Load ``sd`` strictly; on mismatch name the missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-
-        def few(xs: list[str]) -> str:
-            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
-        if shapes:
-            parts.append(f"mis-shaped: {few(shapes)}")
-        raise SourceError(f"{origin}: checkpoint does not match the model architecture; " + "; ".join(parts))
-    if getattr(sd, "_metadata", None) is None:  # module versions (MNASNet refuses a state without them)
-        from collections import OrderedDict
-
-        sd = OrderedDict(sd)
-        sd._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    model.load_state_dict(sd, strict=True)
-
-
 def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The model named by the recipe, with its checkpoint loaded. Returns (model, base spec).
 
     The base spec is what the compressed checkpoint's manifest will rebuild from.
     """
-    from compress_cli.checkpoint import is_model_dir, load, read_manifest
+    from compress_cli.checkpoint import is_model_dir, load_state_dict_checked, read_manifest
 
     spec = {"source": cfg.source, "kwargs": dict(cfg.kwargs)}
     if is_model_dir(cfg.source):
-        return load(cfg.source), read_manifest(cfg.source)["model"]
+        return load_model_dir(cfg.source, trust_source=cfg.trust_source), read_manifest(cfg.source)["model"]
     if cfg.checkpoint and is_model_dir(cfg.checkpoint):
         manifest = read_manifest(cfg.checkpoint)
         if manifest["model"]["source"] != cfg.source:
@@ -179,7 +174,9 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
                 f"model.checkpoint {cfg.checkpoint}: was made from {manifest['model']['source']!r}, "
                 f"not from model.source {cfg.source!r}"
             )
-        return load(cfg.checkpoint), manifest["model"]
+        # the source is the recipe's own: code the user runs anyway
+        own = cfg.trust_source or frozenset({cfg.source})
+        return load_model_dir(cfg.checkpoint, trust_source=own), manifest["model"]
     model = build_from_source(spec)
     if cfg.checkpoint:
         sd = read_state_dict(cfg.checkpoint, cfg.allow_pickle)
@@ -191,34 +188,33 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
     return model, spec
 
 
+def trusted_sources(recipe: Recipe) -> bool | frozenset[str]:
+    """What a run of ``recipe`` may rebuild its own snapshots from (``load_model_dir``'s
+    ``trust_source``): any source when one of its model configs opts in, else the sources they
+    name themselves (the user's own code). A snapshot is a model directory in the output folder,
+    which another job or a shared cache may have written: it gets no more trust than the recipe."""
+    from pydantic import BaseModel
+
+    from compress_cli.config.recipe import ModelConfig
+
+    found: list[ModelConfig] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, ModelConfig):
+            found.append(node)
+        elif isinstance(node, BaseModel):
+            for value in vars(node).values():
+                walk(value)
+        elif isinstance(node, (list, tuple, dict)):
+            for value in node.values() if isinstance(node, dict) else node:
+                walk(value)
+
+    walk(recipe)
+    return any(c.trust_source for c in found) or frozenset(c.source for c in found)
+
+
 def _pickle_reason(e: Exception) -> str:
     for line in str(e).splitlines():
         if "global" in line.lower():
             return line.strip().rstrip(".")
     return "objects other than tensors"
-
-
-def check_model_fits_data(model: nn.Module, data: DataBundle) -> None:
-    """One forward pass on a data sample: the input shape must fit and the output must be
-    (batch, classes) logits with as many classes as the data has (SourceError otherwise)."""
-    import torch
-
-    x = data.example_input(2)
-    try:
-        with torch.no_grad():
-            model.eval()
-            y = model(x)
-    except Exception as e:
-        raise SourceError(
-            f"model does not accept the data's input shape {list(data.input_shape)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
-        ) from None
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise SourceError(
-            f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
-        )
-    if data.labelled and y.shape[1] != data.num_classes:
-        raise SourceError(
-            f"model outputs {y.shape[1]} classes but the data has {data.num_classes} "
-            "(set model.kwargs.num_classes)"
-        )

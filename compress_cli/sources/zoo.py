@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress_cli.errors import SourceError, did_you_mean
+from compress_cli.sources.spec import ZOO_NAMES
 
 
 def _conv_bn_relu(name: str, cin: int, cout: int) -> list[tuple[str, nn.Module]]:
@@ -104,7 +105,8 @@ def _fashion(channels: tuple[int, int, int], hidden: int, num_classes: int, in_c
 
 
 def fashion_cnn(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.25) -> nn.Module:
-    """28x28 images, about 187k parameters: conv-BN-ReLU blocks 32/64/96 with max pools, Linear 864->128->10."""
+    """28x28 images, about 187k parameters: conv-BN-ReLU blocks 32/64/96 with max pools,
+    Linear 864->128->10."""
     return _fashion((32, 64, 96), 128, num_classes, in_channels, dropout)
 
 
@@ -169,14 +171,9 @@ def digits_resnet(num_classes: int = 10, in_channels: int = 1, width: int = 16) 
     )
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {
-    "digits_mlp": digits_mlp,
-    "digits_cnn": digits_cnn,
-    "digits_resnet": digits_resnet,
-    "lenet5": lenet5,
-    "fashion_cnn": fashion_cnn,
-    "fashion_cnn_small": fashion_cnn_small,
-}
+#: name -> builder: each zoo network is the function of its name above (the names are listed once,
+#: torch-free, in ``sources.spec`` for recipe validation)
+ZOO: dict[str, Callable[..., nn.Module]] = {name: globals()[name] for name in ZOO_NAMES}
 
 #: one sample's shape each network expects with default kwargs (``in_channels`` replaces dim 0)
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {

@@ -9,25 +9,14 @@ from __future__ import annotations
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from compress_cli.config.stage import StageConfig
 
 if TYPE_CHECKING:
     from compress_cli.state import State
 
-
-class StageConfig(BaseModel):
-    """Fields every stage accepts. Unknown keys are rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str = Field(description="registered stage type")
-    name: str | None = Field(None, description="label shown in the report (default: the type)")
-    on_violation: Literal["fail", "revert", "warn"] | None = Field(
-        None, description="what a guard violation after this stage does (default: the guard's)"
-    )
-
+__all__ = ["Stage", "StageConfig", "StageResult"]
 
 C = TypeVar("C", bound=StageConfig)
 

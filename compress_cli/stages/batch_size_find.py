@@ -1,3 +1,5 @@
+"""The ``batch_size_find`` stage: the largest (or fastest) training batch that fits (``batch_size: auto``)."""
+
 from __future__ import annotations
 
 from typing import Literal

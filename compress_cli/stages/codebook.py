@@ -1,3 +1,5 @@
+"""The ``codebook`` stage: Deep Compression weight sharing (per-layer k-means), optional centroid tuning."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -25,16 +27,16 @@ class CodebookConfig(StageConfig, TrainOptions):
     epochs: int = Field(0, ge=0, description="centroid fine-tuning epochs (0: cluster only)")
     others: Literal["keep", "fp16", "bf16"] = Field(
         "keep",
-        description="every other float parameter/buffer (biases, norms): kept, or rounded to float16/bfloat16 "
-        "values at the end (stored in 2 bytes; the model stays float32)",
+        description="every other float parameter/buffer (biases, norms): kept, or rounded to "
+        "float16/bfloat16 values at the end (stored in 2 bytes; the model stays float32)",
     )
     batchnorm: Literal["keep", "fold", "affine"] = Field(
         "keep",
-        description="batch norms: keep; fold each into the conv before it first (the conv gets a bias, the BN "
-        "becomes Identity: 4 fewer tensors per pair, but the folded weights are what gets shared, which can "
-        "cost accuracy); affine: at the end, move the running statistics into the BN's weight and bias "
-        "(running mean 0, variance 1 - eps: the same outputs in eval mode, 2 constant tensors that store "
-        "in a few bytes)",
+        description="batch norms: keep; fold each into the conv before it first (the conv gets a bias, "
+        "the BN becomes Identity: 4 fewer tensors per pair, but the folded weights are what gets shared, "
+        "which can cost accuracy); affine: at the end, move the running statistics into the BN's weight "
+        "and bias (running mean 0, variance 1 - eps: the same outputs in eval mode, 2 constant tensors "
+        "that store in a few bytes)",
     )
 
 
@@ -65,7 +67,7 @@ class Codebook(Stage[CodebookConfig]):
 
     def _targets(self, state: State) -> tuple[list[tuple[str, Any]], dict[str, int]]:
         from compress_cli.errors import StageError
-        from compress_cli.pruning.unstructured import PRUNABLE, match_overrides
+        from compress_cli.pruning import PRUNABLE, match_overrides
 
         cfg = self.config
         targets = state.select_modules(cfg.include, cfg.exclude, PRUNABLE)
@@ -85,7 +87,7 @@ class Codebook(Stage[CodebookConfig]):
 
     def run(self, state: State) -> StageResult:
         from compress_cli import codebook as C
-        from compress_cli.pruning.unstructured import apply_masks, remove_reparametrization
+        from compress_cli.pruning import apply_masks, make_permanent, masks
         from compress_cli.training import train
 
         cfg = self.config
@@ -93,13 +95,14 @@ class Codebook(Stage[CodebookConfig]):
         if cfg.batchnorm == "fold":
             from compress_cli.quantization.core import fold_batchnorm
 
-            masks = remove_reparametrization(state.model)  # fold the effective (masked) weights
+            saved = masks(state.model)
+            make_permanent(state.model)  # fold the effective (masked) weights
             training = state.model.training
             state.model, details["folded"] = fold_batchnorm(state.model)
             state.model.to(state.device).train(training)
-            apply_masks(state.model, masks)  # zeros stay zeros through the folding and after it
+            apply_masks(state.model, saved)  # zeros stay zeros through the folding and after it
         targets, bits = self._targets(state)
-        remove_reparametrization(state.model, only=[n for n, _ in targets])
+        make_permanent(state.model, only=[n for n, _ in targets])
         per: dict[str, dict[str, Any]] = {}
         for name, mod in targets:
             r = C.share_weights(mod, bits[name], cfg.iters)

@@ -1,3 +1,5 @@
+"""The ``distill`` stage: knowledge distillation from a teacher (default: the model as loaded)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -57,11 +59,13 @@ class DistillConfig(StageConfig, TrainOptions):
         0.9,
         ge=0,
         le=1,
-        description="weight of the KD term (times T^2); 1 - alpha weighs the cross-entropy (1: labels unused)",
+        description="weight of the KD term (times T^2); 1 - alpha weighs the cross-entropy "
+        "(1: labels unused)",
     )
     features: list[FeaturePair] = Field(
         default_factory=list,
-        description="intermediate layers to match (MSE), with a learned 1x1 conv/Linear projection when widths differ",
+        description="intermediate layers to match (MSE), with a learned 1x1 conv/Linear projection "
+        "when widths differ",
     )
     cache_teacher: bool = Field(
         False,
@@ -119,8 +123,8 @@ class Distill(Stage[DistillConfig]):
 
     def preview(self, state: State) -> list[str]:
         c = self.config
-        t = "the model as loaded" if c.teacher == "original" else _describe(c.teacher)  # type: ignore[arg-type]
-        s = "the current model" if c.student == "current" else "NEW " + _describe(c.student)  # type: ignore[arg-type]
+        t = _describe(c.teacher) if isinstance(c.teacher, ModelConfig) else "the model as loaded"
+        s = "NEW " + _describe(c.student) if isinstance(c.student, ModelConfig) else "the current model"
         lines = [
             f"teacher: {t}; student: {s}; T={c.temperature}, alpha={c.alpha}"
             + (", teacher logits cached" if c.cache_teacher else "")
@@ -139,17 +143,17 @@ class Distill(Stage[DistillConfig]):
         if t == "original":
             return freeze_teacher(state.original_model(), state.device), "original"
         assert isinstance(t, ModelConfig)
-        from compress_cli.sources.models import check_model_fits_data, load_model
+        from compress_cli.sources.models import load_model
 
         model, _ = load_model(t)
-        check_model_fits_data(model, state.data)
+        state.data.check_model(model)
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
-        from compress_cli.sources.models import check_model_fits_data, load_model
+        from compress_cli.sources.models import load_model
 
         model, base = load_model(spec)
-        check_model_fits_data(model, state.data)
+        state.data.check_model(model)
         before = sum(p.numel() for p in state.model.parameters())
         after = sum(p.numel() for p in model.parameters())
         state.model = model.to(state.device)
@@ -272,13 +276,8 @@ class Distill(Stage[DistillConfig]):
         finally:
             if matcher is not None:
                 matcher.close()
-        last = res.history[-1] if res.history else {}
-        notes = f"{res.epochs_run} epoch(s), T={T:g}, alpha={alpha:g}"
+        notes = res.notes(f"T={T:g}", f"alpha={alpha:g}")
         if isinstance(c.student, ModelConfig):
             notes = f"student {c.student.source}: " + notes
-        if "val_accuracy" in last:
-            notes += f", val {last['val_accuracy'] * 100:.2f}%"
-        if res.stopped_early:
-            notes += ", stopped early (best weights restored)"
         details.update(res.summary())
         return StageResult(notes=notes, details=details)

@@ -1,6 +1,8 @@
+"""The ``drop_layers`` stage: remove whole residual blocks and layers, least important first."""
+
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -9,6 +11,9 @@ from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
 from compress_cli.training import TrainOptions
+
+if TYPE_CHECKING:
+    from compress_cli.pruning import Candidate
 
 
 class DropLayersConfig(StageConfig, TrainOptions):
@@ -54,11 +59,11 @@ class DropLayers(Stage[DropLayersConfig]):
     def trains(cls, config: StageConfig) -> bool:
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
-    def _candidates(self, state: State):  # type: ignore[no-untyped-def]
-        from compress_cli.pruning.structured import find_candidates, make_pruning_permanent, score_candidates
+    def _candidates(self, state: State) -> list[Candidate]:
+        from compress_cli.pruning import find_candidates, make_permanent, score_candidates
 
         model = state.model
-        make_pruning_permanent(model)
+        make_permanent(model)
         model.eval()
         cands = find_candidates(model, state.data.example_input(1).to(state.device), self.config.protect)
         if cands:
@@ -68,7 +73,7 @@ class DropLayers(Stage[DropLayersConfig]):
     def preview(self, state: State) -> list[str]:
         import copy
 
-        from compress_cli.pruning.structured import choose
+        from compress_cli.pruning import choose
 
         c = self.config
         work = copy.copy(state)
@@ -78,8 +83,9 @@ class DropLayers(Stage[DropLayersConfig]):
             return ["no candidate: no residual block or shape-preserving layer in an nn.Sequential"]
         n = c.count if c.count is not None else int(c.fraction * len(cands))  # type: ignore[operator]
         chosen = {x.name for x in choose(cands, n, c.importance)}
+        first = "higher" if c.importance == "similarity" else "lower"
         lines = [
-            f"{len(cands)} candidate(s), {c.importance} score ({'higher' if c.importance == 'similarity' else 'lower'} "
+            f"{len(cands)} candidate(s), {c.importance} score ({first} "
             f"goes first); {len(chosen)} would be removed (*)"
         ]
         for x in cands:
@@ -90,7 +96,7 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.pruning.structured import drop_layers
+        from compress_cli.pruning import drop_layers
         from compress_cli.training import train
 
         c = self.config
@@ -98,9 +104,9 @@ class DropLayers(Stage[DropLayersConfig]):
             raise StageError("importance 'loss' needs labelled data; use activation or similarity")
         before = sum(p.numel() for p in state.model.parameters())
         if c.if_none == "skip":
-            from compress_cli.pruning.structured import find_candidates, make_pruning_permanent
+            from compress_cli.pruning import find_candidates, make_permanent
 
-            make_pruning_permanent(state.model)
+            make_permanent(state.model)
             if not find_candidates(
                 state.model.eval(), state.data.example_input(1).to(state.device), c.protect
             ):
@@ -131,7 +137,10 @@ class DropLayers(Stage[DropLayersConfig]):
         finetune = None
         if c.epochs > 0:
             finetune = train(state.model, state, c, label=self.name).summary()
-        notes = f"{len(removed)} of {len(cands)} candidate(s) removed ({c.importance}): {', '.join(removed)}; params {before:,} -> {after:,}"
+        notes = (
+            f"{len(removed)} of {len(cands)} candidate(s) removed ({c.importance}): {', '.join(removed)}; "
+            f"params {before:,} -> {after:,}"
+        )
         if c.count is not None and len(removed) < c.count:
             notes += f" (asked for {c.count}; nested candidates exclude each other)"
         return StageResult(

@@ -1,3 +1,5 @@
+"""The ``evaluate`` stage: an explicit measuring point that changes nothing."""
+
 from __future__ import annotations
 
 from compress_cli.stages.base import Stage, StageConfig, StageResult

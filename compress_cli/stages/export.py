@@ -177,12 +177,8 @@ def _plain_model(state: State):
 
     model = state.model
     if any(k.endswith("_orig") for k in model.state_dict()):
-        model = copy_model(model)
-        import torch.nn.utils.prune as P
+        from compress_cli.pruning import make_permanent
 
-        for m in model.modules():
-            for name in [
-                n[: -len("_orig")] for n, _ in list(m.named_parameters(recurse=False)) if n.endswith("_orig")
-            ]:
-                P.remove(m, name)
+        model = copy_model(model)
+        make_permanent(model)
     return model.eval()

@@ -1,3 +1,5 @@
+"""The ``finetune`` stage: train the current model with the shared training loop."""
+
 from __future__ import annotations
 
 from compress_cli.stages.base import Stage, StageConfig, StageResult
@@ -22,10 +24,4 @@ class Finetune(Stage[FinetuneConfig]):
 
     def run(self, state: State) -> StageResult:
         res = train(state.model, state, self.config, label=self.name)
-        last = res.history[-1] if res.history else {}
-        notes = f"{res.epochs_run} epoch(s)"
-        if "val_accuracy" in last:
-            notes += f", val {last['val_accuracy'] * 100:.2f}%"
-        if res.stopped_early:
-            notes += ", stopped early (best weights restored)"
-        return StageResult(notes=notes, details=res.summary())
+        return StageResult(notes=res.notes(), details=res.summary())

@@ -32,7 +32,8 @@ class HpoConfig(StageConfig):
     objectives: list[Objective] = Field(
         default_factory=lambda: ["accuracy"],  # type: ignore[arg-type,return-value]
         min_length=1,
-        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... (minimized): Pareto front",
+        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... "
+        "(minimized): Pareto front",
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
     sampler_startup_trials: int = Field(
@@ -52,8 +53,9 @@ class HpoConfig(StageConfig):
     )
     storage: str | None = Field(
         None,
-        description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); 'memory' keeps it "
-        "in memory; default: a SQLite file in the output directory (an interrupted search resumes)",
+        description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); "
+        "'memory' keeps it in memory; default: a SQLite file in the output directory "
+        "(an interrupted search resumes)",
     )
     study_name: str | None = Field(
         None, description="study to create or join (default: from the recipe name)"

@@ -1,3 +1,5 @@
+"""The ``lr_find`` stage: an lr range test that sets ``hparams.lr`` for later ``lr: auto`` stages."""
+
 from __future__ import annotations
 
 from typing import Literal

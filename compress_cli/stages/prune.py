@@ -1,5 +1,8 @@
+"""The ``prune`` stage: unstructured L1-magnitude pruning, one shot or gradual, global or per layer."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -81,7 +84,8 @@ class PruneConfig(StageConfig):
     def _schedule_below_target(self) -> PruneConfig:
         if self.schedule is not None and self.schedule.initial_sparsity >= self.sparsity:
             raise ValueError(
-                f"schedule.initial_sparsity ({self.schedule.initial_sparsity}) must be below sparsity ({self.sparsity})"
+                f"schedule.initial_sparsity ({self.schedule.initial_sparsity}) "
+                f"must be below sparsity ({self.sparsity})"
             )
         return self
 
@@ -114,8 +118,8 @@ class Prune(Stage[PruneConfig]):
         return sched is not None and sched.epochs > 0
 
     def _plan(self, state: State) -> tuple[Any, list[Any], str | None, dict[str, float]]:
+        from compress_cli import pruning as P
         from compress_cli.errors import StageError
-        from compress_cli.pruning import unstructured as P
 
         cfg = self.config
         head = P.find_head(state.model, state.data.example_input(1).to(state.device))
@@ -166,7 +170,10 @@ class Prune(Stage[PruneConfig]):
                 raise StageError("sensitivity: needs labelled validation data to measure accuracy drops")
             state.ctx.listener.on_message(f"{self.name}: sensitivity scan of {len(free)} layers")
             scan = P.scan_sensitivity(
-                free, state.model, state, cfg.sensitivity.ratios, cfg.sensitivity.max_batches
+                free,
+                cfg.sensitivity.ratios,
+                _val_accuracy(state, cfg.sensitivity.max_batches),
+                on_step=lambda: state.ctx.listener.on_step("sensitivity"),
             )
             floors = {n: P.layer_sparsity(m) for n, m in free}
             try:
@@ -214,3 +221,21 @@ class Prune(Stage[PruneConfig]):
         notes = f"{len(targets)} layers at {overall * 100:.1f}% sparsity ({how}"
         notes += f", {len(history)} steps)" if history else ", one shot)"
         return StageResult(notes=notes, details=details)
+
+
+def _val_accuracy(state: State, max_batches: int | None) -> Callable[[], float]:
+    """A callable giving ``state.model``'s top-1 validation accuracy (torch eager, on the run
+    device) over its first ``max_batches`` validation batches (all by default), held in memory so
+    every measurement of a sensitivity scan sees the same batches."""
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
+
+    batches = []
+    for i, b in enumerate(state.data.loader("val", shuffle=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batches.append((b[0], b[1]))
+    runner = EagerRunner(state.model, state.device)
+    n_cls = state.data.num_classes
+    # evaluate takes any iterable of batches, not only a DataLoader
+    return lambda: evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]

@@ -1,3 +1,5 @@
+"""The ``prune_channels`` stage: remove output channels and neurons (torch-pruning), optionally in steps."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -56,7 +58,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return isinstance(config, PruneChannelsConfig) and config.epochs > 0 and config.steps > 1
 
     def preflight(self, state: State) -> None:
-        from compress_cli.pruning.structured import high_rank_reshapes
+        from compress_cli.pruning import high_rank_reshapes
 
         found = high_rank_reshapes(state.model, state.data.example_input(1).to(state.device))
         if found:
@@ -69,7 +71,8 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             )
 
     def preview(self, state: State) -> list[str]:
-        from compress_cli.pruning.structured import layer_widths, matches_any, output_layers
+        from compress_cli._utils.modules import matches_any, output_layers
+        from compress_cli.pruning import layer_widths
 
         c = self.config
         widths = layer_widths(state.model)
@@ -88,7 +91,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.pruning.structured import prune_channels
+        from compress_cli.pruning import prune_channels
         from compress_cli.training import train
 
         c = self.config

@@ -38,7 +38,7 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "opset": ("onnxruntime_int8",),
     "exporter": ("onnxruntime_int8",),
     "group_size": ("int4_weight_only",),
-    **{k: ("qat",) for k in TrainOptions.model_fields},
+    **dict.fromkeys(TrainOptions.model_fields, ("qat",)),
 }
 _WHY_CUDA = (
     "runs on CUDA only: torchao's weight-only kernels are CUDA kernels; on CPU its int8 configs ran "

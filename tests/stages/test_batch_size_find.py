@@ -10,9 +10,10 @@ import torch
 import yaml
 from torch import nn
 
-from compress_cli.config.recipe import Recipe, parse_yaml, validate
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.training import TrainOptions
 from compress_cli.tuning import Probe, apply_margin, pick_throughput, probe_batch, search_max_batch
 

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 import compress_cli
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
-from compress_cli.stages.registry import get_stage, list_stages
+from compress_cli.stages.registry import get_stage, list_stages, validate
 from compress_cli.testing import tiny_recipe_dict
 
 STAGES = list_stages()

@@ -16,12 +16,13 @@ import yaml
 from torch.utils.data import TensorDataset
 
 import compress_cli
-from compress_cli.config.recipe import Recipe, parse_yaml, validate
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.distillation import FeatureMatcher, kd_loss
 from compress_cli.engine.run import run_recipe
 from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.state import save_snapshot
 from compress_cli.testing import seeded_zoo, tiny_recipe_dict
 

@@ -10,19 +10,19 @@ import yaml
 from torch import nn
 
 import compress_cli
+from compress_cli import load
 from compress_cli.checkpoint import (
     apply_architecture_diff,
     architecture_diff,
-    load,
     read_manifest,
     save_model,
 )
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pruning.structured import drop_layers, find_candidates, residual_structure, score_candidates
+from compress_cli.pruning.layers import drop_layers, find_candidates, residual_structure, score_candidates
 from compress_cli.sources.models import build_from_source
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
 
 X1 = torch.randn(1, 1, 8, 8)
@@ -54,7 +54,14 @@ def test_each_criterion_drops_a_block_that_reloads(criterion, calib, tmp_path):
     scores = sorted(c.score for c in cands)
     picked = sorted(c.score for c in chosen)
     assert picked == (scores[-2:] if criterion == "similarity" else scores[:2])
-    save_model(model, tmp_path / "m", model_spec=SPEC, input_shape=[1, 8, 8], num_classes=10)
+    save_model(
+        model,
+        tmp_path / "m",
+        base=build_from_source(SPEC),
+        model_spec=SPEC,
+        input_shape=[1, 8, 8],
+        num_classes=10,
+    )
     again = load(tmp_path / "m")
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
@@ -75,11 +82,12 @@ def test_replacements_identity_and_shortcut_with_relu(calib):
     by = {c.name: c for c in cands}
     for c in cands:
         c.score = 0.0 if c.name in ("layer1.0", "layer2.0") else 1.0
-    from compress_cli.pruning.structured import _set_module, build_bypasses, choose
+    from compress_cli._utils.modules import set_submodule
+    from compress_cli.pruning.layers import build_bypasses, choose
 
     build_bypasses(model, cands, calib)
     for c in choose(cands, 2, "loss"):
-        _set_module(model, c.name, c.bypass)
+        set_submodule(model, c.name, c.bypass)
     # layer1.0's input is already >= 0 (after a ReLU): the ReLU of the bypass is a no-op and left out
     assert isinstance(model.layer1[0], nn.Identity)
     # layer2.0 changes shape: replaced by its downsample path followed by the block's final ReLU

@@ -147,8 +147,9 @@ def test_export_after_quantize_writes_the_quantized_model(tmp_path, scheme, sour
 
 
 def test_export_refuses_formats_the_quantized_model_has_not_at_validation(tmp_path):
-    from compress_cli.config.recipe import parse_yaml, validate
+    from compress_cli.config.yaml import parse_yaml
     from compress_cli.errors import RecipeError
+    from compress_cli.stages.registry import validate
     from compress_cli.testing import tiny_recipe_dict
 
     d = tiny_recipe_dict(

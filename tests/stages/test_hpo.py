@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from compress_cli.config.recipe import Recipe, parse_yaml, validate
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,8 @@ def test_valid_config_and_nested_rules():
     [
         (
             {"stages": [{**FT, "epochs": -1}], "space": LR},
-            r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: finetune: must be greater than or equal to 0 \(got -1\)",
+            r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: "
+            r"finetune: must be greater than or equal to 0 \(got -1\)",
         ),
         (
             {"stages": [{**FT, "lrr": 0.1}], "space": LR},
@@ -93,7 +95,8 @@ def test_valid_config_and_nested_rules():
         ),
         (
             {"stages": [{"type": "finetun"}], "space": LR},
-            r"stages\[0\] \(hpo\).stages\[0\].type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
+            r"stages\[0\] \(hpo\).stages\[0\].type: "
+            r"unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
         ),
         (
             {"stages": [FT], "space": {"prune.sparsity": {"float": [0.1, 0.9]}}},
@@ -140,14 +143,14 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
         "finetune.lr": {"categorical": [1e-5, 3e-3, 1e-2]},
         "finetune.optimizer": {"categorical": ["sgd", "adam"]},
     }
-    cfg = dict(
-        stages=[{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}],
-        space=space,
-        n_trials=6,
-        sampler="random",
-        pruner="median",
-        pruner_startup_trials=2,
-    )
+    cfg = {
+        "stages": [{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}],
+        "space": space,
+        "n_trials": 6,
+        "sampler": "random",
+        "pruner": "median",
+        "pruner_startup_trials": 2,
+    }
     res = hpo(**cfg).run(state)
     d = res.details
     assert len(d["trials"]) == 6 and d["ran_here"] == 6

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from compress_cli.config.recipe import Recipe, parse_yaml, validate
+from compress_cli.config.recipe import Recipe
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.errors import RecipeError
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.tuning import lr_schedule, smooth, suggest_lr
 
 

@@ -10,11 +10,11 @@ import torch
 import yaml
 
 import compress_cli
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli import pruning as P
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pruning import unstructured as P
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 from compress_cli.training import TrainOptions, train
@@ -136,7 +136,7 @@ def test_second_prune_composes_cumulatively(state):
 
 def test_reloaded_sparse_checkpoint_prunes_its_zeros_first(state, tmp_path):
     run_stage(state, sparsity=0.7)
-    P.remove_reparametrization(state.model)  # as after compress_cli.load(): plain weights with zeros
+    P.make_permanent(state.model)  # as after compress_cli.load(): plain weights with zeros
     zero_before = P.effective_weight(state.model.fc1) == 0
     run_stage(state, sparsity=0.8)
     assert torch.all(P.effective_weight(state.model.fc1)[zero_before] == 0)
@@ -157,7 +157,8 @@ def test_remove_and_apply_masks_round_trip(state):
     run_stage(state, sparsity=0.6)
     x = torch.randn(5, 1, 8, 8)
     y = state.model.eval()(x)
-    found = P.remove_reparametrization(state.model)
+    found = P.masks(state.model)
+    P.make_permanent(state.model)
     assert set(found) == {"fc1.weight", "fc2.weight"}
     assert not any(k.endswith(("_orig", "_mask")) for k in state.model.state_dict())
     assert isinstance(state.model.fc1.weight, torch.nn.Parameter)
@@ -203,7 +204,7 @@ def test_sensitivity_scan_prefers_the_robust_layer(tmp_path):
     torch.manual_seed(0)
     P.prune_layer(state.model.fc2, 0.9)
     train(state.model, state, TrainOptions(epochs=4, lr=0.01))
-    P.remove_reparametrization(state.model)
+    P.make_permanent(state.model)
     with torch.no_grad():
         w = state.model.fc2.weight
         w[w == 0] = 1e-7

@@ -8,13 +8,14 @@ import yaml
 from torch import nn
 
 import compress_cli
-from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, load, save_model
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli import load
+from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, save_model
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.pruning.structured import IMPORTANCES, layer_widths, prune_channels
+from compress_cli.pruning import IMPORTANCES, layer_widths, prune_channels
 from compress_cli.sources.models import build_from_source
-from compress_cli.stages.registry import get_stage
+from compress_cli.stages.registry import get_stage, validate
 from compress_cli.testing import digits_bundle, seeded_zoo, tiny_recipe_dict, tiny_state
 
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -37,7 +38,14 @@ def rebuild_equal(model: nn.Module, spec: dict, shape: tuple[int, ...]) -> nn.Mo
 
 
 def reload_equal(model: nn.Module, spec: dict, tmp_path, shape=(1, 8, 8)) -> nn.Module:
-    save_model(model, tmp_path / "m", model_spec=spec, input_shape=list(shape), num_classes=10)
+    save_model(
+        model,
+        tmp_path / "m",
+        base=build_from_source(spec),
+        model_spec=spec,
+        input_shape=list(shape),
+        num_classes=10,
+    )
     again = load(tmp_path / "m")
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     model.eval()
@@ -205,7 +213,7 @@ def test_channel_shuffle_and_window_partition_are_refused_before_anything_runs(t
     from typer.testing import CliRunner
 
     from compress_cli.cli import app
-    from compress_cli.pruning.structured import high_rank_reshapes
+    from compress_cli.pruning import high_rank_reshapes
 
     found = high_rank_reshapes(
         build_from_source({"source": "torchvision:shufflenet_v2_x0_5", "kwargs": {"num_classes": 10}}),

@@ -12,12 +12,13 @@ import yaml
 from torch import nn
 
 import compress_cli
-from compress_cli.config.recipe import parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.quantization import core as quant
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
+from compress_cli.stages.registry import validate
 from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 
@@ -262,7 +263,7 @@ def test_excluded_layers_stay_float(tmp_path):
 
 
 def test_recipe_as_run_validates_again(tmp_path):
-    from compress_cli.config.recipe import recipe_to_yaml
+    from compress_cli.config.yaml import recipe_to_yaml
 
     r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "calibration_batches": 4}])
     again = validate(parse_yaml(recipe_to_yaml(r)))  # every default written out, e.g. epochs: 1
@@ -362,7 +363,7 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     fp32, _ = quant.export_onnx(state.model, [1, 8, 8])
     assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
     assert res.details["quantized_tensors"] >= 3
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
 
 
 def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
@@ -436,7 +437,7 @@ class Net(nn.Module):
 def test_onnxruntime_int8_with_constants_derived_from_parameters_reloads_exactly(tmp_path, monkeypatch):
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "derived_net", DERIVED)
     assert res.details.get("derived_constants", 0) >= 1, "the folded table[index] constant is quantized"
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
 
 
 CONSTANT_MLP = '''
@@ -475,4 +476,4 @@ class Net(nn.Module):
 
 def test_onnxruntime_int8_leaves_constant_subgraphs_in_float(tmp_path, monkeypatch):
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "cpb_net", CONSTANT_MLP)
-    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
