@@ -149,9 +149,6 @@ class Int8Handler(SchemeHandler):
     (logit SQNR >= ``min_sqnr_db``: catches e.g. int16 saturation). Subclasses implement :meth:`snap`
     and :meth:`build_runtime`; the result is measured on CPU."""
 
-    #: the fp32 reference is taken after training (qat: :meth:`snap` calls ``job.keep_reference``)
-    trains = False
-
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
         """Put the weights of ``model`` (the job's fp32 copy, CPU, eval, pruning made permanent) on
         the int8 grid the runtime uses and fill ``job.entry`` / ``job.details``; returns the module
@@ -163,6 +160,7 @@ class Int8Handler(SchemeHandler):
         return []
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """Eager on CPU (the int8 kernels are CPU kernels)."""
         import torch
 
         from compress_cli.runtime.runners import EagerRunner
@@ -170,9 +168,12 @@ class Int8Handler(SchemeHandler):
         return EagerRunner(runtime, torch.device("cpu"))
 
     def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """Snap, build the runtime, measure its logits against fp32 (refused below ``min_sqnr_db``),
+        then leave the stored module, entry and runner in the state."""
         import torch
 
         from compress_cli.quantization.cpu import choose_reduce_range
+        from compress_cli.quantization.schemes import get_scheme
 
         scheme = options.scheme
         reference = _permanent_copy(state.model).cpu().eval()
@@ -184,8 +185,9 @@ class Int8Handler(SchemeHandler):
         shape = list(state.data.input_shape)
         entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
         job = Int8Job(state, options, label, entry, {"scheme": scheme}, exclude, reduce_range, why)
-        # the fp32 logits are taken first, so the conversion works on this one copy (qat: after training)
-        if not self.trains:
+        # the fp32 logits are taken first, so the conversion works on this one copy; a scheme that
+        # trains takes them after training (its snap calls job.keep_reference)
+        if not get_scheme(scheme).trains:
             job.keep_reference(reference)
         model = self.snap(reference, job)
         del reference

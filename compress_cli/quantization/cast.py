@@ -48,9 +48,11 @@ class Cast(SchemeHandler):
     """The state's model itself is cast (and stored in that dtype); it runs in torch eager."""
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """The stored module itself, cast in place (hooks keep fp32 in and out)."""
         return cast_(model, DTYPES[entry["scheme"]])
 
     def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """Cast ``state.model``; the notes warn where fp16 on CPU is slow."""
         done = super().convert(state, options, label)
         done.notes = (
             f"weights and activations cast to {options.scheme}; inputs cast on entry, logits returned as fp32"

@@ -92,6 +92,7 @@ class DynamicInt8(Int8Handler):
     """Linear/LSTM weights to int8 (no calibration); the result runs in eager on CPU."""
 
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Quantize a copy dynamically and write its int8 weights back as float32 values."""
         layers = snap_dynamic_weights_(model, dynamic_quantize(model, job.exclude))
         if not layers:
             raise StageError(
@@ -102,6 +103,7 @@ class DynamicInt8(Int8Handler):
         return model
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """``quantize_dynamic`` of the stored module (gives back the same integers)."""
         return dynamic_quantize(model, entry.get("exclude", []))
 
     def export_model(self, fmt: str, state: Any, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

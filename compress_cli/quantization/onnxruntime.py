@@ -327,6 +327,7 @@ class OnnxRuntimeInt8(Int8Handler):
         return model
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """Export the stored module again and rebuild the QDQ graph with the recorded scales."""
         with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
             fp32 = Path(d) / "fp32.onnx"
             write_fp32_onnx(

@@ -211,6 +211,7 @@ class QuantizedGraph(nn.Module):
         return self.__dict__["_fn"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The graph's logits for ``x`` (no gradients); a batch shape seen before skips all checks."""
         if not torch.is_grad_enabled():  # fast path: a batch shape already compiled
             fn = self.__dict__["_ready"].get((x.shape, x.dtype, torch.is_inference_mode_enabled()))
             if fn is not None:
@@ -229,20 +230,21 @@ class QuantizedGraph(nn.Module):
         return state
 
 
+def _graph(model: nn.Module, entry: dict[str, Any], build: Any = build_pt2e) -> Any:
+    """``build`` (PT2E or FX) of the stored module with the entry's recorded qparams."""
+    exclude = entry.get("exclude", [])
+    return build(model.cpu(), entry["qparams"], entry["reduce_range"], exclude, entry["input_shape"])
+
+
 class Pt2eHandler(Int8Handler):
     """Build and measure a PT2E int8 graph (compiled: torch.compile with freezing, on CPU)."""
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
-        graph = build_pt2e(
-            model.cpu(),
-            entry["qparams"],
-            entry["reduce_range"],
-            entry.get("exclude", []),
-            entry["input_shape"],
-        )
-        return QuantizedGraph(graph, compiled=entry.get("compile", True))
+        """A :class:`QuantizedGraph` over :func:`build_pt2e` with the recorded qparams."""
+        return QuantizedGraph(_graph(model, entry), compiled=entry.get("compile", True))
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """Compiled (inductor, freezing) on CPU, or eager with ``compile: false``."""
         if entry.get("compile", True):
             return CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
         return super().runner(runtime, entry, state)
@@ -254,14 +256,7 @@ class Pt2eHandler(Int8Handler):
 
         if fmt != "torch_export":
             return super().export_model(fmt, state, entry)
-        graph = build_pt2e(
-            state.model.cpu(),
-            entry["qparams"],
-            entry["reduce_range"],
-            entry.get("exclude", []),
-            entry["input_shape"],
-        )
-        return drop_unused_state(graph), {"load": PT2E_LOAD}
+        return drop_unused_state(_graph(state.model, entry)), {"load": PT2E_LOAD}
 
 
 @register_scheme("int8_static")
@@ -269,6 +264,7 @@ class StaticInt8(Pt2eHandler):
     """Post-training static int8: activation ranges calibrated on training batches."""
 
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Fold BN, calibrate (PT2E, or FX with ``backend: fx``), snap the weights to the grid."""
         model = job.fold_batchnorm(model)
         backend = job.options.backend or _default_backend()
         batches = job.calibration()
@@ -285,17 +281,13 @@ class StaticInt8(Pt2eHandler):
         return model
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """The FX ``convert_fx`` module for ``backend: fx``, else the PT2E graph."""
         if entry.get("backend") == "fx":
-            return fx.build_fx(
-                model.cpu(),
-                entry["qparams"],
-                entry["reduce_range"],
-                entry.get("exclude", []),
-                entry["input_shape"],
-            )
+            return _graph(model, entry, fx.build_fx)
         return super().build_runtime(model, entry, device)
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """Eager on CPU for ``backend: fx``, else as for PT2E."""
         if entry.get("backend") == "fx":
             return Int8Handler.runner(self, runtime, entry, state)
         return super().runner(runtime, entry, state)
@@ -311,9 +303,9 @@ class StaticInt8(Pt2eHandler):
 class Qat(Pt2eHandler):
     """Quantization-aware training: fake-quant fine-tuning through the shared training loop."""
 
-    trains = True
-
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Fold BN, fake-quant fine-tune (the ``qat`` training options), record the qparams, take the
+        fp32 reference from the fine-tuned weights, then snap them to the grid."""
         from compress_cli.training import train
 
         model = job.fold_batchnorm(model)

@@ -49,12 +49,14 @@ class WeightOnly(SchemeHandler):
     """A quantized CUDA copy of the model runs; the state keeps the fp32 module the checkpoint stores."""
 
     def entry(self, state: State, options: Any) -> dict[str, Any]:
+        """The scheme, and for int4 its ``group_size``."""
         entry = super().entry(state, options)
         if options.scheme == "int4_weight_only":
             entry["group_size"] = options.group_size
         return entry
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """A torchao-quantized CUDA copy (load(): on the default CUDA device, refused without one)."""
         scheme = entry["scheme"]
         if device is None:
             if not torch.cuda.is_available():
@@ -66,6 +68,7 @@ class WeightOnly(SchemeHandler):
         return weight_only(model, bits, entry.get("group_size", 128), device)
 
     def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """As the default; the details name the device."""
         done = super().convert(state, options, label)
         done.details["device"] = str(state.device)
         done.notes = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +178,7 @@ def fp32_onnx(
 
 
 def ort_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session over the file at ``path`` (``threads``: intra-op threads)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -186,7 +187,8 @@ def ort_session(path: Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def ort_callable(session: Any):
+def ort_callable(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``session`` as a function of one tensor (its first input), returning its first output."""
     import torch
 
     name = session.get_inputs()[0].name
@@ -243,6 +245,7 @@ def strip_unused_constants(ep: Any) -> Any:
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Any:
+    """``torch.jit.trace`` on ``example`` saved to ``path``; returns the traced module."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +277,7 @@ def max_abs_diff(fn: Any, reference: Any, x: torch.Tensor) -> tuple[float, float
 
 
 def median_latency_ms(fn: Any, x: torch.Tensor, warmup: int = 3, iterations: int = 10) -> float:
+    """Median wall time of ``fn(x)`` on CPU in milliseconds, after ``warmup`` calls."""
     import torch
 
     from compress_cli.runtime.measure import time_calls

@@ -45,6 +45,7 @@ class OrtModule(nn.Module):
         return self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for ``x`` (taken as CPU float32) from the session."""
         session = self.__dict__.get("_session") or self.session
         if x.requires_grad or x.device.type != "cpu" or x.dtype != torch.float32:
             x = x.detach().cpu().float()

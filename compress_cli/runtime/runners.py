@@ -21,6 +21,7 @@ class Runner:
         self.device = device
 
     def prepare(self) -> None:
+        """Get ready outside the timed region (eval mode; a session or a compilation where lazy)."""
         self.model.eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,9 +31,11 @@ class Runner:
             return self.model(x.to(self.device, non_blocking=True))
 
     def input_device(self) -> torch.device:
+        """Where the batches it is called on should be."""
         return self.device
 
     def describe(self) -> dict[str, Any]:
+        """How it runs, for the report (runtime, device, and runtime-specific settings)."""
         return {"runtime": self.runtime, "device": str(self.device)}
 
 
@@ -68,6 +71,8 @@ class FrozenCompiled:
 
 
 class EagerRunner(Runner):
+    """The module called as it is, in PyTorch eager mode."""
+
     runtime = "torch-eager"
 
 

@@ -163,7 +163,7 @@ class Export(Stage[ExportConfig]):
         return path, ts, {"runtime": "torchscript", **extra}
 
 
-def _plain_model(state: State):
+def _plain_model(state: State) -> Any:
     """The model with unstructured-pruning reparametrisations folded (exporters need plain weights)."""
     from compress_cli.checkpoint import copy_model
 

@@ -132,21 +132,25 @@ class Quantize(Stage[QuantizeConfig]):
 
     @classmethod
     def trains(cls, config: StageConfig) -> bool:
+        """qat (a scheme that ``trains`` in the table)."""
         scheme = _scheme(config)
         return scheme is not None and scheme.trains
 
     @classmethod
     def freezes(cls, config: StageConfig) -> bool:
+        """Every real conversion (the table's ``freezes``): not the casts."""
         scheme = _scheme(config)
         return scheme is not None and scheme.freezes
 
     @classmethod
     def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
+        """A scheme not available on the recipe's device."""
         scheme = _scheme(config)
         problem = scheme.device_problem(device) if scheme is not None else None
         return [problem] if problem else []
 
     def preview(self, state: State) -> list[str]:
+        """The layers the scheme would convert."""
         from torch import nn
 
         kinds = tuple(getattr(nn, name) for name in SCHEMES[self.config.scheme].layers)
@@ -156,6 +160,7 @@ class Quantize(Stage[QuantizeConfig]):
         return [f"{self.config.scheme}: {len(mods)} layer(s): {', '.join(mods[:8])}{more}"]
 
     def run(self, state: State) -> StageResult:
+        """Check the device, then :func:`compress_cli.quantization.quantize`."""
         from compress_cli.quantization import quantize
 
         problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
