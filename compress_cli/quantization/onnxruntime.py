@@ -3,7 +3,7 @@
 The model is exported to ONNX (:func:`compress_cli.runtime.export.fp32_onnx`), quantized by ONNX
 Runtime's ``quantize_static``, and every quantized weight is written back into the PyTorch module
 as its dequantized value; the entry keeps every scale / zero point. load() exports the stored
-module again and rebuilds the same QDQ graph with the recorded scales (:func:`ort_rebuild`), run
+module again and rebuilds the same QDQ graph with the recorded scales (:func:`ort_requantize`), run
 by :class:`~compress_cli.runtime.ort.OrtModule`.
 """
 
@@ -228,7 +228,7 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return params, snapped
 
 
-def ort_rebuild(
+def ort_requantize(
     fp32: bytes | Path,
     params: dict[str, Any],
     reduce_range: bool,
@@ -337,7 +337,7 @@ class OnnxRuntimeInt8(Int8Handler):
                 entry.get("opset", 17),
                 entry.get("exporter", "torchscript"),
             )
-            q = ort_rebuild(
+            q = ort_requantize(
                 fp32,
                 entry["onnx_qparams"],
                 entry["reduce_range"],
