@@ -174,9 +174,10 @@ def register_scheme(scheme: Scheme | str) -> Callable[[H], H]:
             raise ValueError(f"quantization scheme {scheme.name!r} is already registered differently")
         SCHEMES[scheme.name] = scheme
         name = scheme.name
-    else:
-        get_scheme(scheme)
+    elif scheme in SCHEMES:
         name = scheme
+    else:
+        raise ValueError(f"quantization scheme {scheme!r} is not in the table: register a Scheme for it")
 
     def deco(cls: H) -> H:
         _HANDLERS[name] = cls()

@@ -123,3 +123,19 @@ def test_load_imports_no_stage_module(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["torch.ao.nn.quantized.dynamic.modules.linear", "[]"]
+
+
+def test_validating_quantize_and_export_imports_no_torch(write_recipe):
+    """The scheme table is torch-free: ``compress validate`` stays fast with quantize stages."""
+    path = write_recipe(
+        stages=[
+            {"type": "quantize", "scheme": "qat", "epochs": 1},
+            {"type": "export", "formats": ["torch_export"]},
+        ]
+    )
+    code = (
+        "import sys; from typer.testing import CliRunner; from compress_cli.cli import app; "
+        f"r = CliRunner().invoke(app, ['validate', {str(path)!r}]); print(r.exit_code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "False"]
