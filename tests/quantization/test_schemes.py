@@ -12,11 +12,12 @@ import torch
 import yaml
 
 import compress_cli
-from compress_cli.config.recipe import json_schema, parse_yaml, validate
+from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import build_state, run_recipe, save_snapshot
 from compress_cli.errors import RecipeError, SourceError
 from compress_cli.quantization import schemes
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
+from compress_cli.stages.registry import json_schema, validate
 from compress_cli.testing import tiny_recipe_dict
 
 PLUGIN = '''
@@ -117,8 +118,8 @@ def test_load_imports_no_stage_module(tmp_path):
     """The manifest's quantize transform is provided by the quantization package, not the stage."""
     run_recipe(validate(parse_yaml(yaml.safe_dump(recipe_dict(tmp_path, "int8_dynamic")))))
     code = (
-        "import sys; from compress_cli.checkpoint import load; "
-        f"m = load({str(tmp_path / 'out' / 'model')!r}); "
+        "import sys; import compress_cli; "
+        f"m = compress_cli.load({str(tmp_path / 'out' / 'model')!r}); "
         "print(type(m.fc1).__module__, sorted(k for k in sys.modules if k.startswith('compress_cli.stages')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -135,7 +136,8 @@ def test_validating_quantize_and_export_imports_no_torch(write_recipe):
     )
     code = (
         "import sys; from typer.testing import CliRunner; from compress_cli.cli import app; "
-        f"r = CliRunner().invoke(app, ['validate', {str(path)!r}]); print(r.exit_code, 'torch' in sys.modules)"
+        f"r = CliRunner().invoke(app, ['validate', {str(path)!r}]); "
+        "print(r.exit_code, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "False"]
