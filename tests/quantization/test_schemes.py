@@ -3,8 +3,10 @@ a scheme added by a plugin works end to end (this is CONTRIBUTING's example)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,27 +22,9 @@ from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.stages.registry import json_schema, validate
 from compress_cli.testing import tiny_recipe_dict
 
-PLUGIN = '''
-import torch
-from torch import nn
-
-from compress_cli.quantization import Scheme, SchemeHandler, register_scheme
-
-
-@register_scheme(Scheme("int8_pow2", device="any", freezes=True))
-class Int8PowerOfTwo(SchemeHandler):
-    """Linear weights on a per-row int8 grid with power-of-two scales, computed in fp32.
-    Snapping snapped weights changes nothing, so load() rebuilds exactly what was measured."""
-
-    def build_runtime(self, model: nn.Module, entry: dict, device=None) -> nn.Module:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Linear):
-                    top = m.weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-                    scale = torch.exp2(torch.ceil(torch.log2(top)))
-                    m.weight.copy_(torch.round(m.weight / scale).clamp(-127, 127) * scale)
-        return model
-'''
+# the example of CONTRIBUTING.md's "Add a quantization scheme", run here as a third-party plugin
+_DOC = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
+PLUGIN = re.search(r"## Add a quantization scheme\n.*?```python\n(.*?)```", _DOC, re.S).group(1)
 
 
 @pytest.fixture
