@@ -31,8 +31,13 @@ import torch
 import compress_cli
 from compress_cli.engine.run import run_recipe
 from compress_cli.engine.setup import build_state
-from compress_cli.quantization import core as quant
+from compress_cli.quantization import fx
+from compress_cli.quantization.cpu import choose_reduce_range
+from compress_cli.quantization.fold import fold_batchnorm
+from compress_cli.runtime.export import fp32_onnx
 from compress_cli.runtime.measure import evaluate
+from compress_cli.runtime.ort import OrtModule
+from compress_cli.runtime.runners import FrozenCompiled
 from compress_cli.stages.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +184,7 @@ def main() -> None:
     # the same data, calibration batches and threads as the recipes
     state = build_state(recipe, torch.device("cpu"), tmp / "state")
     calib = [x for x, _ in state.data.calibration()]
-    reduce_range, why = quant.choose_reduce_range()
+    reduce_range, why = choose_reduce_range()
     original = copy.deepcopy(state.original_model()).eval()
     torch.set_num_threads(args.threads)
     direct_static = direct_pt2e(copy.deepcopy(original), calib, reduce_range)
@@ -189,14 +194,14 @@ def main() -> None:
     ours_onnx = models["onnxruntime_int8"]
     ours_onnx.threads = args.threads
     ours_onnx.__dict__["_session"] = None
-    folded, _ = quant.fold_batchnorm(original)  # our FX fallback (int8_static backend: fx), same calibration
-    fx_qparams = quant.fx_calibrate(folded, calib, reduce_range)
-    quant.snap_fx_weights_(folded)
-    ours_fx = quant.build_fx(folded, fx_qparams, reduce_range, [], state.data.input_shape)
-    fp32_ort = quant.OrtModule(quant.export_onnx(original, state.data.input_shape)[0], threads=args.threads)
+    folded, _ = fold_batchnorm(original)  # our FX fallback (int8_static backend: fx), same calibration
+    fx_qparams = fx.fx_calibrate(folded, calib, reduce_range)
+    fx.snap_fx_weights_(folded)
+    ours_fx = fx.build_fx(folded, fx_qparams, reduce_range, [], state.data.input_shape)
+    fp32_ort = OrtModule(fp32_onnx(original, state.data.input_shape)[0], threads=args.threads)
     cands = {
         "fp32 eager": original,
-        "fp32 compiled": quant.compile_frozen(copy.deepcopy(original)),
+        "fp32 compiled": FrozenCompiled(copy.deepcopy(original)),
         "fp32 onnxruntime": fp32_ort,
         "ours int8_static": models["int8_static"],
         "direct pt2e": direct_static,

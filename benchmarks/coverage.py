@@ -217,7 +217,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             return f"{size_bytes / 1e6:.2f} MB, max diff {diff:.2g}"
 
         def export() -> str:
-            from compress_cli.runtime.export import unsupported_formats
+            from compress_cli.quantization.schemes import unsupported_formats
 
             cls = get_stage("export")
             cfg = cls.config_class(type="export", formats=["onnx"])

@@ -87,15 +87,22 @@ def test_add_a_stage_example_runs(tmp_path, monkeypatch, scratch_registry):
 
 
 def test_add_a_quantization_scheme_example_runs(tmp_path, monkeypatch, scratch_registry):
+    from compress_cli.quantization import schemes
+
     text = section("Add a quantization scheme")
-    sources = code_blocks(text, "python")
-    if not sources:
-        pytest.skip("the section has no example yet (it comes with the quantization scheme registry)")
-    exec_module("contributing_scheme", sources, monkeypatch)
-    for recipe in code_blocks(text, "yaml"):
-        report, model = run_recipe_text(recipe, tmp_path / f"recipe{len(list(tmp_path.iterdir()))}")
-        assert report["stages"]
-        assert model is not None
+    (recipe,) = code_blocks(text, "yaml")
+    try:
+        exec_module("contributing_scheme", code_blocks(text, "python"), monkeypatch)
+        report, model = run_recipe_text(recipe, tmp_path / "pow2")
+    finally:
+        schemes.SCHEMES.pop("int8_pow2", None)
+        schemes._HANDLERS.pop("int8_pow2", None)
+    stage = report["stages"][0]
+    assert stage["type"] == "quantize" and stage["details"]["scheme"] == "int8_pow2"
+    for layer in (model.fc1, model.fc2, model.fc3):
+        w = layer.weight.detach()
+        scale = torch.exp2(torch.ceil(torch.log2(w.abs().amax(dim=1, keepdim=True) / 127)))
+        assert torch.equal(torch.round(w / scale) * scale, w)  # every weight on its row's pow2 grid
 
 
 def test_add_a_task_section_is_marked_as_a_plan():

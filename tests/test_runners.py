@@ -11,8 +11,9 @@ import yaml
 from compress_cli.config.recipe import LatencyConfig
 from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.run import run_recipe
-from compress_cli.quantization import core as quant
+from compress_cli.runtime.export import fp32_onnx
 from compress_cli.runtime.measure import evaluate, latency
+from compress_cli.runtime.ort import OrtModule
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.registry import validate
 from compress_cli.testing import digits_bundle, tiny_cnn, tiny_recipe_dict
@@ -21,9 +22,7 @@ from compress_cli.testing import digits_bundle, tiny_cnn, tiny_recipe_dict
 def test_ort_runner_evaluates_and_times_like_eager():
     data = digits_bundle(limit_train=128)
     model = tiny_cnn(seed=0).eval()
-    ort_runner = OrtRunner(
-        quant.OrtModule(quant.export_onnx(model, data.input_shape)[0], threads=1), threads=1
-    )
+    ort_runner = OrtRunner(OrtModule(fp32_onnx(model, data.input_shape)[0], threads=1), threads=1)
     eager = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.num_classes)
     via_ort = evaluate(ort_runner, data.loader("test"), data.num_classes)
     assert via_ort["accuracy"] == eager["accuracy"] and via_ort["loss"] == pytest.approx(

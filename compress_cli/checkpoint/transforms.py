@@ -67,7 +67,22 @@ def load_transform(name: str) -> Callable[..., nn.Module] | None:
     return _TRANSFORMS.get(name)
 
 
-def _import_transform_provider(name: str) -> None:
-    from compress_cli.stages.registry import list_stages
+#: load transform -> the module whose import registers it (and its restorer), imported by name only
+#: when a manifest or a snapshot lists that transform: loading never imports the stages
+TRANSFORM_PROVIDERS = {"quantize": "compress_cli.quantization.transforms"}
 
-    list_stages()  # stage modules register their transforms on import
+
+def _import_transform_provider(name: str) -> None:
+    """Register transform ``name``: import its module from :data:`TRANSFORM_PROVIDERS`, or for a
+    name not in it, the plugins' modules (a third-party transform registers itself on import)."""
+    import importlib
+
+    from compress_cli._utils.plugins import load_plugins
+
+    if name in TRANSFORM_PROVIDERS:
+        importlib.import_module(TRANSFORM_PROVIDERS[name])
+        return
+    try:
+        load_plugins()
+    except ImportError as e:
+        raise SourceError(f"load transform {name!r}: {e}") from None

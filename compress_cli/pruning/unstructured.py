@@ -119,6 +119,16 @@ def make_permanent(model: nn.Module, only: Iterable[str] | None = None) -> list[
     return done
 
 
+def permanent_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with pruning made permanent (:func:`make_permanent`), the original left
+    pruned: what exporters and int8 converters need (plain weights; zeros stay zeros)."""
+    from compress_cli.checkpoint import copy_model
+
+    model = copy_model(model)
+    make_permanent(model)
+    return model
+
+
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
     """Install masks (e.g. taken with :func:`masks` before :func:`make_permanent`) with
     ``prune.custom_from_mask``; they compose with masks already in place."""

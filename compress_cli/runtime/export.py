@@ -1,13 +1,16 @@
 """Export a model for deployment: ONNX (checked in ONNX Runtime), torch.export (.pt2), TorchScript.
 
-Plain functions; the ``export`` stage and other stages (ONNX Runtime quantization) call them.
+Plain functions; the ``export`` stage, ONNX Runtime quantization and the same-runtime baseline call
+them. The one ONNX export path: :func:`onnx_bytes` (with :func:`write_onnx` for a deployable file and
+:func:`fp32_onnx` for what ONNX Runtime runs), one exporter vocabulary (:data:`EXPORTER_SETTINGS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,53 +20,22 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FORMATS = ("onnx", "torch_export", "torchscript")
-_PT2E_LOAD = (
-    "loading the .pt2 needs torchao's quantized ops registered first: "
-    "import torchao.quantization.pt2e  # then torch.export.load(path)"
-)
-#: quantization scheme -> (formats its model exports to, why the others cannot take it)
-BY_SCHEME: dict[str | None, tuple[tuple[str, ...], str]] = {
-    None: (FORMATS, ""),
-    "fp16": (FORMATS, ""),
-    "bf16": (FORMATS, ""),
-    "int8_dynamic": (
-        ("torchscript",),
-        "torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
-        "mapping and their packed weights do not pass torch.export",
-    ),
-    "int8_static": (
-        ("torch_export",),
-        "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
-        "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)",
-    ),
-    "qat": (
-        ("torch_export",),
-        "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
-        "quantized_decomposed ops and TorchScript cannot trace it (for ONNX use scheme onnxruntime_int8)",
-    ),
-    "onnxruntime_int8": (("onnx",), "the model is an ONNX Runtime int8 graph (QDQ): it exists only as ONNX"),
-    "int8_weight_only": (
-        (),
-        "torchao's weight-only tensor subclasses are not exported by this stage yet; "
-        "the checkpoint reloads with compress_cli.load() on CUDA",
-    ),
-    "int4_weight_only": (
-        (),
-        "torchao's weight-only tensor subclasses are not exported by this stage yet; "
-        "the checkpoint reloads with compress_cli.load() on CUDA",
-    ),
+#: names of the model's input and output in every ONNX file this package writes
+ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+#: the torch.onnx exporters: ``dynamo`` (torch.export-based, where torch is heading, takes more ops) and
+#: ``legacy`` (TorchScript-based: ~20x faster here, initializers named by their state-dict keys, but it
+#: refuses some ops). An ``exporter`` setting -> the exporters it tries, in order; ``torchscript`` is
+#: ``legacy`` as the quantize stage's recipes and manifests spell it; ``auto`` is the caller's order.
+EXPORTER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "dynamo": ("dynamo",),
+    "legacy": ("legacy",),
+    "torchscript": ("legacy",),
 }
 
 
-def unsupported_formats(formats: list[str], scheme: str | None, backend: str | None = None) -> list[str]:
-    """One message per format the model quantized with ``scheme`` cannot be exported to."""
-    ok, why = BY_SCHEME.get(scheme, (FORMATS, ""))
-    if scheme == "int8_static" and backend == "fx":  # torch.ao FX modules trace like eager ones
-        ok, why = ("torchscript",), "the torch.ao FX int8 model exports to TorchScript only"
-    return [
-        f"format {f} is not available after quantize scheme {scheme}: {why}" for f in formats if f not in ok
-    ]
+def exporter_order(setting: str, auto: Sequence[str]) -> tuple[str, ...]:
+    """The exporters an ``exporter`` setting tries, in order (``auto``: the given order)."""
+    return tuple(auto) if setting == "auto" else EXPORTER_SETTINGS[setting]
 
 
 def onnx_bytes(
@@ -76,10 +48,8 @@ def onnx_bytes(
 ) -> tuple[bytes, str]:
     """The model as ONNX (input ``input``, output ``logits``) -> (file bytes, exporter used).
 
-    ``exporters`` are tried in order: ``dynamo`` (torch's dynamo-based exporter, where torch is
-    heading) and ``legacy`` (the TorchScript-based one: ~20x faster here, initializers named by their
-    state-dict keys, but it refuses some ops, e.g. adaptive pooling to a size that does not divide the
-    input). The one place we call torch.onnx.
+    ``exporters`` (see :data:`EXPORTER_SETTINGS`) are tried in order; the legacy one refuses e.g.
+    adaptive pooling to a size that does not divide the input. The one place we call torch.onnx.
     """
     model = model.eval()
     errors: list[str] = []
@@ -126,7 +96,7 @@ def _onnx_once(
 
     import torch
 
-    from compress_cli.quantization.core import quiet
+    from compress_cli._utils.quiet import quiet
 
     if exporter == "dynamo":
         shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -137,14 +107,14 @@ def _onnx_once(
                 dynamo=True,
                 dynamic_shapes=shapes,
                 opset_version=max(opset, 18),
-                input_names=["input"],
-                output_names=["logits"],
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
                 verbose=False,
                 optimize=True,
             )
         assert prog is not None
         return prog.model_proto.SerializeToString()
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    axes = {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
     with torch.no_grad(), quiet(), _torchscript_exporter_fixes():
         torch.onnx.export(
@@ -153,15 +123,15 @@ def _onnx_once(
             buf,  # type: ignore[arg-type]  # a file object is accepted
             dynamo=False,
             opset_version=min(opset, 20),
-            input_names=["input"],
-            output_names=["logits"],
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
             dynamic_axes=axes,
             do_constant_folding=True,
         )
     return buf.getvalue()
 
 
-def export_onnx(
+def write_onnx(
     model: nn.Module,
     example: torch.Tensor,
     path: Path,
@@ -170,16 +140,45 @@ def export_onnx(
     dynamic_batch: bool = True,
     exporter: str = "auto",
 ) -> str:
-    """Write ``path`` (see :func:`onnx_bytes`); returns the exporter used ('dynamo' or 'legacy')."""
+    """Write ``path`` (see :func:`onnx_bytes`; ``auto``: dynamo, then legacy); returns the exporter used."""
     from compress_cli._utils.io import atomic_write_bytes
 
-    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
+    order = exporter_order(exporter, ("dynamo", "legacy"))
     data, used = onnx_bytes(model, example, opset=opset, dynamic_batch=dynamic_batch, exporters=order)
     atomic_write_bytes(path, data)
     return used
 
 
+def fp32_onnx(
+    model: nn.Module,
+    input_shape: Iterable[int],
+    *,
+    opset: int = 17,
+    exporters: Sequence[str] = ("legacy", "dynamo"),
+) -> tuple[bytes, str]:
+    """fp32 ONNX of ``model`` (in eval mode) with a dynamic batch axis -> (bytes, exporter used).
+
+    What ONNX Runtime quantizes and the fp32 same-runtime baseline runs. ``model`` is left as it was
+    (each module's train/eval mode comes back). It is copied only when it is not all-CPU fp32 already:
+    the copy is the model's size again, which a 500M-parameter model (ViT-H/14) cannot spare next to
+    the exporter."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64, torch.bool) for t in tensors
+    )
+    modes = {name: m.training for name, m in model.named_modules()}
+    work = model if ready else copy.deepcopy(model).cpu().float()
+    try:
+        return onnx_bytes(work.eval(), torch.zeros(2, *input_shape), opset=opset, exporters=exporters)
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+
+
 def ort_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session over the file at ``path`` (``threads``: intra-op threads)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -188,7 +187,8 @@ def ort_session(path: Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def ort_callable(session: Any):
+def ort_callable(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``session`` as a function of one tensor (its first input), returning its first output."""
     import torch
 
     name = session.get_inputs()[0].name
@@ -245,6 +245,7 @@ def strip_unused_constants(ep: Any) -> Any:
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Any:
+    """``torch.jit.trace`` on ``example`` saved to ``path``; returns the traced module."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +277,7 @@ def max_abs_diff(fn: Any, reference: Any, x: torch.Tensor) -> tuple[float, float
 
 
 def median_latency_ms(fn: Any, x: torch.Tensor, warmup: int = 3, iterations: int = 10) -> float:
+    """Median wall time of ``fn(x)`` on CPU in milliseconds, after ``warmup`` calls."""
     import torch
 
     from compress_cli.runtime.measure import time_calls

@@ -21,6 +21,7 @@ class Runner:
         self.device = device
 
     def prepare(self) -> None:
+        """Get ready outside the timed region (eval mode; a session or a compilation where lazy)."""
         self.model.eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,13 +31,48 @@ class Runner:
             return self.model(x.to(self.device, non_blocking=True))
 
     def input_device(self) -> torch.device:
+        """Where the batches it is called on should be."""
         return self.device
 
     def describe(self) -> dict[str, Any]:
+        """How it runs, for the report (runtime, device, and runtime-specific settings)."""
         return {"runtime": self.runtime, "device": str(self.device)}
 
 
+class FrozenCompiled:
+    """``torch.compile(model, dynamic=False)`` whose compilations run with inductor's ``freezing``
+    (weights become constants, so int8 weights are pre-packed for oneDNN). The flag is switched on
+    only around the first call at each input shape (when dynamo compiles), not for the process.
+
+    (``torch.compile(options={"freezing": True})`` is not equivalent in torch 2.14: the quantized
+    conv lowering then fails with "UnsupportedOperatorException: onednn.qconv_prepack".)"""
+
+    def __init__(self, model: Any):
+        import torch
+
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=False)
+        self.seen: set[tuple[Any, ...]] = set()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        key = (x.shape, x.dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if key in self.seen:
+            return self.compiled(x)
+        import torch._inductor.config as ic
+
+        from compress_cli._utils.quiet import quiet
+
+        with ic.patch(freezing=True), quiet():
+            out = self.compiled(x)
+        self.seen.add(key)
+        return out
+
+
 class EagerRunner(Runner):
+    """The module called as it is, in PyTorch eager mode."""
+
     runtime = "torch-eager"
 
 
@@ -44,7 +80,7 @@ class CompiledRunner(Runner):
     """``torch.compile`` of the model (compiled once, lazily), or a ``compiled`` callable given.
 
     ``compile_kw`` also compiles the original model for :meth:`same_runtime_baseline`;
-    ``frozen=True`` compiles as ``quant.compile_frozen`` does (inductor freezing, static shapes)."""
+    ``frozen=True`` compiles as :class:`FrozenCompiled` does (inductor freezing, static shapes)."""
 
     runtime = "torch-compiled"
 
@@ -66,9 +102,7 @@ class CompiledRunner(Runner):
 
         if self._compiled is None:
             if self._frozen:
-                from compress_cli.quantization.core import compile_frozen
-
-                self._compiled = compile_frozen(self.model)
+                self._compiled = FrozenCompiled(self.model)
             else:
                 self._compiled = torch.compile(self.model, **self._kw)
         with torch.inference_mode():
@@ -94,7 +128,8 @@ class CompiledRunner(Runner):
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime (CPU execution provider) over a ``quant.OrtModule``; tensors in, tensors out."""
+    """ONNX Runtime (CPU execution provider) over an :class:`~compress_cli.runtime.ort.OrtModule`;
+    tensors in, tensors out."""
 
     runtime = "onnxruntime"
 
@@ -122,9 +157,10 @@ class OrtRunner(Runner):
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
         """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
-        from compress_cli.quantization.core import OrtModule, export_onnx
+        from compress_cli.runtime.export import fp32_onnx
+        from compress_cli.runtime.ort import OrtModule
 
-        fp32, _ = export_onnx(state.original_model(), state.data.input_shape)
+        fp32, _ = fp32_onnx(state.original_model(), state.data.input_shape)
         return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
 
 

@@ -93,7 +93,7 @@ class Codebook(Stage[CodebookConfig]):
         cfg = self.config
         details: dict[str, Any] = {}
         if cfg.batchnorm == "fold":
-            from compress_cli.quantization.core import fold_batchnorm
+            from compress_cli.quantization.fold import fold_batchnorm
 
             saved = masks(state.model)
             make_permanent(state.model)  # fold the effective (masked) weights

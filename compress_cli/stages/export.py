@@ -1,3 +1,5 @@
+"""The ``export`` stage: deployment files of the model the report measured, checked and timed."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,7 +28,8 @@ class ExportConfig(StageConfig):
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version")
     exporter: Literal["auto", "dynamo", "legacy"] = Field(
         "auto",
-        description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, or dynamo then legacy",
+        description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, "
+        "or dynamo then legacy",
     )
     dynamic_batch: bool = Field(True, description="let the batch dimension vary in the exported file")
     tolerance: float = Field(1e-3, gt=0, description="max |exported - PyTorch| allowed on a check batch")
@@ -41,11 +44,13 @@ class ExportConfig(StageConfig):
 
 @register_stage("export")
 class Export(Stage[ExportConfig]):
-    """Write ONNX / torch.export / TorchScript files, check them against what the report measured, time them.
+    """
+    Write ONNX / torch.export / TorchScript files, check them against what the report measured, time them.
 
-    After a quantize stage the quantized model is exported, in the formats its runtime has: ONNX Runtime int8 ->
-    onnx, PT2E int8 -> torch_export, torch.ao dynamic int8 -> torchscript, fp16/bf16 -> all. Other
-    combinations are refused at validation (``compress validate``), with the reason."""
+    After a quantize stage the quantized model is exported, in the formats its runtime has: ONNX
+    Runtime int8 -> onnx, PT2E int8 -> torch_export, torch.ao dynamic int8 -> torchscript,
+    fp16/bf16 -> all. Other combinations are refused at validation (``compress validate``), with
+    the reason."""
 
     example = {"formats": ["onnx", "torch_export"], "exporter": "legacy"}
 
@@ -55,7 +60,7 @@ class Export(Stage[ExportConfig]):
 
     @classmethod
     def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
-        from compress_cli.runtime.export import unsupported_formats
+        from compress_cli.quantization.schemes import unsupported_formats
 
         quant = next((c for c in reversed(earlier) if c.type == "quantize"), None)
         return unsupported_formats(
@@ -66,7 +71,8 @@ class Export(Stage[ExportConfig]):
 
     def run(self, state: State) -> StageResult:
         from compress_cli.errors import StageError
-        from compress_cli.runtime.export import max_abs_diff, median_latency_ms, unsupported_formats
+        from compress_cli.quantization.schemes import unsupported_formats
+        from compress_cli.runtime.export import max_abs_diff, median_latency_ms
 
         cfg = self.config
         entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
@@ -118,67 +124,50 @@ class Export(Stage[ExportConfig]):
     def _write(
         self, fmt: str, state: State, model: Any, entry: dict[str, Any] | None, folder: Path, example: Any
     ) -> tuple[Path, Any, dict[str, Any]]:
-        """Write one format; returns (file, a callable running it, report details)."""
+        """Write one format; returns (file, a callable running it, report details). After quantize,
+        the scheme's handler may give what to write instead of the plain model (e.g. the int8 graph)."""
         from compress_cli._utils.io import atomic_write_bytes
-        from compress_cli.quantization import core as quant
+        from compress_cli.quantization.schemes import handler
         from compress_cli.runtime.export import (
-            _PT2E_LOAD,
-            drop_unused_state,
-            export_onnx,
             export_torch,
             export_torchscript,
             ort_callable,
             ort_session,
+            write_onnx,
         )
 
         cfg = self.config
-        scheme = entry["scheme"] if entry else None
+        source, extra = handler(entry["scheme"]).export_model(fmt, state, entry) if entry else (None, {})
         if fmt == "onnx":
             path = folder / "model.onnx"
-            if scheme == "onnxruntime_int8":  # the quantized graph the runner measured, as it is
-                atomic_write_bytes(path, state.runner.model.onnx_bytes)
-                used = "onnxruntime_int8 (QDQ graph as quantized)"
+            if source is not None:  # a graph that exists only as ONNX, as the runner measured it
+                atomic_write_bytes(path, source)
             else:
-                used = export_onnx(
-                    model.cpu(),
-                    example.cpu(),
-                    path,
-                    opset=cfg.opset,
-                    dynamic_batch=cfg.dynamic_batch,
-                    exporter=cfg.exporter,
-                )
-            return path, ort_callable(ort_session(path)), {"exporter": used, "runtime": "onnxruntime"}
+                extra = {
+                    "exporter": write_onnx(
+                        model.cpu(),
+                        example.cpu(),
+                        path,
+                        opset=cfg.opset,
+                        dynamic_batch=cfg.dynamic_batch,
+                        exporter=cfg.exporter,
+                    )
+                }
+            return path, ort_callable(ort_session(path)), {**extra, "runtime": "onnxruntime"}
         if fmt == "torch_export":
             path = folder / "model.pt2"
-            info: dict[str, Any] = {"runtime": "torch-export"}
-            if scheme in ("int8_static", "qat"):  # a fresh, uncompiled int8 graph (fp32 weights stripped)
-                assert entry is not None
-                model = drop_unused_state(
-                    quant.build_pt2e(
-                        state.model.cpu(),
-                        entry["qparams"],
-                        entry["reduce_range"],
-                        entry.get("exclude", []),
-                        entry["input_shape"],
-                    )
-                )
-                info["load"] = _PT2E_LOAD
-            ep = export_torch(model, example, path, cfg.dynamic_batch)
-            return path, ep.module(), info
+            ep = export_torch(model if source is None else source, example, path, cfg.dynamic_batch)
+            return path, ep.module(), {"runtime": "torch-export", **extra}
         path = folder / "model.ts"
-        if scheme in ("int8_dynamic", "int8_static"):  # the torch.ao int8 module the runner measured
-            model = state.runner.model
-        return path, export_torchscript(model, example, path), {"runtime": "torchscript"}
+        ts = export_torchscript(model if source is None else source, example, path)
+        return path, ts, {"runtime": "torchscript", **extra}
 
 
-def _plain_model(state: State):
+def _plain_model(state: State) -> Any:
     """The model with unstructured-pruning reparametrisations folded (exporters need plain weights)."""
-    from compress_cli.checkpoint import copy_model
+    from compress_cli.pruning import permanent_copy
 
     model = state.model
     if any(k.endswith("_orig") for k in model.state_dict()):
-        from compress_cli.pruning import make_permanent
-
-        model = copy_model(model)
-        make_permanent(model)
+        model = permanent_copy(model)
     return model.eval()

@@ -12,10 +12,14 @@ import yaml
 from torch import nn
 
 import compress_cli
+from compress_cli._utils.arrays import pack_array, unpack_array
 from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
-from compress_cli.quantization import core as quant
+from compress_cli.quantization.pt2e import QuantizedGraph
+from compress_cli.runtime import export
+from compress_cli.runtime.export import fp32_onnx
+from compress_cli.runtime.ort import OrtModule
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.stages.registry import validate
@@ -48,48 +52,12 @@ def outputs(fn, x=X):
         return fn(x)
 
 
-# --------------------------------------------------------------------------- pure helpers
-@pytest.mark.parametrize(
-    ("flags", "machine", "expected"),
-    [
-        ({"avx2", "fma"}, "x86_64", True),  # AVX2 without VNNI: u8*s8 pairs saturate int16
-        ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),
-        ({"avx2", "avx_vnni"}, "x86_64", False),
-        ({"avx2", "amx_int8"}, "x86_64", False),
-        ({"neon"}, "aarch64", False),
-    ],
-)
-def test_reduce_range_follows_the_cpu(flags, machine, expected):
-    on, why = quant.choose_reduce_range(flags, machine)
-    assert on is expected and why
-
-
-def test_sqnr_db():
-    a = torch.tensor([1.0, -2.0, 3.0])
-    assert quant.sqnr_db(a, a) == 200.0
-    assert quant.sqnr_db(a, a * 1.1) == pytest.approx(20.0, abs=0.01)
-
-
-def test_fold_batchnorm_matches_and_uses_standard_layers():
-    from compress_cli.testing import tiny_cnn
-
-    m = tiny_cnn(seed=1).eval()
-    for bn in (m.bn1, m.bn2):  # non-trivial running statistics
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-    folded, pairs = quant.fold_batchnorm(m)
-    assert pairs == ["conv1+bn1", "conv2+bn2"]
-    assert isinstance(folded.bn1, nn.Identity) and folded.conv1.bias is not None
-    assert torch.allclose(outputs(m), outputs(folded), atol=1e-5)
-    assert isinstance(m.bn1, nn.BatchNorm2d)  # the input model is untouched
-
-
+# --------------------------------------------------------------------------- schemes
 def test_packed_arrays_round_trip_exactly():
     a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    assert np.array_equal(quant.unpack_array(quant.pack_array(a)), a)
+    assert np.array_equal(unpack_array(pack_array(a)), a)
 
 
-# --------------------------------------------------------------------------- schemes
 def test_int8_dynamic_snaps_linear_weights_and_reloads_equal(tmp_path):
     state, res, d = run_stage(tmp_path, model="zoo:digits_mlp", scheme="int8_dynamic")
     assert isinstance(state.runner, EagerRunner) and res.details["layers"] == ["fc1", "fc2", "fc3"]
@@ -113,11 +81,11 @@ def test_int8_static_pt2e_eager_graph_reloads_bit_exact(tmp_path):
     entry = state.transforms[-1]
     assert entry["type"] == "quantize" and entry["scheme"] == "int8_static"
     conv = next(p for p in entry["qparams"].values() if p["param"] == "conv1.weight")
-    scale = torch.from_numpy(quant.unpack_array(conv["scale"])).view(-1, 1, 1, 1)
+    scale = torch.from_numpy(unpack_array(conv["scale"])).view(-1, 1, 1, 1)
     q = state.model.conv1.weight.detach() / scale
     assert torch.allclose(q, torch.round(q), atol=1e-4) and q.abs().max() <= 128
     loaded = compress_cli.load(d)
-    assert isinstance(loaded, quant.QuantizedGraph) and not loaded.compiled
+    assert isinstance(loaded, QuantizedGraph) and not loaded.compiled
     assert torch.equal(outputs(state.runner), outputs(loaded))
 
 
@@ -135,7 +103,7 @@ def test_onnxruntime_int8_writes_onnx_measures_in_ort_and_reloads_equal(tmp_path
     assert torch.equal(outputs(state.runner), direct)
     assert res.details["sqnr_db"] >= 25
     loaded = compress_cli.load(d)
-    assert isinstance(loaded, quant.OrtModule) and loaded.onnx_bytes == onnx_path.read_bytes()
+    assert isinstance(loaded, OrtModule) and loaded.onnx_bytes == onnx_path.read_bytes()
     assert torch.equal(outputs(loaded), direct)
 
 
@@ -270,21 +238,6 @@ def test_recipe_as_run_validates_again(tmp_path):
     assert again.stages[0].calibration_batches == 4 and again.stages[0].scheme == "int8_static"
 
 
-def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 10)
-    ).eval()
-    x = torch.randn(2, 1, 8, 8)
-    qat = quant.prepare_qat(model, x, reduce_range=False)
-    qat.train()
-    qat(torch.randn(4, 1, 8, 8))
-    qat.eval()  # renames the dropout nodes
-    qparams = quant.record_qparams(qat)
-    assert any("dropout" in k for k in qparams)
-    graph = quant.build_pt2e(model, qparams, False, [], [1, 8, 8])  # raises if the observers differ
-    assert torch.isfinite(graph(x)).all()
-
-
 def test_int8_static_fx_fallback_is_eager_int8_and_reloads_equal(tmp_path):
     state, res, d = run_stage(tmp_path, scheme="int8_static", backend="fx", calibration_batches=2)
     assert res.details["backend"] == "fx" and res.details["runtime"] == "torch-eager"
@@ -348,7 +301,8 @@ class Net(nn.Module):
 
 
 def ort_int8_on(tmp_path, monkeypatch, name: str, source: str):
-    """Quantize the ``Net`` defined by ``source`` (a module file written to tmp_path) with onnxruntime_int8."""
+    """Quantize the ``Net`` defined by ``source`` (a module file written to tmp_path) with
+    onnxruntime_int8."""
     (tmp_path / f"{name}.py").write_text(source + "\n\ndef build(num_classes=10):\n    return Net()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return run_stage(tmp_path, model=f"{name}:build", scheme="onnxruntime_int8", calibration_batches=2)
@@ -358,15 +312,13 @@ def test_onnxruntime_int8_stores_weights_the_exporter_transposed(tmp_path, monke
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "cl_net", CHANNELS_LAST)
     import onnx
 
-    from compress_cli.quantization import core as quant
-
-    fp32, _ = quant.export_onnx(state.model, [1, 8, 8])
+    fp32, _ = fp32_onnx(state.model, [1, 8, 8])
     assert any(i.name.startswith("onnx::MatMul") for i in onnx.load_from_string(fp32).graph.initializer)
     assert res.details["quantized_tensors"] >= 3
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
 
 
-def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
+def test_fp32_onnx_leaves_the_model_as_it_was(monkeypatch):
     """No copy for a CPU fp32 model (a 500M-parameter model cannot spare one), yet its train/eval
     modes come back; a model in another dtype is exported from an fp32 copy."""
     import copy
@@ -375,7 +327,7 @@ def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
 
     copies = []
     deepcopy = copy.deepcopy
-    monkeypatch.setattr(quant.copy, "deepcopy", lambda o, *a: copies.append(o) or deepcopy(o, *a))
+    monkeypatch.setattr(export.copy, "deepcopy", lambda o, *a: copies.append(o) or deepcopy(o, *a))
     x = torch.randn(3, 1, 8, 8)
     for dtype, copied in ((torch.float32, 0), (torch.float64, 1)):
         copies.clear()
@@ -383,7 +335,7 @@ def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
         next(iter(model.children())).eval()  # mixed modes: each module's own comes back
         modes = {n: m.training for n, m in model.named_modules()}
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        fp32, _ = quant.export_onnx(model, [1, 8, 8])
+        fp32, _ = fp32_onnx(model, [1, 8, 8])
         assert sum(o is model for o in copies) == copied
         assert {n: m.training for n, m in model.named_modules()} == modes
         assert all(
@@ -391,13 +343,11 @@ def test_export_onnx_leaves_the_model_as_it_was(monkeypatch):
         )
         with torch.no_grad():
             want = model.eval()(x.to(dtype)).float()
-        assert torch.allclose(quant.OrtModule(fp32)(x), want, atol=1e-4)
+        assert torch.allclose(OrtModule(fp32)(x), want, atol=1e-4)
 
 
 def test_pack_array_keeps_scalars_scalar():
     import numpy as np
-
-    from compress_cli.quantization.core import pack_array, unpack_array
 
     # ONNX Runtime's QLinearAveragePool refuses a [1]-shaped scale ("Scale and Zero-point must be a
     # scalar"): densenet's transition pools failed on reload before this held

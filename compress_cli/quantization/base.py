@@ -1,0 +1,220 @@
+"""How a scheme is applied: the handler every scheme registers, and the SQNR-gated int8 conversion.
+
+A handler (bound to a scheme by :func:`~compress_cli.quantization.schemes.register_scheme`, in the
+style of torchao's per-config handlers) answers three questions:
+
+* ``convert(state, options, label)``, the stage path: leaves in the state the module the checkpoint
+  stores, the manifest's ``transforms`` entry and the runner that measures the result;
+* ``build_runtime(model, entry, device)``: the module that runs, from the stored module and the
+  entry. The stage and ``compress_cli.load()`` both call it, so what load() returns is built by the
+  same deterministic function, from the same inputs, as the module the report measured;
+* ``runner(runtime, entry, state)``: how that module is measured (also after ``--resume``).
+
+The stored module is an ordinary ``nn.Module`` whose weights are already on the scheme's grid
+(the checkpoint's palette encoding then stores int8 grids at 8 bits per weight); what cannot be
+re-derived from the weights (activation scales, zero points) goes into the entry, arrays packed
+with :func:`~compress_cli._utils.arrays.pack_array`. Torch-free at import, like the package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from compress_cli.errors import StageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compress_cli.runtime.runners import Runner
+    from compress_cli.state import State
+
+
+@dataclass
+class Quantized:
+    """What applying a scheme reports: the stage's notes, its report details, files it wrote."""
+
+    notes: str
+    details: dict[str, Any]
+    artifacts: list[str] = field(default_factory=list)
+
+
+class SchemeHandler:
+    """Applies a scheme. Subclass, override :meth:`build_runtime`, register with ``@register_scheme``.
+
+    The default :meth:`convert` fits a scheme that needs only its name and the weights: it builds the
+    runtime from the state's model and records the entry so that load() builds it again. ``options``
+    is the ``quantize`` stage's config (``scheme``, ``exclude``, ... ; see QuantizeConfig)."""
+
+    def entry(self, state: State, options: Any) -> dict[str, Any]:
+        """The manifest's ``transforms`` entry: what :meth:`build_runtime` needs besides the weights."""
+        return {"type": "quantize", "scheme": options.scheme}
+
+    def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """The module that runs, from the stored ``model`` (which it may change or reuse) and ``entry``.
+        ``device``: the run's device (None when ``compress_cli.load()`` calls it)."""
+        raise NotImplementedError
+
+    def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """The runner that measures ``runtime`` (None: the pipeline's own, on ``state.model``)."""
+        if runtime is state.model:
+            return None
+        from compress_cli.runtime.runners import EagerRunner
+
+        return EagerRunner(runtime, state.device)
+
+    def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """What the ``export`` stage writes as ``fmt`` when the plain model is not it: a module, or
+        for onnx the file's bytes, plus details for the report. ``(None, {})``: the plain model."""
+        return None, {}
+
+    def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """Apply the scheme to ``state.model`` (the stage path); ``label`` names the stage in the edits."""
+        entry = self.entry(state, options)
+        runtime = self.build_runtime(state.model, entry, state.device)
+        state.transforms.append(entry)
+        state.runner = self.runner(runtime, entry, state)
+        state.edits.record(label, op="quantize", scheme=entry["scheme"])
+        measured = state.runner.runtime if state.runner is not None else "torch-eager"
+        return Quantized(notes="", details={"scheme": entry["scheme"], "runtime": measured})
+
+
+def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB (capped at 200)."""
+    ref = reference.detach().float().cpu()
+    noise = float((ref - output.detach().float().cpu()).pow(2).mean())
+    signal = float(ref.pow(2).mean())
+    if noise == 0:
+        return 200.0
+    if signal == 0:
+        return -200.0
+    return round(min(200.0, 10 * math.log10(signal / noise)), 2)
+
+
+@dataclass
+class Int8Job:
+    """One int8 conversion in progress: what :meth:`Int8Handler.snap` reads and fills in."""
+
+    state: State
+    options: Any
+    label: str
+    entry: dict[str, Any]  # the manifest's transforms entry
+    details: dict[str, Any]  # the report's stage details
+    exclude: list[str]  # module names kept in floating point
+    reduce_range: bool
+    reduce_range_reason: str
+    check: tuple[torch.Tensor, torch.Tensor] | None = None  # (val batch, fp32 logits) for the gate
+
+    def keep_reference(self, model: nn.Module) -> None:
+        """Take the fp32 logits the int8 result must follow: ``model`` on a validation batch."""
+        import torch
+
+        x = next(iter(self.state.data.loader("val")))[0].cpu().float()
+        with torch.inference_mode():
+            self.check = (x, model(x))
+
+    def fold_batchnorm(self, model: nn.Module) -> nn.Module:
+        """The static schemes' first step: fold BN into the convolutions of ``model`` (this job's
+        own copy, in place) and record the activation range choice."""
+        from compress_cli.quantization.fold import fold_batchnorm
+
+        model, folded = fold_batchnorm(model, inplace=True)
+        self.details["folded_batchnorm"] = folded
+        self.details["reduce_range"] = self.reduce_range
+        self.details["reduce_range_reason"] = self.reduce_range_reason
+        self.entry["reduce_range"] = self.reduce_range
+        return model
+
+    def calibration(self) -> list[torch.Tensor]:
+        """The calibration inputs: ``calibration_batches`` training batches (CPU, fp32)."""
+        data = self.state.data
+        n = self.options.calibration_batches or data.calibration_batches
+        batches = [x for x, _ in data.calibration()][:n]
+        if len(batches) < n:
+            batches = []
+            for i, (x, _) in enumerate(data.loader("train", shuffle=False)):
+                if i >= n:
+                    break
+                batches.append(x)
+        if not batches:
+            raise StageError("no calibration data: the training split is empty")
+        self.details["calibration_batches"] = len(batches)
+        return [b.cpu().float() for b in batches]
+
+
+class Int8Handler(SchemeHandler):
+    """A CPU int8 conversion, accepted only when the int8 logits follow fp32 on a validation batch
+    (logit SQNR >= ``min_sqnr_db``: catches e.g. int16 saturation). Subclasses implement :meth:`snap`
+    and :meth:`build_runtime`; the result is measured on CPU."""
+
+    def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Put the weights of ``model`` (the job's fp32 copy, CPU, eval, pruning made permanent) on
+        the int8 grid the runtime uses and fill ``job.entry`` / ``job.details``; returns the module
+        the checkpoint stores."""
+        raise NotImplementedError
+
+    def save(self, runtime: nn.Module, state: State, details: dict[str, Any]) -> list[str]:
+        """Files written besides the checkpoint (paths, for the report's artifacts)."""
+        return []
+
+    def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """Eager on CPU (the int8 kernels are CPU kernels)."""
+        import torch
+
+        from compress_cli.runtime.runners import EagerRunner
+
+        return EagerRunner(runtime, torch.device("cpu"))
+
+    def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """Snap, build the runtime, measure its logits against fp32 (refused below ``min_sqnr_db``),
+        then leave the stored module, entry and runner in the state."""
+        import torch
+
+        from compress_cli.pruning import permanent_copy
+        from compress_cli.quantization.cpu import choose_reduce_range
+        from compress_cli.quantization.schemes import get_scheme
+
+        scheme = options.scheme
+        reference = permanent_copy(state.model).cpu().eval()
+        exclude = [n for n, _ in state.select_modules(options.exclude)] if options.exclude else []
+        if options.reduce_range is None:
+            reduce_range, why = choose_reduce_range()
+        else:
+            reduce_range, why = bool(options.reduce_range), "set in the recipe"
+        shape = list(state.data.input_shape)
+        entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
+        job = Int8Job(state, options, label, entry, {"scheme": scheme}, exclude, reduce_range, why)
+        # the fp32 logits are taken first, so the conversion works on this one copy; a scheme that
+        # trains takes them after training (its snap calls job.keep_reference)
+        if not get_scheme(scheme).trains:
+            job.keep_reference(reference)
+        model = self.snap(reference, job)
+        del reference
+        assert job.check is not None
+        x, y_ref = job.check
+        details = job.details
+        runtime = self.build_runtime(model, entry)
+        artifacts = self.save(runtime, state, details)
+        runner = self.runner(runtime, entry, state)
+        assert runner is not None
+        with torch.inference_mode():
+            runner.prepare()
+            y = runner(x)
+        sqnr = sqnr_db(y_ref, y)
+        details.update(sqnr_db=sqnr, min_sqnr_db=options.min_sqnr_db, runtime=runner.runtime)
+        if sqnr < options.min_sqnr_db:
+            raise StageError(
+                f"{scheme}: int8 logits are too far from fp32 (SQNR {sqnr:.1f} dB < min_sqnr_db "
+                f"{options.min_sqnr_db}); reduce_range={reduce_range} ({why}); try reduce_range: true, "
+                "more calibration_batches, or exclude the most sensitive layers"
+            )
+        state.model = model
+        state.transforms.append(entry)
+        state.runner = runner
+        state.edits.record(label, op="quantize", scheme=scheme, reduce_range=entry.get("reduce_range"))
+        notes = f"{scheme} -> {runner.runtime}, logit SQNR {sqnr:.1f} dB"
+        if "reduce_range" in entry:
+            notes += f", reduce_range={'on' if reduce_range else 'off'}"
+        return Quantized(notes=notes, details=details, artifacts=artifacts)
