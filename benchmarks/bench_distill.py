@@ -154,7 +154,7 @@ def bench_latency(
     import torch
 
     from compress_cli.config.recipe import LatencyConfig, Recipe
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
     from compress_cli.runtime.measure import latency
     from compress_cli.runtime.runners import EagerRunner
     from compress_cli.sources.models import build_from_source

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_cli.config.recipe import Recipe
-from compress_cli.engine.run import build_state
+from compress_cli.engine.setup import build_state
 from compress_cli.training import TrainOptions, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,10 +27,11 @@ import yaml
 import compress_cli
 from compress_cli.checkpoint import export_state_dict
 from compress_cli.config.yaml import parse_yaml
-from compress_cli.engine.run import build_state, save_snapshot
+from compress_cli.engine.setup import build_state
 from compress_cli.runtime.measure import evaluate, fp32_state_dict_bytes
 from compress_cli.runtime.runners import EagerRunner
 from compress_cli.stages.registry import get_stage, validate
+from compress_cli.state import save_snapshot
 
 
 def torch_save_bytes(sd: dict[str, torch.Tensor]) -> int:

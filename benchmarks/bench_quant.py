@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 import compress_cli
-from compress_cli.engine.run import build_state, run_recipe
+from compress_cli.engine.run import run_recipe
+from compress_cli.engine.setup import build_state
 from compress_cli.quantization import fx
 from compress_cli.quantization.cpu import choose_reduce_range
 from compress_cli.quantization.fold import fold_batchnorm

@@ -29,7 +29,7 @@ import torch
 
 def make_state(model: str, seed: int, out: Path) -> Any:
     from compress_cli.config.recipe import Recipe
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
 
     recipe = Recipe.model_validate(
         {

@@ -81,7 +81,7 @@ def build(name: str, out: Path, scheme: str) -> Any:
     import yaml
 
     from compress_cli.config.yaml import parse_yaml
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
     from compress_cli.stages.registry import validate
 
     kw, size = model_kwargs(name)
@@ -118,9 +118,7 @@ def build(name: str, out: Path, scheme: str) -> Any:
 def outputs(state: Any, x: Any) -> Any:
     import torch
 
-    from compress_cli.engine.run import current_runner
-
-    runner = current_runner(state)
+    runner = state.current_runner()
     runner.prepare()
     y = runner(x).float().cpu()
     if tuple(y.shape) != (x.shape[0], 10):
@@ -136,9 +134,11 @@ def one(name: str, scheme: str) -> dict[str, Any]:
 
     from compress_cli import load
     from compress_cli.checkpoint import copy_model
-    from compress_cli.engine.run import check_finite, release_memory, save_snapshot
+    from compress_cli.engine.setup import release_memory
+    from compress_cli.engine.stage_run import run_stage
     from compress_cli.errors import CompressError
     from compress_cli.stages.registry import get_stage
+    from compress_cli.state import save_snapshot
 
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name, "scheme": scheme}
@@ -172,18 +172,18 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             release_memory()  # as `compress run` does after each stage
 
         refusals = {}  # what `compress run` would refuse up front (Stage.preflight), before stage 1
-        for i, cfg in enumerate(recipe.stages):
+        for i, cfg in enumerate(recipe.stages, start=1):
             try:
                 get_stage(cfg.type)(cfg, i).preflight(state)
             except CompressError as e:
                 refusals[i] = e.problems[0]
-        for i, cfg in enumerate(recipe.stages):
+        for i, cfg in enumerate(recipe.stages, start=1):
             cls = get_stage(cfg.type)
             if i in refusals:
                 row[cfg.type] = {"status": "refused", "info": refusals[i], "s": 0.0}
                 continue
 
-            def run_stage(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
+            def apply(cls: Any = cls, cfg: Any = cfg, i: int = i) -> str:
                 # go on from the last good model after a failure (a failed stage may half-edit it);
                 # the copy waits on disk for big models (ViT-H/14: a second 632M-parameter copy in
                 # memory, masks included, does not fit next to the stage's own work in 24 GB)
@@ -191,9 +191,8 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                 if on_disk:
                     torch.save(state.model, out / "before.pt")
                 before = None if on_disk else copy_model(state.model)
-                try:
-                    res = cls(cfg, i).run(state)
-                    check_finite(state)
+                try:  # as `compress run` runs it: seeded, weights checked finite, errors located
+                    res = run_stage(cls(cfg, i), state, seed=recipe.seed + i)
                     outputs(state, x)
                 except Exception:
                     state.model = torch.load(out / "before.pt", weights_only=False) if on_disk else before
@@ -205,7 +204,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                     return f"refused: {note}"
                 return note[:160]
 
-            step(cfg.type, run_stage)
+            step(cfg.type, apply)
 
         def reload() -> str:
             y = outputs(state, x)
@@ -228,7 +227,8 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             )
             if refused:
                 return f"refused: {refused[0]}"
-            info = cls(cfg, len(recipe.stages)).run(state).details["files"]["onnx"]
+            last = len(recipe.stages) + 1
+            info = run_stage(cls(cfg, last), state, seed=recipe.seed + last).details["files"]["onnx"]
             return f"{info['size_bytes'] / 1e6:.2f} MB, max diff {info['max_abs_diff']:.2g}"
 
         step("reload", reload)
@@ -265,11 +265,12 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
         "# Coverage: torchvision classifiers through every stage",
         "",
         f"`python benchmarks/coverage.py` (`make coverage`). {len(rows)} models from "
-        "`torchvision.models.list_models(module=torchvision.models)`, random init, 10 classes, small input, "
-        f"synthetic data, 1 CPU thread, {timeout} s per model. Chain: prune 0.5 (global) -> prune_channels 0.3 (l1) "
-        f"-> drop_layers 1 (similarity) -> quantize {scheme} -> save + `load()` -> export onnx. A step passes when "
-        "the outputs are finite with the right shape; reload: `load()` gives the live model's outputs; export: the "
-        "ONNX file in ONNX Runtime matches the live model. `refused` = the stage declined up front with a reason.",
+        "`torchvision.models.list_models(module=torchvision.models)`, random init, 10 classes, "
+        f"small input, synthetic data, 1 CPU thread, {timeout} s per model. Chain: prune 0.5 (global) "
+        f"-> prune_channels 0.3 (l1) -> drop_layers 1 (similarity) -> quantize {scheme} -> save + "
+        "`load()` -> export onnx. A step passes when the outputs are finite with the right shape; "
+        "reload: `load()` gives the live model's outputs; export: the ONNX file in ONNX Runtime matches "
+        "the live model. `refused` = the stage declined up front with a reason.",
         "",
         f"**{all_ok} of {len(rows)} models pass or are refused up front at every step**; {timeouts} timed out"
         + (f"; {not_run} not run yet." if not_run else "."),

@@ -1,24 +1,31 @@
-"""State passed from stage to stage: the model, the frozen original, data, device, found hparams."""
+"""State passed from stage to stage: the model side (model, frozen original, data, device, found
+hparams, edits) and, in ``State.ctx``, the run's services a stage may use (:class:`RunContext`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from compress_cli._utils.modules import select_modules
+from compress_cli.events import RunListener
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from compress_cli.config.recipe import ModelConfig, Recipe
+    from compress_cli.runtime.runners import Runner
     from compress_cli.sources.data.bundle import DataBundle
+    from compress_cli.stages.base import Stage, StageResult
 
 
 @dataclass
 class Edit:
+    """One structural or numerical change a stage made (recorded in the model's manifest)."""
+
     stage: str
     op: str
     details: dict[str, Any]
@@ -26,38 +33,90 @@ class Edit:
 
 @dataclass
 class EditLog:
+    """The edits of a run, in order."""
+
     items: list[Edit] = field(default_factory=list)
 
     def record(self, stage: str, op: str | None = None, **details: Any) -> None:
+        """Append an edit by ``stage`` (``op`` defaults to the stage's name)."""
         self.items.append(Edit(stage, op or stage, details))
 
     def to_json(self) -> list[dict[str, Any]]:
+        """The edits as the manifest and the report store them."""
         return [{"stage": e.stage, "op": e.op, **e.details} for e in self.items]
+
+
+class StopSource(Protocol):
+    """Whether the run was asked to stop (a signal, the time budget); the engine's StopController."""
+
+    def should_stop(self) -> bool:
+        """True once a signal arrived or the time budget is spent: finish the current step and return."""
+        ...
+
+    def handling_signals(self, *, interrupt: bool = False) -> AbstractContextManager[None]:
+        """SIGINT/SIGTERM handled inside (main thread only; a no-op when already handling):
+        ``interrupt=False`` turns the first signal into ``should_stop()``, ``interrupt=True`` raises
+        KeyboardInterrupt at once and leaves a handler somebody else installed in charge."""
+        ...
+
+
+class StageRunner(Protocol):
+    """Runs one stage the way the pipeline does (``compress_cli.engine.stage_run.run_stage``)."""
+
+    def __call__(
+        self, stage: Stage[Any], state: State, *, seed: int | None = None, where: str = "stages"
+    ) -> StageResult: ...
+
+
+@dataclass
+class RunContext:
+    """The run's services a stage may use besides the model. The engine builds one per run; an hpo
+    trial derives its own with :meth:`for_trial`, sharing the stop source and the stage runner."""
+
+    output_dir: Path  # where a stage writes its files (model.onnx, plots); an hpo trial's own folder
+    stop: StopSource
+    run_stage: StageRunner  # how nested stages (hpo trials) run: seeded, checked, errors located
+    listener: RunListener = field(default_factory=RunListener, repr=False)
+    stage_dir: Path | None = None  # the running stage's snapshot folder (for epoch checkpoints)
+    #: called by training.train after every epoch with (epoch, metrics), after its own on_epoch
+    #: (hpo reports validation accuracy to its pruner this way, through any wrapped stage)
+    epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list, repr=False)
+
+    def should_stop(self) -> bool:
+        """True once the run was asked to stop (see :class:`StopSource`)."""
+        return self.stop.should_stop()
+
+    def for_trial(self, folder: Path, listener: RunListener) -> RunContext:
+        """A context for an hpo trial: writes into ``folder``, reports through ``listener``, no
+        epoch callbacks of the enclosing run."""
+        return replace(self, output_dir=folder, stage_dir=folder, listener=listener, epoch_callbacks=[])
 
 
 @dataclass
 class State:
+    """What a stage reads and changes: the model and everything needed to rebuild and measure it."""
+
     model: nn.Module
     #: the model as loaded, frozen: the default teacher and the baseline; a big one waits in a file
-    #: (see pipeline.build_state). Read it with ``original_model()``.
+    #: (see engine.setup.build_state). Read it with ``original_model()``.
     original: nn.Module | Path
     data: DataBundle
     device: torch.device
     recipe: Recipe
     model_spec: ModelConfig  # how to rebuild the current architecture's base (changes on student swap)
-    output_dir: Path
+    ctx: RunContext = field(repr=False)
     hparams: dict[str, Any] = field(default_factory=dict)
     edits: EditLog = field(default_factory=EditLog)
-    #: load-time transforms a stage needs replayed by load() (e.g. quantization); see checkpoint.py
+    #: load-time transforms a stage needs replayed by load() (e.g. quantization); see checkpoint
     transforms: list[dict[str, Any]] = field(default_factory=list)
-    runner: Any = None  # runners.Runner that measures the model; None = torch eager
+    runner: Any = None  # the runtime.runners.Runner that measures the model; None = torch eager
     seed: int = 0
-    emit: Callable[..., None] = field(default=lambda *a, **k: None, repr=False)
-    stage_dir: Path | None = None  # the running stage's snapshot folder (for epoch checkpoints)
-    should_stop: Callable[[], bool] = field(default=lambda: False, repr=False)
-    #: called by training.train after every epoch with (epoch, metrics), after its own on_epoch
-    #: (hpo reports validation accuracy to its pruner this way, through any wrapped stage)
-    epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list, repr=False)
+
+    def current_runner(self) -> Runner:
+        """The runner the model is measured through: the one a stage installed, else torch eager."""
+        from compress_cli.runtime.runners import EagerRunner
+
+        return self.runner if self.runner is not None else EagerRunner(self.model, self.device)
 
     def original_model(self) -> nn.Module:
         """The model as loaded (eval mode, no gradients); read back from its file for each call when
@@ -74,6 +133,7 @@ class State:
     def select_modules(
         self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), kinds: tuple[type, ...] = ()
     ) -> list[tuple[str, nn.Module]]:
+        """:func:`select_modules` over the state's model."""
         return select_modules(self.model, include, exclude, kinds)
 
     def resolve(self, value: Any, key: str, default: Any = None) -> Any:
@@ -87,3 +147,22 @@ class State:
 
             raise StageError(f"{key}: 'auto' but no earlier stage found a value")
         return value
+
+
+def save_snapshot(state: State, directory: Path) -> int:
+    """Write the state's model as a compressed model directory (the format ``compress_cli.load``
+    reads: architecture diff, edits, load transforms, encoded weights); returns its bytes on disk."""
+    from compress_cli.checkpoint import save_model
+    from compress_cli.sources.models import build_from_source
+
+    spec = state.model_spec.model_dump(mode="json")
+    return save_model(
+        state.model,
+        directory,
+        base=build_from_source(spec),
+        model_spec=spec,
+        input_shape=list(state.data.input_shape),
+        num_classes=state.data.num_classes,
+        edits=state.edits.to_json(),
+        transforms=state.transforms,
+    )

@@ -122,7 +122,7 @@ def tiny_state(
         recipe_overrides["model"], model = model, None
 
     from compress_cli.config.recipe import Recipe
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
 
     out = Path(tmp_path) if tmp_path is not None else Path(tempfile.mkdtemp(prefix="compress-test-"))
     d = tiny_recipe_dict(out, data={"limit_train": limit_train}, seed=seed, **recipe_overrides)

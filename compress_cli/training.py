@@ -181,7 +181,7 @@ def train(
 
     ``loss_fn(logits, x, y)`` replaces cross-entropy (distillation); ``on_epoch(epoch, metrics)``
     sees validation metrics after each epoch (HPO pruners raise from it), then each of
-    ``state.epoch_callbacks``; ``after_step`` runs after every optimizer step; ``on_step(step, loss,
+    ``state.ctx.epoch_callbacks``; ``after_step`` runs after every optimizer step; ``on_step(step, loss,
     optimizer)`` too, with the step's loss as a float (a device sync, so only when given), and
     returning True ends training after that step (the lr range test steers the lr and stops on
     divergence this way). ``loader`` replaces the training split's loader (probes).
@@ -231,7 +231,7 @@ def train(
         epoch_sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
         if hasattr(epoch_sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
             epoch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        state.emit("epoch_start", label=label, epoch=epoch + 1, epochs=opts.epochs, steps=steps)
+        state.ctx.listener.on_epoch_start(label, epoch + 1, opts.epochs, steps)
         run_loss = torch.zeros((), device=device)
         seen = 0
         for step, (x, y) in enumerate(loader):
@@ -276,7 +276,7 @@ def train(
                     dist_.all_reduce_tensor_mean(loss.detach().float()) if ddp else loss.detach()
                 )
                 hook_stop = bool(on_step(global_step - 1, step_loss, opt))
-            state.emit("step", label=label)
+            state.ctx.listener.on_step(label)
             if hook_stop:
                 break
             if (step + 1) % check_every == 0:
@@ -286,7 +286,7 @@ def train(
                         f"{label}: loss became {float(check)} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
                     )
-            if state.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
+            if state.ctx.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
                 result.stopped_early = True
                 break
         loss_sum, n_seen = float(run_loss), float(seen)
@@ -308,10 +308,10 @@ def train(
             metrics["val_loss"] = ev["loss"]
         result.history.append(metrics)
         result.epochs_run = epoch + 1
-        state.emit("epoch_end", label=label, **metrics)
+        state.ctx.listener.on_epoch_end(label, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        for callback in state.epoch_callbacks:
+        for callback in state.ctx.epoch_callbacks:
             callback(epoch, metrics)
         if hook_stop:
             break
@@ -328,7 +328,7 @@ def train(
             if opts.early_stopping is not None and since_best >= opts.early_stopping:
                 result.stopped_early = True
                 break
-        stop = state.should_stop()
+        stop = state.ctx.should_stop()
         if dist_.any_rank(stop) if ddp else stop:  # the budget ran out during validation, or a signal
             result.stopped_early = True
             break

@@ -13,7 +13,10 @@ runner = CliRunner()
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = "import sys, time; t=time.perf_counter(); from compress_cli.cli import app; print('torch' in sys.modules)"
+    code = (
+        "import sys, time; t=time.perf_counter(); from compress_cli.cli import app; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     t0 = time.perf_counter()
@@ -38,7 +41,8 @@ def test_validate_does_not_import_torch(write_recipe):
     good = write_recipe(stages=[{"type": "finetune", "epochs": 1}])
     code = (
         "import sys; from typer.testing import CliRunner; from compress_cli.cli import app;"
-        f"r = CliRunner().invoke(app, ['validate', {str(good)!r}]); print(r.exit_code, 'torch' in sys.modules)"
+        f"r = CliRunner().invoke(app, ['validate', {str(good)!r}]); "
+        "print(r.exit_code, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "False"]

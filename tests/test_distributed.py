@@ -60,7 +60,7 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     from torch.utils.data.distributed import DistributedSampler
 
     from compress_cli.config.recipe import Recipe
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
     from compress_cli.runtime.measure import evaluate
     from compress_cli.runtime.runners import EagerRunner
     from compress_cli.training import TrainOptions, train

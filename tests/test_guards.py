@@ -56,7 +56,8 @@ def report(tmp_path):
 def test_final_violation_fails_and_keeps_the_last_good_result(tmp_path, scramble):
     with pytest.raises(
         GuardError,
-        match=r"(?s)max_accuracy_drop: accuracy fell .*kept the last result that satisfies every guard \(stage 1\)",
+        match=r"(?s)max_accuracy_drop: accuracy fell "
+        r".*kept the last result that satisfies every guard \(stage 1\)",
     ):
         run(tmp_path, [{"type": "evaluate"}, {"type": "test_scramble"}], guard={"max_accuracy_drop": 1.0})
     r = report(tmp_path)

@@ -45,7 +45,7 @@ def pg_url() -> str:
         url = p.stdout.strip().splitlines()[-1]
     import sqlalchemy
 
-    from compress_cli.hpo.search import with_driver
+    from compress_cli.hpo.storage import with_driver
 
     try:
         with sqlalchemy.create_engine(with_driver(url)).connect() as c:
@@ -59,7 +59,7 @@ def test_two_workers_share_one_study(tmp_path, pg_url, monkeypatch):
     import optuna
 
     import compress_cli
-    from compress_cli.hpo.search import with_driver
+    from compress_cli.hpo.storage import with_driver
 
     study = f"test-{uuid.uuid4().hex[:10]}"
     n_trials = 6

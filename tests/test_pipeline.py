@@ -121,12 +121,13 @@ def test_release_memory_returns_the_freed_heap_to_the_os():
     code = textwrap.dedent(
         """
         import torch
-        from compress_cli.engine.run import release_memory
+        from compress_cli.engine.setup import release_memory
 
         def rss():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 
-        x = torch.ones(8 << 20)  # a freed 32 MB block raises glibc's mmap threshold: 1 MB blocks go on the heap
+        # a freed 32 MB block raises glibc's mmap threshold: 1 MB blocks go on the heap
+        x = torch.ones(8 << 20)
         del x
         blocks = [torch.ones(1 << 18) for _ in range(400)]  # 400 MB
         high = rss()

@@ -7,7 +7,7 @@ from compress_cli.config.recipe import Recipe
 
 def dry_run(recipe: Recipe) -> tuple[list[str], list[str]]:
     """-> (what each stage would touch, the stages' up-front refusals of this model)."""
-    from compress_cli.engine.run import build_state, preflight, resolve_device
+    from compress_cli.engine.setup import build_state, preflight, resolve_device
     from compress_cli.stages.registry import get_stage
 
     state = build_state(recipe, resolve_device(recipe.device), recipe.output_dir())

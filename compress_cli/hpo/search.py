@@ -6,10 +6,14 @@ How a search ends and what counts:
   run made them. Before each new trial a worker counts the study's trials (running ones included);
   a trial that another worker's concurrent start pushed past the limit is closed at once as pruned
   with the user attribute ``overflow`` and never runs (it is left out of the trial table).
+- A trial runs the wrapped stages through the run's stage runner (``state.ctx.run_stage``: what the
+  pipeline does for each stage, errors located as ``stages[i] (type)``) and is scored by the
+  pipeline's measurement (``measure_all``) on the validation split.
 - A wrapped stage's error marks its trial FAIL (the message is kept as user attribute ``error``) and
-  the search goes on; KeyboardInterrupt (and SIGTERM, turned into one while the search runs unless a
-  handler is already installed) marks the running trial FAIL before it propagates. With a database
-  storage a heartbeat lets later workers mark trials of a killed worker failed.
+  the search goes on; KeyboardInterrupt marks the running trial FAIL before it propagates. Outside a
+  pipeline SIGINT/SIGTERM raise it (unless someone else handles the signal); inside one the run's
+  stop controller asks the trial to stop, which fails it the same way. With a database storage a
+  heartbeat lets later workers mark trials of a killed worker failed.
 - The best trial (single objective) or the Pareto trial with the best first objective is applied.
   Its model is kept in memory when it ran in this process; otherwise (another worker, an earlier
   run) its parameters are run again here with the same trial seed.
@@ -18,29 +22,72 @@ How a search ends and what counts:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
-import random
-import signal
 import socket
 import tempfile
-import threading
 import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from compress_cli.errors import CompressError, StageError
+from compress_cli.hpo.space import (
+    OBJECTIVES,
+    Distribution,
+    Objective,
+    resolve_space_key,
+    sample_param,
+    with_params,
+)
+from compress_cli.hpo.storage import make_pruner, make_sampler, open_storage, redact, storage_url
+from compress_cli.hpo.table import format_value, trial_row
+from compress_cli.hpo.trial import PrunerReport, isolated_rng, trial_state
 
 if TYPE_CHECKING:
-    from compress_cli.stages.base import StageResult
-    from compress_cli.stages.hpo import Hpo, HpoConfig
+    from compress_cli.stages.base import Stage, StageConfig
     from compress_cli.state import State
+
+
+class SearchSettings(Protocol):
+    """What a search reads of its configuration (the ``hpo`` stage's config provides it)."""
+
+    @property
+    def stages(self) -> list[StageConfig]: ...
+    @property
+    def space(self) -> dict[str, Distribution]: ...
+    @property
+    def n_trials(self) -> int | None: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+    @property
+    def objectives(self) -> list[Objective]: ...
+    @property
+    def sampler(self) -> str: ...
+    @property
+    def sampler_startup_trials(self) -> int: ...
+    @property
+    def pruner(self) -> str: ...
+    @property
+    def pruner_startup_trials(self) -> int: ...
+    @property
+    def pruner_warmup_epochs(self) -> int: ...
+    @property
+    def enqueue_defaults(self) -> bool: ...
+    @property
+    def storage(self) -> str | None: ...
+    @property
+    def study_name(self) -> str | None: ...
+    @property
+    def heartbeat_s(self) -> int | None: ...
+
+
+#: builds the stage that runs a wrapped config at a 1-based position (the stage registry's job)
+StageFactory = Callable[["StageConfig", int], "Stage[Any]"]
 
 
 @dataclass
@@ -49,49 +96,6 @@ class Outcome:
 
     state: State
     values: list[float]
-
-
-@contextlib.contextmanager
-def isolated_rng(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch with ``seed`` inside; restore the callers' generators after."""
-    import numpy as np
-    import torch
-
-    py, npst = random.getstate(), np.random.get_state()
-    devices = (
-        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npst)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While the search runs, SIGTERM raises KeyboardInterrupt (so Optuna marks the running trial
-    FAIL) unless someone already handles SIGTERM (then their handler stays in charge)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -109,160 +113,28 @@ def quiet_optuna() -> Iterator[None]:
             optuna.logging.set_verbosity(level)
 
 
-def storage_url(spec: str | None, state: State, index: int) -> str | None:
-    """The study's SQLAlchemy URL (None: in memory)."""
-    if spec == "memory":
-        return None
-    if spec is None:
-        path = Path(state.output_dir).resolve() / f"hpo-{index:02d}.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return with_driver(spec)
-
-
-def with_driver(url: str) -> str:
-    """``postgresql://`` without a driver: name one that is installed (SQLAlchemy 2.1 assumes
-    psycopg 3, older versions psycopg2; the ``postgres`` extra installs psycopg2-binary)."""
-    import importlib.util
-
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("postgresql", "postgres"):
-        return url
-    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
-        if importlib.util.find_spec(module) is not None:
-            return f"postgresql+{driver}://{rest}"
-    return f"postgresql://{rest}"
-
-
-def redact(url: str | None) -> str:
-    if url is None:
-        return "memory"
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
-def open_storage(url: str | None, heartbeat_s: int | None) -> Any:
-    import optuna
-
-    if url is None:
-        return optuna.storages.InMemoryStorage()
-    kw: dict[str, Any] = {}
-    if heartbeat_s is not None:
-        kw.update(heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s)
-    last: Exception | None = None
-    for attempt in range(3):  # workers starting together may race to create the tables
-        try:
-            return optuna.storages.RDBStorage(url, **kw)
-        except ImportError as e:
-            raise StageError(
-                f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL "
-                "install the 'postgres' extra (psycopg2-binary)"
-            ) from None
-        except Exception as e:
-            last = e
-            time.sleep(0.5 + random.random() * (attempt + 1))
-    raise StageError(
-        f"storage {redact(url)}: cannot open the study database: {type(last).__name__}: "
-        f"{str(last).splitlines()[0] if str(last) else ''}"
-    ) from None
-
-
-def make_sampler(cfg: HpoConfig, seed: int, shared: bool) -> Any:
-    import optuna
-
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.sampler == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise StageError("sampler cmaes needs the 'cmaes' package (pip install cmaes)") from None
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=cfg.sampler_startup_trials, warn_independent_sampling=False
-        )
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=cfg.sampler_startup_trials, constant_liar=shared
-    )
-
-
-def make_pruner(cfg: HpoConfig) -> Any:
-    import optuna
-
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
-        )
-    if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
-
-
-def suggest(trial: Any, key: str, dist: Any) -> Any:
-    if dist.categorical is not None:
-        return trial.suggest_categorical(key, dist.categorical)
-    if dist.int_ is not None:
-        lo, hi = dist.int_
-        return trial.suggest_int(key, lo, hi, step=int(dist.step or 1), log=dist.log)
-    lo, hi = dist.float_
-    return trial.suggest_float(key, lo, hi, step=dist.step, log=dist.log)
-
-
-class _Pruned(Exception):
-    """Raised from the epoch callback; Optuna's TrialPruned is raised from it outside the stages
-    (so a wrapped stage that re-wraps exceptions cannot turn a pruning into a failure)."""
-
-
 class Search:
-    """One ``hpo`` stage run: the objective, the kept outcomes, the final choice."""
+    """One ``hpo`` stage run: the objective, the kept outcomes, the final choice.
 
-    def __init__(self, stage: Hpo, state: State):
-        from compress_cli.stages.hpo import OBJECTIVES, resolve_space_key
+    ``index``/``name``: the hpo stage's position (1-based) and label; ``build_stage`` makes the
+    stage for a wrapped config."""
 
-        self.stage = stage
-        self.cfg: HpoConfig = stage.config
+    def __init__(self, cfg: SearchSettings, index: int, name: str, state: State, build_stage: StageFactory):
+        self.cfg = cfg
+        self.index = index
+        self.name = name
         self.state = state
-        self.directions = [OBJECTIVES[o] for o in self.cfg.objectives]
-        self.paths = {k: resolve_space_key(self.cfg.stages, k) for k in self.cfg.space}
+        self.build_stage = build_stage
+        self.directions = [OBJECTIVES[o] for o in cfg.objectives]
+        self.paths = {k: resolve_space_key(cfg.stages, k) for k in cfg.space}
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this search
         self.kept: dict[int, Outcome] = {}
         self.study: Any = None
 
     # ------------------------------------------------------------------ one trial
-    def trial_state(self, number: int) -> State:
-        s = self.state
-        base_emit = s.emit
-
-        def emit(kind: str, **kw: Any) -> None:
-            if kind in ("epoch_start", "epoch_end", "step") and "label" in kw:
-                kw["label"] = f"trial {number} {kw['label']}"
-            if kind in ("epoch_start", "epoch_end", "step", "message", "eval_step"):
-                base_emit(kind, **kw)
-
-        from compress_cli.checkpoint import copy_model
-
-        trial_dir = Path(s.output_dir) / f"hpo-{self.stage.index:02d}-trials" / f"trial-{number:03d}"
-        return replace(
-            s,
-            model=copy_model(s.model),
-            hparams=copy.deepcopy(s.hparams),
-            edits=copy.deepcopy(s.edits),
-            transforms=copy.deepcopy(s.transforms),
-            runner=None,
-            emit=emit,
-            stage_dir=trial_dir,
-            output_dir=trial_dir,
-            epoch_callbacks=[],
-        )
-
     def run_trial(self, trial: Any, *, rerun: bool = False) -> list[float]:
+        """Optuna's objective: sample, run the wrapped stages on a copy, measure, keep."""
         import optuna
-
-        from compress_cli.stages.hpo import with_params
-        from compress_cli.stages.registry import get_stage
 
         cfg = self.cfg
         if not rerun:
@@ -271,7 +143,7 @@ class Search:
                 self.study.stop()
                 raise optuna.TrialPruned("overflow: the study already has n_trials trials")
             trial.set_user_attr("worker", self.worker)
-        params = {key: suggest(trial, key, dist) for key, dist in cfg.space.items()}
+        params = {key: sample_param(trial, key, dist) for key, dist in cfg.space.items()}
         by_stage: dict[int, dict[str, Any]] = {}
         for key, (index, path) in self.paths.items():
             by_stage.setdefault(index, {})[path] = params[key]
@@ -279,86 +151,65 @@ class Search:
             configs = [with_params(c, by_stage[i]) if i in by_stage else c for i, c in enumerate(cfg.stages)]
         except Exception as e:  # a combination the wrapped stage refuses
             return self._fail(trial, f"parameters {params} rejected: {str(e).splitlines()[0]}")
-        sub = self.trial_state(trial.number)
-        step = [0]
-        pruned = [False]
-        single = len(cfg.objectives) == 1
-
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            acc = metrics.get("val_accuracy")
-            if acc is None or not single:
-                return
-            trial.report(float(acc), step[0])
-            step[0] += 1
-            if trial.should_prune():
-                pruned[0] = True
-                raise _Pruned(f"pruned after epoch {step[0]} (val accuracy {acc:.4f})")
-
-        sub.epoch_callbacks = [report]
+        folder = self.state.ctx.output_dir / f"hpo-{self.index:02d}-trials" / f"trial-{trial.number:03d}"
+        sub = trial_state(self.state, folder, trial.number)
+        pruner = PrunerReport(trial, single=len(cfg.objectives) == 1)
+        sub.ctx.epoch_callbacks = [pruner]
         t0 = time.perf_counter()
         try:
             with isolated_rng(self.trial_seed(trial.number)):
-                for i, c in enumerate(configs):
-                    get_stage(c.type)(c, i).run(sub)
-                    if self.state.should_stop():
+                for i, c in enumerate(configs, start=1):
+                    sub.ctx.run_stage(self.build_stage(c, i), sub)
+                    if self.state.ctx.should_stop():
                         raise StageError("interrupted (the run was asked to stop)")
                 values = self.objective_values(sub)
-        except _Pruned as e:
-            trial.set_user_attr("epochs", step[0])
-            raise optuna.TrialPruned(str(e)) from None
-        except CompressError as e:
-            if pruned[0]:
-                raise optuna.TrialPruned(f"pruned after epoch {step[0]}") from None
-            return self._fail(trial, "; ".join(e.problems))
         except Exception as e:
-            if pruned[0]:
-                raise optuna.TrialPruned(f"pruned after epoch {step[0]}") from None
+            if pruner.pruned is not None:  # however a wrapped stage passed the pruning on
+                trial.set_user_attr("epochs", pruner.epochs)
+                raise optuna.TrialPruned(pruner.pruned) from None
+            if isinstance(e, CompressError):
+                return self._fail(trial, "; ".join(e.problems))
             return self._fail(trial, f"{type(e).__name__}: {e}")
-        trial.set_user_attr("epochs", step[0])
+        trial.set_user_attr("epochs", pruner.epochs)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
         if not all(math.isfinite(v) for v in values):
             return self._fail(trial, f"objective is not finite: {values}")
         self.keep(trial.number, Outcome(sub, values))
-        self.state.emit(
-            "message",
-            text=f"{self.stage.name}: trial {trial.number} "
-            + ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, values, strict=True)),
-        )
+        scores = ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, values, strict=True))
+        self.state.ctx.listener.on_message(f"{self.name}: trial {trial.number} {scores}")
         return values
 
     def _fail(self, trial: Any, message: str) -> Any:
         trial.set_user_attr("error", message[:500])
-        self.state.emit("message", text=f"{self.stage.name}: trial {trial.number} failed: {message[:200]}")
+        self.state.ctx.listener.on_message(f"{self.name}: trial {trial.number} failed: {message[:200]}")
         raise StageError(message)
 
     def trial_seed(self, number: int) -> int:
+        """The seed trial ``number`` draws from (the same in every worker and on a re-run)."""
         return (self.state.seed + 1) * 1_000_003 + number
 
     def objective_values(self, sub: State) -> list[float]:
-        from compress_cli.config.recipe import LatencyConfig
-        from compress_cli.engine.run import current_runner, save_snapshot
-        from compress_cli.runtime.measure import count_macs, evaluate, latency, param_counts
+        """The trial's objectives, measured by the pipeline's ``measure_all`` on the validation
+        split: latency at the recipe's first batch size, size as the saved checkpoint's bytes."""
+        from compress_cli.config.recipe import LatencyConfig, MeasureConfig
+        from compress_cli.runtime.measure import measure_all
+        from compress_cli.state import save_snapshot
 
-        runner = current_runner(sub)
-        out: list[float] = []
-        for o in self.cfg.objectives:
-            if o == "accuracy":
-                out.append(float(evaluate(runner, sub.data.loader("val"), sub.data.num_classes)["accuracy"]))
-            elif o == "latency_ms":
-                lat = getattr(
-                    getattr(sub.recipe, "measure", None), "latency", None
-                ) or LatencyConfig.model_validate({})
-                lat = lat.model_copy(update={"batch_sizes": [lat.batch_sizes[0]]})
-                out.append(float(latency(runner, sub.data.input_shape, lat, sub.seed)["latency_ms"]))
-            elif o == "size_bytes":
-                with tempfile.TemporaryDirectory(prefix="compress-hpo-") as d:
-                    out.append(float(save_snapshot(sub, Path(d) / "model")))
-            elif o == "nonzero_params":
-                out.append(float(param_counts(sub.model)["nonzero_params"]))
-            else:
-                macs = count_macs(sub.model, sub.data.example_input(1).to(sub.device))
-                out.append(float(macs) if macs is not None else math.nan)
-        return out
+        wanted = set(self.cfg.objectives)
+        latency = None
+        if "latency_ms" in wanted:
+            lat = sub.recipe.measure.latency or LatencyConfig.model_validate({})
+            latency = lat.model_copy(update={"batch_sizes": [lat.batch_sizes[0]]})
+        cfg = MeasureConfig(split="val", latency=latency, macs="macs" in wanted)
+        with tempfile.TemporaryDirectory(prefix="compress-hpo-") as d:
+            model_dir = Path(d) / "model" if "size_bytes" in wanted else None
+            if model_dir is not None:
+                save_snapshot(sub, model_dir)
+            m = measure_all(
+                sub.current_runner(), sub.model, sub.data, sub.device, cfg, seed=sub.seed, model_dir=model_dir
+            )
+        values = [getattr(m, o) for o in self.cfg.objectives]
+        return [math.nan if v is None else float(v) for v in values]
 
     def keep(self, number: int, outcome: Outcome) -> None:
         """Hold the best outcome (single objective) or the local Pareto set (several)."""
@@ -397,9 +248,13 @@ class Search:
 
     # ------------------------------------------------------------------ the study
     def study_count(self) -> int:
+        """Trials in the study, whatever their state (overflow trials left out)."""
         return sum(1 for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow"))
 
-    def run(self) -> StageResult:
+    def run(self) -> tuple[str, dict[str, Any]]:
+        """Open (or join) the study, run trials until it has ``n_trials`` or time is up, finish:
+        the best trial's model, edits, transforms and hparams end up in the state; returns the
+        stage's (notes, details)."""
         import optuna
 
         from compress_cli.runtime import distributed
@@ -408,12 +263,11 @@ class Search:
         if distributed.active():
             raise StageError(
                 "hpo runs its trials in one process; under torchrun start separate `compress run` "
-                "workers that share a storage instead (see docs/tuning.md)"
+                'workers that share a storage instead (see the README, "Several workers on one study")'
             )
-        url = storage_url(cfg.storage, state, self.stage.index)
+        url = storage_url(cfg.storage, state.ctx.output_dir, self.index)
         shared = cfg.storage not in (None, "memory")
-        recipe_name = getattr(state.recipe, "name", None) or "compress"
-        study_name = cfg.study_name or f"{recipe_name}-{self.stage.name}-{self.stage.index}"
+        study_name = cfg.study_name or f"{state.recipe.name or 'compress'}-{self.name}-{self.index}"
         with quiet_optuna():
             storage = open_storage(url, cfg.heartbeat_s)
             try:
@@ -431,8 +285,8 @@ class Search:
                     storage=storage,
                     study_name=study_name,
                     directions=self.directions,  # type: ignore[arg-type]
-                    sampler=make_sampler(cfg, seed, shared),
-                    pruner=make_pruner(cfg),
+                    sampler=make_sampler(cfg.sampler, seed, cfg.sampler_startup_trials, shared),
+                    pruner=make_pruner(cfg.pruner, cfg.pruner_startup_trials, cfg.pruner_warmup_epochs),
                     load_if_exists=True,
                 )
             except ValueError as e:
@@ -451,13 +305,17 @@ class Search:
                     self.study.enqueue_trial(defaults, user_attrs={"defaults": True}, skip_if_exists=True)
 
             def stop_when_done(study: Any, trial: Any) -> None:
-                if state.should_stop() or (cfg.n_trials is not None and self.study_count() >= cfg.n_trials):
+                if state.ctx.should_stop() or (
+                    cfg.n_trials is not None and self.study_count() >= cfg.n_trials
+                ):
                     study.stop()
 
             t0 = time.perf_counter()
             ran_before = self.study_count()
             if cfg.n_trials is None or ran_before < cfg.n_trials:
-                with sigterm_as_interrupt():
+                # outside a pipeline a signal interrupts at once (Optuna marks the running trial failed);
+                # inside one this is a no-op and the pipeline's graceful stop is in charge
+                with state.ctx.stop.handling_signals(interrupt=True):
                     self.study.optimize(
                         self.run_trial,
                         timeout=cfg.timeout_s,
@@ -468,10 +326,11 @@ class Search:
                     )
             return self.finish(study_name, url, time.perf_counter() - t0, ran_before)
 
-    def finish(self, study_name: str, url: str | None, seconds: float, ran_before: int) -> StageResult:
+    def finish(
+        self, study_name: str, url: str | None, seconds: float, ran_before: int
+    ) -> tuple[str, dict[str, Any]]:
+        """Apply the best trial's outcome to the state; -> (notes, details) for the stage result."""
         import optuna
-
-        from compress_cli.stages.base import StageResult
 
         cfg, state = self.cfg, self.state
         TS = optuna.trial.TrialState
@@ -497,10 +356,8 @@ class Search:
         outcome = self.kept.get(best.number)
         rerun = outcome is None
         if rerun:  # ran in another worker or an earlier run: run its parameters again here
-            state.emit(
-                "message",
-                text=f"{self.stage.name}: best trial {best.number} ran elsewhere; "
-                "running its parameters here",
+            state.ctx.listener.on_message(
+                f"{self.name}: best trial {best.number} ran elsewhere; running its parameters here"
             )
             fixed = optuna.trial.FixedTrial(best.params, number=best.number)
             try:
@@ -518,13 +375,13 @@ class Search:
         state.transforms = sub.transforms
         state.runner = sub.runner
         state.hparams.update(sub.hparams)
-        state.edits.record(self.stage.name, op="hpo", best_trial=best.number, params=dict(best.params))
-        table = [_row(t, self.worker) for t in trials]
+        state.edits.record(self.name, op="hpo", best_trial=best.number, params=dict(best.params))
+        table = [trial_row(t, self.worker) for t in trials]
         obj = ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, best.values, strict=True))
         notes = (
             f"{len(trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['fail']} failed); best #{best.number}: {obj}; "
-            + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+            + ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
         )
         if rerun:
             notes += " (re-run here)"
@@ -553,34 +410,4 @@ class Search:
                 {"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in front
             ]
             notes += f"; Pareto front: {len(front)} trial(s)"
-        return StageResult(notes=notes, details=details)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _row(t: Any, worker: str) -> dict[str, Any]:
-    dur = (
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        if t.datetime_complete and t.datetime_start
-        else None
-    )
-    row: dict[str, Any] = {
-        "number": t.number,
-        "state": t.state.name.lower(),
-        "values": list(t.values) if t.values is not None else None,
-        "params": dict(t.params),
-        "epochs_reported": len(t.intermediate_values),
-        "duration_s": None if dur is None else round(dur, 3),
-        "ran_here": t.user_attrs.get("worker") == worker,
-    }
-    if t.user_attrs.get("defaults"):
-        row["defaults"] = True
-    if t.user_attrs.get("error"):
-        row["error"] = t.user_attrs["error"]
-    return row
-
-
-def run_search(stage: Hpo, state: State) -> StageResult:
-    return Search(stage, state).run()
+        return notes, details

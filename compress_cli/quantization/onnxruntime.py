@@ -349,7 +349,7 @@ class OnnxRuntimeInt8(Int8Handler):
     def save(self, runtime: nn.Module, state: State, details: dict[str, Any]) -> list[str]:
         """The QDQ model as ``OUTPUT/model.onnx``, the file to deploy."""
         assert isinstance(runtime, OrtModule)
-        path = state.output_dir / "model.onnx"
+        path = state.ctx.output_dir / "model.onnx"
         runtime.save(path)
         details["onnx_file"] = str(path)
         details["onnx_bytes"] = len(runtime.onnx_bytes)

@@ -268,7 +268,7 @@ class StaticInt8(Pt2eHandler):
         model = job.fold_batchnorm(model)
         backend = job.options.backend or _default_backend()
         batches = job.calibration()
-        job.state.emit("stage_info", message=f"calibrating on {len(batches)} batch(es)")
+        job.state.ctx.listener.on_message(f"calibrating on {len(batches)} batch(es)")
         calibrate = fx.fx_calibrate if backend == "fx" else pt2e_calibrate
         job.entry["qparams"] = calibrate(model, batches, job.reduce_range, job.exclude)
         if backend == "fx":

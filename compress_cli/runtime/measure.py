@@ -1,25 +1,83 @@
-"""Measurement, the same for every stage: accuracy/loss, params/nonzeros, MACs, latency."""
+"""Measurement, the same for every stage: accuracy/loss, params/nonzeros, size, MACs, latency.
+
+:func:`measure_all` is the measurement policy: the pipeline calls it after every stage and hpo
+scores its trials with it, so a number means the same wherever it appears.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from compress_cli.report import Metrics
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from compress_cli.config.recipe import LatencyConfig
+    from compress_cli.config.recipe import LatencyConfig, MeasureConfig
     from compress_cli.runtime.runners import Runner
+    from compress_cli.state import DataBundle
+
+
+def measure_all(
+    runner: Runner,
+    model: nn.Module,
+    data: DataBundle,
+    device: torch.device,
+    cfg: MeasureConfig,
+    *,
+    seed: int,
+    model_dir: Path | None = None,
+    reference: Metrics | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Metrics:
+    """Every metric of ``model`` run through ``runner``, the same for every stage.
+
+    ``device`` is where ``model`` lives (MACs are counted there); ``cfg`` chooses the split,
+    whether MACs are counted and the latency settings (None: no timing);
+    ``model_dir`` holds the saved checkpoint whose bytes are ``size_bytes`` (None: not sized);
+    ``reference`` (the baseline) adds ``accuracy_drop``, ``size_ratio``, ``speedup`` and
+    ``throughput_ratio``; ``on_batch(n)`` is called after each evaluated batch of ``n`` samples.
+    """
+    from compress_cli.checkpoint import checkpoint_size
+
+    m: dict[str, Any] = {}
+    m.update(evaluate(runner, data.loader(cfg.split), data.num_classes, on_batch=on_batch))
+    m.update(param_counts(model))
+    if model_dir is not None:
+        m["size_bytes"] = checkpoint_size(model_dir)
+    m["macs"] = count_macs(model, data.example_input(1).to(device)) if cfg.macs else None
+    if cfg.latency is not None:
+        m.update(latency(runner, data.input_shape, cfg.latency, seed))
+    else:
+        m.update({"latency_ms": None, "throughput": None})
+    m.update(runner.describe())
+    metrics = Metrics(**m)
+    if reference is not None:
+        metrics.accuracy_drop = round((reference.accuracy - metrics.accuracy) * 100, 4)
+        fp32, size = reference.fp32_bytes, metrics.size_bytes
+        metrics.size_ratio = fp32 / size if fp32 is not None and size else None
+        if metrics.latency_ms and reference.latency_ms:
+            metrics.speedup = reference.latency_ms / metrics.latency_ms
+            assert metrics.throughput is not None and reference.throughput is not None
+            metrics.throughput_ratio = metrics.throughput / reference.throughput
+    return metrics
 
 
 def evaluate(
-    runner: Runner | Any, loader: DataLoader, num_classes: int, emit: Any = None
+    runner: Runner | Any,
+    loader: DataLoader,
+    num_classes: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """top-1 (and top-5 when more than 5 classes) accuracy as fractions, and mean CE loss."""
+    """top-1 (and top-5 when more than 5 classes) accuracy as fractions, and mean CE loss;
+    ``on_batch(n)`` after each batch of ``n`` samples (progress)."""
     import torch
     import torch.nn.functional as F
 
@@ -38,8 +96,8 @@ def evaluate(
                 top5 = out.topk(5, dim=1).indices
                 correct5 += int((top5 == y[:, None]).any(1).sum())
             n += len(y)
-            if emit:
-                emit("eval_step", n=len(y))
+            if on_batch is not None:
+                on_batch(len(y))
     if n == 0:
         from compress_cli.errors import StageError
 
@@ -78,7 +136,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
 
 
 @contextmanager
-def cpu_threads(n: int | None):
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored after."""
     import torch
 
     if n is None:

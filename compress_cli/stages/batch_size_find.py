@@ -100,9 +100,8 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
             if bs not in probes:
                 p = probe_batch(state.model, state, opts, bs, c.steps, limit_bytes=limit, label=self.name)
                 probes[bs] = p
-                state.emit(
-                    "message",
-                    text=f"{self.name}: batch {bs} " + ("fits" if p.fits else f"does not fit ({p.reason})"),
+                state.ctx.listener.on_message(
+                    f"{self.name}: batch {bs} " + ("fits" if p.fits else f"does not fit ({p.reason})")
                 )
             return probes[bs].fits
 
@@ -156,7 +155,7 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
             state.hparams["lr"] = new_lr
             details.update(lr=new_lr, lr_scaled_from=float(base), reference_batch_size=previous_bs)
             notes += f"; lr {float(base):.3g} -> {new_lr:.3g} (x{final}/{previous_bs})"
-        state.emit("message", text=f"{self.name}: {notes}")
+        state.ctx.listener.on_message(f"{self.name}: {notes}")
         return StageResult(notes=notes, details=details)
 
 

@@ -107,7 +107,7 @@ class Codebook(Stage[CodebookConfig]):
         for name, mod in targets:
             r = C.share_weights(mod, bits[name], cfg.iters)
             per[name] = {"bits": r.bits, "clusters": r.clusters, "nonzero": r.nonzero, "mse": r.mse}
-            state.emit("step", label=self.name)
+            state.ctx.listener.on_step(self.name)
         details["layers"] = per
         if cfg.epochs > 0:
             for _, mod in targets:

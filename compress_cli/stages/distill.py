@@ -232,7 +232,7 @@ class Distill(Stage[DistillConfig]):
         if c.cache_teacher and c.alpha > 0:
             assert teacher is not None
             n = len(dataset)  # type: ignore[arg-type]
-            state.emit("message", text=f"{self.name}: caching the teacher's logits over {n} samples")
+            state.ctx.listener.on_message(f"{self.name}: caching the teacher's logits over {n} samples")
             cached_logits, cached_labels = teacher_logit_cache(
                 teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers
             )

@@ -133,7 +133,7 @@ class DropLayers(Stage[DropLayersConfig]):
             params_before=before,
             params_after=after,
         )
-        state.emit("message", text=f"{self.name}: removed {', '.join(removed)}")
+        state.ctx.listener.on_message(f"{self.name}: removed {', '.join(removed)}")
         finetune = None
         if c.epochs > 0:
             finetune = train(state.model, state, c, label=self.name).summary()

@@ -84,13 +84,13 @@ class Export(Stage[ExportConfig]):
         # the reference is what the report measured: the int8 runtime where there is one
         reference = state.runner if state.runner is not None else model
         cpu = state.runner is not None or state.device.type == "cpu"
-        folder = state.output_dir / cfg.directory
+        folder = state.ctx.output_dir / cfg.directory
         example = state.data.example_input(2)
         check = state.data.example_input(5)  # another batch size: the dynamic axis works
         x1 = state.data.example_input(1)
         files: dict[str, dict] = {}
         for fmt in cfg.formats:
-            state.emit("message", text=f"export {fmt}")
+            state.ctx.listener.on_message(f"export {fmt}")
             path, fn, info = self._write(
                 fmt, state, model, entry, folder, example if cpu else example.to(state.device)
             )

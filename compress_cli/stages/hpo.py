@@ -1,110 +1,19 @@
+"""The ``hpo`` stage: Optuna hyperparameter search over the parameters of the stages it wraps.
+
+The config and its validation live here; the search itself is ``compress_cli.hpo``.
+"""
+
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializeAsAny,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from compress_cli.hpo.space import Distribution, Objective, resolve_space_key, with_params
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
-
-#: what each objective means and which way is better
-OBJECTIVES = {
-    "accuracy": "maximize",  # top-1 on the validation split
-    "latency_ms": "minimize",  # median batch-1 latency through the trial's runner
-    "size_bytes": "minimize",  # bytes of the trial model's compressed checkpoint
-    "nonzero_params": "minimize",
-    "macs": "minimize",
-}
-
-
-class Distribution(BaseModel):
-    """One search dimension: ``{float: [lo, hi], log: true}``, ``{int: [lo, hi]}`` or ``{categorical: [...]}``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    float_: tuple[float, float] | None = Field(None, alias="float", description="a real number in [lo, hi]")
-    int_: tuple[int, int] | None = Field(None, alias="int", description="an integer in [lo, hi]")
-    categorical: list[None | bool | int | float | str] | None = Field(
-        None, min_length=1, description="one of these values"
-    )
-    log: bool = Field(False, description="sample on a log scale (lo > 0)")
-    step: float | None = Field(None, gt=0, description="sample on a grid with this spacing (not with log)")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Distribution:
-        kinds = [
-            k
-            for k, v in (("float", self.float_), ("int", self.int_), ("categorical", self.categorical))
-            if v is not None
-        ]
-        if len(kinds) != 1:
-            raise ValueError(
-                f"give exactly one of float, int, categorical (got {', '.join(kinds) or 'none'})"
-            )
-        rng = self.float_ if self.float_ is not None else self.int_
-        if rng is not None:
-            lo, hi = rng
-            if not lo < hi:
-                raise ValueError(f"the range needs lo < hi (got [{lo}, {hi}])")
-            if self.log and lo <= 0:
-                raise ValueError(f"log needs lo > 0 (got {lo})")
-            if self.log and self.step is not None:
-                raise ValueError("log and step cannot be combined")
-            if self.int_ is not None and self.step is not None and self.step != int(self.step):
-                raise ValueError(f"int: step must be a whole number (got {self.step})")
-        elif self.log or self.step is not None:
-            raise ValueError("log and step apply to float and int ranges only")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        d = handler(self)
-        return {{"float_": "float", "int_": "int"}.get(k, k): v for k, v in d.items()}
-
-    def probe_values(self) -> list[Any]:
-        """Values that must all be valid for the wrapped stage (the range ends, every choice)."""
-        if self.categorical is not None:
-            return list(self.categorical)
-        rng = self.float_ if self.float_ is not None else self.int_
-        return list(rng) if rng is not None else []
-
-    def contains(self, v: Any) -> bool:
-        """Whether ``v`` is a value this distribution can produce."""
-        if self.categorical is not None:
-            return v in self.categorical
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return False
-        rng = self.float_ if self.float_ is not None else self.int_
-        assert rng is not None
-        lo, hi = rng
-        if not lo <= v <= hi or (self.int_ is not None and v != int(v)):
-            return False
-        if self.step:
-            k = (v - lo) / self.step
-            return abs(k - round(k)) < 1e-9
-        return True
-
-    def describe(self) -> str:
-        if self.categorical is not None:
-            return f"one of {self.categorical}"
-        rng = self.float_ if self.float_ is not None else self.int_
-        kind = "float" if self.float_ is not None else "int"
-        return (
-            f"{kind} in {list(rng or ())}"
-            + (" (log)" if self.log else "")
-            + (f" step {self.step:g}" if self.step else "")
-        )
 
 
 class HpoConfig(StageConfig):
@@ -120,10 +29,11 @@ class HpoConfig(StageConfig):
         20, gt=0, description="trials in the study in total (all workers and resumes)"
     )
     timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
-    objectives: list[Literal["accuracy", "latency_ms", "size_bytes", "nonzero_params", "macs"]] = Field(
+    objectives: list[Objective] = Field(
         default_factory=lambda: ["accuracy"],  # type: ignore[arg-type,return-value]
         min_length=1,
-        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... (minimized): Pareto front",
+        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... "
+        "(minimized): Pareto front",
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
     sampler_startup_trials: int = Field(
@@ -143,8 +53,9 @@ class HpoConfig(StageConfig):
     )
     storage: str | None = Field(
         None,
-        description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); 'memory' keeps it "
-        "in memory; default: a SQLite file in the output directory (an interrupted search resumes)",
+        description="SQLAlchemy URL of the study (sqlite:///f.db, postgresql://user@host/db); "
+        "'memory' keeps it in memory; default: a SQLite file in the output directory "
+        "(an interrupted search resumes)",
     )
     study_name: str | None = Field(
         None, description="study to create or join (default: from the recipe name)"
@@ -255,54 +166,6 @@ def _err(loc: tuple[Any, ...], message: str, value: Any) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError("hpo", message), loc=loc, input=value)  # type: ignore[arg-type]
 
 
-def resolve_space_key(stages: list[StageConfig], key: str) -> tuple[int, str]:
-    """``STAGE.param.sub`` -> (index of the wrapped stage, ``param.sub``). STAGE is the stage's
-    ``name``, its type (when only one wrapped stage has it) or its index."""
-    head, sep, path = key.partition(".")
-    if not sep or not path:
-        raise ValueError(f"space key {key!r}: expected STAGE.param (e.g. finetune.lr)")
-    if head.isdigit():
-        i = int(head)
-        if i >= len(stages):
-            raise ValueError(f"space key {key!r}: there are only {len(stages)} wrapped stage(s)")
-        match = [i]
-    else:
-        match = [i for i, s in enumerate(stages) if s.name == head]
-        if not match:
-            match = [i for i, s in enumerate(stages) if s.type == head and s.name is None]
-    if not match:
-        names = sorted({s.name or s.type for s in stages})
-        raise ValueError(f"space key {key!r}: no wrapped stage named {head!r} (have: {', '.join(names)})")
-    if len(match) > 1:
-        raise ValueError(
-            f"space key {key!r}: {len(match)} wrapped stages are {head!r}; give them names or use an index"
-        )
-    cfg = stages[match[0]]
-    top = path.split(".")[0]
-    if top in ("type", "name") or top not in type(cfg).model_fields:
-        fields = [f for f in type(cfg).model_fields if f not in ("type", "name", "on_violation")]
-        raise ValueError(f"space key {key!r}: {cfg.type} has no parameter {top!r} (has: {', '.join(fields)})")
-    return match[0], path
-
-
-def with_params(cfg: StageConfig, values: dict[str, Any]) -> StageConfig:
-    """A copy of ``cfg`` with dotted parameter paths set, validated again by its own model."""
-    d = cfg.model_dump(mode="python", round_trip=True)
-    for path, v in values.items():
-        node = d
-        parts = path.split(".")
-        for p in parts[:-1]:
-            nxt = node.get(p) if isinstance(node, dict) else None
-            if nxt is None:
-                nxt = {}
-                node[p] = nxt
-            if not isinstance(nxt, dict):
-                raise ValueError(f"{cfg.type}.{path}: {p} is not a mapping")
-            node = nxt
-        node[parts[-1]] = v
-    return type(cfg).model_validate(d)
-
-
 @register_stage("hpo")
 class Hpo(Stage[HpoConfig]):
     """Hyperparameter search (Optuna): trials run the wrapped stages; the best trial's model is kept.
@@ -365,6 +228,10 @@ class Hpo(Stage[HpoConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.hpo.search import run_search
+        from compress_cli.hpo.search import Search
+        from compress_cli.stages.registry import get_stage
 
-        return run_search(self, state)
+        notes, details = Search(
+            self.config, self.index, self.name, state, lambda c, i: get_stage(c.type)(c, i)
+        ).run()
+        return StageResult(notes=notes, details=details)

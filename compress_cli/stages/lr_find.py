@@ -146,11 +146,11 @@ class LrFind(Stage[LrFindConfig]):
         state.hparams["lr"] = lr
         artifacts = []
         if distributed.is_main():
-            path = state.output_dir / f"lr_find-{self.index:02d}.png"
+            path = state.ctx.output_dir / f"lr_find-{self.index:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             plot_lr_curve(path, sweep, sug, log_x=c.mode == "exponential")
             artifacts.append(path.name)
-        state.emit("message", text=f"{self.name}: {notes}")
+        state.ctx.listener.on_message(f"{self.name}: {notes}")
         details = {
             "lr": lr,
             "lr_source": source,

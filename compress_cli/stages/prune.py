@@ -168,12 +168,12 @@ class Prune(Stage[PruneConfig]):
         if free and cfg.sensitivity is not None:
             if not state.data.labelled:
                 raise StageError("sensitivity: needs labelled validation data to measure accuracy drops")
-            state.emit("info", message=f"{self.name}: sensitivity scan of {len(free)} layers")
+            state.ctx.listener.on_message(f"{self.name}: sensitivity scan of {len(free)} layers")
             scan = P.scan_sensitivity(
                 free,
                 cfg.sensitivity.ratios,
                 _val_accuracy(state, cfg.sensitivity.max_batches),
-                on_step=lambda: state.emit("step", label="sensitivity"),
+                on_step=lambda: state.ctx.listener.on_step("sensitivity"),
             )
             floors = {n: P.layer_sparsity(m) for n, m in free}
             try:
@@ -203,13 +203,13 @@ class Prune(Stage[PruneConfig]):
                 for g, plan in zip(groups, plans, strict=True):
                     g.apply(plan[k])
                 _, reached = P.summary(targets)
-                state.emit("info", message=f"{self.name}: step {k + 1}/{n}, sparsity {reached:.3f}")
+                state.ctx.listener.on_message(f"{self.name}: step {k + 1}/{n}, sparsity {reached:.3f}")
                 res = train(state.model, state, cfg.schedule, label=f"{self.name} {k + 1}/{n}")
                 entry = {"step": k + 1, "sparsity": round(reached, 4), "epochs": res.epochs_run}
                 if res.history and "val_accuracy" in res.history[-1]:
                     entry["val_accuracy"] = res.history[-1]["val_accuracy"]
                 history.append(entry)
-                if state.should_stop():
+                if state.ctx.should_stop():
                     break
         per, overall = P.summary(targets)
         details.update({"overall_sparsity": round(overall, 4), "layers": per})

@@ -105,9 +105,8 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             finetunes.append({"after_step": step, **res.summary()})
 
         def on_step(step: int, info: dict[str, Any]) -> None:
-            state.emit(
-                "message", text=f"{self.name}: step {step}/{c.steps}, {info['channels']} channels left"
-            )
+            left = info["channels"]
+            state.ctx.listener.on_message(f"{self.name}: step {step}/{c.steps}, {left} channels left")
 
         calib = state.data.calibration() if c.importance in ("activation", "taylor") else []
         res = prune_channels(

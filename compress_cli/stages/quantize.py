@@ -166,6 +166,6 @@ class Quantize(Stage[QuantizeConfig]):
         problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
         if problem:
             raise StageError(problem)
-        state.emit("stage_info", message=f"quantize: {self.config.scheme}")
+        state.ctx.listener.on_message(f"quantize: {self.config.scheme}")
         done = quantize(state, self.config, self.name)
         return StageResult(notes=done.notes, details=done.details, artifacts=done.artifacts)

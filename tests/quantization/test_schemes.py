@@ -15,11 +15,13 @@ import yaml
 
 import compress_cli
 from compress_cli.config.yaml import parse_yaml
-from compress_cli.engine.run import build_state, run_recipe, save_snapshot
+from compress_cli.engine.run import run_recipe
+from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, SourceError
 from compress_cli.quantization import schemes
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.stages.registry import json_schema, validate
+from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 
 # the example of CONTRIBUTING.md's "Add a quantization scheme", run here as a third-party plugin

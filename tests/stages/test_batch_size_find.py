@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, model: str = "zoo:digits_mlp", **data):
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
 
     recipe = Recipe.model_validate(
         {

@@ -15,9 +15,10 @@ from compress_cli import codebook as C
 from compress_cli import pruning as P
 from compress_cli.checkpoint import WEIGHTS, read_manifest, tensor_encodings
 from compress_cli.config.yaml import parse_yaml
-from compress_cli.engine.run import build_state, save_snapshot
+from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError
 from compress_cli.stages.registry import get_stage, validate
+from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 from compress_cli.training import TrainOptions, train
 

@@ -19,9 +19,11 @@ import compress_cli
 from compress_cli.config.recipe import Recipe
 from compress_cli.config.yaml import parse_yaml
 from compress_cli.distillation import FeatureMatcher, kd_loss
-from compress_cli.engine.run import build_state, run_recipe, save_snapshot
+from compress_cli.engine.run import run_recipe
+from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.stages.registry import get_stage, validate
+from compress_cli.state import save_snapshot
 from compress_cli.testing import seeded_zoo, tiny_recipe_dict
 
 
@@ -150,7 +152,7 @@ def test_a_big_original_waits_on_disk_and_teaches_the_same(tmp_path, teacher_ckp
     in-memory copy for the whole run); distillation from it gives the same student, bit for bit."""
     import gc
 
-    import compress_cli.engine.run as pipeline
+    import compress_cli.engine.setup as pipeline
 
     students = []
     for limit in (None, 0):

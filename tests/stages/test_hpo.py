@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def make_state(tmp_path: Path, **data):
-    from compress_cli.engine.run import build_state
+    from compress_cli.engine.setup import build_state
 
     recipe = Recipe.model_validate(
         {
@@ -86,7 +86,8 @@ def test_valid_config_and_nested_rules():
     [
         (
             {"stages": [{**FT, "epochs": -1}], "space": LR},
-            r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: finetune: must be greater than or equal to 0 \(got -1\)",
+            r"r.yaml:\d+: stages\[0\] \(hpo\).stages\[0\].epochs: "
+            r"finetune: must be greater than or equal to 0 \(got -1\)",
         ),
         (
             {"stages": [{**FT, "lrr": 0.1}], "space": LR},
@@ -94,7 +95,8 @@ def test_valid_config_and_nested_rules():
         ),
         (
             {"stages": [{"type": "finetun"}], "space": LR},
-            r"stages\[0\] \(hpo\).stages\[0\].type: unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
+            r"stages\[0\] \(hpo\).stages\[0\].type: "
+            r"unknown stage type 'finetun' \(did you mean 'finetune'\?\)",
         ),
         (
             {"stages": [FT], "space": {"prune.sparsity": {"float": [0.1, 0.9]}}},
@@ -141,14 +143,14 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
         "finetune.lr": {"categorical": [1e-5, 3e-3, 1e-2]},
         "finetune.optimizer": {"categorical": ["sgd", "adam"]},
     }
-    cfg = dict(
-        stages=[{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}],
-        space=space,
-        n_trials=6,
-        sampler="random",
-        pruner="median",
-        pruner_startup_trials=2,
-    )
+    cfg = {
+        "stages": [{"type": "finetune", "epochs": 3, "max_steps_per_epoch": 6}],
+        "space": space,
+        "n_trials": 6,
+        "sampler": "random",
+        "pruner": "median",
+        "pruner_startup_trials": 2,
+    }
     res = hpo(**cfg).run(state)
     d = res.details
     assert len(d["trials"]) == 6 and d["ran_here"] == 6
@@ -274,7 +276,7 @@ def test_trials_report_through_nested_training_and_leave_state_alone(tmp_path):
     assert all(t["epochs_reported"] == 2 for t in res.details["trials"])  # one report per epoch
     assert state.model is not original_model  # the best trial's copy became the model
     assert all(torch.equal(before[k], v) for k, v in original_model.state_dict().items())  # copies trained
-    assert state.epoch_callbacks == []
+    assert state.ctx.epoch_callbacks == []
 
 
 @pytest.mark.parametrize("sampler,pruner", [("cmaes", "median"), ("tpe", "hyperband"), ("random", "none")])

@@ -14,7 +14,7 @@ from torch import nn
 import compress_cli
 from compress_cli._utils.arrays import pack_array, unpack_array
 from compress_cli.config.yaml import parse_yaml
-from compress_cli.engine.run import build_state, save_snapshot
+from compress_cli.engine.setup import build_state
 from compress_cli.errors import RecipeError, StageError
 from compress_cli.quantization.pt2e import QuantizedGraph
 from compress_cli.runtime import export
@@ -23,6 +23,7 @@ from compress_cli.runtime.ort import OrtModule
 from compress_cli.runtime.runners import CompiledRunner, EagerRunner, OrtRunner
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.stages.registry import validate
+from compress_cli.state import save_snapshot
 from compress_cli.testing import tiny_recipe_dict
 
 X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))

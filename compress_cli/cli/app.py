@@ -1,0 +1,156 @@
+"""The commands of ``compress`` (Typer): they parse arguments, call the package, and leave every
+line of output to ``compress_cli.cli.render``. The only module that calls exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+from compress_cli.cli import render
+from compress_cli.errors import CompressError, StageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Make PyTorch models smaller and faster, and tune them, from YAML recipes.",
+    pretty_exceptions_enable=False,
+)
+TRUST_HELP = "let the model directory in model.source / model.checkpoint run the code its manifest names"
+
+
+def _fail(e: CompressError, debug: bool) -> NoReturn:
+    render.problems(e, debug)
+    raise typer.Exit(e.exit_code)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="output directory (default from the recipe)"
+    ),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the final report as JSON on stdout (nothing else)"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Run a recipe: compress and tune the model, write the checkpoint and the report."""
+    from compress_cli.engine.run import execute_recipe
+    from compress_cli.runtime.distributed import env_rank
+    from compress_cli.stages.registry import load_recipe
+
+    overrides = (
+        list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
+    ) + (["model.trust_source=true"] if trust_source else [])
+    secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
+    renderer = render.Renderer(render.err, quiet or secondary or as_json and not sys.stderr.isatty())
+    try:
+        r, _ = load_recipe(recipe, overrides)
+        report = execute_recipe(r, force=force, listener=renderer, resume=resume)
+    except CompressError as e:
+        renderer.stop()
+        if e.exit_code == 130:
+            e.problems.append(
+                f"to resume: run the same command again with --resume (compress run {recipe} ... --resume)"
+            )
+        _fail(e, debug)
+    except KeyboardInterrupt:
+        renderer.stop()
+        render.interrupted()
+        raise typer.Exit(130) from None
+    renderer.stop()
+    if secondary:
+        return
+    if as_json:
+        render.json_document(report.to_dict())
+        return
+    if not quiet:
+        render.run_result(report)
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value"),
+    model: bool = typer.Option(False, "--model", help="also load the model and show what each stage touches"),
+    trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Check a recipe without running it (no model is loaded unless --model)."""
+    from compress_cli.stages.registry import load_recipe
+
+    try:
+        r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
+        render.validated(recipe, r.name, [s.type for s in r.stages])
+        if model:
+            from compress_cli.cli.dryrun import dry_run
+
+            lines, refused = dry_run(r)
+            render.lines(lines)
+            if refused:
+                raise StageError(refused)
+    except CompressError as e:
+        _fail(e, debug)
+
+
+@app.command()
+def stages(name: str | None = typer.Argument(None, help="a stage type to describe")) -> None:
+    """List the registered stages, or describe one stage's parameters."""
+    from compress_cli.stages.registry import get_stage, list_stages
+
+    try:
+        if name is None:
+            render.stage_list([(n, _first_line(get_stage(n).__doc__)) for n in list_stages()])
+            return
+        cls = get_stage(name)
+        parameters = []
+        for fname, f in cls.config_class.model_fields.items():
+            if fname == "type":
+                continue
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            parameters.append((fname, ann, default, f.description or ""))
+        render.stage_help(name, (cls.__doc__ or "").strip(), parameters)
+    except CompressError as e:
+        _fail(e, False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the recipe format (for yaml-language-server)."""
+    from compress_cli.stages.registry import json_schema
+
+    render.schema(json_schema())
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="checkpoint file or compressed model directory"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Params, nonzeros, sparsity, size and per-layer summary of a checkpoint or model directory."""
+    from compress_cli.cli.inspection import inspect_path
+
+    try:
+        info = inspect_path(path)
+    except CompressError as e:
+        _fail(e, debug)
+    render.inspection(path, info)
+
+
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc else ""
+
+
+def main() -> None:
+    """The ``compress`` console script."""
+    app()

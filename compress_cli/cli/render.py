@@ -1,0 +1,212 @@
+"""Everything the command line shows: run progress (a :class:`RunListener` drawing rich progress
+bars and lines on stderr), the report table, stage and checkpoint tables, errors. The ONLY module
+that prints to the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compress_cli.events import RunListener
+
+if TYPE_CHECKING:
+    from compress_cli.errors import CompressError
+    from compress_cli.report import Metrics, Report, StageEntry
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+if not out.is_terminal:
+    out.width = max(out.width, 150)
+
+
+class Renderer(RunListener):
+    """Turns a run's events into rich progress bars and lines on ``console`` (nothing when quiet)."""
+
+    def __init__(self, console: Console, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.c = console
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=quiet,
+        )
+        self.task: Any = None
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.c.print(text)
+
+    def on_setup(self, recipe: str, device: str, output: Path) -> None:
+        self._print(f"[bold]compress[/bold] {recipe} on {device} → {output}")
+        if not self.quiet:
+            self.progress.start()
+
+    def on_message(self, text: str) -> None:
+        self._print(f"  {text}")
+
+    def on_baseline(self, metrics: Metrics) -> None:
+        self._print(f"  baseline: {_summary(metrics)}")
+
+    def on_stage_start(self, index: int, total: int, name: str, type_name: str) -> None:
+        self._print(f"[cyan]stage {index}/{total}[/cyan] {name}")
+
+    def on_stage_end(self, entry: StageEntry) -> None:
+        self._print(f"  {entry.name} done in {entry.duration_s:.1f} s: {_summary(entry.metrics)}")
+        for v in entry.guard_violations or []:
+            self._print(f"  [yellow]guard violated:[/yellow] {v}")
+
+    def on_epoch_start(self, label: str, epoch: int, epochs: int, steps: int) -> None:
+        self._new(f"  {label} epoch {epoch}/{epochs}", steps)
+
+    def on_step(self, label: str) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+
+    def on_epoch_end(self, label: str, metrics: dict[str, float]) -> None:
+        self._done()
+        extra = f" val {metrics['val_accuracy'] * 100:.2f}%" if "val_accuracy" in metrics else ""
+        self._print(f"  {label} epoch {metrics['epoch']:.0f}: loss {metrics['train_loss']:.4f}{extra}")
+
+    def on_measure_start(self, samples: int) -> None:
+        self._new("  measuring", samples)
+
+    def on_eval_step(self, samples: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, samples)
+
+    def on_measure_end(self, metrics: Metrics) -> None:
+        self._done()
+
+    def on_done(self, report: Report) -> None:
+        self.progress.stop()
+
+    def _new(self, desc: str, total: int) -> None:
+        self._done()
+        self.task = self.progress.add_task(desc, total=total)
+
+    def _done(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def stop(self) -> None:
+        """Take the progress display down (after the run, or when it failed)."""
+        self._done()
+        self.progress.stop()
+
+
+def _summary(m: Metrics) -> str:
+    from compress_cli.report import human_bytes
+
+    latency = f", {m.latency_ms:.3f} ms" if m.latency_ms else ""
+    return f"top-1 {m.accuracy * 100:.2f}%, {human_bytes(m.size_bytes)}{latency} ({m.runtime})"
+
+
+def problems(e: CompressError, debug: bool) -> None:
+    """An error's problems, one ``error:`` line each on stderr (with the traceback when ``debug``)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    for p in e.problems:
+        err.print(f"[red]error:[/red] {p}", markup=True, soft_wrap=True)
+
+
+def interrupted() -> None:
+    """The line for a run stopped by a second Ctrl-C."""
+    err.print("[red]interrupted[/red]")
+
+
+def report_table(report: Report) -> Table:
+    """The report's rows (baseline, then each stage) as a rich table."""
+    from compress_cli.report import HEADINGS, rows
+
+    t = Table(title=f"{report.recipe} ({report.device})")
+    for name in HEADINGS:
+        t.add_column(name, justify="left" if name in ("stage", "runtime") else "right")
+    for r in rows(report):
+        t.add_row(*r)
+    return t
+
+
+def run_result(report: Report) -> None:
+    """A finished run: the report table and where the model and report are."""
+    out.print(report_table(report))
+    out.print(f"model: {report.output}/model · report: {report.output}/report.md")
+
+
+def json_document(document: Any) -> None:
+    """``document`` as one JSON line on stdout (nothing else goes there)."""
+    sys.stdout.write(json.dumps(document, default=str) + "\n")
+
+
+def schema(document: dict[str, Any]) -> None:
+    """The recipe JSON Schema, indented, on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def validated(path: Path, name: str, stage_types: list[str]) -> None:
+    """``ok`` for a valid recipe, with its stages."""
+    out.print(f"[green]ok[/green] {path}: {name}, {len(stage_types)} stage(s): " + ", ".join(stage_types))
+
+
+def lines(items: list[str]) -> None:
+    """Plain lines on stdout (a dry run's preview)."""
+    for line in items:
+        out.print(line)
+
+
+def stage_list(rows: list[tuple[str, str]]) -> None:
+    """The registered stages: (type, first line of its description)."""
+    t = Table(title="stages")
+    t.add_column("type")
+    t.add_column("description")
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+
+
+def stage_help(name: str, doc: str, parameters: list[tuple[str, str, str, str]]) -> None:
+    """One stage: its description and (parameter, type, default, description) rows."""
+    out.print(f"[bold]{name}[/bold]: {doc}")
+    t = Table()
+    for c in ("parameter", "type", "default", "description"):
+        t.add_column(c)
+    for row in parameters:
+        t.add_row(*row)
+    out.print(t)
+
+
+def inspection(path: Path, info: dict[str, Any]) -> None:
+    """``compress inspect``: size, parameter counts and one row per tensor."""
+    from compress_cli.report import human_bytes
+
+    out.print(f"[bold]{path}[/bold]: {info['kind']}, {human_bytes(info['size_bytes'])} on disk")
+    out.print(
+        f"params {info['params']:,} · nonzero {info['nonzero_params']:,} · "
+        f"sparsity {info['sparsity'] * 100:.1f}%"
+    )
+    t = Table()
+    for c in ("tensor", "shape", "dtype", "nonzero", "sparsity", "encoding"):
+        t.add_column(c, justify="left" if c in ("tensor", "encoding", "dtype") else "right")
+    for row in info["tensors"]:
+        t.add_row(
+            row["name"],
+            "×".join(map(str, row["shape"])),
+            row["dtype"],
+            f"{row['nonzero']:,}",
+            f"{row['sparsity'] * 100:.1f}%",
+            row.get("encoding", ""),
+        )
+    out.print(t)
