@@ -218,7 +218,6 @@ def test_every_module_has_a_layer():
     assert not unknown, f"add these packages/modules to LAYERS in {Path(__file__).name}: {unknown}"
 
 
-@pytest.mark.xfail(reason="re-layering in progress (issue 14)", strict=False)
 def test_imports_point_down():
     violations = layer_violations()
     assert not violations, "imports that point up a layer:\n" + "\n".join(violations)
