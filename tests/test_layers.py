@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "compress_cli"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
