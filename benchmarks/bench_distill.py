@@ -247,7 +247,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append("|---|---|---|---|---|---|---|---|---|")
         out.append(
             f"| teacher fashion_cnn | - | {ms([r['teacher_accuracy'] for r in small], 100)} | - "
-            f"| {t['teacher_params']} | {t['teacher_size_bytes']} | {ms([r['teacher_latency_ms'] for r in small], 1, 3)} "
+            f"| {t['teacher_params']} | {t['teacher_size_bytes']} | "
+            f"{ms([r['teacher_latency_ms'] for r in small], 1, 3)} "
             f"| 1 | {ms([r['teacher_throughput'] for r in small], 1, 0)} |"
         )
         for v in ("labels only (alpha 0)", "distill"):
@@ -256,7 +257,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             out.append(
                 f"| fashion_cnn_small, {v} | {len(rs)} | {ms([r['accuracy'] for r in rs], 100)} "
                 f"| {per_seed(rs)} | {rs[0]['params']} | {rs[0]['size_bytes']} "
-                f"| {ms([r['latency_ms'] for r in rs], 1, 3)} | {statistics.median(ratio):.2f}x faster (median) "
+                f"| {ms([r['latency_ms'] for r in rs], 1, 3)} | {statistics.median(ratio):.2f}x faster "
+                "(median) "
                 f"| {ms([r['throughput'] for r in rs], 1, 0)} |"
             )
         diffs = [
@@ -274,13 +276,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     lat = [r for r in rows if r["part"] == "latency"]
     if lat:
         out.append(
-            f"| model (eager, 1 thread, {lat[0]['rounds']} interleaved rounds) | params | latency ms b=1 (median) "
+            f"| model (eager, 1 thread, {lat[0]['rounds']} interleaved rounds) | params | latency ms b=1 "
+            "(median) "
             "| speedup vs teacher (median of per-round ratios) | throughput /s b=64 |"
         )
         out.append("|---|---|---|---|---|")
         for r in lat:
             out.append(
-                f"| {r['model']} | {r['params']} | {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} |"
+                f"| {r['model']} | {r['params']} | {r['latency_ms']:.3f} | {r['speedup']:.2f}x | "
+                f"{r['throughput']:.0f} |"
             )
     return "\n".join(out)
 

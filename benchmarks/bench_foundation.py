@@ -83,12 +83,14 @@ def main() -> str:
     lines = [
         "## Issue 2: foundation",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on this machine ({torch.get_num_threads()} torch threads, CPU), "
+        f"Measured {time.strftime('%Y-%m-%d')} on this machine ({torch.get_num_threads()} torch threads, "
+        "CPU), "
         f"medians of {a.repeats} alternating repeats.",
         "",
         "| measurement | value |",
         "|---|---|",
-        f"| finetune epoch, plain PyTorch loop ({model}, {r['samples']} {src} samples, batch 128) | {r['plain_s']:.2f} s |",
+        f"| finetune epoch, plain PyTorch loop ({model}, {r['samples']} {src} samples, batch 128) | "
+        f"{r['plain_s']:.2f} s |",
         f"| finetune epoch, compress `train()` (same model, data, optimizer) | {r['ours_s']:.2f} s |",
         f"| overhead ratio ours / plain (target ≤ 1.05) | {r['ratio']:.3f} |",
         f"| `compress --help` wall time | {help_s:.2f} s |",

@@ -46,24 +46,33 @@ def section(o: dict) -> str:
         [
             "## Issue 6: unstructured pruning, ours vs torch.nn.utils.prune",
             "",
-            f"`benchmarks/bench_prune.py`: one-shot global L1 pruning to {o['sparsity']:.0%} of every Conv/Linear but "
-            f"the head ({o['head']}) of the trained Fashion-MNIST CNN, no fine-tuning; our `prune` stage against "
+            f"`benchmarks/bench_prune.py`: one-shot global L1 pruning to {o['sparsity']:.0%} of every "
+            "Conv/Linear but "
+            f"the head ({o['head']}) of the trained Fashion-MNIST CNN, no fine-tuning; our `prune` stage "
+            "against "
             "`torch.nn.utils.prune.global_unstructured` on the same layers. Test set: 10 000 images.",
             "",
             "| | top-1 % | nonzeros | file bytes | × fp32 state_dict | pruning call s (median of 5) |",
             "|---|---|---|---|---|---|",
-            f"| fp32 original | {o['baseline_accuracy'] * 100:.2f} | | {o['fp32_state_dict_bytes']:,} | 1.0 | |",
+            f"| fp32 original | {o['baseline_accuracy'] * 100:.2f} | | {o['fp32_state_dict_bytes']:,} | 1.0 "
+            "| |",
             f"| ours (compressed checkpoint) | {o['accuracy_ours'] * 100:.2f} | {o['nonzeros_ours']:,} | "
-            f"{o['checkpoint_bytes_ours']:,} | {o['fp32_state_dict_bytes'] / o['checkpoint_bytes_ours']:.1f} | "
+            f"{o['checkpoint_bytes_ours']:,} | {o['fp32_state_dict_bytes'] / o['checkpoint_bytes_ours']:.1f} "
+            "| "
             f"{o['prune_seconds_ours_median']:.3f} |",
-            f"| direct (torch.save of the pruned state_dict) | {o['accuracy_direct'] * 100:.2f} | {o['nonzeros_direct']:,} | "
-            f"{o['torch_save_bytes_direct']:,} | {o['fp32_state_dict_bytes'] / o['torch_save_bytes_direct']:.1f} | "
+            f"| direct (torch.save of the pruned state_dict) | {o['accuracy_direct'] * 100:.2f} | "
+            f"{o['nonzeros_direct']:,} | "
+            f"{o['torch_save_bytes_direct']:,} | "
+            f"{o['fp32_state_dict_bytes'] / o['torch_save_bytes_direct']:.1f} | "
             f"{o['prune_seconds_direct_median']:.3f} |",
             "",
             f"Same masks: {o['same_masks']}; reload of ours exact: {o['reload_exact']}; our file is "
-            f"{o['size_ratio_ours_vs_direct']:.1f}× smaller than torch.save of the same pruned weights. (One-shot 90% "
-            "without fine-tuning costs most of the accuracy by design here: it checks the two give the same model; "
-            "the recovered, fine-tuned result is `recipes/fashion_deep_compression.yaml` in the next section.) "
+            f"{o['size_ratio_ours_vs_direct']:.1f}× smaller than torch.save of the same pruned weights. "
+            "(One-shot 90% "
+            "without fine-tuning costs most of the accuracy by design here: it checks the two give the same "
+            "model; "
+            "the recovered, fine-tuned result is `recipes/fashion_deep_compression.yaml` in the next "
+            "section.) "
             "Our call also validates the config, picks layers by glob and records the edit.",
             "",
         ]

@@ -253,17 +253,22 @@ def markdown(r: dict[str, Any]) -> str:
         "## Issue 6: quantization",
         "",
         "Fashion-MNIST CNN (`zoo:fashion_cnn`, runs/fashion_train/model), CPU "
-        f"({r['cpu']}), {r['threads']} thread(s), reduce_range={r['reduce_range']} ({r['reduce_range_reason']}). "
+        f"({r['cpu']}), {r['threads']} thread(s), reduce_range={r['reduce_range']} "
+        f"({r['reduce_range_reason']}). "
         "Written by `benchmarks/bench_quant.py`; the machine was shared with other jobs while it ran.",
         "",
         "### The recipes, as the pipeline measured them (report.json)",
         "",
-        "Speed-ups are medians measured by the pipeline in one run each: against the fp32 original in torch eager "
-        "(report `speedup` = batch-1 latency ratio, `throughput_ratio` = batch-64 throughput ratio) and against the "
+        "Speed-ups are medians measured by the pipeline in one run each: against the fp32 original in torch "
+        "eager "
+        "(report `speedup` = batch-1 latency ratio, `throughput_ratio` = batch-64 throughput ratio) and "
+        "against the "
         "original in the same runtime (`final.same_runtime_baseline`).",
         "",
-        "| recipe | scheme | top-1 % fp32 → int8 | drop (points) | runtime | b1 speedup vs fp32 eager | b64 throughput vs fp32 eager "
-        "| b1 vs original in same runtime | b64 vs original in same runtime | logit SQNR dB | checkpoint (fp32 state_dict → ours) |",
+        "| recipe | scheme | top-1 % fp32 → int8 | drop (points) | runtime | b1 speedup vs fp32 eager | b64 "
+        "throughput vs fp32 eager "
+        "| b1 vs original in same runtime | b64 vs original in same runtime | logit SQNR dB | checkpoint "
+        "(fp32 state_dict → ours) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scheme, rep in r["reports"].items():
@@ -273,9 +278,11 @@ def markdown(r: dict[str, Any]) -> str:
         s64 = f["throughput"] / same["throughput"] if same else float("nan")
         name = {"int8_static": "fashion_int8_cpu", "onnxruntime_int8": "fashion_int8_onnx"}[scheme]
         lines.append(
-            f"| {name} | {scheme} | {b['accuracy'] * 100:.2f} → {f['accuracy'] * 100:.2f} | {f['accuracy_drop']:+.2f} "
+            f"| {name} | {scheme} | {b['accuracy'] * 100:.2f} → {f['accuracy'] * 100:.2f} | "
+            f"{f['accuracy_drop']:+.2f} "
             f"| {f['runtime']} | {f['speedup']:.2f}× | {f['throughput_ratio']:.2f}× | {s1:.2f}× | {s64:.2f}× "
-            f"| {st['details'].get('sqnr_db')} | {b['fp32_bytes'] / 1024:.0f} KB → {f['size_bytes'] / 1024:.0f} KB "
+            f"| {st['details'].get('sqnr_db')} | {b['fp32_bytes'] / 1024:.0f} KB → "
+            f"{f['size_bytes'] / 1024:.0f} KB "
             f"({b['fp32_bytes'] / f['size_bytes']:.1f}×) |"
         )
     f1, f64 = tmin["fp32 eager"][1], tmin["fp32 eager"][64]
@@ -283,11 +290,14 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "### Ours against the libraries used directly (one process, call-by-call interleaved timing)",
         "",
-        f"{r['rounds']}x40 calls at batch 1 and {r['rounds']}x10 at batch 64 per model, the models alternating call by "
-        "call in a shuffled order. Ours = the module `compress_cli.load()` returns (what the report measured). The minimum estimates the "
+        f"{r['rounds']}x40 calls at batch 1 and {r['rounds']}x10 at batch 64 per model, the models "
+        "alternating call by "
+        "call in a shuffled order. Ours = the module `compress_cli.load()` returns (what the report "
+        "measured). The minimum estimates the "
         "time without interference from other jobs; the median includes it.",
         "",
-        "| model | top-1 % | b1 ms min / median | b1 × fp32 eager (min) | b64 ms min / median | b64 × fp32 eager (min) |",
+        "| model | top-1 % | b1 ms min / median | b1 × fp32 eager (min) | b64 ms min / median | b64 × fp32 "
+        "eager (min) |",
         "|---|---|---|---|---|---|",
     ]
     for k in t:
@@ -297,8 +307,10 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Ours against direct, timed as a pair ({r['rounds'] * 3}x40 / {r['rounds'] * 3}x10 calls each, alternating "
-        "in a shuffled order, no other model in between); speed ratio = direct time / our time (1.0 = equal).",
+        f"Ours against direct, timed as a pair ({r['rounds'] * 3}x40 / {r['rounds'] * 3}x10 calls each, "
+        "alternating "
+        "in a shuffled order, no other model in between); speed ratio = direct time / our time (1.0 = "
+        "equal).",
         "",
         "| ours vs direct | accuracy difference (points) | speed ours/direct b1 (min; median) "
         "| speed ours/direct b64 (min; median) |",
@@ -308,7 +320,8 @@ def markdown(r: dict[str, Any]) -> str:
         p = r["pairs"][f"{a} / {d}"]
         pm, pmed = p["min"], p["median"]
         lines.append(
-            f"| {a} / {d} | {acc[a] - acc[d]:+.2f} | {pm[d][1] / pm[a][1]:.3f}; {pmed[d][1] / pmed[a][1]:.3f} "
+            f"| {a} / {d} | {acc[a] - acc[d]:+.2f} | {pm[d][1] / pm[a][1]:.3f}; "
+            f"{pmed[d][1] / pmed[a][1]:.3f} "
             f"| {pm[d][64] / pm[a][64]:.3f}; {pmed[d][64] / pmed[a][64]:.3f} |"
         )
     lines.append("")

@@ -1,6 +1,7 @@
 """The issue-6/7 headline recipes, run through ``compress run`` and read back from report.json:
 
-- recipes/fashion_deep_compression.yaml: >= 50x smaller checkpoint than the fp32 state_dict at <= 1.0 point drop;
+- recipes/fashion_deep_compression.yaml: >= 50x smaller checkpoint than the fp32 state_dict
+  at <= 1.0 point drop;
 - recipes/fashion_fast_cpu.yaml: >= 5x batch-1 latency and >= 8x batch-64 throughput against the fp32 original
   in torch eager, >= 2x / >= 3x against the original in the same runtime, at <= 1.0 point drop.
 
@@ -57,7 +58,8 @@ def main() -> int:
             "",
             f"Stages: {', '.join(s['name'] for s in r['stages'])}; {r['duration_s'] / 60:.0f} min wall.",
             "",
-            "| stage | top-1 % | drop | nonzero params | size bytes | size × fp32 state_dict | b1 ms | b64 /s | runtime |",
+            "| stage | top-1 % | drop | nonzero params | size bytes | size × fp32 state_dict | b1 ms | b64 "
+            "/s | runtime |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         rows = [("baseline", b)] + [(s["name"], s["metrics"]) for s in r["stages"]]
@@ -70,14 +72,16 @@ def main() -> int:
         lines.append("")
         if r["final"]["size_bytes"] != f["size_bytes"]:
             lines += [
-                "A guard rejected the last stage's result: the run's output is the last result that met every "
+                "A guard rejected the last stage's result: the run's output is the last result that met "
+                "every "
                 "guard (report.json `final`), not the row above.",
                 "",
             ]
         if name == "fashion_deep_compression":
             ratio = b["fp32_bytes"] / f["size_bytes"]
             lines.append(
-                f"Target ≥ 50× at ≤ 1.0 point: **{ratio:.1f}×** ({b['fp32_bytes']:,} → {f['size_bytes']:,} bytes) "
+                f"Target ≥ 50× at ≤ 1.0 point: **{ratio:.1f}×** ({b['fp32_bytes']:,} → {f['size_bytes']:,} "
+                "bytes) "
                 f"at {drop:+.2f} points — size {mark(ratio >= 50)}, accuracy {mark(drop <= 1.0)}."
             )
         else:
@@ -87,8 +91,10 @@ def main() -> int:
             r64 = f["throughput"] / same["throughput"] if same else float("nan")
             lines.append(
                 f"Against the fp32 original in torch eager: batch-1 latency **{s1:.1f}×** (target 5×, "
-                f"{mark(s1 >= 5)}), batch-64 throughput **{t64:.1f}×** (target 8×, {mark(t64 >= 8)}). Against the "
-                f"original in the same runtime ({f['runtime']}): **{r1:.1f}×** / **{r64:.1f}×** (targets 2× / 3×: "
+                f"{mark(s1 >= 5)}), batch-64 throughput **{t64:.1f}×** (target 8×, {mark(t64 >= 8)}). "
+                "Against the "
+                f"original in the same runtime ({f['runtime']}): **{r1:.1f}×** / **{r64:.1f}×** (targets 2× "
+                "/ 3×: "
                 f"{mark(r1 >= 2)} / {mark(r64 >= 3)}). Drop {drop:+.2f} points ({mark(drop <= 1.0)})."
             )
         lines.append("")

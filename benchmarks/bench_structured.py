@@ -105,10 +105,13 @@ def part_a() -> list[str]:
             for k in lat
         ),
         "",
-        f"- same layer widths: {same_widths}; identical outputs (ours after save + `compress_cli.load`, direct in memory): {same_out}",
-        f"- MACs equal: {macs['ours'] == macs['direct']}; **latency ratio ours/direct = {lat['direct'] / lat['ours']:.3f}** "
+        f"- same layer widths: {same_widths}; identical outputs (ours after save + `compress_cli.load`, "
+        f"direct in memory): {same_out}",
+        f"- MACs equal: {macs['ours'] == macs['direct']}; **latency ratio ours/direct = "
+        f"{lat['direct'] / lat['ours']:.3f}** "
         f"(speed of ours relative to direct; >= 0.95 required)",
-        f"- pruning time: ours {t_ours:.1f} s (incl. tracing and checks), direct {t_direct:.1f} s; threads {torch.get_num_threads()}",
+        f"- pruning time: ours {t_ours:.1f} s (incl. tracing and checks), direct {t_direct:.1f} s; threads "
+        f"{torch.get_num_threads()}",
         "",
     ]
 
@@ -202,14 +205,17 @@ def part_b() -> list[str]:
                 lat64["orig"] / lat64["cut"],
             )
         )
-    lines = [
-        f"### (b) drop_layers on resnet18 — Fashion-MNIST subset ({n_train} train / {n_test} test, padded to 3x32x32)",
+    return [
+        f"### (b) drop_layers on resnet18 — Fashion-MNIST subset ({n_train} train / {n_test} test, padded to "
+        "3x32x32)",
         "",
-        f"resnet18 (random init, 10 classes) trained {epochs} epoch(s) (AdamW, cosine; {t_train:.0f} s): test accuracy "
+        f"resnet18 (random init, 10 classes) trained {epochs} epoch(s) (AdamW, cosine; {t_train:.0f} s): "
+        "test accuracy "
         f"**{acc0 * 100:.2f}%**; one more epoch without removal (control): {acc_control * 100:.2f}%. "
         "drop_layers (importance `loss` on the calibration batches), then the same one-epoch fine-tune:",
         "",
-        "| blocks removed | which | params kept | acc. right after | acc. after 1-epoch fine-tune | batch-1 speedup | batch-64 speedup |",
+        "| blocks removed | which | params kept | acc. right after | acc. after 1-epoch fine-tune | batch-1 "
+        "speedup | batch-64 speedup |",
         "|---|---|---|---|---|---|---|",
         *(
             f"| {c} | {w} | {p * 100:.0f}% | {a * 100:.2f}% | {f * 100:.2f}% | {s1:.2f}x | {s64:.2f}x |"
@@ -217,7 +223,6 @@ def part_b() -> list[str]:
         ),
         "",
     ]
-    return lines
 
 
 def main() -> int:

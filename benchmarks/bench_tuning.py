@@ -178,7 +178,8 @@ def main() -> None:
             f"{pct(statistics.median(r['test_default'] for r in rs))} | {wins}/{len(rs)} |"
         )
     print(
-        f"\n### hpo ({args.hpo_trials} trials, TPE, median pruner) vs default config, {args.hpo_epochs} epochs\n"
+        f"\n### hpo ({args.hpo_trials} trials, TPE, median pruner) vs default config, "
+        f"{args.hpo_epochs} epochs\n"
     )
     print(
         "| enqueue_defaults | seed | val default | val best | test default | test best | complete | pruned | "

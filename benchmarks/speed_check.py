@@ -32,7 +32,8 @@ def main() -> int:
     print(f"threads {threads}")
     for a in args:
         print(
-            f"{a}: batch-1 {l1[a]:.3f} ms ({l1[ref] / l1[a]:.2f}x), batch-64 {64e3 / l64[a]:.0f}/s ({l64[ref] / l64[a]:.2f}x)"
+            f"{a}: batch-1 {l1[a]:.3f} ms ({l1[ref] / l1[a]:.2f}x), batch-64 {64e3 / l64[a]:.0f}/s "
+            f"({l64[ref] / l64[a]:.2f}x)"
         )
     return 0
 

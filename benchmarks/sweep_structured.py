@@ -120,8 +120,10 @@ def table(rows: list[dict], timeout: int) -> str:
     none = sum(1 for r in rows if "drop_layers" in r and "no removable layer" in r["drop_layers"]["info"])
     lines = [
         f"Sweep of {len(rows)} torchvision classification models (random init, 10 classes, small input, "
-        f"1 CPU thread, {timeout}s per model): prune_channels passes {ok['prune_channels']}, drop_layers passes "
-        f"{ok['drop_layers']} (and finds nothing to remove in {none}). Pass = forward finite with the same output shape, and the architecture diff "
+        f"1 CPU thread, {timeout}s per model): prune_channels passes {ok['prune_channels']}, drop_layers "
+        "passes "
+        f"{ok['drop_layers']} (and finds nothing to remove in {none}). Pass = forward finite with the same "
+        "output shape, and the architecture diff "
         "rebuilt from the model source gives equal outputs. `python benchmarks/sweep_structured.py`.",
         "",
         "| model | input | params (M) | prune_channels (30%, l1) | drop_layers (1, similarity) |",
@@ -129,7 +131,8 @@ def table(rows: list[dict], timeout: int) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {cell(r, 'prune_channels')} | {cell(r, 'drop_layers')} |"
+            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {cell(r, 'prune_channels')} "
+            f"| {cell(r, 'drop_layers')} |"
         )
     return "\n".join(lines) + "\n"
 

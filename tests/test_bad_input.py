@@ -298,7 +298,9 @@ RUNTIME_CASES = [
                 "source": _callable_data(
                     t,
                     "import torch\nfrom torch.utils.data import TensorDataset\n"
-                    "def make():\n    e = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))\n    return e, e\n",
+                    "def make():\n"
+                    "    e = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))\n"
+                    "    return e, e\n",
                 )
             }
         },

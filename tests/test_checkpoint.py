@@ -93,7 +93,8 @@ def test_architecture_diff_rebuilds_changed_and_replaced_modules(tmp_path):
 
 def test_save_load_roundtrip_with_structural_change(tmp_path):
     model = seeded_zoo("digits_cnn").eval()
-    # replace the whole first block by Identity-compatible change: swap the classifier head for a smaller one + new
+    # replace the whole first block by Identity-compatible change: swap the classifier head for a
+    # smaller one + new
     head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent_name, _, child = head_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -42,9 +42,9 @@ def _documented_in_bases(cls: ast.ClassDef, method: str, classes: dict[str, ast.
             continue
         seen.add(name)
         for n in base.body:
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == method:
-                if ast.get_docstring(n):
-                    return True
+            is_method = isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == method
+            if is_method and ast.get_docstring(n):
+                return True
         todo.extend(_base_names(base))
     return False
 
@@ -58,9 +58,9 @@ def missing_docstrings() -> list[str]:
         if path.name != "__main__.py" and not ast.get_docstring(tree):
             missing.append(f"{rel}:1: module")
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                if not node.name.startswith("_") and not ast.get_docstring(node):
-                    missing.append(f"{rel}:{node.lineno}: {node.name}")
+            is_def = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if is_def and not node.name.startswith("_") and not ast.get_docstring(node):
+                missing.append(f"{rel}:{node.lineno}: {node.name}")
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 for m in node.body:
                     if not isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) or m.name.startswith("_"):

@@ -21,7 +21,8 @@ def test_torchvision_source_with_kwargs_and_no_download():
 
 def test_callable_source(tmp_path, monkeypatch):
     (tmp_path / "mymodels.py").write_text(
-        "import torch.nn as nn\ndef build(width=4):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, width))\n"
+        "import torch.nn as nn\ndef build(width=4):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, width))\n"
         "def notamodel():\n    return 3\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
