@@ -4,7 +4,7 @@ The nonzero weights of a layer are clustered with 1-D k-means into ``2**bits`` c
 initialisation over [min, max], which the paper found best because it keeps the rare large
 weights); each weight is replaced by its centroid, zeros stay zero, so pruning and sharing
 compose. The checkpoint then stores the layer as bitmask + ``bits``-bit indices + the centroid
-table (checkpoint.py's palette encoding).
+table (the palette encoding of checkpoint/codec.py).
 
 Centroid fine-tuning: instead of re-snapping weights after each optimizer step, the weight of a
 shared layer is parametrized (``torch.nn.utils.parametrize``) as ``where(mask, centroids[index],

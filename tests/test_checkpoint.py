@@ -47,7 +47,7 @@ def test_encodings_are_bit_exact_and_chosen_by_content():
     out, index, _ = roundtrip(sd)
     for k, v in sd.items():
         assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
-    assert index["dense"]["enc"] == "shuffle"  # float bytes split into planes (see checkpoint.py)
+    assert index["dense"]["enc"] == "shuffle"  # float bytes split into planes (see checkpoint/codec.py)
     assert index["sparse"]["enc"] == "gaps+shuffle"  # 10% dense: gap-coded positions
     assert index["palette"]["enc"] == "palette" and index["palette"]["bits"] == 4
     assert index["rows"]["enc"] == "rowgrid"  # per-row int8 multiples: int8 codes + a scale per row
