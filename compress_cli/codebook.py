@@ -100,6 +100,7 @@ class SharedWeight(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        """``centroids[index]`` where ``mask`` is set, else 0; the stored ``original`` is not read."""
         w = _Lookup.apply(self.centroids, self.index)
         return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
@@ -153,6 +154,7 @@ def detach(module: nn.Module) -> None:
 
 
 def distinct_nonzero(module: nn.Module) -> int:
+    """How many distinct nonzero values ``module.weight`` holds (the centroids a shared layer uses)."""
     w = tensor_attr(module).detach()
     return int(torch.unique(w[w != 0]).numel())
 

@@ -100,12 +100,14 @@ class FeatureTap:
         return hook
 
     def get(self, name: str) -> torch.Tensor:
+        """The latest output of layer ``name``; StageError when it did not run in the forward pass."""
         out = self.outputs.get(name)
         if out is None:
             raise StageError(f"features: layer {name!r} did not run in the forward pass")
         return out
 
     def close(self) -> None:
+        """Remove the hooks and drop the kept outputs."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -194,6 +196,7 @@ class FeatureMatcher:
             raise
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The projections' parameters (trained along with the student)."""
         return list(self.projections.parameters())
 
     def loss(self) -> torch.Tensor:
@@ -212,6 +215,7 @@ class FeatureMatcher:
         return total
 
     def close(self) -> None:
+        """Remove the forward hooks from both models."""
         self.s_tap.close()
         if hasattr(self, "t_tap"):
             self.t_tap.close()

@@ -58,7 +58,8 @@ def digits_bundle(
 
 
 def save_tiny_checkpoint(path: str | Path, name: str = "digits_mlp", seed: int = 0) -> Path:
-    """Write the seeded zoo model's ``state_dict`` to ``path`` (a .pt file, or a folder to put model.pt in)."""
+    """Write the seeded zoo model's ``state_dict`` to ``path`` (a .pt file, or a folder to put
+    model.pt in)."""
     import torch
 
     p = Path(path)

@@ -92,6 +92,8 @@ StepHook = Callable[[int, float, "torch.optim.Optimizer"], "bool | None"]
 
 
 def make_optimizer(params: Any, opts: TrainOptions, lr: float) -> torch.optim.Optimizer:
+    """The SGD, Adam or AdamW optimizer ``opts`` names over ``params`` at ``lr``, with its weight decay
+    (and for SGD its momentum; Nesterov only with a nonzero momentum)."""
     import torch
 
     if opts.optimizer == "sgd":
@@ -140,6 +142,8 @@ def make_scheduler(opt: torch.optim.Optimizer, opts: TrainOptions, lr: float, st
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of the absolute weights of every Linear and Conv1d/2d/3d layer (training scales it by
+    ``l1``); a zero scalar for a model without one."""
     from torch import nn
 
     terms = [

@@ -77,6 +77,7 @@ def encode_gaps(mask: Any) -> Any:
 
 
 def decode_gaps(stream: Any, n: int) -> Any:
+    """The flat bool mask of ``n`` entries that :func:`encode_gaps` turned into ``stream``."""
     s = stream.astype(np.int64)
     term = s < 255
     group = np.cumsum(term) - term  # index of the gap each byte belongs to
@@ -287,6 +288,8 @@ def _as_bits(x: Any) -> Any:
 
 
 def decode_tensor(meta: dict[str, Any], parts: dict[str, Any]) -> torch.Tensor:
+    """The tensor that :func:`encode_tensor` wrote as (metadata, parts), bit-exact. The metadata comes
+    from the file: an encoded tensor whose dtype is not floating point is a ValueError."""
     if meta["enc"] == "raw":
         return parts[""]
     shape = meta["shape"]

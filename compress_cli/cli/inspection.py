@@ -9,6 +9,9 @@ from compress_cli.errors import SourceError
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
+    """What ``compress inspect`` shows of a compressed model directory or a state-dict file: its kind,
+    bytes on disk, float parameters and their sparsity (BN running stats left out), one row per tensor
+    (shape, dtype, nonzeros, encoding). SourceError for a missing path or a pickled module."""
     from compress_cli.checkpoint import checkpoint_size, is_model_dir, load_parts, tensor_encodings
     from compress_cli.sources.models import read_state_dict
 

@@ -2,9 +2,9 @@
 
 Every model forbids unknown keys and is frozen; source strings are checked by what the sources
 package registered (:mod:`compress_cli.config.source_checks`). ``compress_cli.config.validation``
-adds the stage configs, one located line per problem and the cross-stage rules. The section models
-carry comments, not docstrings: pydantic would copy a docstring into the schema ``compress schema``
-prints.
+adds the stage configs, one located line per problem and the cross-stage rules. The section models'
+docstrings stay out of the schema ``compress schema`` prints (pydantic would copy them in as
+descriptions): their fields carry the descriptions.
 """
 
 from __future__ import annotations
@@ -21,14 +21,20 @@ from compress_cli.config.stage import StageConfig
 AUTO = "auto"
 
 
+def _no_description(schema: dict[str, Any]) -> None:
+    """Drop the description pydantic makes of a section model's docstring from its JSON Schema."""
+    schema.pop("description", None)
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors (a typo fails validation before any model loads); values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_no_description)
 
 
-# ``model:``: where the model comes from and how to build it.
 class ModelConfig(_Strict):
+    """``model:``: where the model comes from and how to build it."""
+
     source: str = Field(
         description="zoo:NAME | torchvision:NAME | package.module:callable | path to a compressed model dir"
     )
@@ -62,8 +68,9 @@ class ModelConfig(_Strict):
         return v
 
 
-# ``data:``: the dataset source, its splits and the loader settings.
 class DataConfig(_Strict):
+    """``data:``: the dataset source, its splits and the loader settings."""
+
     source: str = Field(
         "digits",
         description="digits | mnist | fashion_mnist | torchvision:NAME | imagefolder | synthetic "
@@ -93,8 +100,9 @@ class DataConfig(_Strict):
         return check_source("data", v)
 
 
-# ``measure.latency:``: batch sizes, warm-up and iterations of the latency measurement.
 class LatencyConfig(_Strict):
+    """``measure.latency:``: batch sizes, warm-up and iterations of the latency measurement."""
+
     batch_sizes: list[int] = Field(
         [1, 64], min_length=1, description="first: latency batch; last: throughput batch"
     )
@@ -103,15 +111,17 @@ class LatencyConfig(_Strict):
     threads: int | None = Field(None, gt=0, description="CPU threads (default: torch's current setting)")
 
 
-# ``measure:``: what the pipeline measures after every stage, and on which split.
 class MeasureConfig(_Strict):
+    """``measure:``: what the pipeline measures after every stage, and on which split."""
+
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig, description="null disables latency")
     macs: bool = True
     split: Literal["test", "val"] = "test"
 
 
-# ``guard:``: limits checked after every stage, and what a violation does.
 class GuardConfig(_Strict):
+    """``guard:``: limits checked after every stage, and what a violation does."""
+
     max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1 against the baseline")
     max_latency_ms: float | None = Field(None, gt=0)
     max_size_bytes: int | None = Field(None, gt=0)
@@ -119,8 +129,9 @@ class GuardConfig(_Strict):
     on_violation: Literal["fail", "revert", "warn"] = "fail"
 
 
-# A whole recipe (version 1); ``stages`` holds each stage's own validated config.
 class Recipe(_Strict):
+    """A whole recipe (version 1); ``stages`` holds each stage's own validated config."""
+
     version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0

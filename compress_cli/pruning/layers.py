@@ -150,7 +150,7 @@ def find_candidates(model: nn.Module, example: torch.Tensor, protect: Sequence[s
     out_layer = set(output_layers(model, example))
     shapes: dict[str, tuple[Any, Any]] = {}
     hooks = []
-    names = dict((m, n) for n, m in model.named_modules())
+    names = {m: n for n, m in model.named_modules()}
 
     def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
         if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):

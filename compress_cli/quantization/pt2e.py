@@ -193,6 +193,7 @@ class QuantizedGraph(nn.Module):
         self.__dict__["_ready"] = {}  # (shape, dtype, inference mode) -> compiled callable
 
     def train(self, mode: bool = True) -> QuantizedGraph:  # exported graphs refuse train()/eval()
+        """Only sets ``training``: the graph is inference only and runs the same in either mode."""
         self.training = mode
         return self
 

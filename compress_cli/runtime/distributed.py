@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it (1 when unset or not a number); read before :func:`setup`."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -30,6 +31,7 @@ def env_world_size() -> int:
 
 
 def env_rank() -> int:
+    """``RANK`` as torchrun set it (0 when unset or not a number)."""
     try:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
@@ -44,6 +46,7 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group; before :func:`setup`, ``RANK`` from the environment."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -52,6 +55,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The number of processes in the process group (1 while none is initialised)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -107,6 +111,7 @@ def _teardown() -> None:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
     if active():
         import torch.distributed as dist
 
@@ -178,6 +183,7 @@ def shard(dataset: Any) -> Any:
 
 
 def wrap_ddp(model: Any, device: torch.device) -> Any:
+    """``model`` in DistributedDataParallel, on this rank's CUDA device when ``device`` is CUDA."""
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cuda":

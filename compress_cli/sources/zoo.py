@@ -144,6 +144,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(conv-BN-ReLU-conv-BN of ``x`` + the shortcut: ``downsample(x)``, or ``x`` itself)."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))

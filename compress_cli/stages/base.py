@@ -53,6 +53,7 @@ class Stage(Generic[C]):
 
     @property
     def name(self) -> str:
+        """The stage's label in the report and its messages: the config's ``name``, else its type."""
         return self.config.name or self.type_name
 
     # --- properties the cross-stage rules read -------------------------------------------
@@ -96,4 +97,12 @@ class Stage(Generic[C]):
         return []
 
     def run(self, state: State) -> StageResult:  # pragma: no cover - abstract
+        """Apply the stage to ``state``: change or replace ``state.model``, record what changed in
+        ``state.edits`` (found hyperparameters in ``state.hparams``) and return a :class:`StageResult`:
+        notes, report details and the files written into ``state.ctx.output_dir``.
+
+        A stage never prints (progress goes through ``state.ctx.listener``) and never measures: the
+        pipeline measures the model after every stage, the same way for all, and checks the guards.
+        When it cannot go on it raises :class:`~compress_cli.errors.StageError` saying what to change.
+        """
         raise NotImplementedError

@@ -51,8 +51,9 @@ class Codebook(Stage[CodebookConfig]):
     gradient of the weights sharing it (a parametrization, see compress_cli/codebook.py), the
     other parameters train normally. The checkpoint stores each layer as ``bits``-bit indices
     plus its centroid table (plus the sparse positions); ``others: fp16`` also rounds the
-    remaining float tensors (biases, norm layers) to float16 values, stored in 2 bytes. Nothing may train after this stage
-    (it would break the sharing): it is the last weight-changing stage of a recipe.
+    remaining float tensors (biases, norm layers) to float16 values, stored in 2 bytes. Nothing may
+    train after this stage (it would break the sharing): it is the last weight-changing stage of a
+    recipe.
     """
 
     example = {"bits": 4, "epochs": 1, "lr": 0.001, "max_steps_per_epoch": 2}

@@ -42,7 +42,7 @@ class PruneChannelsConfig(StageConfig, TrainOptions):
 
 @register_stage("prune_channels")
 class PruneChannels(Stage[PruneChannelsConfig]):
-    """Remove output channels and neurons, with every dependent layer updated (torch-pruning's DependencyGraph).
+    """Remove output channels and neurons, updating every dependent layer (torch-pruning's DependencyGraph).
 
     Batch norms, the next layers' inputs, residual partners, concatenations and grouped convs follow
     the removed channels, so the model really gets smaller and faster. Iterative mode prunes in
