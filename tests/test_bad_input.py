@@ -366,24 +366,47 @@ def test_output_is_a_file(tmp_path):
 
 
 def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
+    """ENOSPC while writing snapshot 2 (its state.json, the last file of a snapshot, or its model):
+    one line naming the output and the snapshot folder, exit 1; snapshot 1 intact; --resume, with
+    space again, continues after stage 1."""
     import errno
+    import json
 
     from compress_cli._utils import io
 
     real = io.os.fsync
-    calls = {"n": 0}
 
-    def full(fd):  # every file the tool writes goes through atomic_write_bytes' fsync
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
+    def full_at(target: str):
+        def fsync(fd):  # every file the tool writes goes through atomic_write_bytes' fsync
+            if f"02-evaluate{os.sep}{target}" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd)
 
-    monkeypatch.setattr(io.os, "fsync", full)
+        return fsync
+
+    stages = [{"type": "finetune", "epochs": 1, "lr": 0.01, "max_steps_per_epoch": 3}, {"type": "evaluate"}]
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_recipe(tmp_path, measure={"latency": None})))
-    res = runner.invoke(app, ["run", str(path)])
-    assert res.exit_code == 1 and "No space left on device" in res.output and "Traceback" not in res.output
+    path.write_text(yaml.safe_dump(_recipe(tmp_path, stages=stages, measure={"latency": None})))
+    out, snaps = tmp_path / "out", tmp_path / "out" / "stages"
+    for target in (".state.json", "model"):
+        monkeypatch.setattr(io.os, "fsync", full_at(target))
+        res = runner.invoke(app, ["run", str(path), "--force"])
+        assert res.exit_code == 1, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: output {out}: No space left on device while writing stages/02-evaluate"]
+        assert "Traceback" not in res.output
+        assert not (snaps / "02-evaluate" / "state.json").exists()
+        one = json.loads((snaps / "01-finetune" / "state.json").read_text())
+        assert one["entry"]["index"] == 1 and (snaps / "01-finetune" / "model" / "manifest.json").is_file()
+        monkeypatch.setattr(io.os, "fsync", real)
+        res = runner.invoke(app, ["run", str(path), "--resume"])
+        assert res.exit_code == 0, res.output
+        assert "resuming after stage 1 of 2" in res.output
+        report = json.loads((out / "report.json").read_text())
+        assert report["resumed_after_stage"] == 1 and [s["type"] for s in report["stages"]] == [
+            "finetune",
+            "evaluate",
+        ]
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -91,8 +91,39 @@ def test_resume_refuses_a_changed_stage(tmp_path):
     assert "stages[1] (finetune) differs from its snapshot (changed: lr)" in res.output
     res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume", "--set", "seed=3"])
     assert res.exit_code == 2 and "model, data, seed or measure section changed" in res.output
-    res = CliRunner().invoke(app, ["run", str(recipe(tmp_path, "fresh")), "-q", "--resume"])
-    assert res.exit_code == 2 and "no snapshot" in res.output
+
+
+def test_resume_with_no_snapshot_yet_starts_from_the_beginning(tmp_path, reference):
+    """A retry wrapper's --resume after a kill in the first seconds (no directory yet, or only what
+    the killed run wrote before its first snapshot, its lock file included) just runs."""
+    path = recipe(tmp_path, "run")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", str(path), "--resume"])
+    assert res.exit_code == 0, res.output
+    said = f"--resume: no snapshot in {out / 'stages'} yet; starting from the beginning"
+    assert "".join(said.split()) in "".join(res.output.split())  # rich wraps long lines
+    assert final(out) == reference
+    # what a run killed before its baseline snapshot leaves behind
+    for p in sorted(out.iterdir()):
+        if p.name != "recipe.yaml":
+            __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
+    (out / "stages" / "00-baseline" / "model").mkdir(parents=True)
+    (out / "stages" / "00-baseline" / "model" / ".weights.safetensors.xz.tmp").write_bytes(b"half")
+    (out / ".compress.lock").write_text('{"pid": 999999999, "host": "gone", "started": "then"}')
+    res = CliRunner().invoke(app, ["run", str(path), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "".join(said.split()) in "".join(res.output.split()) and final(out) == reference
+    assert not (out / "stages" / "00-baseline" / "model" / ".weights.safetensors.xz.tmp").exists()
+
+
+def test_resume_with_no_snapshot_keeps_files_it_did_not_write(tmp_path):
+    path = recipe(tmp_path, "run")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, ["run", str(path), "-q", "--resume"])
+    assert res.exit_code == 2 and "exists and is not empty (use --force" in res.output
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_resume_of_a_finished_run_only_rewrites_the_result(tmp_path):

@@ -34,8 +34,12 @@ def run(
     ),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value (repeatable)"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete stage snapshot"),
+    force: bool = typer.Option(
+        False, "--force", help="replace a non-empty output directory (never one a live run holds)"
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from the last complete stage snapshot (none yet: start afresh)"
+    ),
     trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
     as_json: bool = typer.Option(
         False, "--json", help="print the final report as JSON on stdout (nothing else)"

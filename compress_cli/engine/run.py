@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 from compress_cli.config.recipe import Recipe
 from compress_cli.config.yaml import recipe_to_yaml
 from compress_cli.engine.guards import GuardPolicy
-from compress_cli.engine.setup import build_state, check_output, preflight, prepare_output, resolve_device
+from compress_cli.engine.lock import acquire
+from compress_cli.engine.setup import (
+    build_state,
+    check_output,
+    only_run_files,
+    preflight,
+    prepare_output,
+    resolve_device,
+)
 from compress_cli.engine.signals import StopController
 from compress_cli.engine.snapshots import SnapshotStore, stage_dump
 from compress_cli.engine.stage_run import run_stage
@@ -29,6 +38,8 @@ from compress_cli.report import Metrics, Report, StageEntry
 from compress_cli.state import save_snapshot
 
 if TYPE_CHECKING:
+    import torch
+
     from compress_cli.stages.base import Stage, StageConfig, StageResult
     from compress_cli.state import State
 
@@ -49,9 +60,24 @@ def execute_recipe(
         recipe = recipe.model_copy(update={"device": device})
     try:
         return Run(recipe, listener).execute(force=force, resume=resume)
-    except OSError as e:  # disk full, permissions changed mid-run, ...
-        where = f" ({e.filename})" if e.filename else ""
-        raise StageError(f"cannot write to output {recipe.output_dir()}{where}: {e.strerror or e}") from e
+    except OSError as e:  # disk full, permissions changed mid-run, ... where no _writing() said what
+        raise output_error(recipe.output_dir(), e, Path(e.filename) if e.filename else None) from e
+
+
+def output_error(out: Path, e: OSError, path: Path | None) -> StageError:
+    """The one line for an OSError while writing ``path`` in ``out``: ``output OUT: No space left on
+    device while writing stages/03-finetune`` (a snapshot is named by its folder)."""
+    where = ""
+    if path is not None:
+        try:
+            parts = path.relative_to(out).parts
+        except ValueError:
+            parts = ()
+        if parts:
+            where = " while writing " + "/".join(parts[:2] if parts[0] == "stages" else parts[:1])
+        else:
+            where = f" while writing {path}"
+    return StageError(f"output {out}: {e.strerror or e}{where}")
 
 
 def run_recipe(
@@ -81,11 +107,6 @@ class Run:
 
     def execute(self, force: bool, resume: bool) -> Report:
         """Set up, measure the baseline (or restore the resume point), run the stages, finish."""
-        entries: list[StageEntry]
-        baseline: Metrics | None
-        from compress_cli._utils.io import atomic_write_text
-        from compress_cli._version import __version__
-        from compress_cli.engine.distributed import run_stages_secondary
         from compress_cli.runtime import distributed
 
         recipe, out = self.recipe, self.out
@@ -93,12 +114,41 @@ class Run:
         main = distributed.is_main()  # under torchrun only rank 0 writes files and measures
         if resume and distributed.world_size() > 1:
             raise UsageError("--resume is not supported under torchrun; resume with a single process")
-        start, entries, baseline = 0, [], None  # what a resume point restores
-        if resume:
-            start, entries, baseline = self.snapshots.resume_point()
-        elif main:
+        if not main:
+            return self._run(dev, force, resume, main)
+        if not out.exists():  # the refusals that need no lock, before anything is created
             check_output(out, force)
+        lock = acquire(out, self.listener.on_message)  # before anything is read, checked or deleted
+        try:
+            return self._run(dev, force, resume, main)
+        finally:
+            lock.release()
+
+    def _run(self, dev: torch.device, force: bool, resume: bool, main: bool) -> Report:
+        from compress_cli._utils.io import atomic_write_text
+        from compress_cli._version import __version__
+        from compress_cli.engine.distributed import run_stages_secondary
+        from compress_cli.runtime import distributed
+
+        entries: list[StageEntry]
+        baseline: Metrics | None
+        recipe, out = self.recipe, self.out
+        start, entries, baseline = 0, [], None  # what a resume point restores
+        point = self.snapshots.resume_point() if resume else None
+        # --resume before the first snapshot (killed in its first seconds) starts afresh: what the
+        # killed run left is replaced without --force, anything else in the directory still needs it
+        afresh = resume and point is None
+        replace = force or (afresh and only_run_files(out))
+        if point is not None:
+            start, entries, baseline = point
+        elif main:
+            check_output(out, replace)
         self.listener.on_setup(recipe.name, str(dev), out)
+        if afresh:
+            self.listener.on_message(
+                f"--resume: no snapshot in {self.snapshots.root} yet; starting from the beginning"
+            )
+            resume = False
         # bad model/data fail here, before anything is written
         state = build_state(recipe, dev, out, self.listener, self.stop)
         refused = preflight(state, skip=start)
@@ -123,14 +173,25 @@ class Run:
                     self.snapshots.restore(state, self.snapshots.stage_dir(start))
                 self.listener.on_message(f"resuming after stage {start} of {len(recipe.stages)}")
             else:
-                prepare_output(out, force)
-                atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+                prepare_output(out, replace)
+                with self._writing(out / "recipe.yaml"):
+                    atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
             distributed.barrier()
             if baseline is None:
                 baseline = self._measure_baseline(state)
             report.baseline = baseline
             self.listener.on_baseline(baseline)
             return self._stages(state, report, start)
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError in the block (disk full, ...) becomes the one located line of
+        :func:`output_error`. Snapshots are written file by file atomically, their state.json last,
+        so a failed write of snapshot N leaves N-1 the resume point."""
+        try:
+            yield
+        except OSError as e:
+            raise output_error(self.out, e, path) from e
 
     # -- measuring ---------------------------------------------------------------------------
     def _measure(self, state: State, model_dir: Path, reference: Metrics | None) -> Metrics:
@@ -150,6 +211,11 @@ class Run:
             on_batch=self.listener.on_eval_step,
         )
         self.listener.on_measure_end(metrics)
+        if not metrics.size_bytes:  # it was just saved: someone else deleted or emptied the directory
+            raise StageError(
+                f"output {self.out}: the checkpoint just saved in {model_dir} is gone; "
+                "did another process delete the output directory?"
+            )
         return metrics
 
     def _measure_baseline(self, state: State) -> Metrics:
@@ -157,12 +223,15 @@ class Run:
         from compress_cli.runtime.measure import fp32_state_dict_bytes
 
         d = self.snapshots.baseline_dir
-        save_snapshot(state, d / "model")
+        with self._writing(d):
+            save_snapshot(state, d / "model")
         baseline = self._measure(state, d / "model", None)
+        assert baseline.size_bytes  # _measure refuses a checkpoint of 0 bytes
         baseline.fp32_bytes = fp32_state_dict_bytes(state.original_model())
-        baseline.size_ratio = baseline.fp32_bytes / baseline.size_bytes if baseline.size_bytes else None
+        baseline.size_ratio = baseline.fp32_bytes / baseline.size_bytes
         baseline.guard_violations = violations(self.recipe.guard, baseline, baseline)
-        self.snapshots.write(d, state, baseline=baseline.to_dict(), stage=None)
+        with self._writing(d):
+            self.snapshots.write(d, state, baseline=baseline.to_dict(), stage=None)
         return baseline
 
     # -- the stage loop ----------------------------------------------------------------------
@@ -229,7 +298,8 @@ class Run:
         duration: float,
         guard: GuardPolicy,
     ) -> StageEntry:
-        save_snapshot(state, sdir / "model")
+        with self._writing(sdir):
+            save_snapshot(state, sdir / "model")
         metrics = self._measure(state, sdir / "model", guard.baseline)
         entry = StageEntry(
             index=stage.index,
@@ -244,7 +314,8 @@ class Run:
         v = guard.check(metrics)
         if v:
             entry.guard_violations = v
-        self.snapshots.write(sdir, state, entry=entry.to_dict(), stage=stage_dump(stage.config))
+        with self._writing(sdir):
+            self.snapshots.write(sdir, state, entry=entry.to_dict(), stage=stage_dump(stage.config))
         return entry
 
     def _interrupted(
@@ -272,11 +343,13 @@ class Run:
             shutil.rmtree(rejected)
         shutil.move(str(sdir / "model"), str(rejected))
         self.snapshots.restore(state, previous)
-        save_snapshot(state, sdir / "model")
+        with self._writing(sdir):
+            save_snapshot(state, sdir / "model")
         entry.reverted = True
         entry.notes = (entry.notes or "") + f" — reverted (guard violated; rejected model in {rejected})"
         config = self.recipe.stages[entry.index - 1]
-        self.snapshots.write(sdir, state, entry=entry.to_dict(), stage=stage_dump(config))
+        with self._writing(sdir):
+            self.snapshots.write(sdir, state, entry=entry.to_dict(), stage=stage_dump(config))
 
     def _fail(self, state: State, report: Report, guard: GuardPolicy, violations: list[str]) -> Report:
         self._finalise(state, report, violations, guard)
@@ -294,12 +367,14 @@ class Run:
         assert report.baseline is not None
         final_dir = self.out / "model"
         if fallback is not None:  # the result is the last snapshot that satisfied the guards
-            idx = fallback.install_last_good(final_dir)
+            with self._writing(final_dir):
+                idx = fallback.install_last_good(final_dir)
             source = report.baseline if idx == 0 else next(e.metrics for e in report.stages if e.index == idx)
             final = source.model_copy()
             final.result_from_stage = idx
         else:
-            save_snapshot(state, final_dir)
+            with self._writing(final_dir):
+                save_snapshot(state, final_dir)
             final = (report.stages[-1].metrics if report.stages else report.baseline).model_copy()
             same = getattr(state.runner, "same_runtime_baseline", None)
             if callable(same):
@@ -309,7 +384,8 @@ class Run:
         report.edits = state.edits.to_json()
         report.guard = {"violations": violations, **self.recipe.guard.model_dump()}
         report.duration_s = round(time.perf_counter() - self.t0, 3)
-        write_report(report, self.out)
+        with self._writing(self.out / "report.json"):
+            write_report(report, self.out)
         self.listener.on_done(report)
         return report
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compress_cli.engine.lock import LOCK_NAME
 from compress_cli.errors import CompressError, StageError, UsageError
 from compress_cli.events import RunListener
 
@@ -57,11 +58,25 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+#: what a run writes in its output directory (a run killed before its first snapshot leaves some)
+RUN_FILES = frozenset({"recipe.yaml", "report.json", "report.md", "report.png", "model", "stages", LOCK_NAME})
+
+
+def _contents(out: Path) -> list[Path]:
+    """What ``out`` holds besides the lock file (which a live run keeps and ``--force`` never deletes)."""
+    return [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+
+
+def only_run_files(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what a run of this tool writes there."""
+    return all(p.name in RUN_FILES for p in _contents(out))
+
+
 def check_output(out: Path, force: bool) -> None:
     """Refuse (UsageError) an output that is a file, not empty without ``force``, or not writable."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
+    if _contents(out) and not force:
         raise UsageError(
             f"output {out}: exists and is not empty (use --force to replace it, or --output DIR)"
         )
@@ -71,10 +86,14 @@ def check_output(out: Path, force: bool) -> None:
 
 
 def prepare_output(out: Path, force: bool) -> None:
-    """An empty, writable output directory (a non-empty one is replaced when ``force``)."""
+    """An empty, writable output directory (a non-empty one is emptied when ``force``). The lock file
+    stays: the caller holds it, and a new file under that name would be a lock nobody holds."""
     check_output(out, force)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    for p in _contents(out):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

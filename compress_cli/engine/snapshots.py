@@ -116,11 +116,13 @@ class SnapshotStore:
         state.runner = None
         restore_transforms(state)  # e.g. quantize: the int8 runtime and its runner
 
-    def resume_point(self) -> tuple[int, list[StageEntry], Metrics]:
-        """(last complete stage index, their report entries, baseline) or a UsageError."""
+    def resume_point(self) -> tuple[int, list[StageEntry], Metrics] | None:
+        """(last complete stage index, their report entries, baseline); None when there is no snapshot
+        yet (not even the baseline's: the run starts from the beginning); a UsageError when the
+        snapshots belong to a different recipe."""
         base = self.baseline_dir / "state.json"
         if not base.is_file():
-            raise UsageError(f"--resume: no snapshot in {self.root} to resume from (run without --resume)")
+            return None
         saved = json.loads(base.read_text())
         if saved.get("top_digest") != top_digest(self.recipe):
             raise UsageError(
