@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 import pytest
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
 from typer.testing import CliRunner
 
 from compress_cli.cli import app
+from compress_cli.config.recipe import Recipe
 from compress_cli.config.yaml import MAX_ALIAS_NODES, MAX_RECIPE_BYTES, apply_overrides, parse_yaml
 from compress_cli.errors import RecipeError
-from compress_cli.stages.registry import load_recipe, validate
+from compress_cli.stages.registry import get_stage, list_stages, load_recipe, validate
 
 HEAD = "version: 1\nname: lol\nmodel: {source: zoo:digits_mlp}\n"
 
@@ -128,3 +134,166 @@ def test_set_override_values_go_through_the_same_bounds():
     raw = parse_yaml(HEAD, "r.yaml")
     apply_overrides(raw, ["stages=[&e {type: evaluate}, *e]"])
     assert [s.type for s in validate(raw).stages] == ["evaluate", "evaluate"]
+
+
+# --- bounds on every numeric field --------------------------------------------------------------
+
+#: "Model.field" -> why that field has no lower and upper bound of its own (reviewed, not a todo list)
+UNBOUNDED_OK = {
+    # hpo search dimensions: the range ends and the choices are values of a wrapped stage's field,
+    # and the hpo stage validates every one of them through that field (Distribution.probe_values),
+    # so they carry the wrapped field's bounds
+    "Distribution.float_": "checked against the wrapped stage field's bounds",
+    "Distribution.int_": "checked against the wrapped stage field's bounds",
+    "Distribution.categorical": "checked against the wrapped stage field's bounds",
+    # a grid step is bounded by its range: Distribution refuses a step larger than hi - lo
+    "Distribution.step": "at most hi - lo, checked by Distribution's validator",
+}
+
+
+def _bounds(meta: list[Any]) -> tuple[bool, bool]:
+    """(has a lower bound, has an upper bound) among pydantic/annotated-types constraints."""
+    lo = hi = False
+    for m in meta:
+        if isinstance(m, FieldInfo):
+            sub = _bounds(list(m.metadata))
+            lo, hi = lo or sub[0], hi or sub[1]
+        lo = lo or isinstance(m, (at.Ge, at.Gt)) or (isinstance(m, at.Interval) and m.ge is not None)
+        hi = hi or isinstance(m, (at.Le, at.Lt))
+    return lo, hi
+
+
+def _numeric_leaves(ann: Any, meta: list[Any], models: list[type[BaseModel]]) -> list[tuple[bool, bool]]:
+    """The bounds of every int/float a value of type ``ann`` can hold; nested models go to ``models``.
+
+    ``meta`` (the field's constraints) applies through Optional/unions, not into containers.
+    """
+    origin = get_origin(ann)
+    if origin is Annotated:
+        inner, *extra = get_args(ann)
+        return _numeric_leaves(inner, meta + extra, models)
+    if origin in (Union, types.UnionType):
+        return [b for a in get_args(ann) for b in _numeric_leaves(a, meta, models)]
+    if origin is Literal or ann in (type(None), bool, str, Any):
+        return []
+    if ann in (int, float):
+        return [_bounds(meta)]
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        models.append(ann)
+        return []
+    if origin is not None:  # list[...], tuple[...], dict[str, ...], SerializeAsAny[...]: elements
+        return [b for a in get_args(ann) if a is not Ellipsis for b in _numeric_leaves(a, [], models)]
+    return []
+
+
+def _walk_numeric_fields() -> tuple[dict[str, str], set[str]]:
+    """Every model a recipe can hold (top level and every registered stage's config, recursively):
+    ("Model.field" -> what is missing) for numeric fields without both bounds, and every field seen."""
+    todo: list[type[BaseModel]] = [Recipe] + [get_stage(t).config_class for t in list_stages()]
+    seen_models: set[type[BaseModel]] = set()
+    missing: dict[str, str] = {}
+    fields: set[str] = set()
+    while todo:
+        model = todo.pop()
+        if model in seen_models:
+            continue
+        seen_models.add(model)
+        for name, f in model.model_fields.items():
+            key = f"{model.__name__}.{name}"
+            fields.add(key)
+            for lo, hi in _numeric_leaves(f.annotation, list(f.metadata), todo):
+                if not (lo and hi):
+                    missing[key] = "no " + " and no ".join(
+                        w for w, ok in (("lower bound", lo), ("upper bound", hi)) if not ok
+                    )
+    return missing, fields
+
+
+def test_every_numeric_recipe_field_has_a_lower_and_an_upper_bound():
+    missing, fields = _walk_numeric_fields()
+    assert {"FinetuneConfig.lr", "Recipe.seed", "LatencyConfig.batch_sizes", "FeaturePair.weight"} <= fields
+    unexplained = {k: v for k, v in missing.items() if k not in UNBOUNDED_OK}
+    assert not unexplained, "numeric recipe fields without bounds:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in sorted(unexplained.items())
+    )
+    assert not set(UNBOUNDED_OK) - set(missing), "UNBOUNDED_OK lists fields that are bounded or gone"
+
+
+def test_the_walker_sees_a_missing_bound():
+    # the walker itself: an unbounded float, Optional int, lr-style union and list element are caught
+    class Probe(BaseModel):
+        a: float = Field(0.0, ge=0)
+        b: int | None = Field(None, le=3)
+        c: float | Literal["auto"] = 0.1
+        d: list[int] = Field(default_factory=list)
+        e: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = 0.5
+        f: list[Annotated[int, Field(ge=0, lt=9)]] = Field(default_factory=list)
+
+    leaves = {n: _numeric_leaves(f.annotation, list(f.metadata), []) for n, f in Probe.model_fields.items()}
+    assert leaves == {
+        "a": [(True, False)],
+        "b": [(False, True)],
+        "c": [(False, False)],
+        "d": [(False, False)],
+        "e": [(True, True)],
+        "f": [(True, True)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("stage", "pattern"),
+    [
+        (
+            "lr: -1",
+            r"r\.yaml:6: stages\[0\] \(finetune\)\.lr: must be greater than 0 or one of 'auto' \(got -1\)",
+        ),
+        ("lr: 1000", r"r\.yaml:6: stages\[0\] \(finetune\)\.lr: must be less than or equal to 10"),
+        ("epochs: 100001", r"r\.yaml:6: stages\[0\] \(finetune\)\.epochs: must be less than or equal to"),
+        (
+            "batch_size: 0",
+            r"r\.yaml:6: stages\[0\] \(finetune\)\.batch_size: must be greater than or equal to 1",
+        ),
+        ("milestones: [0]", r"r\.yaml:6: stages\[0\] \(finetune\)\.milestones\[0\]: must be greater than or"),
+        ("weight_decay: .inf", r"r\.yaml:6: stages\[0\] \(finetune\)\.weight_decay: must be less than or"),
+    ],
+)
+def test_out_of_range_stage_values_are_refused_with_a_located_line(stage, pattern):
+    with pytest.raises(RecipeError, match=pattern):
+        validate(parse_yaml(HEAD + "stages:\n  - type: finetune\n    " + stage + "\n", "r.yaml"))
+
+
+def test_out_of_range_top_level_values_are_refused_with_a_located_line():
+    with pytest.raises(RecipeError, match=r"r\.yaml:4: seed: must be greater than or equal to 0 \(got -1\)"):
+        validate(parse_yaml(HEAD + "seed: -1\n", "r.yaml"))
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml:5: data\.batch_size: must be less than or equal to 1048576"
+    ):
+        validate(parse_yaml(HEAD + "data:\n  batch_size: 1048577\n", "r.yaml"))
+    with pytest.raises(RecipeError, match=r"--set measure\.latency\.batch_sizes=\[1, 0\]: measure\.latency"):
+        check = parse_yaml(HEAD, "r.yaml")
+        apply_overrides(check, ["measure.latency.batch_sizes=[1, 0]"])
+        validate(check)
+
+
+@pytest.mark.parametrize(
+    ("dimension", "pattern"),
+    [
+        # the allow-listed range ends carry the wrapped field's bounds (lr <= 10)
+        (
+            "{float: [0.001, 100]}",
+            r"r\.yaml:8: .*space\.finetune\.lr: value 100\.0 is not valid for finetune\.lr: must be less",
+        ),
+        (
+            "{float: [0.001, 0.1], step: 0.5}",
+            r"r\.yaml:8: .*space\.finetune\.lr: step must be at most hi - lo",
+        ),
+    ],
+)
+def test_hpo_search_dimensions_are_bounded_too(dimension, pattern):
+    text = (
+        HEAD
+        + "stages:\n  - type: hpo\n    stages: [{type: finetune, epochs: 1}]\n    space:\n"
+        + f"      finetune.lr: {dimension}\n"
+    )
+    with pytest.raises(RecipeError, match=pattern):
+        validate(parse_yaml(text, "r.yaml"))
