@@ -49,7 +49,7 @@ class TrainOptions(BaseModel):
     scheduler: Literal["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = Field(
         "none", description="learning-rate decay"
     )
-    step_size: int = Field(1, ge=1, le=MAX_EPOCHS, description="step: epochs between decays")
+    step_size: int = Field(1, gt=0, le=MAX_EPOCHS, description="step: epochs between decays")
     milestones: list[Epoch] = Field(default_factory=list, description="multistep: epochs at which lr decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential/plateau decay factor")
     warmup_epochs: float = Field(
@@ -59,13 +59,13 @@ class TrainOptions(BaseModel):
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm to this value")
     early_stopping: int | None = Field(
         None,
-        ge=1,
+        gt=0,
         le=MAX_EPOCHS,
         description="stop after N epochs without val-accuracy gain; best weights restored",
     )
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="cap steps per epoch (quick runs)"
+        None, gt=0, le=MAX_STEPS, description="cap steps per epoch (quick runs)"
     )
 
 

@@ -118,6 +118,7 @@ def test_plain_anchors_aliases_and_merge_keys_still_work(tmp_path):
     assert r.stages[1].epochs == 2 and r.stages[1].lr == 0.01 and r.stages[1].name == "again"
     assert list(r.stages[3].include) == ["fc1", "fc2"]
     assert raw.where(("stages", 3, "sparsity")) == f"{p}:10"
+    assert raw.where(("stages", 1, "lr")) == f"{p}:8"  # a merged key: located at its mapping
 
 
 def test_set_override_values_go_through_the_same_bounds():

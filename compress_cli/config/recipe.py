@@ -79,8 +79,8 @@ class DataConfig(_Strict):
     )
     root: str | None = Field(None, description="folder holding the dataset files")
     download: bool = Field(False, description="let torchvision datasets download (needs internet)")
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="training batch size")
-    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="batch size for evaluation")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="training batch size")
+    eval_batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="batch size for evaluation")
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of the training data held out for validation"
     )
@@ -88,13 +88,13 @@ class DataConfig(_Strict):
         0.25, gt=0, lt=1, description="held-out test share for sources without a test split"
     )
     calibration_batches: int = Field(
-        8, ge=1, le=100_000, description="training batches kept for calibration/importance"
+        8, gt=0, le=100_000, description="training batches kept for calibration/importance"
     )
     limit_train: int | None = Field(
-        None, ge=1, le=MAX_COUNT, description="use at most this many training samples"
+        None, gt=0, le=MAX_COUNT, description="use at most this many training samples"
     )
-    limit_test: int | None = Field(None, ge=1, le=MAX_COUNT, description="use at most this many test samples")
-    input_shape: list[Dim] | None = Field(None, min_length=1, description="synthetic: one sample's shape")
+    limit_test: int | None = Field(None, gt=0, le=MAX_COUNT, description="use at most this many test samples")
+    input_shape: list[Dim] | None = Field(None, description="synthetic: one sample's shape")
     num_classes: int | None = Field(None, gt=1, le=1_000_000, description="synthetic: number of classes")
     num_workers: int = Field(0, ge=0, le=1024, description="DataLoader worker processes")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the source")
@@ -111,9 +111,9 @@ class LatencyConfig(_Strict):
         [1, 64], min_length=1, description="first: latency batch; last: throughput batch"
     )
     warmup: int = Field(5, ge=0, le=1_000_000)
-    iterations: int = Field(20, ge=1, le=1_000_000)
+    iterations: int = Field(20, gt=0, le=1_000_000)
     threads: int | None = Field(
-        None, ge=1, le=4096, description="CPU threads (default: torch's current setting)"
+        None, gt=0, le=4096, description="CPU threads (default: torch's current setting)"
     )
 
 
@@ -130,7 +130,7 @@ class GuardConfig(_Strict):
         None, ge=0, le=100, description="points of top-1 against the baseline"
     )
     max_latency_ms: float | None = Field(None, gt=0, le=MAX_SECONDS * 1000)
-    max_size_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    max_size_bytes: int | None = Field(None, gt=0, le=1 << 50)
     min_speedup: float | None = Field(None, gt=0, le=1e6, description="baseline latency / current latency")
     on_violation: Literal["fail", "revert", "warn"] = "fail"
 

@@ -100,15 +100,22 @@ def _size_problem(line: int) -> str:
     return f"{line}: recipe is larger than {mib} MiB (a recipe is a few KB: is this the right file?)"
 
 
-def _load(text: str) -> tuple[yaml.Node | None, Any]:
-    """(node with marks, Python data) of one YAML document, composed once within the bounds."""
+def _load(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """(Python data, key path -> line) of one YAML document, composed once within the bounds.
+
+    The lines are read before the data is built: building resolves merge keys (``<<: *base``) in
+    the nodes, and a merged key is located at its mapping, as it always was.
+    """
     loader = _LineLoader(text)
+    lines: dict[tuple[Any, ...], int] = {}
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        if node is None:
+            return None, lines
+        _lines(node, (), lines)
+        return loader.construct_document(node), lines
     finally:
         loader.dispose()
-    return node, data
 
 
 def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
@@ -145,12 +152,12 @@ class RawRecipe:
 
 
 def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
-    """Parse recipe text; a syntax error raises one located :class:`RecipeError`."""
+    """Parse recipe text; a syntax error or a broken bound raises one located :class:`RecipeError`."""
     line_over = _too_large(text.encode("utf-8", "replace")) if len(text) * 4 > MAX_RECIPE_BYTES else None
     if line_over is not None:
         raise RecipeError(f"{filename}:{_size_problem(line_over)}")
     try:
-        node, data = _load(text)
+        data, lines = _load(text)
     except _BoundError as e:
         raise RecipeError(f"{filename}{f':{e.line}' if e.line else ''}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
@@ -162,9 +169,6 @@ def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
         raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}{ctx}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{filename}: YAML error: {e}") from None
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _lines(node, (), lines)
     return RawRecipe(data, lines, filename)
 
 
@@ -199,7 +203,7 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
         if not all(str(p) for p in parts):
             raise RecipeError(f"--set {item}: empty key in path")
         try:
-            value = _load(text)[1] if text.strip() else None
+            value = _load(text)[0] if text.strip() else None
         except _BoundError as e:
             raise RecipeError(f"--set {item}: {e.problem}") from None
         except yaml.YAMLError:

@@ -20,9 +20,9 @@ class BatchSizeFindConfig(StageConfig):
         description="max: largest batch that fits (CUDA memory, or max_memory_gb); throughput: best measured "
         "samples/s; default: max on CUDA or when max_memory_gb is set, else throughput",
     )
-    start: int = Field(8, ge=1, le=MAX_BATCH, description="first batch size tried")
+    start: int = Field(8, gt=0, le=MAX_BATCH, description="first batch size tried")
     max_batch_size: int = Field(
-        8192, ge=1, le=MAX_BATCH, description="never go above this (nor above the training split's size)"
+        8192, gt=0, le=MAX_BATCH, description="never go above this (nor above the training split's size)"
     )
     max_memory_gb: float | None = Field(
         None, gt=0, le=1e6, description="memory bound: CUDA measured peak, CPU estimated training-step memory"
@@ -31,7 +31,7 @@ class BatchSizeFindConfig(StageConfig):
         0.1, ge=0, lt=1, description="max mode: keep this fraction below the largest fitting batch"
     )
     multiple_of: int = Field(
-        8, ge=1, le=MAX_BATCH, description="round the result down to a multiple of this (when at least this)"
+        8, gt=0, le=MAX_BATCH, description="round the result down to a multiple of this (when at least this)"
     )
     steps: int = Field(3, ge=2, le=100, description="training steps per probe (the first is not timed)")
     throughput_tolerance: float = Field(

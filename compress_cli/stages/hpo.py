@@ -28,7 +28,7 @@ class HpoConfig(StageConfig):
         min_length=1, description="STAGE.param (STAGE: a wrapped stage's name, type or index) -> distribution"
     )
     n_trials: int | None = Field(
-        20, ge=1, le=MAX_COUNT, description="trials in the study in total (all workers and resumes)"
+        20, gt=0, le=MAX_COUNT, description="trials in the study in total (all workers and resumes)"
     )
     timeout_s: float | None = Field(
         None, gt=0, le=MAX_SECONDS, description="stop starting trials after this many seconds"
@@ -68,7 +68,7 @@ class HpoConfig(StageConfig):
     )
     heartbeat_s: int | None = Field(
         60,
-        ge=1,
+        gt=0,
         le=86_400,
         description="database storages: trials of a worker silent for 3x this long are marked failed",
     )

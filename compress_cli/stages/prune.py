@@ -48,7 +48,7 @@ class SensitivityOptions(BaseModel):
         description="sparsities each layer is tried at (one layer at a time)",
     )
     max_batches: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="validation batches per measurement (default: all)"
+        None, gt=0, le=MAX_STEPS, description="validation batches per measurement (default: all)"
     )
 
     @field_validator("ratios")
