@@ -16,6 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from compress_cli.config.bounds import (
+    MAX_EPOCHS,
+    MAX_PENALTY,
+    MAX_STEPS,
+    BatchSize,
+    Epoch,
+    LearningRate,
+)
 from compress_cli.errors import StageError
 
 if TYPE_CHECKING:
@@ -28,30 +36,37 @@ if TYPE_CHECKING:
 class TrainOptions(BaseModel):
     """Training options shared by every stage that trains (mixed into their configs)."""
 
-    epochs: int = Field(1, ge=0, description="passes over the training split")
-    lr: float | Literal["auto"] = Field(0.01, description="learning rate, or 'auto' (from lr_find)")
+    epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="passes over the training split")
+    lr: LearningRate | Literal["auto"] = Field(0.01, description="learning rate, or 'auto' (from lr_find)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
-    l1: float = Field(0.0, ge=0, description="L1 penalty on weights of conv/linear layers")
-    batch_size: int | Literal["auto"] | None = Field(
+    weight_decay: float = Field(0.0, ge=0, le=MAX_PENALTY, description="L2 penalty (decoupled for adamw)")
+    l1: float = Field(0.0, ge=0, le=MAX_PENALTY, description="L1 penalty on weights of conv/linear layers")
+    batch_size: BatchSize | Literal["auto"] | None = Field(
         None, description="training batch (default: data.batch_size; 'auto' from batch_size_find)"
     )
     scheduler: Literal["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = Field(
         "none", description="learning-rate decay"
     )
-    step_size: int = Field(1, gt=0, description="step: epochs between decays")
-    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr decays")
+    step_size: int = Field(1, gt=0, le=MAX_EPOCHS, description="step: epochs between decays")
+    milestones: list[Epoch] = Field(default_factory=list, description="multistep: epochs at which lr decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential/plateau decay factor")
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100 (fractions allowed)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=MAX_EPOCHS, description="linear warm-up from lr/100 (fractions allowed)"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm to this value")
     early_stopping: int | None = Field(
-        None, gt=0, description="stop after N epochs without val-accuracy gain; best weights restored"
+        None,
+        gt=0,
+        le=MAX_EPOCHS,
+        description="stop after N epochs without val-accuracy gain; best weights restored",
     )
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    max_steps_per_epoch: int | None = Field(None, gt=0, description="cap steps per epoch (quick runs)")
+    max_steps_per_epoch: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="cap steps per epoch (quick runs)"
+    )
 
 
 @dataclass

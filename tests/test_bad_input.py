@@ -331,7 +331,14 @@ def test_bad_runtime_input(case, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_the_baseline(tmp_path):
-    d = _recipe(tmp_path, stages=[{"type": "finetune", "epochs": 2, "lr": 1e6, "optimizer": "sgd"}])
+    # lr is bounded (<= 10), so the divergence comes from badly scaled weights plus the largest lr
+    ck = save_tiny_checkpoint(tmp_path / "scaled.pt")
+    torch.save({k: v * 1e6 for k, v in torch.load(ck).items()}, ck)
+    d = _recipe(
+        tmp_path,
+        stages=[{"type": "finetune", "epochs": 2, "lr": 10, "optimizer": "sgd"}],
+        model={"checkpoint": str(ck)},
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(d))
     res = runner.invoke(app, ["run", str(path)])

@@ -16,10 +16,16 @@ if TYPE_CHECKING:
     from compress_cli.config.yaml import RawRecipe
 
 # pydantic's names for the branches of a union in an error location (``function-after[...]``,
-# ``float``, ``literal['auto']``, ``ModelConfig`` ...): dropped so the path is the user's
+# ``float``, ``constrained-float`` (a bounded branch), ``literal['auto']``, ``ModelConfig`` ...):
+# dropped so the path is the user's
 _UNION_BRANCH = re.compile(
-    r"^(function-.*|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*Config)$"
+    r"^(function-.*|constrained-\w+|float|int|str|bool|none|dict\[.*\]|list\[.*\]|literal\[.*\]|[A-Z]\w*Config)$"
 )
+
+
+def user_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A pydantic error location without the names of union branches: the path the user wrote."""
+    return tuple(x for x in loc if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
 
 
 def fmt_value(v: Any) -> str:
@@ -55,7 +61,7 @@ def pydantic_problems(
     problems = []
     merged: dict[str, list[str]] = {}  # union branches: one line per path, alternatives joined
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_BRANCH.match(x)))
+        loc = user_loc(tuple(e["loc"]))
         path = prefix + loc
         kind = e["type"]
         if kind == "extra_forbidden" and loc:

@@ -14,6 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compress_cli.config.bounds import (
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_SECONDS,
+    BatchSize,
+    Dim,
+)
 from compress_cli.config.source_checks import check_source
 from compress_cli.config.stage import StageConfig
 
@@ -42,7 +49,7 @@ class ModelConfig(_Strict):
     checkpoint: str | None = Field(
         None, description=".pt/.pth state_dict, .safetensors, or a compressed model dir"
     )
-    input_shape: list[int] | None = Field(
+    input_shape: list[Dim] | None = Field(
         None, description="one sample's shape, e.g. [1, 28, 28] (default: the data's)"
     )
     allow_pickle: bool = Field(
@@ -60,10 +67,11 @@ class ModelConfig(_Strict):
     def _source(cls, v: str) -> str:
         return check_source("model", v)
 
-    @field_validator("input_shape")
+    @field_validator("input_shape", mode="before")
     @classmethod
-    def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(d <= 0 for d in v)):
+    def _positive(cls, v: Any) -> Any:
+        # before the items' own bounds, so a 0 or negative size reads as what the list must hold
+        if isinstance(v, list) and (not v or any(type(d) is int and d <= 0 for d in v)):
             raise ValueError("must be a non-empty list of positive sizes")
         return v
 
@@ -78,20 +86,24 @@ class DataConfig(_Strict):
     )
     root: str | None = Field(None, description="folder holding the dataset files")
     download: bool = Field(False, description="let torchvision datasets download (needs internet)")
-    batch_size: int = Field(64, gt=0, description="training batch size")
-    eval_batch_size: int = Field(256, gt=0, description="batch size for evaluation")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="training batch size")
+    eval_batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="batch size for evaluation")
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of the training data held out for validation"
     )
     test_fraction: float = Field(
         0.25, gt=0, lt=1, description="held-out test share for sources without a test split"
     )
-    calibration_batches: int = Field(8, gt=0, description="training batches kept for calibration/importance")
-    limit_train: int | None = Field(None, gt=0, description="use at most this many training samples")
-    limit_test: int | None = Field(None, gt=0, description="use at most this many test samples")
-    input_shape: list[int] | None = Field(None, description="synthetic: one sample's shape")
-    num_classes: int | None = Field(None, gt=1, description="synthetic: number of classes")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    calibration_batches: int = Field(
+        8, gt=0, le=100_000, description="training batches kept for calibration/importance"
+    )
+    limit_train: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="use at most this many training samples"
+    )
+    limit_test: int | None = Field(None, gt=0, le=MAX_COUNT, description="use at most this many test samples")
+    input_shape: list[Dim] | None = Field(None, description="synthetic: one sample's shape")
+    num_classes: int | None = Field(None, gt=1, le=1_000_000, description="synthetic: number of classes")
+    num_workers: int = Field(0, ge=0, le=1024, description="DataLoader worker processes")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the source")
 
     @field_validator("source")
@@ -103,12 +115,14 @@ class DataConfig(_Strict):
 class LatencyConfig(_Strict):
     """``measure.latency:``: batch sizes, warm-up and iterations of the latency measurement."""
 
-    batch_sizes: list[int] = Field(
+    batch_sizes: list[BatchSize] = Field(
         [1, 64], min_length=1, description="first: latency batch; last: throughput batch"
     )
-    warmup: int = Field(5, ge=0)
-    iterations: int = Field(20, gt=0)
-    threads: int | None = Field(None, gt=0, description="CPU threads (default: torch's current setting)")
+    warmup: int = Field(5, ge=0, le=1_000_000)
+    iterations: int = Field(20, gt=0, le=1_000_000)
+    threads: int | None = Field(
+        None, gt=0, le=4096, description="CPU threads (default: torch's current setting)"
+    )
 
 
 class MeasureConfig(_Strict):
@@ -122,10 +136,12 @@ class MeasureConfig(_Strict):
 class GuardConfig(_Strict):
     """``guard:``: limits checked after every stage, and what a violation does."""
 
-    max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1 against the baseline")
-    max_latency_ms: float | None = Field(None, gt=0)
-    max_size_bytes: int | None = Field(None, gt=0)
-    min_speedup: float | None = Field(None, gt=0, description="baseline latency / current latency")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=100, description="points of top-1 against the baseline"
+    )
+    max_latency_ms: float | None = Field(None, gt=0, le=MAX_SECONDS * 1000)
+    max_size_bytes: int | None = Field(None, gt=0, le=1 << 50)
+    min_speedup: float | None = Field(None, gt=0, le=1e6, description="baseline latency / current latency")
     on_violation: Literal["fail", "revert", "warn"] = "fail"
 
 
@@ -134,14 +150,16 @@ class Recipe(_Strict):
 
     version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and random")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     deterministic: bool = Field(False, description="use deterministic algorithms (slower)")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
-    time_budget_s: float | None = Field(None, gt=0, description="stop cleanly after this many seconds")
+    time_budget_s: float | None = Field(
+        None, gt=0, le=MAX_SECONDS, description="stop cleanly after this many seconds"
+    )
     stages: list[StageConfig] = Field(default_factory=list)
     output: str | None = Field(None, description="output directory (default runs/NAME)")
 

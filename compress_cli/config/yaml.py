@@ -2,6 +2,10 @@
 
 Problems name ``FILE:LINE`` (or the ``--set key=value`` that put a value there), so every
 validation message points at what the user has to edit.
+
+A recipe is bounded input: a file over :data:`MAX_RECIPE_BYTES`, aliases that expand to more than
+:data:`MAX_ALIAS_NODES` nodes (the "billion laughs" shape), an alias inside its own anchor and nesting
+deeper than :data:`MAX_DEPTH` are refused while composing, before anything is built from them.
 """
 
 from __future__ import annotations
@@ -18,8 +22,100 @@ if TYPE_CHECKING:
     from compress_cli.config.recipe import Recipe
 
 
+#: the largest recipe file (or text) parsed, in bytes: a recipe is a few KB
+MAX_RECIPE_BYTES = 1 << 20
+#: the most nodes all aliases of one document may expand to, together (a scalar weighs one node per
+#: :data:`_CHARS_PER_NODE` characters, so an alias to a long string is not free either)
+MAX_ALIAS_NODES = 10_000
+#: the deepest nesting of collections (the composer recurses: far deeper would overflow the stack)
+MAX_DEPTH = 100
+_CHARS_PER_NODE = 80
+
+
+class _BoundError(Exception):
+    """A recipe past one of the bounds: reported as ``FILE:LINE: problem``, not as a syntax error."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line: int | None = mark.line + 1 if mark is not None else None
+
+
 class _LineLoader(yaml.SafeLoader):
-    pass
+    """SafeLoader that keeps count, while composing, of what aliases expand to and of the nesting."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._weight: dict[yaml.Node, int] = {}  # a composed node -> its node count, aliases expanded
+        self._alias_nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        """Compose one node, refusing it (at its mark) when it breaks a bound."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # an undefined alias is the composer's own error
+                weight = self._weight.get(target)
+                if weight is None:
+                    raise _BoundError(
+                        f"alias *{event.anchor} is inside its own anchor (recursive)",
+                        event.start_mark,
+                    )
+                self._alias_nodes += weight
+                if self._alias_nodes > MAX_ALIAS_NODES:
+                    raise _BoundError(
+                        f"alias *{event.anchor}: aliases expand to more than {MAX_ALIAS_NODES} nodes "
+                        "(nested aliases, the 'billion laughs' shape); a recipe needs far fewer",
+                        event.start_mark,
+                    )
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _BoundError(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return None
+        if isinstance(node, yaml.MappingNode):
+            weight = 1 + sum(self._weight[k] + self._weight[v] for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            weight = 1 + sum(self._weight[v] for v in node.value)
+        else:
+            weight = 1 + len(str(node.value)) // _CHARS_PER_NODE
+        self._weight[node] = weight
+        return node
+
+
+def _too_large(data: bytes) -> int | None:
+    """The line the size limit falls on, or None when ``data`` is within :data:`MAX_RECIPE_BYTES`."""
+    return data.count(b"\n", 0, MAX_RECIPE_BYTES) + 1 if len(data) > MAX_RECIPE_BYTES else None
+
+
+def _size_problem(line: int) -> str:
+    """``LINE: problem`` for a recipe over the size limit (the limit falls on ``line``)."""
+    mib = MAX_RECIPE_BYTES >> 20
+    return f"{line}: recipe is larger than {mib} MiB (a recipe is a few KB: is this the right file?)"
+
+
+def _load(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """(Python data, key path -> line) of one YAML document, composed once within the bounds.
+
+    The lines are read before the data is built: building resolves merge keys (``<<: *base``) in
+    the nodes, and a merged key is located at its mapping, as it always was.
+    """
+    loader = _LineLoader(text)
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, lines
+        _lines(node, (), lines)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
 
 
 def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
@@ -56,10 +152,14 @@ class RawRecipe:
 
 
 def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
-    """Parse recipe text; a syntax error raises one located :class:`RecipeError`."""
+    """Parse recipe text; a syntax error or a broken bound raises one located :class:`RecipeError`."""
+    line_over = _too_large(text.encode("utf-8", "replace")) if len(text) * 4 > MAX_RECIPE_BYTES else None
+    if line_over is not None:
+        raise RecipeError(f"{filename}:{_size_problem(line_over)}")
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
+        data, lines = _load(text)
+    except _BoundError as e:
+        raise RecipeError(f"{filename}{f':{e.line}' if e.line else ''}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -69,9 +169,6 @@ def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
         raise RecipeError(f"{filename}{line}: YAML syntax error: {e.problem or e}{ctx}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{filename}: YAML error: {e}") from None
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _lines(node, (), lines)
     return RawRecipe(data, lines, filename)
 
 
@@ -79,7 +176,12 @@ def read_recipe_file(path: str | Path) -> RawRecipe:
     """Read and parse a recipe file; an unreadable path raises :class:`RecipeError`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            head = f.read(MAX_RECIPE_BYTES + 1)  # never more: a huge file is refused unread
+        line_over = _too_large(head)
+        if line_over is not None:
+            raise RecipeError(f"{p}:{_size_problem(line_over)}")
+        text = head.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: recipe file not found") from None
     except IsADirectoryError:
@@ -101,7 +203,9 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
         if not all(str(p) for p in parts):
             raise RecipeError(f"--set {item}: empty key in path")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _load(text)[0] if text.strip() else None
+        except _BoundError as e:
+            raise RecipeError(f"--set {item}: {e.problem}") from None
         except yaml.YAMLError:
             value = text
         node: Any = raw.data

@@ -63,6 +63,8 @@ class Distribution(BaseModel):
                 raise ValueError("log and step cannot be combined")
             if self.int_ is not None and self.step is not None and self.step != int(self.step):
                 raise ValueError(f"int: step must be a whole number (got {self.step})")
+            if self.step is not None and self.step > hi - lo:
+                raise ValueError(f"step must be at most hi - lo = {hi - lo} (got {self.step})")
         elif self.log or self.step is not None:
             raise ValueError("log and step apply to float and int ranges only")
         return self

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from compress_cli.config.bounds import MAX_BATCH, LearningRate
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
@@ -19,25 +20,25 @@ class BatchSizeFindConfig(StageConfig):
         description="max: largest batch that fits (CUDA memory, or max_memory_gb); throughput: best measured "
         "samples/s; default: max on CUDA or when max_memory_gb is set, else throughput",
     )
-    start: int = Field(8, gt=0, description="first batch size tried")
+    start: int = Field(8, gt=0, le=MAX_BATCH, description="first batch size tried")
     max_batch_size: int = Field(
-        8192, gt=0, description="never go above this (nor above the training split's size)"
+        8192, gt=0, le=MAX_BATCH, description="never go above this (nor above the training split's size)"
     )
     max_memory_gb: float | None = Field(
-        None, gt=0, description="memory bound: CUDA measured peak, CPU estimated training-step memory"
+        None, gt=0, le=1e6, description="memory bound: CUDA measured peak, CPU estimated training-step memory"
     )
     margin: float = Field(
         0.1, ge=0, lt=1, description="max mode: keep this fraction below the largest fitting batch"
     )
     multiple_of: int = Field(
-        8, gt=0, description="round the result down to a multiple of this (when at least this)"
+        8, gt=0, le=MAX_BATCH, description="round the result down to a multiple of this (when at least this)"
     )
     steps: int = Field(3, ge=2, le=100, description="training steps per probe (the first is not timed)")
     throughput_tolerance: float = Field(
         0.05, ge=0, lt=1, description="throughput: smallest batch within this fraction of the best samples/s"
     )
     scale_lr: bool = Field(False, description="scale hparams.lr linearly with the batch-size change")
-    base_lr: float | None = Field(None, gt=0, description="scale_lr: the lr to scale (default: hparams.lr)")
+    base_lr: LearningRate | None = Field(None, description="scale_lr: the lr to scale (default: hparams.lr)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(
         "adam", description="optimizer of the probes (its state uses memory)"
     )

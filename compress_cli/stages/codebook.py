@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from compress_cli.config.bounds import MAX_EPOCHS
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
@@ -24,7 +25,7 @@ class CodebookConfig(StageConfig, TrainOptions):
     )
     exclude: list[str] = Field(default_factory=list, description="module name globs to leave alone")
     iters: int = Field(100, ge=1, le=10000, description="k-means iterations at most")
-    epochs: int = Field(0, ge=0, description="centroid fine-tuning epochs (0: cluster only)")
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="centroid fine-tuning epochs (0: cluster only)")
     others: Literal["keep", "fp16", "bf16"] = Field(
         "keep",
         description="every other float parameter/buffer (biases, norms): kept, or rounded to "

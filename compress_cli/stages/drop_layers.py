@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from compress_cli.config.bounds import MAX_EPOCHS
 from compress_cli.errors import StageError
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
@@ -25,12 +26,12 @@ class DropLayersConfig(StageConfig, TrainOptions):
         "of the calibration loss when the block is bypassed; similarity: cosine of block output and bypass "
         "(most similar removed first)",
     )
-    count: int | None = Field(None, ge=1, description="number of layers/blocks to remove")
+    count: int | None = Field(None, ge=1, le=100_000, description="number of layers/blocks to remove")
     fraction: float | None = Field(None, gt=0, lt=1, description="share of the candidates to remove")
     protect: list[str] = Field(
         default_factory=list, description="module-name globs never removed (nor any block holding one)"
     )
-    epochs: int = Field(0, ge=0, description="fine-tuning epochs after the removal (0: none)")
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="fine-tuning epochs after the removal (0: none)")
     if_none: Literal["fail", "skip"] = Field(
         "fail", description="when the model has no removable layer: fail the run, or skip with a note"
     )

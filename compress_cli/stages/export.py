@@ -32,10 +32,13 @@ class ExportConfig(StageConfig):
         "or dynamo then legacy",
     )
     dynamic_batch: bool = Field(True, description="let the batch dimension vary in the exported file")
-    tolerance: float = Field(1e-3, gt=0, description="max |exported - PyTorch| allowed on a check batch")
+    tolerance: float = Field(
+        1e-3, gt=0, le=1e6, description="max |exported - PyTorch| allowed on a check batch"
+    )
     relative_tolerance: float = Field(
         0.02,
         ge=0,
+        le=10,
         description="quantized or cast models: extra allowance, times max |logit| of the reference "
         "(the runtime the report measured); an int8 rounding step is about 0.4% of the logit range",
     )

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from compress_cli.config.bounds import MAX_COUNT, MAX_EPOCHS, MAX_SECONDS
+from compress_cli.config.problems import user_loc
 from compress_cli.hpo.space import Distribution, Objective, resolve_space_key, with_params
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
@@ -26,9 +28,11 @@ class HpoConfig(StageConfig):
         min_length=1, description="STAGE.param (STAGE: a wrapped stage's name, type or index) -> distribution"
     )
     n_trials: int | None = Field(
-        20, gt=0, description="trials in the study in total (all workers and resumes)"
+        20, gt=0, le=MAX_COUNT, description="trials in the study in total (all workers and resumes)"
     )
-    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    timeout_s: float | None = Field(
+        None, gt=0, le=MAX_SECONDS, description="stop starting trials after this many seconds"
+    )
     objectives: list[Objective] = Field(
         default_factory=lambda: ["accuracy"],  # type: ignore[arg-type,return-value]
         min_length=1,
@@ -37,14 +41,16 @@ class HpoConfig(StageConfig):
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
     sampler_startup_trials: int = Field(
-        5, ge=0, description="tpe/cmaes: random trials before the model-based search"
+        5, ge=0, le=MAX_COUNT, description="tpe/cmaes: random trials before the model-based search"
     )
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="stop trials whose per-epoch validation accuracy lags (single objective only)"
     )
-    pruner_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
+    pruner_startup_trials: int = Field(
+        3, ge=0, le=MAX_COUNT, description="median: trials that are never pruned"
+    )
     pruner_warmup_epochs: int = Field(
-        0, ge=0, description="median: epochs of each trial that are never pruned"
+        0, ge=0, le=MAX_EPOCHS, description="median: epochs of each trial that are never pruned"
     )
     enqueue_defaults: bool = Field(
         True,
@@ -63,6 +69,7 @@ class HpoConfig(StageConfig):
     heartbeat_s: int | None = Field(
         60,
         gt=0,
+        le=86_400,
         description="database storages: trials of a worker silent for 3x this long are marked failed",
     )
 
@@ -127,7 +134,7 @@ class HpoConfig(StageConfig):
                     with_params(cfg, {path: v})
                 except ValidationError as e:
                     first = e.errors()[0]
-                    where = ".".join(str(p) for p in first["loc"]) or path
+                    where = ".".join(str(p) for p in user_loc(tuple(first["loc"]))) or path
                     errors.append(
                         _err(
                             ("space", key),

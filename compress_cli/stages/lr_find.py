@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from compress_cli.config.bounds import MAX_PENALTY, MAX_SWEEP_LR, BatchSize, LearningRate
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
@@ -14,8 +15,8 @@ from compress_cli.state import State
 class LrFindConfig(StageConfig):
     """Learning-rate range test; the suggestion becomes ``lr: auto`` for later stages."""
 
-    min_lr: float = Field(1e-6, gt=0, description="lr of the first sweep step")
-    max_lr: float = Field(1.0, gt=0, description="lr of the last sweep step")
+    min_lr: float = Field(1e-6, gt=0, le=MAX_SWEEP_LR, description="lr of the first sweep step")
+    max_lr: float = Field(1.0, gt=0, le=MAX_SWEEP_LR, description="lr of the last sweep step")
     steps: int = Field(100, ge=5, le=100_000, description="optimizer steps in the sweep")
     mode: Literal["exponential", "linear"] = Field(
         "exponential", description="how the lr grows from min_lr to max_lr"
@@ -24,32 +25,33 @@ class LrFindConfig(StageConfig):
         0.9, ge=0, lt=1, description="beta of the bias-corrected moving average of the loss"
     )
     diverge: float = Field(
-        4.0, gt=1, description="stop once the smoothed loss exceeds this multiple of its minimum"
+        4.0, gt=1, le=1e6, description="stop once the smoothed loss exceeds this multiple of its minimum"
     )
     suggestion: Literal["steepest", "min_div"] = Field(
         "steepest",
         description="steepest descent of the smoothed loss, or the minimum's lr divided by min_div_factor",
     )
-    min_div_factor: float = Field(10.0, gt=1, description="min_div: divide the lr of the minimum by this")
-    skip_start: int = Field(10, ge=0, description="points ignored at the start of the curve")
-    skip_end: int = Field(1, ge=0, description="points ignored at the end of the curve")
+    min_div_factor: float = Field(
+        10.0, gt=1, le=1e6, description="min_div: divide the lr of the minimum by this"
+    )
+    skip_start: int = Field(10, ge=0, le=100_000, description="points ignored at the start of the curve")
+    skip_end: int = Field(1, ge=0, le=100_000, description="points ignored at the end of the curve")
     min_improvement: float = Field(
         0.05,
         ge=0,
         lt=1,
         description="a curve whose smoothed loss never falls by this fraction is flat (no suggestion)",
     )
-    fallback_lr: float = Field(
+    fallback_lr: LearningRate = Field(
         0.01,
-        gt=0,
         description="lr kept when no suggestion is reliable (unless an earlier stage already found one)",
     )
     optimizer: Literal["sgd", "adam", "adamw"] = Field(
         "adam", description="optimizer (use the one that will train)"
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
-    batch_size: int | Literal["auto"] | None = Field(
+    weight_decay: float = Field(0.0, ge=0, le=MAX_PENALTY, description="L2 penalty (decoupled for adamw)")
+    batch_size: BatchSize | Literal["auto"] | None = Field(
         None, description="sweep batch (default: data.batch_size; 'auto' from batch_size_find)"
     )
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")

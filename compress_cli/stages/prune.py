@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress_cli.config.bounds import MAX_EPOCHS, MAX_STEPS
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
@@ -30,6 +31,7 @@ class PruneSchedule(TrainOptions):
     epochs: int = Field(
         1,
         ge=0,
+        le=MAX_EPOCHS,
         validation_alias=AliasChoices("finetune_epochs", "epochs"),
         description="finetune_epochs: fine-tuning epochs after each step (0: prune only)",
     )
@@ -46,7 +48,7 @@ class SensitivityOptions(BaseModel):
         description="sparsities each layer is tried at (one layer at a time)",
     )
     max_batches: int | None = Field(
-        None, gt=0, description="validation batches per measurement (default: all)"
+        None, gt=0, le=MAX_STEPS, description="validation batches per measurement (default: all)"
     )
 
     @field_validator("ratios")

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from compress_cli.config.bounds import MAX_EPOCHS
 from compress_cli.errors import StageError
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
@@ -37,7 +38,9 @@ class PruneChannelsConfig(StageConfig, TrainOptions):
         description="module-name globs whose output width is kept (the output layer always is)",
     )
     steps: int = Field(1, ge=1, le=100, description="prune gradually in this many steps (linear schedule)")
-    epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step but the last (0: none)")
+    epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="fine-tuning epochs after each step but the last (0: none)"
+    )
 
 
 @register_stage("prune_channels")

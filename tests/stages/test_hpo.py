@@ -185,9 +185,18 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
     assert res3.details["ran_here"] == 0 and res3.details["trials_before_this_run"] == 8
 
 
+def badly_scaled(state):
+    """The state with every weight times 1e4: SGD at lr 10 (the largest lr allowed) diverges to
+    an inf/nan loss within 3 steps, lr 1e-2 trains."""
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.mul_(1e4)
+    return state
+
+
 def test_failing_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
-    state = make_state(tmp_path)
-    space = {"finetune.lr": {"categorical": [1e9, 1e-2]}}  # 1e9 with SGD: the loss becomes nan
+    state = badly_scaled(make_state(tmp_path))
+    space = {"finetune.lr": {"categorical": [10.0, 1e-2]}}  # 10 with SGD: the loss becomes nan
     res = hpo(
         stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 4, "optimizer": "sgd"}],
         space=space,
@@ -198,16 +207,16 @@ def test_failing_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     rows = res.details["trials"]
     failed = [t for t in rows if t["state"] == "fail"]
     assert failed and all("loss became" in t["error"] for t in failed)
-    assert all(t["params"]["finetune.lr"] == 1e9 for t in failed)
+    assert all(t["params"]["finetune.lr"] == 10.0 for t in failed)
     assert res.details["counts"]["complete"] == 4 - len(failed) >= 1
 
 
 def test_all_trials_failing_is_a_stage_error(tmp_path):
-    state = make_state(tmp_path)
+    state = badly_scaled(make_state(tmp_path))
     with pytest.raises(StageError, match=r"no trial completed \(0 pruned, 2 failed\); errors: .*loss became"):
         hpo(
             stages=[{"type": "finetune", "epochs": 1, "max_steps_per_epoch": 3, "optimizer": "sgd"}],
-            space={"finetune.lr": {"categorical": [1e9]}},
+            space={"finetune.lr": {"categorical": [10.0]}},
             n_trials=2,
             pruner="none",
             storage="memory",
