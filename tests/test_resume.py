@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -169,3 +170,34 @@ def test_resume_after_prune_keeps_the_masks_through_later_training(tmp_path):
     assert res.exit_code == 0, res.output
     assert final(out) == reference
     assert reference[0]["nonzero_params"] < 0.35 * reference[0]["params"]
+
+
+def test_sigkill_inside_a_training_stage_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL at a random moment of a 12-epoch finetune, after its first mid-stage checkpoint:
+    --resume continues from the last checkpoint (the stage is not started over) and the final
+    report equals the uninterrupted run's. Prints the work lost (kill time minus the checkpoint's)."""
+    import random
+
+    stages = [{"type": "finetune", "epochs": 12, "lr": 0.003, "checkpoint_every_s": 1}, {"type": "evaluate"}]
+    ref = recipe(tmp_path, "ref", stages=stages)
+    r = cli(str(ref))
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    path = recipe(tmp_path, "run", stages=stages)
+    out = tmp_path / "run"
+    ckpt = out / "stages" / "01-finetune" / "train" / "00.pt"
+    p = cli(str(path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(ckpt, p)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))
+    p.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    p.wait()
+    lost = killed_at - ckpt.stat().st_mtime
+    saved = torch.load(ckpt, weights_only=True)
+    r = cli(str(path), "--resume", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    print(f"work lost: {lost:.3f} s (checkpoint at epoch {saved['epoch']}, step {saved.get('consumed')})")
+    assert final(out) == final(tmp_path / "ref")
+    assert not (out / "stages" / "01-finetune" / "train").exists()  # the stage's snapshot took over
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_after_stage"] == 0
+    assert report["stages"][0]["details"]["epochs_run"] == 12
