@@ -484,21 +484,28 @@ class _Checkpoint:
         return _clock() - self.last >= self.every_s
 
     def load(self) -> dict[str, Any] | None:
-        """The saved checkpoint when it belongs to this call; otherwise None, and the files of this
-        call and the calls after it are removed (a changed stage starts over from here)."""
+        """The saved checkpoint when it belongs to this call, else None (and this call's file goes).
+        Unless this call had finished, the files of the calls after it go too: they were written
+        after it stopped (a signal stops every later call at its first step) or by another config."""
         import torch
 
+        saved = None
         if self.path.is_file():
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
             except Exception:  # not ours, or unreadable: start this call over
                 saved = None
-            if isinstance(saved, dict) and saved.get("key") == self.key and saved.get("format") == _FORMAT:
-                return saved
+            if not (
+                isinstance(saved, dict) and saved.get("key") == self.key and saved.get("format") == _FORMAT
+            ):
+                saved = None
+        if saved is not None and saved["done"]:
+            return saved
+        n = int(self.path.stem)
         for f in self.path.parent.glob("*.pt"):
-            if f.stem.isdigit() and int(f.stem) >= int(self.path.stem):
+            if f.stem.isdigit() and int(f.stem) >= n + (saved is not None):
                 f.unlink(missing_ok=True)
-        return None
+        return saved
 
     def save(self, payload: dict[str, Any]) -> None:
         """Write ``payload`` (with this call's key) over the previous checkpoint, atomically."""

@@ -187,3 +187,27 @@ def test_trials_do_not_checkpoint(tmp_path):
     trial = state.ctx.for_trial(tmp_path / "trial", state.ctx.listener)
     assert trial.next_train_checkpoint() is None
     assert state.ctx.next_train_checkpoint() == (tmp_path / "stage" / "train" / "00.pt", "1-abc/0")
+
+
+def test_after_a_signal_the_later_calls_positions_are_dropped(tmp_path):
+    """SIGTERM in the first of two calls: the stage goes on, its second call stops after one step
+    and leaves a checkpoint; the resumed first call continues, and the second starts over."""
+    o = opts(epochs=2)
+    ref, ref_res = reference(tmp_path, o, calls=2)
+    state = stage_state(tmp_path)
+
+    class StopAfter:
+        n = 0
+
+        def should_stop(self):
+            self.n += 1
+            return self.n > 2
+
+    state.ctx.stop = StopAfter()
+    run(state, o, calls=2)
+    folder = tmp_path / "stage" / TRAIN_CHECKPOINTS
+    assert sorted(p.name for p in folder.iterdir()) == ["00.pt", "01.pt"]
+    resumed = stage_state(tmp_path)
+    res = run(resumed, o, calls=2)
+    assert same_weights(ref.model, resumed.model)
+    assert [r.history for r in res] == [r.history for r in ref_res]
