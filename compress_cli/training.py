@@ -521,7 +521,8 @@ def _signature(model: nn.Module, opts: TrainOptions, label: str, extra: list[Any
     """A digest of what a checkpoint must agree with: the options, the label, the tensors' shapes."""
     shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
     shapes += [list(p.shape) for p in extra]
-    text = json.dumps([opts.model_dump(mode="json"), label, shapes], sort_keys=True, default=str)
+    options = opts.model_dump(mode="json", exclude={"checkpoint_every_s"})  # timing only: may change
+    text = json.dumps([options, label, shapes], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -211,3 +211,38 @@ def test_after_a_signal_the_later_calls_positions_are_dropped(tmp_path):
     res = run(resumed, o, calls=2)
     assert same_weights(ref.model, resumed.model)
     assert [r.history for r in res] == [r.history for r in ref_res]
+
+
+def test_changing_checkpoint_every_s_keeps_the_checkpoint(tmp_path):
+    ref, ref_res = reference(tmp_path, opts())
+    state = stage_state(tmp_path)
+
+    def kill(epoch, _metrics):
+        if epoch == 2:
+            raise Killed
+
+    state.ctx.epoch_callbacks.append(kill)
+    with pytest.raises(Killed):
+        run(state, opts())
+    resumed = stage_state(tmp_path)
+    seen = []
+    resumed.ctx.epoch_callbacks.append(lambda e, m: seen.append(e))
+    res = run(resumed, opts(checkpoint_every_s=5))
+    assert seen == [2, 3]
+    assert same_weights(ref.model, resumed.model) and res[0].history == ref_res[0].history
+
+
+def test_stage_key_ignores_checkpoint_every_s_at_any_depth():
+    import yaml
+
+    from compress_cli.config.yaml import parse_yaml
+    from compress_cli.engine.snapshots import stage_key
+    from compress_cli.stages.registry import validate
+    from compress_cli.testing import tiny_recipe_dict
+
+    def key(every: float, lr: float = 0.01) -> str:
+        schedule = {"steps": 2, "lr": lr, "checkpoint_every_s": every}
+        d = tiny_recipe_dict("/tmp", stages=[{"type": "prune", "sparsity": 0.5, "schedule": schedule}])
+        return stage_key(validate(parse_yaml(yaml.safe_dump(d))), 1)
+
+    assert key(5) == key(600) != key(5, lr=0.02)

@@ -36,8 +36,17 @@ def top_digest(recipe: Recipe) -> str:
 
 
 def stage_dump(cfg: StageConfig) -> dict[str, Any]:
-    """A stage config as a snapshot records it (what --resume compares)."""
-    return cfg.model_dump(mode="json", exclude={"name", "on_violation"})
+    """A stage config as a snapshot records it (what --resume compares); ``checkpoint_every_s``, at
+    any depth, is left out: how often a stage checkpoints never changes what it computes."""
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k != "checkpoint_every_s"}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return strip(cfg.model_dump(mode="json", exclude={"name", "on_violation"}))  # type: ignore[no-any-return]
 
 
 def stage_key(recipe: Recipe, index: int) -> str:
