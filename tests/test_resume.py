@@ -173,12 +173,12 @@ def test_resume_after_prune_keeps_the_masks_through_later_training(tmp_path):
 
 
 def test_sigkill_inside_a_training_stage_resumes_from_its_last_checkpoint(tmp_path):
-    """SIGKILL at a random moment of a 12-epoch finetune, after its first mid-stage checkpoint:
+    """SIGKILL at a random moment of a 30-epoch finetune, after its first mid-stage checkpoint:
     --resume continues from the last checkpoint (the stage is not started over) and the final
     report equals the uninterrupted run's. Prints the work lost (kill time minus the checkpoint's)."""
     import random
 
-    stages = [{"type": "finetune", "epochs": 12, "lr": 0.003, "checkpoint_every_s": 1}, {"type": "evaluate"}]
+    stages = [{"type": "finetune", "epochs": 30, "lr": 0.003, "checkpoint_every_s": 1}, {"type": "evaluate"}]
     ref = recipe(tmp_path, "ref", stages=stages)
     r = cli(str(ref))
     assert r.wait(timeout=300) == 0, r.stderr.read()
@@ -187,7 +187,7 @@ def test_sigkill_inside_a_training_stage_resumes_from_its_last_checkpoint(tmp_pa
     ckpt = out / "stages" / "01-finetune" / "train" / "00.pt"
     p = cli(str(path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_for(ckpt, p)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
     p.send_signal(signal.SIGKILL)
     killed_at = time.time()
     p.wait()
@@ -201,16 +201,21 @@ def test_sigkill_inside_a_training_stage_resumes_from_its_last_checkpoint(tmp_pa
         env={**os.environ, "COLUMNS": "200"},
     )
     assert r.returncode == 0, r.stderr
-    at = f"resuming at epoch {saved['epoch'] + 1}" + (
-        f", step {saved['consumed'] + 1}" if saved["consumed"] else ""
-    )
+    if saved["done"]:  # killed after training, before the stage's snapshot (a heavily loaded machine)
+        at = "finetune: finished before the interruption"
+    else:
+        at = f"resuming at epoch {saved['epoch'] + 1}" + (
+            f", step {saved['consumed'] + 1}" if saved["consumed"] else ""
+        )
     assert at in r.stderr, r.stderr  # progress and messages go to stderr
-    print(f"work lost: {lost:.3f} s (checkpoint at epoch {saved['epoch']}, step {saved['consumed']})")
+    print(
+        f"work lost: {lost:.3f} s (checkpoint {saved.get('epoch')}, {saved.get('consumed')}, {saved['done']})"
+    )
     assert final(out) == final(tmp_path / "ref")
     assert not (out / "stages" / "01-finetune" / "train").exists()  # the stage's snapshot took over
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_after_stage"] == 0
-    assert report["stages"][0]["details"]["epochs_run"] == 12
+    assert report["stages"][0]["details"]["epochs_run"] == 30
 
 
 CHAOS = [
