@@ -513,7 +513,12 @@ class _Checkpoint:
 
         from compress_cli._utils.io import atomic_write_with
 
-        atomic_write_with(self.path, lambda f: torch.save({"format": _FORMAT, "key": self.key, **payload}, f))
+        try:
+            atomic_write_with(
+                self.path, lambda f: torch.save({"format": _FORMAT, "key": self.key, **payload}, f)
+            )
+        except OSError as e:  # a write error has no file name: name the checkpoint (the run reports it)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         self.last = _clock()
 
 

@@ -246,3 +246,44 @@ def test_stage_key_ignores_checkpoint_every_s_at_any_depth():
         return stage_key(validate(parse_yaml(yaml.safe_dump(d))), 1)
 
     assert key(5) == key(600) != key(5, lr=0.02)
+
+
+def test_disk_full_writing_a_checkpoint_is_the_output_line_and_keeps_the_last(tmp_path, monkeypatch):
+    """ENOSPC on the second checkpoint of a finetune: exit 1 with the run's one output line, the
+    first checkpoint intact; --resume, with space again, continues from it."""
+    import errno
+    import os
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from compress_cli._utils import io
+    from compress_cli.cli import app
+    from compress_cli.testing import tiny_recipe_dict
+
+    real, writes = io.os.fsync, []
+
+    def fsync(fd):
+        if f"01-finetune{os.sep}train{os.sep}" in os.readlink(f"/proc/self/fd/{fd}"):
+            writes.append(fd)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    stages = [{"type": "finetune", "epochs": 3, "lr": 0.01, "max_steps_per_epoch": 3}]
+    d = tiny_recipe_dict(tmp_path, stages=stages, measure={"latency": None})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: output {out}: No space left on device while writing stages/01-finetune"]
+    folder = out / "stages" / "01-finetune" / TRAIN_CHECKPOINTS
+    assert [p.name for p in folder.iterdir()] == ["00.pt"]  # no temporary file left either
+    assert torch.load(folder / "00.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(io.os, "fsync", real)
+    res = CliRunner().invoke(app, ["run", str(path), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "finetune: resuming at epoch 2" in res.output
