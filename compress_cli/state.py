@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from compress_cli.stages.base import Stage, StageResult
 
 
+#: the folder, inside a stage's snapshot folder, of its mid-stage (training) checkpoints
+TRAIN_CHECKPOINTS = "train"
+
+
 @dataclass
 class Edit:
     """One structural or numerical change a stage made (recorded in the model's manifest)."""
@@ -78,6 +82,11 @@ class RunContext:
     run_stage: StageRunner  # how nested stages (hpo trials) run: seeded, checked, errors located
     listener: RunListener = field(default_factory=RunListener, repr=False)
     stage_dir: Path | None = None  # the running stage's snapshot folder (for epoch checkpoints)
+    #: what identifies the running stage (recipe and stage config, set by the engine with stage_dir);
+    #: training.train checkpoints into stage_dir/train only while it is set, and resumes from a
+    #: checkpoint only when it matches (None in hpo trials: a trial starts over)
+    stage_key: str | None = None
+    _train_calls: dict[str, int] = field(default_factory=dict, repr=False)
     #: called by training.train after every epoch with (epoch, metrics), after its own on_epoch
     #: (hpo reports validation accuracy to its pruner this way, through any wrapped stage)
     epoch_callbacks: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list, repr=False)
@@ -88,8 +97,21 @@ class RunContext:
 
     def for_trial(self, folder: Path, listener: RunListener) -> RunContext:
         """A context for an hpo trial: writes into ``folder``, reports through ``listener``, no
-        epoch callbacks of the enclosing run."""
-        return replace(self, output_dir=folder, stage_dir=folder, listener=listener, epoch_callbacks=[])
+        epoch callbacks of the enclosing run, no mid-stage checkpoints."""
+        return replace(
+            self, output_dir=folder, stage_dir=folder, listener=listener, epoch_callbacks=[], stage_key=None
+        )
+
+    def next_train_checkpoint(self) -> tuple[Path, str] | None:
+        """(file, key) for the running stage's next ``train`` call's mid-stage checkpoint, or None
+        when this context does not checkpoint. The n-th call of a stage gets ``stage_dir/train/NN.pt``
+        whatever process runs it, so a resumed stage finds the checkpoints of its first run."""
+        if self.stage_dir is None or self.stage_key is None:
+            return None
+        where = str(self.stage_dir)
+        n = self._train_calls.get(where, 0)
+        self._train_calls[where] = n + 1
+        return self.stage_dir / TRAIN_CHECKPOINTS / f"{n:02d}.pt", f"{self.stage_key}/{n}"
 
 
 @dataclass

@@ -3,11 +3,22 @@
 Options every training stage shares live in ``TrainOptions`` (a pydantic mixin for stage configs):
 optimizer, lr (or ``auto``), schedules with warm-up, weight decay and L1, label smoothing, gradient
 clipping, early stopping on validation accuracy (restores the best weights), AMP on CUDA.
+
+Mid-stage checkpoints: inside a pipeline stage, ``train`` writes everything it needs to continue
+(model, optimizer, schedulers, AMP scaler, RNG states, counters, early-stopping state, the training
+loader's shuffle state and the batches consumed) to ``STAGE_DIR/train/NN.pt`` at the end of every
+epoch, every ``checkpoint_every_s`` seconds within one, and when a signal stops it; a stage resumed
+with ``--resume`` re-runs its code, and each ``train`` call continues from its checkpoint (or, when
+it had finished, returns what it returned then). On CPU with ``num_workers: 0`` the resumed run is
+bit-equal to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +38,8 @@ from compress_cli.config.bounds import (
 from compress_cli.errors import StageError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -66,6 +79,13 @@ class TrainOptions(BaseModel):
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="cap steps per epoch (quick runs)"
+    )
+    checkpoint_every_s: float = Field(
+        600.0,
+        ge=1,
+        le=86400,
+        description="seconds between mid-epoch checkpoints (one is also written after every epoch); "
+        "--resume continues the stage from the last",
     )
 
 
@@ -217,6 +237,9 @@ def train(
 
     device = state.device
     ddp = distributed and dist_.active()
+    extra = list(extra_params or [])
+    # probes (their own loader, a step hook) and torchrun ranks do not checkpoint; nor do hpo trials
+    slot = state.ctx.next_train_checkpoint() if loader is None and on_step is None and not ddp else None
     lr = float(state.resolve(opts.lr, "lr"))
     bs = state.resolve(opts.batch_size, "batch_size") if opts.batch_size is not None else None
     sampler = None
@@ -229,8 +252,8 @@ def train(
         return result
     model.to(device)
     net = dist_.wrap_ddp(model, device) if ddp else model
-    extra_sync = [p for p in (extra_params or []) if isinstance(p, torch.Tensor)] if ddp else []
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    extra_sync = [p for p in extra if isinstance(p, torch.Tensor)] if ddp else []
+    params = [p for p in model.parameters() if p.requires_grad] + extra
     opt = make_optimizer(params, opts, lr)
     sched = make_scheduler(opt, opts, lr, steps)
     plateau = (
@@ -245,15 +268,83 @@ def train(
     val_loader = _val_loader(state, ddp) if validate else None
     global_step = 0
     hook_stop = False
-    for epoch in range(opts.epochs):
+    interrupted = False  # a signal or the time budget stopped training: no "finished" checkpoint
+    gen = getattr(loader, "generator", None)  # the training shuffle's state: saved, restored
+    ckpt = None
+    start_epoch, skip, saved = 0, 0, None
+    if slot is not None:
+        ckpt = _Checkpoint(
+            slot[0], f"{slot[1]}/{_signature(model, opts, label, extra)}", opts.checkpoint_every_s
+        )
+        saved = ckpt.load()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        with torch.no_grad():
+            for p, v in zip(extra, saved["extra"], strict=True):
+                p.copy_(v)
+        if saved["done"]:  # this call had finished: give back what it gave then, generators included
+            _set_rng(saved["rng"])
+            model.eval()
+            state.ctx.listener.on_message(f"{label}: finished before the interruption; resumed from its end")
+            return TrainResult(**saved["result"])
+        opt.load_state_dict(saved["optimizer"])
+        for obj, name in ((sched, "scheduler"), (plateau, "plateau"), (scaler, "scaler")):
+            if obj is not None and saved[name] is not None:
+                obj.load_state_dict(saved[name])
+        if gen is not None and saved["loader_generator"] is not None:
+            gen.set_state(saved["loader_generator"])
+        start_epoch, skip, global_step = saved["epoch"], saved["consumed"], saved["global_step"]
+        best_acc, since_best, best_state = saved["best_acc"], saved["since_best"], saved["best_state"]
+        result.history, result.epochs_run = list(saved["history"]), saved["epochs_run"]
+        t_start -= saved["seconds"]
+        if not skip:
+            _set_rng(saved["rng"])
+        state.ctx.listener.on_message(
+            f"{label}: resuming at epoch {start_epoch + 1}" + (f", step {skip + 1}" if skip else "")
+        )
+
+    def position(epoch: int, consumed: int, generator: Any, run_loss: Any, seen: int) -> dict[str, Any]:
+        return {
+            "done": False,
+            "epoch": epoch,
+            "consumed": consumed,
+            "loader_generator": generator,
+            "run_loss": run_loss.detach().cpu() if run_loss is not None else None,
+            "seen": seen,
+            "global_step": global_step,
+            "model": model.state_dict(),
+            "extra": [p.detach().cpu() for p in extra],
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "plateau": plateau.state_dict() if plateau is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": _rng_state(),
+            "best_acc": best_acc,
+            "since_best": since_best,
+            "best_state": best_state,
+            "history": result.history,
+            "epochs_run": result.epochs_run,
+            "seconds": time.perf_counter() - t_start,
+        }
+
+    for epoch in range(start_epoch, opts.epochs):
         model.train()
         epoch_sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
         if hasattr(epoch_sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
             epoch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        gen_state = gen.get_state() if gen is not None else None  # this epoch's order comes from it
         state.ctx.listener.on_epoch_start(label, epoch + 1, opts.epochs, steps)
         run_loss = torch.zeros((), device=device)
         seen = 0
-        for step, (x, y) in enumerate(loader):
+        batches = iter(loader)
+        first = 0
+        if skip and saved is not None:  # resuming mid-epoch: the same order, the consumed batches skipped
+            for _ in range(skip):
+                next(batches, None)
+            run_loss, seen = saved["run_loss"].to(device), saved["seen"]
+            _set_rng(saved["rng"])  # after the skipped batches: a transform drawing numbers did not count
+            first, skip = skip, 0
+        for step, (x, y) in enumerate(batches, start=first):
             if step >= steps:
                 break
             x = x.to(device, non_blocking=True)
@@ -305,8 +396,11 @@ def train(
                         f"{label}: loss became {float(check)} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr={opt.param_groups[0]['lr']:.3g}); lower the lr or set grad_clip"
                     )
-            if state.ctx.should_stop():  # a signal or the time budget: finish this step, keep what was learnt
-                result.stopped_early = True
+            stop = state.ctx.should_stop()
+            if ckpt is not None and (stop or ckpt.due()):
+                ckpt.save(position(epoch, step + 1, gen_state, run_loss, seen))
+            if stop:  # a signal or the time budget: finish this step, keep what was learnt
+                result.stopped_early = interrupted = True
                 break
         loss_sum, n_seen = float(run_loss), float(seen)
         if ddp:
@@ -347,16 +441,133 @@ def train(
             if opts.early_stopping is not None and since_best >= opts.early_stopping:
                 result.stopped_early = True
                 break
+        if ckpt is not None and not interrupted:
+            ckpt.save(position(epoch + 1, 0, gen.get_state() if gen is not None else None, None, 0))
         stop = state.ctx.should_stop()
         if dist_.any_rank(stop) if ddp else stop:  # the budget ran out during validation, or a signal
-            result.stopped_early = True
+            result.stopped_early = interrupted = True
             break
     if best_state is not None and opts.early_stopping is not None:
         model.load_state_dict(best_state)
     result.best_val_accuracy = best_acc if best_acc >= 0 else None
     result.seconds = time.perf_counter() - t_start
     model.eval()
+    if ckpt is not None and not interrupted:  # finished: a resumed stage skips this call
+        ckpt.save(
+            {
+                "done": True,
+                "model": model.state_dict(),
+                "extra": [p.detach().cpu() for p in extra],
+                "rng": _rng_state(),
+                "result": dataclasses.asdict(result),
+            }
+        )
     return result
+
+
+#: the clock mid-epoch checkpoints are timed by (tests replace it)
+_clock = time.monotonic
+_FORMAT = 1
+
+
+class _Checkpoint:
+    """One ``train`` call's mid-stage checkpoint file: written atomically (temp file, fsync, rename)
+    with ``torch.save`` of plain tensors, numbers, strings, lists and dicts; read back with
+    ``weights_only=True`` and only when its key (recipe, stage, call, options, model shapes) matches."""
+
+    def __init__(self, path: Path, key: str, every_s: float):
+        self.path, self.key, self.every_s = path, key, every_s
+        self.last = _clock()
+
+    def due(self) -> bool:
+        """Whether ``every_s`` seconds passed since the last write (or the start)."""
+        return _clock() - self.last >= self.every_s
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved checkpoint when it belongs to this call, else None (and this call's file goes).
+        Unless this call had finished, the files of the calls after it go too: they were written
+        after it stopped (a signal stops every later call at its first step) or by another config."""
+        import torch
+
+        saved = None
+        if self.path.is_file():
+            try:
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception:  # not ours, or unreadable: start this call over
+                saved = None
+            if not (
+                isinstance(saved, dict) and saved.get("key") == self.key and saved.get("format") == _FORMAT
+            ):
+                saved = None
+        if saved is not None and saved["done"]:
+            return saved
+        n = int(self.path.stem)
+        for f in self.path.parent.glob("*.pt"):
+            if f.stem.isdigit() and int(f.stem) >= n + (saved is not None):
+                f.unlink(missing_ok=True)
+        return saved
+
+    def save(self, payload: dict[str, Any]) -> None:
+        """Write ``payload`` (with this call's key) over the previous checkpoint, atomically."""
+        import torch
+
+        from compress_cli._utils.io import atomic_write_with
+
+        try:
+            atomic_write_with(
+                self.path, lambda f: torch.save({"format": _FORMAT, "key": self.key, **payload}, f)
+            )
+        except OSError as e:  # a write error has no file name: name the checkpoint (the run reports it)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
+        self.last = _clock()
+
+
+def _signature(model: nn.Module, opts: TrainOptions, label: str, extra: list[Any]) -> str:
+    """A digest of what a checkpoint must agree with: the options, the label, the tensors' shapes."""
+    shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    shapes += [list(p.shape) for p in extra]
+    options = opts.model_dump(mode="json", exclude={"checkpoint_every_s"})  # timing only: may change
+    text = json.dumps([options, label, shapes], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (python, numpy, torch, CUDA), as plain values."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, keys, gauss = random.getstate()
+    np_state: Any = np.random.get_state()  # the legacy tuple: (name, keys, pos, has_gauss, gauss)
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def _set_rng(saved: dict[str, Any]) -> None:
+    """Put back the generators :func:`_rng_state` saved."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, keys, gauss = saved["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_keys, np_pos, np_has_gauss, np_gauss = saved["numpy"]
+    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def _val_loader(state: State, ddp: bool) -> Any:

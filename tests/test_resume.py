@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -169,3 +170,128 @@ def test_resume_after_prune_keeps_the_masks_through_later_training(tmp_path):
     assert res.exit_code == 0, res.output
     assert final(out) == reference
     assert reference[0]["nonzero_params"] < 0.35 * reference[0]["params"]
+
+
+def test_sigkill_inside_a_training_stage_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL at a random moment of a 30-epoch finetune, after its first mid-stage checkpoint:
+    --resume continues from the last checkpoint (the stage is not started over) and the final
+    report equals the uninterrupted run's. Prints the work lost (kill time minus the checkpoint's)."""
+    import random
+
+    stages = [{"type": "finetune", "epochs": 30, "lr": 0.003, "checkpoint_every_s": 1}, {"type": "evaluate"}]
+    ref = recipe(tmp_path, "ref", stages=stages)
+    r = cli(str(ref))
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    path = recipe(tmp_path, "run", stages=stages)
+    out = tmp_path / "run"
+    ckpt = out / "stages" / "01-finetune" / "train" / "00.pt"
+    p = cli(str(path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(ckpt, p)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
+    p.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    p.wait()
+    lost = killed_at - ckpt.stat().st_mtime
+    saved = torch.load(ckpt, weights_only=True)
+    r = subprocess.run(  # not quiet: the stage says where it resumes
+        [sys.executable, "-m", "compress_cli", "run", str(path), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    if saved["done"]:  # killed after training, before the stage's snapshot (a heavily loaded machine)
+        at = "finetune: finished before the interruption"
+    else:
+        at = f"resuming at epoch {saved['epoch'] + 1}" + (
+            f", step {saved['consumed'] + 1}" if saved["consumed"] else ""
+        )
+    assert at in r.stderr, r.stderr  # progress and messages go to stderr
+    print(
+        f"work lost: {lost:.3f} s (checkpoint {saved.get('epoch')}, {saved.get('consumed')}, {saved['done']})"
+    )
+    assert final(out) == final(tmp_path / "ref")
+    assert not (out / "stages" / "01-finetune" / "train").exists()  # the stage's snapshot took over
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_after_stage"] == 0
+    assert report["stages"][0]["details"]["epochs_run"] == 30
+
+
+CHAOS = [
+    {
+        "type": "prune",
+        "sparsity": 0.5,
+        "schedule": {"steps": 2, "epochs": 2, "lr": 0.01, "checkpoint_every_s": 1},
+    },
+    {"type": "finetune", "epochs": 4, "lr": 0.003, "checkpoint_every_s": 1},
+    {"type": "distill", "epochs": 2, "lr": 0.003, "temperature": 4.0, "alpha": 0.9, "checkpoint_every_s": 1},
+    {"type": "codebook", "bits": 4, "epochs": 1, "lr": 0.001, "checkpoint_every_s": 1},
+    {"type": "evaluate"},
+]
+
+
+def every_snapshot_loads(out: Path) -> int:
+    """Load every complete snapshot folder (state.json written) and every mid-stage checkpoint under
+    ``out/stages``; returns how many were loaded."""
+    from compress_cli import load
+
+    n = 0
+    for d in sorted((out / "stages").glob("[0-9][0-9]-*")):
+        if (d / "state.json").is_file():
+            json.loads((d / "state.json").read_text())
+            load(d / "model")
+            n += 1
+        for f in sorted((d / "train").glob("*.pt")):
+            assert isinstance(torch.load(f, weights_only=True), dict), f
+            n += 1
+    return n
+
+
+@pytest.mark.slow
+def test_chaos_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    """A 5-stage recipe killed with SIGKILL at 8 moments (half of them as soon as a save is in
+    progress, a temporary file in a snapshot folder), resumed each time: every snapshot that exists
+    loads after every kill, and the final report equals the uninterrupted run's."""
+    import random
+
+    rng = random.Random(21)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = recipe(tmp_path, "ref", stages=CHAOS)
+    t0 = time.time()
+    r = cli(str(ref), env=env)
+    assert r.wait(timeout=600) == 0, r.stderr.read()
+    duration = time.time() - t0
+    path = recipe(tmp_path, "run", stages=CHAOS)
+    out = tmp_path / "run"
+    kills, in_saves, loaded = 0, 0, 0
+    for k in range(8):
+        started = (out / "stages" / "00-baseline" / "state.json").is_file()
+        p = cli(str(path), *(["--resume"] if started else ["--force"]), env=env)
+        t_start = time.time()
+        if k % 2:  # as soon as a save is in progress (a temporary ".name.xxxx" file)
+            while p.poll() is None and time.time() - t_start < duration:
+                if (
+                    any(f.name.startswith(".") for f in (out / "stages").rglob("*"))
+                    if out.exists()
+                    else False
+                ):
+                    in_saves += 1
+                    break
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.5, duration * 0.6))
+        if p.poll() is not None:  # finished (or failed) before the kill
+            assert p.returncode == 0, p.stderr.read()
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        if out.exists():
+            loaded += every_snapshot_loads(out)
+    last = cli(str(path), "--resume", env=env)
+    assert last.wait(timeout=600) == 0, last.stderr.read()
+    print(f"chaos: {kills} kills ({in_saves} during a save), {loaded} snapshot loads, ref {duration:.1f}s")
+    assert kills >= 6
+    assert final(out) == final(tmp_path / "ref")
+    assert not list((out / "stages").glob("*/train"))

@@ -30,7 +30,7 @@ from compress_cli.engine.setup import (
     resolve_device,
 )
 from compress_cli.engine.signals import StopController
-from compress_cli.engine.snapshots import SnapshotStore, stage_dump
+from compress_cli.engine.snapshots import SnapshotStore, stage_dump, stage_key
 from compress_cli.engine.stage_run import run_stage
 from compress_cli.errors import GuardError, Interrupted, StageError, UsageError
 from compress_cli.events import RunListener
@@ -250,7 +250,7 @@ class Run:
                 break
             stage = get_stage(cfg.type)(cfg, i)
             sdir = self.snapshots.stage_dir(i)
-            state.ctx.stage_dir = sdir
+            state.ctx.stage_dir, state.ctx.stage_key = sdir, stage_key(recipe, i)
             self.listener.on_stage_start(i, len(recipe.stages), stage.name, cfg.type)
             ts = time.perf_counter()
             failed = partial(self._stage_failed, report, last_metrics, f"stage {i} ({cfg.type}) failed")

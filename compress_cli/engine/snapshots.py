@@ -3,18 +3,22 @@ continues from and what a guard reverts to.
 
 A snapshot folder holds ``model/`` (the compressed checkpoint), ``state.json`` (hparams, edits,
 transforms, model spec, the stage's report entry and config, the recipe digest) and, when pruning
-masks are in force, ``masks.safetensors.xz`` (one bit per weight).
+masks are in force, ``masks.safetensors.xz`` (one bit per weight). While its stage runs, a folder
+also holds ``train/NN.pt``, the mid-stage checkpoints of the stage's training (see
+``training.train``); they go once the stage's snapshot is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress_cli.errors import UsageError
 from compress_cli.report import Metrics, StageEntry
+from compress_cli.state import TRAIN_CHECKPOINTS
 
 if TYPE_CHECKING:
     from compress_cli.config.recipe import Recipe
@@ -32,8 +36,29 @@ def top_digest(recipe: Recipe) -> str:
 
 
 def stage_dump(cfg: StageConfig) -> dict[str, Any]:
-    """A stage config as a snapshot records it (what --resume compares)."""
-    return cfg.model_dump(mode="json", exclude={"name", "on_violation"})
+    """A stage config as a snapshot records it (what --resume compares); ``checkpoint_every_s``, at
+    any depth, is left out: how often a stage checkpoints never changes what it computes."""
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k != "checkpoint_every_s"}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return strip(cfg.model_dump(mode="json", exclude={"name", "on_violation"}))  # type: ignore[no-any-return]
+
+
+def stage_key(recipe: Recipe, index: int) -> str:
+    """What a mid-stage checkpoint of stage ``index`` (1-based) must match to be resumed from: the
+    recipe's top digest, the stage's place and its config."""
+    cfg = stage_dump(recipe.stages[index - 1])
+    return (
+        f"{index}-"
+        + hashlib.sha256(
+            json.dumps([top_digest(recipe), cfg], sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+    )
 
 
 class SnapshotStore:
@@ -81,6 +106,8 @@ class SnapshotStore:
             **extra,
         }
         atomic_write_text(d / "state.json", json.dumps(payload, indent=2, default=str))
+        # the stage is complete: its snapshot supersedes the mid-stage checkpoints training left
+        shutil.rmtree(d / TRAIN_CHECKPOINTS, ignore_errors=True)
 
     def restore(self, state: State, d: Path) -> None:
         """Make ``state`` what it was right after the snapshot in ``d``."""

@@ -28,8 +28,9 @@ def run_stage(
     An error comes out located at the stage's place in the recipe, ``{where}[i] (type): ...`` with
     ``i = stage.index - 1`` (``Stage.index`` is 1-based everywhere): a CompressError keeps its class
     with its problems prefixed, anything else becomes a StageError naming the exception's type.
-    ``on_error`` sees the stage's own exception first (the pipeline writes its partial report with
-    it). KeyboardInterrupt passes through untouched.
+    An OSError writing into the run's output (a mid-stage checkpoint on a full disk) passes
+    through for the run's one ``output OUT: ...`` line. ``on_error`` sees the stage's own exception
+    first (the pipeline writes its partial report with it). KeyboardInterrupt passes through untouched.
     """
     if seed is not None:
         seed_everything(seed, state.recipe.deterministic)
@@ -46,5 +47,19 @@ def run_stage(
     except Exception as e:
         if on_error is not None:
             on_error(e)
+        if isinstance(e, OSError) and _in_output(e, state):
+            raise  # writing the output failed (disk full, ...): the run says so in its one line
         raise StageError(f"{at}: {type(e).__name__}: {e}") from e
     return result
+
+
+def _in_output(e: OSError, state: State) -> bool:
+    """Whether ``e`` happened writing a file in the run's output (a mid-stage checkpoint, ...)."""
+    from pathlib import Path
+
+    if not e.filename or e.errno is None:
+        return False
+    try:
+        return Path(str(e.filename)).resolve().is_relative_to(state.ctx.output_dir.resolve())
+    except (OSError, ValueError):
+        return False
