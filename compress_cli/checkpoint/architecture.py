@@ -19,38 +19,23 @@ from compress_cli.errors import SourceError
 if TYPE_CHECKING:
     from torch import nn
 
+_CONV = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
+_BATCHNORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+
 # Constructor arguments read back from standard layers, so a changed layer can be rebuilt.
 _CTOR_ARGS: dict[str, tuple[str, ...]] = {
-    "Conv1d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    ),
-    "Conv2d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    ),
-    "Conv3d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    ),
+    "Conv1d": _CONV,
+    "Conv2d": _CONV,
+    "Conv3d": _CONV,
     "ConvTranspose2d": (
         "in_channels",
         "out_channels",
@@ -63,9 +48,9 @@ _CTOR_ARGS: dict[str, tuple[str, ...]] = {
         "padding_mode",
     ),
     "Linear": ("in_features", "out_features"),
-    "BatchNorm1d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "BatchNorm2d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "BatchNorm3d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    "BatchNorm1d": _BATCHNORM,
+    "BatchNorm2d": _BATCHNORM,
+    "BatchNorm3d": _BATCHNORM,
     "LayerNorm": ("normalized_shape", "eps", "elementwise_affine"),
     "GroupNorm": ("num_groups", "num_channels", "eps", "affine"),
     "Embedding": ("num_embeddings", "embedding_dim", "padding_idx"),
