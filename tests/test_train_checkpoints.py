@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress_cli import training
 from compress_cli.state import TRAIN_CHECKPOINTS
 from compress_cli.testing import tiny_state
-from compress_cli.training import TrainOptions, train
+from compress_cli.training import TrainOptions, checkpoints, train
 
 
 class Killed(Exception):
@@ -89,11 +88,11 @@ def test_killed_after_an_epoch_then_resumed_is_bit_equal(tmp_path, over):
 
 def test_killed_mid_epoch_then_resumed_skips_the_consumed_batches(tmp_path, monkeypatch):
     ticks = iter(range(10**6))
-    monkeypatch.setattr(training, "_clock", lambda: float(next(ticks)))  # one second per look
+    monkeypatch.setattr(checkpoints, "_clock", lambda: float(next(ticks)))  # one second per look
     o = opts(epochs=3, checkpoint_every_s=3)
     ref, ref_res = reference(tmp_path, o)
     state = stage_state(tmp_path)
-    real_save, saves = training._Checkpoint.save, []
+    real_save, saves = checkpoints.TrainCheckpoint.save, []
 
     def save_then_die(self, payload):
         real_save(self, payload)
@@ -101,13 +100,13 @@ def test_killed_mid_epoch_then_resumed_skips_the_consumed_batches(tmp_path, monk
         if payload["epoch"] == 1 and payload["consumed"]:  # inside the second epoch (its own shuffle)
             raise Killed
 
-    monkeypatch.setattr(training._Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoints.TrainCheckpoint, "save", save_then_die)
     with pytest.raises(Killed):
         run(state, o)
     assert (0, 0) not in saves and (1, 0) in saves  # mid-epoch saves, the end of epoch 1's
     steps = len(stage_state(tmp_path / "x").data.loader("train"))
     assert 0 < saves[-1][1] < steps, saves
-    monkeypatch.setattr(training._Checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoints.TrainCheckpoint, "save", real_save)
 
     resumed = stage_state(tmp_path)
     res = run(resumed, o)

@@ -1,192 +1,32 @@
-"""THE training loop. finetune, distill, QAT, pruning schedules and HPO trials all call ``train``.
-
-Options every training stage shares live in ``TrainOptions`` (a pydantic mixin for stage configs):
-optimizer, lr (or ``auto``), schedules with warm-up, weight decay and L1, label smoothing, gradient
-clipping, early stopping on validation accuracy (restores the best weights), AMP on CUDA.
-
-Mid-stage checkpoints: inside a pipeline stage, ``train`` writes everything it needs to continue
-(model, optimizer, schedulers, AMP scaler, RNG states, counters, early-stopping state, the training
-loader's shuffle state and the batches consumed) to ``STAGE_DIR/train/NN.pt`` at the end of every
-epoch, every ``checkpoint_every_s`` seconds within one, and when a signal stops it; a stage resumed
-with ``--resume`` re-runs its code, and each ``train`` call continues from its checkpoint (or, when
-it had finished, returns what it returned then). On CPU with ``num_workers: 0`` the resumed run is
-bit-equal to an uninterrupted one.
-"""
+"""THE training loop: ``train`` runs the epochs of every training stage (finetune, distill, QAT,
+pruning schedules, codebook tuning, hpo trials), with mid-stage checkpoints (:mod:`.checkpoints`)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
-
-from compress_cli.config.bounds import (
-    MAX_EPOCHS,
-    MAX_PENALTY,
-    MAX_STEPS,
-    BatchSize,
-    Epoch,
-    LearningRate,
-)
 from compress_cli.errors import StageError
+from compress_cli.training.checkpoints import TrainCheckpoint, rng_state, set_rng, signature
+from compress_cli.training.options import (
+    LossFn,
+    StepHook,
+    TrainOptions,
+    TrainResult,
+    l1_penalty,
+    make_optimizer,
+    make_scheduler,
+)
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
     from torch import nn
 
     from compress_cli.state import State
-
-
-class TrainOptions(BaseModel):
-    """Training options shared by every stage that trains (mixed into their configs)."""
-
-    epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="passes over the training split")
-    lr: LearningRate | Literal["auto"] = Field(0.01, description="learning rate, or 'auto' (from lr_find)")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    nesterov: bool = Field(False, description="SGD Nesterov momentum")
-    weight_decay: float = Field(0.0, ge=0, le=MAX_PENALTY, description="L2 penalty (decoupled for adamw)")
-    l1: float = Field(0.0, ge=0, le=MAX_PENALTY, description="L1 penalty on weights of conv/linear layers")
-    batch_size: BatchSize | Literal["auto"] | None = Field(
-        None, description="training batch (default: data.batch_size; 'auto' from batch_size_find)"
-    )
-    scheduler: Literal["none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau"] = Field(
-        "none", description="learning-rate decay"
-    )
-    step_size: int = Field(1, gt=0, le=MAX_EPOCHS, description="step: epochs between decays")
-    milestones: list[Epoch] = Field(default_factory=list, description="multistep: epochs at which lr decays")
-    gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential/plateau decay factor")
-    warmup_epochs: float = Field(
-        0.0, ge=0, le=MAX_EPOCHS, description="linear warm-up from lr/100 (fractions allowed)"
-    )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
-    grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm to this value")
-    early_stopping: int | None = Field(
-        None,
-        gt=0,
-        le=MAX_EPOCHS,
-        description="stop after N epochs without val-accuracy gain; best weights restored",
-    )
-    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    max_steps_per_epoch: int | None = Field(
-        None, gt=0, le=MAX_STEPS, description="cap steps per epoch (quick runs)"
-    )
-    checkpoint_every_s: float = Field(
-        600.0,
-        ge=1,
-        le=86400,
-        description="seconds between mid-epoch checkpoints (one is also written after every epoch); "
-        "--resume continues the stage from the last",
-    )
-
-
-@dataclass
-class TrainResult:
-    """What one ``train`` call did: epochs run, per-epoch history, best validation accuracy."""
-
-    epochs_run: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_val_accuracy: float | None = None
-    stopped_early: bool = False
-    seconds: float = 0.0
-
-    def notes(self, *parts: str) -> str:
-        """A training stage's one-line notes: epochs run, then ``parts``, the last validation
-        accuracy and whether early stopping restored the best weights."""
-        last = self.history[-1] if self.history else {}
-        notes = ", ".join([f"{self.epochs_run} epoch(s)", *parts])
-        if "val_accuracy" in last:
-            notes += f", val {last['val_accuracy'] * 100:.2f}%"
-        if self.stopped_early:
-            notes += ", stopped early (best weights restored)"
-        return notes
-
-    def summary(self) -> dict[str, Any]:
-        """The result as report details (history included)."""
-        return {
-            "epochs_run": self.epochs_run,
-            "best_val_accuracy": self.best_val_accuracy,
-            "stopped_early": self.stopped_early,
-            "train_seconds": round(self.seconds, 3),
-            "history": self.history,
-        }
-
-
-LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (logits, x, y) -> loss
-#: (global step, batch loss, optimizer) -> True to stop training; the loss is averaged over ranks
-StepHook = Callable[[int, float, "torch.optim.Optimizer"], "bool | None"]
-
-
-def make_optimizer(params: Any, opts: TrainOptions, lr: float) -> torch.optim.Optimizer:
-    """The SGD, Adam or AdamW optimizer ``opts`` names over ``params`` at ``lr``, with its weight decay
-    (and for SGD its momentum; Nesterov only with a nonzero momentum)."""
-    import torch
-
-    if opts.optimizer == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=opts.momentum,
-            nesterov=opts.nesterov and opts.momentum > 0,
-            weight_decay=opts.weight_decay,
-        )
-    if opts.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=opts.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, opts: TrainOptions, lr: float, steps_per_epoch: int) -> Any:
-    """A per-step scheduler (warm-up composed with the decay); plateau is stepped per epoch."""
-    import torch
-    from torch.optim import lr_scheduler as S
-
-    total = max(1, opts.epochs * steps_per_epoch)
-    warm = int(round(opts.warmup_epochs * steps_per_epoch))
-    spe = max(1, steps_per_epoch)
-    s = opts.scheduler
-    if s == "onecycle":
-        return S.OneCycleLR(
-            opt, max_lr=lr, total_steps=total, pct_start=max(0.05, min(0.5, warm / total or 0.3))
-        )
-    if s == "step":
-        main: Any = S.StepLR(opt, step_size=opts.step_size * spe, gamma=opts.gamma)
-    elif s == "multistep":
-        main = S.MultiStepLR(opt, milestones=[m * spe for m in opts.milestones], gamma=opts.gamma)
-    elif s == "exponential":
-        main = S.ExponentialLR(opt, gamma=opts.gamma ** (1 / spe))
-    elif s == "cosine":
-        main = S.CosineAnnealingLR(opt, T_max=max(1, total - warm))
-    else:
-        main = None
-    if warm > 0:
-        w = S.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warm)
-        if main is None:
-            return w
-        return S.SequentialLR(opt, [w, main], milestones=[warm])
-    del torch
-    return main
-
-
-def l1_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of the absolute weights of every Linear and Conv1d/2d/3d layer (training scales it by
-    ``l1``); a zero scalar for a model without one."""
-    from torch import nn
-
-    terms = [
-        m.weight.abs().sum()
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    ]
-    return sum(terms) if terms else next(model.parameters()).new_zeros(())  # type: ignore[return-value]
 
 
 def _amp_context(device: torch.device, enabled: bool) -> tuple[Any, Any]:
@@ -273,8 +113,8 @@ def train(
     ckpt = None
     start_epoch, skip, saved = 0, 0, None
     if slot is not None:
-        ckpt = _Checkpoint(
-            slot[0], f"{slot[1]}/{_signature(model, opts, label, extra)}", opts.checkpoint_every_s
+        ckpt = TrainCheckpoint(
+            slot[0], f"{slot[1]}/{signature(model, opts, label, extra)}", opts.checkpoint_every_s
         )
         saved = ckpt.load()
     if saved is not None:
@@ -283,7 +123,7 @@ def train(
             for p, v in zip(extra, saved["extra"], strict=True):
                 p.copy_(v)
         if saved["done"]:  # this call had finished: give back what it gave then, generators included
-            _set_rng(saved["rng"])
+            set_rng(saved["rng"])
             model.eval()
             state.ctx.listener.on_message(f"{label}: finished before the interruption; resumed from its end")
             return TrainResult(**saved["result"])
@@ -298,7 +138,7 @@ def train(
         result.history, result.epochs_run = list(saved["history"]), saved["epochs_run"]
         t_start -= saved["seconds"]
         if not skip:
-            _set_rng(saved["rng"])
+            set_rng(saved["rng"])
         state.ctx.listener.on_message(
             f"{label}: resuming at epoch {start_epoch + 1}" + (f", step {skip + 1}" if skip else "")
         )
@@ -318,7 +158,7 @@ def train(
             "scheduler": sched.state_dict() if sched is not None else None,
             "plateau": plateau.state_dict() if plateau is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "best_acc": best_acc,
             "since_best": since_best,
             "best_state": best_state,
@@ -342,7 +182,7 @@ def train(
             for _ in range(skip):
                 next(batches, None)
             run_loss, seen = saved["run_loss"].to(device), saved["seen"]
-            _set_rng(saved["rng"])  # after the skipped batches: a transform drawing numbers did not count
+            set_rng(saved["rng"])  # after the skipped batches: a transform drawing numbers did not count
             first, skip = skip, 0
         for step, (x, y) in enumerate(batches, start=first):
             if step >= steps:
@@ -458,116 +298,11 @@ def train(
                 "done": True,
                 "model": model.state_dict(),
                 "extra": [p.detach().cpu() for p in extra],
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "result": dataclasses.asdict(result),
             }
         )
     return result
-
-
-#: the clock mid-epoch checkpoints are timed by (tests replace it)
-_clock = time.monotonic
-_FORMAT = 1
-
-
-class _Checkpoint:
-    """One ``train`` call's mid-stage checkpoint file: written atomically (temp file, fsync, rename)
-    with ``torch.save`` of plain tensors, numbers, strings, lists and dicts; read back with
-    ``weights_only=True`` and only when its key (recipe, stage, call, options, model shapes) matches."""
-
-    def __init__(self, path: Path, key: str, every_s: float):
-        self.path, self.key, self.every_s = path, key, every_s
-        self.last = _clock()
-
-    def due(self) -> bool:
-        """Whether ``every_s`` seconds passed since the last write (or the start)."""
-        return _clock() - self.last >= self.every_s
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved checkpoint when it belongs to this call, else None (and this call's file goes).
-        Unless this call had finished, the files of the calls after it go too: they were written
-        after it stopped (a signal stops every later call at its first step) or by another config."""
-        import torch
-
-        saved = None
-        if self.path.is_file():
-            try:
-                saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception:  # not ours, or unreadable: start this call over
-                saved = None
-            if not (
-                isinstance(saved, dict) and saved.get("key") == self.key and saved.get("format") == _FORMAT
-            ):
-                saved = None
-        if saved is not None and saved["done"]:
-            return saved
-        n = int(self.path.stem)
-        for f in self.path.parent.glob("*.pt"):
-            if f.stem.isdigit() and int(f.stem) >= n + (saved is not None):
-                f.unlink(missing_ok=True)
-        return saved
-
-    def save(self, payload: dict[str, Any]) -> None:
-        """Write ``payload`` (with this call's key) over the previous checkpoint, atomically."""
-        import torch
-
-        from compress_cli._utils.io import atomic_write_with
-
-        try:
-            atomic_write_with(
-                self.path, lambda f: torch.save({"format": _FORMAT, "key": self.key, **payload}, f)
-            )
-        except OSError as e:  # a write error has no file name: name the checkpoint (the run reports it)
-            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
-        self.last = _clock()
-
-
-def _signature(model: nn.Module, opts: TrainOptions, label: str, extra: list[Any]) -> str:
-    """A digest of what a checkpoint must agree with: the options, the label, the tensors' shapes."""
-    shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
-    shapes += [list(p.shape) for p in extra]
-    options = opts.model_dump(mode="json", exclude={"checkpoint_every_s"})  # timing only: may change
-    text = json.dumps([options, label, shapes], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every generator a training step may draw from (python, numpy, torch, CUDA), as plain values."""
-    import random
-
-    import numpy as np
-    import torch
-
-    version, keys, gauss = random.getstate()
-    np_state: Any = np.random.get_state()  # the legacy tuple: (name, keys, pos, has_gauss, gauss)
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
-    return {
-        "python": [version, list(keys), gauss],
-        "numpy": [
-            torch.from_numpy(np_keys.astype(np.int64)),
-            int(np_pos),
-            int(np_has_gauss),
-            float(np_gauss),
-        ],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-
-
-def _set_rng(saved: dict[str, Any]) -> None:
-    """Put back the generators :func:`_rng_state` saved."""
-    import random
-
-    import numpy as np
-    import torch
-
-    version, keys, gauss = saved["python"]
-    random.setstate((version, tuple(keys), gauss))
-    np_keys, np_pos, np_has_gauss, np_gauss = saved["numpy"]
-    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(saved["torch"])
-    if saved["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def _val_loader(state: State, ddp: bool) -> Any:
