@@ -238,6 +238,14 @@ def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any
     return diff
 
 
+def _submodule(model: nn.Module, name: str, path: str) -> nn.Module:
+    """``model``'s submodule ``name`` ("" is the model), or a SourceError about manifest entry ``path``."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        raise SourceError(f"manifest edits module {path!r}, which the model source does not have") from None
+
+
 def apply_architecture_diff(
     model: nn.Module, diff: list[dict[str, Any]], stored: Mapping[str, Any] | None = None
 ) -> nn.Module:
@@ -251,21 +259,10 @@ def apply_architecture_diff(
     for item in diff:
         path = item["path"]
         if item["class"] == "__patch__":
-            try:
-                target = model.get_submodule(path) if path else model
-            except AttributeError:
-                raise SourceError(
-                    f"manifest edits module {path!r}, which the model source does not have"
-                ) from None
-            _apply_patch(target, item["args"], path, stored)
+            _apply_patch(_submodule(model, path, path), item["args"], path, stored)
             continue
         parent_name, _, child = path.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:
-            raise SourceError(
-                f"manifest edits module {path!r}, which the model source does not have"
-            ) from None
+        parent = _submodule(model, parent_name, path)
         if child not in parent._modules and (item["class"] == "__deleted__" or hasattr(parent, child)):
             raise SourceError(f"manifest edits {path!r}, which is not a module of the model source")
         if item["class"] == "__deleted__":
