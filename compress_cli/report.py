@@ -34,10 +34,17 @@ class Metrics(_Model):
 
     model_config = ConfigDict(extra="allow")
 
-    accuracy: float
-    loss: float
+    # classification (the default task) reports these three, flat, as it always has
+    accuracy: float | None = None
+    loss: float | None = None
     samples: int
     top5: float | None = None
+    # any other task: its name, primary metric and direction, every metric, the primary's value
+    task: str | None = None
+    primary: str | None = None
+    higher_is_better: bool | None = None
+    scores: dict[str, float] | None = None
+    score: float | None = None
     params: int
     nonzero_params: int
     sparsity: float
@@ -55,6 +62,7 @@ class Metrics(_Model):
     provider: str | None = None
     onnxruntime: str | None = None
     accuracy_drop: float | None = None
+    metric_drop: float | None = None
     fp32_bytes: int | None = None
     size_ratio: float | None = None
     speedup: float | None = None
@@ -62,6 +70,22 @@ class Metrics(_Model):
     guard_violations: list[str] | None = None
     result_from_stage: int | None = None
     same_runtime_baseline: dict[str, Any] | None = None
+
+    def primary_score(self) -> tuple[str, float, bool]:
+        """(name, value, higher is better) of the metric guards and searches rank by: the task's
+        primary metric, or top-1 accuracy for classification."""
+        if self.primary is not None and self.score is not None:
+            return self.primary, self.score, bool(self.higher_is_better)
+        if self.accuracy is None:
+            raise ValueError("these metrics have neither a task score nor an accuracy")
+        return "accuracy", self.accuracy, True
+
+    def drop_from(self, reference: Metrics) -> float:
+        """How much worse the primary metric is than ``reference``'s, in the metric's own units
+        (positive: worse; the direction is the metric's)."""
+        _, value, higher = self.primary_score()
+        _, ref, _ = reference.primary_score()
+        return round((ref - value) if higher else (value - ref), 6)
 
 
 class StageEntry(_Model):
@@ -124,13 +148,35 @@ DEFINITIONS = {
     "throughput": "samples per second at throughput_batch (median over repeats)",
     "speedup": "baseline latency_ms / this latency_ms",
     "accuracy_drop": "baseline accuracy - this accuracy, in percentage points",
+    "score": "other tasks: the value of the task's primary metric (named in the table's heading)",
+    "metric_drop": "other tasks: how much worse the primary metric is than the baseline's, in its units",
     "runtime": "what executed the model for these numbers (torch-eager, torch-compiled, onnxruntime)",
 }
 
-#: the table's columns after "stage": (heading, cell of one row's metrics)
+
+def score_text(m: Metrics) -> str:
+    """The primary metric's cell: top-1 in percent for classification, else the task's value."""
+    if m.primary is None or m.score is None:
+        return f"{m.accuracy * 100:.2f}" if m.accuracy is not None else "n/a"
+    return f"{m.score:.4f}"
+
+
+def drop_text(m: Metrics) -> str:
+    """The drop against the baseline: points of top-1, else the primary metric's own units."""
+    if m.primary is None:
+        return "" if m.accuracy_drop is None else f"{m.accuracy_drop:+.2f}"
+    return "" if m.metric_drop is None else f"{m.metric_drop:+.4f}"
+
+
+def score_label(m: Metrics | None) -> str:
+    """What the primary metric is called in tables and plots."""
+    return "top-1 %" if m is None or m.primary is None else m.primary
+
+
+#: the table's columns after "stage" and the primary metric: (heading, cell of one row's metrics)
 COLUMNS: list[tuple[str, Callable[[Metrics], str]]] = [
-    ("top-1 %", lambda m: f"{m.accuracy * 100:.2f}"),
-    ("drop", lambda m: "" if m.accuracy_drop is None else f"{m.accuracy_drop:+.2f}"),
+    ("score", score_text),
+    ("drop", drop_text),
     ("params", lambda m: f"{m.params:,}"),
     ("sparsity", lambda m: f"{m.sparsity * 100:.1f}%"),
     ("size", lambda m: human_bytes(m.size_bytes)),
@@ -142,6 +188,11 @@ COLUMNS: list[tuple[str, Callable[[Metrics], str]]] = [
     ("runtime", lambda m: m.runtime),
 ]
 HEADINGS = ["stage"] + [name for name, _ in COLUMNS]
+
+
+def headings(report: Report) -> list[str]:
+    """The table's headings: ``HEADINGS`` with the primary metric named (top-1 % for classification)."""
+    return ["stage", score_label(report.baseline)] + HEADINGS[2:]
 
 
 def human_bytes(n: int | None) -> str:
@@ -170,7 +221,7 @@ def to_markdown(report: Report) -> str:
         f"Device: `{report.device}` · seed {report.seed} · total {report.duration_s or 0:.1f} s",
         "",
     ]
-    lines.append("| " + " | ".join(HEADINGS) + " |")
+    lines.append("| " + " | ".join(headings(report)) + " |")
     lines.append("|" + "---|" * len(HEADINGS))
     for r in rows(report):
         lines.append("| " + " | ".join(r) + " |")
@@ -204,7 +255,7 @@ def write_plot(report: Report, path: Path) -> None:
     items = [("baseline", report.baseline)] + [(f"{s.index}.{s.type}", s.metrics) for s in report.stages]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, m in items:
-        acc = m.accuracy * 100
+        acc = m.primary_score()[1] * (100 if m.primary is None else 1)
         kib = (m.size_bytes or 0) / 1024
         axes[0].scatter(kib, acc, s=40)
         axes[0].annotate(label, (kib, acc), fontsize=8, xytext=(3, 3), textcoords="offset points")
@@ -217,7 +268,7 @@ def write_plot(report: Report, path: Path) -> None:
     axes[0].set_xlabel("checkpoint size on disk (KiB, log)")
     axes[1].set_xlabel("latency, batch 1 (ms)")
     for ax in axes:
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy (%)" if report.baseline.primary is None else report.baseline.primary)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report.recipe}: accuracy vs size and latency per stage")
     fig.tight_layout()

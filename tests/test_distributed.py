@@ -111,7 +111,9 @@ def test_two_gloo_processes_train_like_one(tmp_path):
         ds = state.data.train_dataset
         loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds, num_replicas=1, rank=0, seed=0))
         res = train(state.model, state, TrainOptions(epochs=3, lr=0.003), loader=loader)
-        one_acc = evaluate(EagerRunner(state.model, state.device), state.data.loader("test"), 10)["accuracy"]
+        one_acc = evaluate(
+            EagerRunner(state.model, state.device), state.data.loader("test"), state.data.get_task()
+        )["accuracy"]
         n_val, n_test = len(state.data.val_dataset), len(state.data.test_dataset)
         for a, b in zip(ddp_hist, res.history, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)

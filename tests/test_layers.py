@@ -4,7 +4,8 @@ Layers, top to bottom (a module may import its own layer and the layers below; p
 a layer may import each other, as long as no import cycle forms)::
 
     cli > engine > stages > {quantization, pruning, codebook, distillation, tuning, hpo, training}
-        > {state, events} > {runtime, checkpoint, sources, report} > {config, _utils, errors, _version}
+        > {state, events} > {runtime, checkpoint, sources, report, tasks}
+        > {config, _utils, errors, _version}
 
 The package root (``__init__``, ``__main__``) and ``testing`` sit above everything: they may import
 anything, and nothing may import them. Imports inside functions count; ``if TYPE_CHECKING:`` blocks
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 LAYERS: list[tuple[str, ...]] = [  # bottom first
     ("config", "_utils", "errors", "_version"),
-    ("runtime", "checkpoint", "sources", "report"),
+    ("runtime", "checkpoint", "sources", "report", "tasks"),
     ("state", "events"),
     ("quantization", "pruning", "codebook", "distillation", "tuning", "hpo", "training"),
     ("stages",),

@@ -35,7 +35,7 @@ def test_run_writes_everything_and_reload_reproduces_accuracy(write_recipe, tmp_
     # load() rebuilds the model and reproduces the reported accuracy exactly
     model = compress_cli.load(out / "model")
     data = digits_bundle(seed=0)
-    ev = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.num_classes)
+    ev = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.get_task())
     assert ev["accuracy"] == report["final"]["accuracy"]
     assert abs(ev["loss"] - report["final"]["loss"]) < 1e-6
     # per-stage snapshots exist

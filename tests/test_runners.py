@@ -23,12 +23,12 @@ def test_ort_runner_evaluates_and_times_like_eager():
     data = digits_bundle(limit_train=128)
     model = tiny_cnn(seed=0).eval()
     ort_runner = OrtRunner(OrtModule(fp32_onnx(model, data.input_shape)[0], threads=1), threads=1)
-    eager = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.num_classes)
-    via_ort = evaluate(ort_runner, data.loader("test"), data.num_classes)
+    eager = evaluate(EagerRunner(model, torch.device("cpu")), data.loader("test"), data.get_task())
+    via_ort = evaluate(ort_runner, data.loader("test"), data.get_task())
     assert via_ort["accuracy"] == eager["accuracy"] and via_ort["loss"] == pytest.approx(
         eager["loss"], rel=1e-4
     )
-    t = latency(ort_runner, data.input_shape, LatencyConfig(batch_sizes=[1, 16], warmup=1, iterations=3))
+    t = latency(ort_runner, data.example_input, LatencyConfig(batch_sizes=[1, 16], warmup=1, iterations=3))
     assert t["latency_ms"] > 0 and t["throughput"] > 0 and t["throughput_batch"] == 16
     d = ort_runner.describe()
     assert d["runtime"] == "onnxruntime" and d["device"] == "cpu" and d["provider"] == "CPUExecutionProvider"

@@ -110,7 +110,8 @@ def _summary(m: Metrics) -> str:
     from compress_cli.report import human_bytes
 
     latency = f", {m.latency_ms:.3f} ms" if m.latency_ms else ""
-    return f"top-1 {m.accuracy * 100:.2f}%, {human_bytes(m.size_bytes)}{latency} ({m.runtime})"
+    score = f"top-1 {(m.accuracy or 0) * 100:.2f}%" if m.primary is None else f"{m.primary} {m.score:.4f}"
+    return f"{score}, {human_bytes(m.size_bytes)}{latency} ({m.runtime})"
 
 
 def problems(e: CompressError, debug: bool) -> None:
@@ -130,10 +131,10 @@ def interrupted() -> None:
 
 def report_table(report: Report) -> Table:
     """The report's rows (baseline, then each stage) as a rich table."""
-    from compress_cli.report import HEADINGS, rows
+    from compress_cli.report import headings, rows
 
     t = Table(title=f"{report.recipe} ({report.device})")
-    for name in HEADINGS:
+    for name in headings(report):
         t.add_column(name, justify="left" if name in ("stage", "runtime") else "right")
     for r in rows(report):
         t.add_row(*r)

@@ -39,3 +39,5 @@ BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Epoch = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
 #: one dimension of a tensor shape
 Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+#: a position in a tuple (a batch's element, an output's index); negative counts from the end
+Position = Annotated[int, Field(ge=-1024, le=1024)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress_cli.config.bounds import (
     MAX_BATCH,
@@ -20,6 +20,7 @@ from compress_cli.config.bounds import (
     MAX_SECONDS,
     BatchSize,
     Dim,
+    Position,
 )
 from compress_cli.config.source_checks import check_source
 from compress_cli.config.stage import StageConfig
@@ -112,6 +113,66 @@ class DataConfig(_Strict):
         return check_source("data", v)
 
 
+#: the built-in task types (``compress tasks`` documents them; ``source:`` makes a custom one)
+TASK_TYPES = ("classification", "fidelity", "regression", "multilabel", "segmentation", "embedding")
+
+
+class TaskConfig(_Strict):
+    """``task:``: how a batch splits into model inputs and targets, which output is scored, and how
+    (loss, metrics, primary metric). ``task: fidelity`` is short for ``task: {type: fidelity}``."""
+
+    type: str = Field(
+        "classification",
+        description="classification | fidelity | regression | multilabel | segmentation | embedding "
+        "| custom (with source)",
+    )
+    source: str | None = Field(
+        None, description="custom: package.module:callable returning a task object (runs code: trust it)"
+    )
+    inputs: list[str | Position] | None = Field(
+        None,
+        max_length=64,
+        description="what goes to forward: dict-batch keys (as keywords) or tuple-batch positions "
+        "(positional); default: every key but the target / everything but the last element",
+    )
+    target: str | Position | None = Field(
+        None,
+        description="the target's dict key or tuple position (default: labels / label for dicts, "
+        "the last element of a tuple); null for unlabelled data",
+    )
+    output: str | Position | None = Field(
+        None,
+        description="the output the metrics see: a key or attribute (logits, last_hidden_state, "
+        "pooler_output), a tuple index, or a pooling: mean_pool (by the attention mask), cls "
+        "(default: the tensor itself, else logits, else last_hidden_state, else the first element)",
+    )
+    normalize: bool = Field(False, description="L2-normalise the selected output (embeddings)")
+    primary: str | None = Field(None, description="the metric guards and hpo use (default: the task's)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="task settings (e.g. threshold, ignore_index, score_key)"
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        if v not in (*TASK_TYPES, "custom"):
+            from compress_cli.errors import did_you_mean
+
+            raise ValueError(f"unknown task {v!r}{did_you_mean(v, (*TASK_TYPES, 'custom'))}")
+        return v
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, int)) else v
+
+    @model_validator(mode="after")
+    def _custom(self) -> TaskConfig:
+        if (self.type == "custom") != (self.source is not None):
+            raise ValueError("task.source (package.module:callable) goes with type: custom, and only with it")
+        return self
+
+
 class LatencyConfig(_Strict):
     """``measure.latency:``: batch sizes, warm-up and iterations of the latency measurement."""
 
@@ -139,6 +200,13 @@ class GuardConfig(_Strict):
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=100, description="points of top-1 against the baseline"
     )
+    max_metric_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1e12,
+        description="how much worse the task's primary metric may get than the baseline's, in its "
+        "own units, direction-aware (classification: fraction of top-1, e.g. 0.01 = 1 point)",
+    )
     max_latency_ms: float | None = Field(None, gt=0, le=MAX_SECONDS * 1000)
     max_size_bytes: int | None = Field(None, gt=0, le=1 << 50)
     min_speedup: float | None = Field(None, gt=0, le=1e6, description="baseline latency / current latency")
@@ -155,6 +223,7 @@ class Recipe(_Strict):
     deterministic: bool = Field(False, description="use deterministic algorithms (slower)")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     time_budget_s: float | None = Field(
@@ -163,6 +232,15 @@ class Recipe(_Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     output: str | None = Field(None, description="output directory (default runs/NAME)")
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):  # task: fidelity
+            return {"type": v}
+        if isinstance(v, dict) and "source" in v and "type" not in v:
+            return {**v, "type": "custom"}
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -170,6 +248,15 @@ class Recipe(_Strict):
         if not ok:
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _guard_fits_task(self) -> Recipe:
+        if self.guard.max_accuracy_drop is not None and self.task.type not in ("classification", "custom"):
+            raise ValueError(
+                f"guard.max_accuracy_drop: task {self.task.type} reports no top-1 accuracy; "
+                "use guard.max_metric_drop (the task's primary metric, in its own units)"
+            )
+        return self
 
     def output_dir(self) -> Path:
         """The output directory: ``output``, or ``runs/NAME``."""

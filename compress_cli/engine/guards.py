@@ -17,11 +17,21 @@ if TYPE_CHECKING:
 def violations(guard: GuardConfig, m: Metrics, base: Metrics) -> list[str]:
     """One line per limit of ``guard`` that ``m`` breaks, measured against the baseline ``base``."""
     out = []
-    drop = (base.accuracy - m.accuracy) * 100
-    if guard.max_accuracy_drop is not None and drop > guard.max_accuracy_drop:
-        out.append(
-            f"guard.max_accuracy_drop: accuracy fell {drop:.2f} points (limit {guard.max_accuracy_drop})"
-        )
+    if guard.max_accuracy_drop is not None:
+        if m.accuracy is None or base.accuracy is None:
+            out.append("guard.max_accuracy_drop: this task reports no accuracy; use guard.max_metric_drop")
+        elif (drop := (base.accuracy - m.accuracy) * 100) > guard.max_accuracy_drop:
+            out.append(
+                f"guard.max_accuracy_drop: accuracy fell {drop:.2f} points (limit {guard.max_accuracy_drop})"
+            )
+    if guard.max_metric_drop is not None:
+        name, _, higher = m.primary_score()
+        worse = m.drop_from(base)
+        if worse > guard.max_metric_drop:
+            how = "fell" if higher else "rose"
+            out.append(
+                f"guard.max_metric_drop: {name} {how} by {abs(worse):.4g} (limit {guard.max_metric_drop})"
+            )
     if guard.max_latency_ms is not None and (m.latency_ms or 0) > guard.max_latency_ms:
         out.append(f"guard.max_latency_ms: latency {m.latency_ms:.3f} ms (limit {guard.max_latency_ms})")
     if guard.max_size_bytes is not None and (m.size_bytes or 0) > guard.max_size_bytes:

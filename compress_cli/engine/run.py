@@ -205,7 +205,6 @@ class Run:
             state.data,
             state.device,
             cfg,
-            seed=state.seed,
             model_dir=model_dir,
             reference=reference,
             on_batch=self.listener.on_eval_step,

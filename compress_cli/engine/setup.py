@@ -123,9 +123,11 @@ def build_state(
     from compress_cli.sources.data import build_data
     from compress_cli.sources.models import load_model
     from compress_cli.state import RunContext, State
+    from compress_cli.tasks import Reference, build_task
 
     seed_everything(recipe.seed, recipe.deterministic)
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
+    data.task = task = build_task(recipe.task, data.num_classes if data.labelled else None)
     model, spec = load_model(recipe.model)
     data.check_model(model)
     model.to(device).eval()
@@ -161,6 +163,8 @@ def build_state(
         ctx=ctx,
         seed=recipe.seed,
     )
+    if task.needs_reference:
+        task.reference = Reference(state.original_model, device, task)
     if folder is not None:
         import weakref
 

@@ -246,9 +246,7 @@ class Search:
             model_dir = Path(d) / "model" if "size_bytes" in wanted else None
             if model_dir is not None:
                 save_snapshot(sub, model_dir)
-            m = measure_all(
-                sub.current_runner(), sub.model, sub.data, sub.device, cfg, seed=sub.seed, model_dir=model_dir
-            )
+            m = measure_all(sub.current_runner(), sub.model, sub.data, sub.device, cfg, model_dir=model_dir)
         values = [getattr(m, o) for o in self.cfg.objectives]
         return [math.nan if v is None else float(v) for v in values]
 

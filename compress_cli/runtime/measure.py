@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from compress_cli.config.recipe import LatencyConfig, MeasureConfig
     from compress_cli.runtime.runners import Runner
-    from compress_cli.state import DataBundle
+    from compress_cli.sources.data.bundle import DataBundle
+    from compress_cli.tasks.base import Task
 
 
 def measure_all(
@@ -32,7 +33,6 @@ def measure_all(
     device: torch.device,
     cfg: MeasureConfig,
     *,
-    seed: int,
     model_dir: Path | None = None,
     reference: Metrics | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -45,22 +45,28 @@ def measure_all(
     ``reference`` (the baseline) adds ``accuracy_drop``, ``size_ratio``, ``speedup`` and
     ``throughput_ratio``; ``on_batch(n)`` is called after each evaluated batch of ``n`` samples.
     """
+    from compress_cli._utils.batches import to_device
     from compress_cli.checkpoint import checkpoint_size
 
+    task = data.get_task()
     m: dict[str, Any] = {}
-    m.update(evaluate(runner, data.loader(cfg.split), data.num_classes, on_batch=on_batch))
+    scores = evaluate(runner, data.loader(cfg.split), task, on_batch=on_batch, split=cfg.split)
+    m.update(task.report_fields(scores))
     m.update(param_counts(model))
     if model_dir is not None:
         m["size_bytes"] = checkpoint_size(model_dir)
-    m["macs"] = count_macs(model, data.example_input(1).to(device)) if cfg.macs else None
+    m["macs"] = count_macs(model, to_device(data.example_input(1), device)) if cfg.macs else None
     if cfg.latency is not None:
-        m.update(latency(runner, data.input_shape, cfg.latency, seed))
+        m.update(latency(runner, data.example_input, cfg.latency))
     else:
         m.update({"latency_ms": None, "throughput": None})
     m.update(runner.describe())
     metrics = Metrics(**m)
     if reference is not None:
-        metrics.accuracy_drop = round((reference.accuracy - metrics.accuracy) * 100, 4)
+        if metrics.accuracy is not None and reference.accuracy is not None:
+            metrics.accuracy_drop = round((reference.accuracy - metrics.accuracy) * 100, 4)
+        if metrics.score is not None and reference.score is not None:
+            metrics.metric_drop = metrics.drop_from(reference)
         fp32, size = reference.fp32_bytes, metrics.size_bytes
         metrics.size_ratio = fp32 / size if fp32 is not None and size else None
         if metrics.latency_ms and reference.latency_ms:
@@ -73,39 +79,35 @@ def measure_all(
 def evaluate(
     runner: Runner | Any,
     loader: DataLoader,
-    num_classes: int,
+    task: Task,
     on_batch: Callable[[int], None] | None = None,
+    split: str | None = None,
 ) -> dict[str, float]:
-    """top-1 (and top-5 when more than 5 classes) accuracy as fractions, and mean CE loss;
-    ``on_batch(n)`` after each batch of ``n`` samples (progress)."""
+    """The task's metrics of ``runner`` over ``loader`` (with ``samples``); ``on_batch(n)`` after
+    each batch of ``n`` samples (progress). ``split`` names an unshuffled evaluation split, so the
+    original model's outputs (tasks that compare with it) are cached per batch."""
     import torch
-    import torch.nn.functional as F
+
+    from compress_cli._utils.batches import batch_size
 
     if hasattr(runner, "prepare"):
         runner.prepare()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    n = 0
+    ev = task.evaluator()
     with torch.inference_mode():
-        for x, y in loader:
-            out = runner(x).float().cpu()
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            pred = out.argmax(1)
-            correct1 += int((pred == y).sum())
-            if num_classes > 5:
-                top5 = out.topk(5, dim=1).indices
-                correct5 += int((top5 == y[:, None]).any(1).sum())
-            n += len(y)
+        for i, batch in enumerate(loader):
+            inputs, target = task.split(batch)
+            pred = task.select(runner(inputs), inputs).float().cpu()
+            ref = None
+            if task.needs_reference:
+                ref = task.reference_output(inputs, None if split is None else (split, i)).float().cpu()
+            ev.update(pred, target, ref)
             if on_batch is not None:
-                on_batch(len(y))
-    if n == 0:
+                on_batch(batch_size(inputs))
+    if ev.samples == 0:
         from compress_cli.errors import StageError
 
         raise StageError("evaluation split is empty")
-    res = {"accuracy": correct1 / n, "loss": loss_sum / n, "samples": n}
-    if num_classes > 5:
-        res["top5"] = correct5 / n
-    return res
+    return ev.compute()
 
 
 def param_counts(model: nn.Module) -> dict[str, Any]:
@@ -121,15 +123,18 @@ def param_counts(model: nn.Module) -> dict[str, Any]:
     return {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total if total else 0.0}
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
-    """Multiply-accumulates of one forward pass at batch 1 (FLOPs / 2 from torch's counter)."""
+def count_macs(model: nn.Module, example: Any) -> int | None:
+    """Multiply-accumulates of one forward pass at batch 1 (FLOPs / 2 from torch's counter);
+    ``example`` is the model's inputs (a tensor, tuple or dict)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from compress_cli._utils.batches import call
 
     try:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            model(example)
+            call(model, example)
         return int(counter.get_total_flops() // 2)
     except Exception:
         return None
@@ -158,7 +163,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Any, x: torch.Tensor, device: torch.device, warmup: int, iterations: int) -> list[float]:
+def time_calls(fn: Any, x: Any, device: torch.device, warmup: int, iterations: int) -> list[float]:
     """Wall time of each call in seconds, after warm-up, synchronising the device around each."""
     for _ in range(warmup):
         fn(x)
@@ -172,19 +177,21 @@ def time_calls(fn: Any, x: torch.Tensor, device: torch.device, warmup: int, iter
     return times
 
 
-def latency(
-    runner: Runner, input_shape: tuple[int, ...], cfg: LatencyConfig, seed: int = 0
-) -> dict[str, Any]:
-    """p50/p90 latency (ms) at the first batch size, throughput (samples/s) at the last."""
+def latency(runner: Runner, example: Callable[[int], Any], cfg: LatencyConfig) -> dict[str, Any]:
+    """p50/p90 latency (ms) at the first batch size, throughput (samples/s) at the last;
+    ``example(n)`` gives the model inputs of ``n`` real samples (what the model is timed on)."""
     import torch
 
+    from compress_cli._utils.batches import describe, to_device
+
     runner.prepare()
-    g = torch.Generator().manual_seed(seed)
     device = runner.input_device()
     out: dict[str, Any] = {}
     with cpu_threads(cfg.threads), torch.inference_mode():
         b0 = cfg.batch_sizes[0]
-        x = torch.randn(b0, *input_shape, generator=g).to(device)
+        x = to_device(example(b0), device)
+        if not isinstance(x, torch.Tensor):  # structured: say what was timed (e.g. the sequence length)
+            out["latency_input"] = describe(x)
         t = time_calls(runner, x, device, cfg.warmup, cfg.iterations)
         qs = statistics.quantiles(t, n=10) if len(t) >= 2 else [t[0]] * 9
         out["latency_ms"] = statistics.median(t) * 1e3
@@ -192,7 +199,7 @@ def latency(
         out["latency_batch"] = b0
         bl = cfg.batch_sizes[-1]
         if bl != b0:
-            x = torch.randn(bl, *input_shape, generator=g).to(device)
+            x = to_device(example(bl), device)
             t = time_calls(runner, x, device, max(1, cfg.warmup // 2), max(3, cfg.iterations // 2))
         out["throughput"] = bl / statistics.median(t)
         out["throughput_batch"] = bl

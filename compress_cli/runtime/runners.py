@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 class Runner:
-    """Callable on a CPU batch, returns logits (on CPU or the run device)."""
+    """Callable on a CPU batch of model inputs (a tensor, tuple or dict: see
+    :mod:`compress_cli._utils.batches`), returns what the model returns (on CPU or the run device)."""
 
     runtime = "torch-eager"
 
@@ -24,11 +25,13 @@ class Runner:
         """Get ready outside the timed region (eval mode; a session or a compilation where lazy)."""
         self.model.eval()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         import torch
 
+        from compress_cli._utils.batches import call, to_device
+
         with torch.inference_mode():
-            return self.model(x.to(self.device, non_blocking=True))
+            return call(self.model, to_device(x, self.device, non_blocking=True))
 
     def input_device(self) -> torch.device:
         """Where the batches it is called on should be."""
@@ -54,18 +57,21 @@ class FrozenCompiled:
         self.compiled = torch.compile(model, dynamic=False)
         self.seen: set[tuple[Any, ...]] = set()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         import torch
 
-        key = (x.shape, x.dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        from compress_cli._utils.batches import call, tensors
+
+        shapes = tuple((t.shape, t.dtype) for t in tensors(x))
+        key = (shapes, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         if key in self.seen:
-            return self.compiled(x)
+            return call(self.compiled, x)
         import torch._inductor.config as ic
 
         from compress_cli._utils.quiet import quiet
 
         with ic.patch(freezing=True), quiet():
-            out = self.compiled(x)
+            out = call(self.compiled, x)
         self.seen.add(key)
         return out
 
@@ -97,8 +103,10 @@ class CompiledRunner(Runner):
         self._frozen = frozen
         self._kw = compile_kw
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         import torch
+
+        from compress_cli._utils.batches import call, to_device
 
         if self._compiled is None:
             if self._frozen:
@@ -106,7 +114,7 @@ class CompiledRunner(Runner):
             else:
                 self._compiled = torch.compile(self.model, **self._kw)
         with torch.inference_mode():
-            return self._compiled(x.to(self.device, non_blocking=True))
+            return call(self._compiled, to_device(x, self.device, non_blocking=True))
 
     def describe(self) -> dict[str, Any]:
         how = (
@@ -142,8 +150,10 @@ class OrtRunner(Runner):
     def prepare(self) -> None:
         self.model.session  # noqa: B018 - create the session outside the timed region
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def __call__(self, x: Any) -> Any:
+        from compress_cli._utils.batches import call
+
+        return call(self.model, x)
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -171,5 +181,5 @@ def baseline_latency(state: Any, runner: Runner) -> dict[str, Any] | None:
     cfg = state.recipe.measure.latency
     if cfg is None:
         return None
-    out = latency(runner, state.data.input_shape, cfg, state.seed)
+    out = latency(runner, state.data.example_input, cfg)
     return {**out, **runner.describe(), "model": "original fp32"}

@@ -226,9 +226,10 @@ class Prune(Stage[PruneConfig]):
 
 
 def _val_accuracy(state: State, max_batches: int | None) -> Callable[[], float]:
-    """A callable giving ``state.model``'s top-1 validation accuracy (torch eager, on the run
-    device) over its first ``max_batches`` validation batches (all by default), held in memory so
-    every measurement of a sensitivity scan sees the same batches."""
+    """A callable giving ``state.model``'s validation score (torch eager, on the run device) over its
+    first ``max_batches`` validation batches (all by default), held in memory so every measurement
+    of a sensitivity scan sees the same batches: the task's primary metric, negated when lower is
+    better (top-1 accuracy for classification), so higher is always better."""
     from compress_cli.runtime.measure import evaluate
     from compress_cli.runtime.runners import EagerRunner
 
@@ -236,8 +237,10 @@ def _val_accuracy(state: State, max_batches: int | None) -> Callable[[], float]:
     for i, b in enumerate(state.data.loader("val", shuffle=False)):
         if max_batches is not None and i >= max_batches:
             break
-        batches.append((b[0], b[1]))
+        batches.append(b)
     runner = EagerRunner(state.model, state.device)
-    n_cls = state.data.num_classes
-    # evaluate takes any iterable of batches, not only a DataLoader
-    return lambda: evaluate(runner, batches, n_cls)["accuracy"]  # type: ignore[arg-type]
+    task = state.data.get_task()
+    sign = 1.0 if task.higher_is_better else -1.0
+    # evaluate takes any iterable of batches, not only a DataLoader; "sensitivity" keys the cached
+    # original outputs (tasks that compare with the original model)
+    return lambda: sign * evaluate(runner, batches, task, split="sensitivity")[task.primary]  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compress_cli.state import State
+    from compress_cli.tasks.base import Task
 
 
 def _amp_context(device: torch.device, enabled: bool) -> tuple[Any, Any]:
@@ -256,7 +257,7 @@ def train(
             "lr": opt.param_groups[0]["lr"],
         }
         if val_loader is not None:
-            ev = _evaluate(model, device, val_loader, state.data.num_classes, ddp)
+            ev = _evaluate(model, device, val_loader, state.data.get_task(), ddp)
             metrics["val_accuracy"] = ev["accuracy"]
             metrics["val_loss"] = ev["loss"]
         result.history.append(metrics)
@@ -322,23 +323,20 @@ def _val_loader(state: State, ddp: bool) -> Any:
     )
 
 
-def _evaluate(
-    model: nn.Module, device: torch.device, loader: Any, num_classes: int, ddp: bool
-) -> dict[str, float]:
-    """Validation accuracy and loss; under DDP the shard counts are summed over ranks (exact)."""
+def _evaluate(model: nn.Module, device: torch.device, loader: Any, task: Task, ddp: bool) -> dict[str, float]:
+    """The task's validation metrics; under DDP each is averaged over ranks weighted by their
+    samples (exact for per-sample means such as accuracy, loss and cosine)."""
     from compress_cli.runtime import distributed as dist_
     from compress_cli.runtime.measure import evaluate
 
     if not ddp:
-        return evaluate(_TrainRunner(model, device), loader, num_classes)
+        return evaluate(_TrainRunner(model, device), loader, task)
     n_local = len(loader.dataset)
-    if n_local:
-        ev = evaluate(_TrainRunner(model, device), loader, num_classes)
-        local = [ev["accuracy"] * n_local, ev["loss"] * n_local, float(n_local)]
-    else:
-        local = [0.0, 0.0, 0.0]
-    correct, loss_sum, n = dist_.all_reduce_sum(local)
-    return {"accuracy": correct / max(1.0, n), "loss": loss_sum / max(1.0, n)}
+    keys = list(task.metrics) or [task.primary]
+    ev = evaluate(_TrainRunner(model, device), loader, task) if n_local else {}
+    local = [float(ev.get(k, 0.0)) * n_local for k in keys] + [float(n_local)]
+    *sums, n = dist_.all_reduce_sum(local)
+    return {k: v / max(1.0, n) for k, v in zip(keys, sums, strict=False) if k in ev or not n_local}
 
 
 class _TrainRunner:
@@ -350,8 +348,10 @@ class _TrainRunner:
     def prepare(self) -> None:
         self.model.eval()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         import torch
 
+        from compress_cli._utils.batches import call, to_device
+
         with torch.inference_mode():
-            return self.model(x.to(self.device))
+            return call(self.model, to_device(x, self.device))

@@ -76,7 +76,7 @@ def accuracy(model, state) -> float:
     from compress_cli.runtime.measure import evaluate
     from compress_cli.runtime.runners import EagerRunner
 
-    return evaluate(EagerRunner(model, state.device), state.data.loader("test"), state.data.num_classes)[
+    return evaluate(EagerRunner(model, state.device), state.data.loader("test"), state.data.get_task())[
         "accuracy"
     ]
 

@@ -162,7 +162,9 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
     from compress_cli.runtime.measure import evaluate
     from compress_cli.runtime.runners import EagerRunner
 
-    acc = evaluate(EagerRunner(state.model, state.device), state.data.loader("val"), 10)["accuracy"]
+    acc = evaluate(EagerRunner(state.model, state.device), state.data.loader("val"), state.data.get_task())[
+        "accuracy"
+    ]
     assert acc == pytest.approx(d["best"]["values"][0])
     assert max(t["values"][0] for t in d["trials"] if t["state"] == "complete") == d["best"]["values"][0]
     assert (
@@ -178,7 +180,9 @@ def test_search_prunes_keeps_best_and_resumes(tmp_path):
     assert d2["trials_before_this_run"] == 6 and d2["ran_here"] == 2 and len(d2["trials"]) == 8
     if d2["best"]["number"] < 6:  # found in the first run: re-run here, same seed, same model
         assert d2["best"]["re_run_here"] and "re-run here" in res2.notes
-        acc2 = evaluate(EagerRunner(state2.model, state2.device), state2.data.loader("val"), 10)["accuracy"]
+        acc2 = evaluate(
+            EagerRunner(state2.model, state2.device), state2.data.loader("val"), state2.data.get_task()
+        )["accuracy"]
         assert acc2 == pytest.approx(d2["best"]["values"][0])
     # a study that already has n_trials runs nothing more
     res3 = hpo(**{**cfg, "n_trials": 8}).run(make_state(tmp_path))

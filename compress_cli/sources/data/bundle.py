@@ -7,18 +7,26 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
     from compress_cli.config.recipe import DataConfig
+    from compress_cli.tasks.base import Task
+
+
+#: samples of the evaluation split kept as the example batch (larger batches repeat them)
+EXAMPLE_BATCH = 64
 
 
 @dataclass
 class DataBundle:
     """Loaders over the train / validation / test splits plus a few calibration batches.
 
-    ``train_dataset`` is kept so stages can ask for a loader with another batch size.
+    ``train_dataset`` is kept so stages can ask for a loader with another batch size. ``task``
+    (attached by the engine; classification by default) splits batches into model inputs and
+    targets: batches may be tensors, tuples or dicts (see :mod:`compress_cli._utils.batches`).
+    ``input_shape`` is one sample's shape for single-tensor inputs (``()`` when inputs are
+    structured: ``example_input`` gives a real batch of the real structure).
     """
 
     train_dataset: Dataset
@@ -32,7 +40,9 @@ class DataBundle:
     seed: int = 0
     num_workers: int = 0
     labelled: bool = True
-    _calib: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    task: Task | None = field(default=None, repr=False)
+    _calib: list[tuple[Any, Any]] | None = field(default=None, repr=False)
+    _example: Any = field(default=None, repr=False)
 
     @classmethod
     def from_config(
@@ -86,46 +96,72 @@ class DataBundle:
             drop_last=False,
         )
 
-    def calibration(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``calibration_batches`` training batches (fixed order, cached)."""
+    def get_task(self) -> Task:
+        """The task that splits this data's batches (classification when none was attached)."""
+        if self.task is None:
+            from compress_cli.config.recipe import TaskConfig
+            from compress_cli.tasks import build_task
+
+            self.task = build_task(TaskConfig(), self.num_classes if self.labelled else None)
+        return self.task
+
+    def calibration(self) -> list[tuple[Any, Any]]:
+        """``(inputs, target)`` of the first ``calibration_batches`` training batches (fixed order,
+        cached); target is None for unlabelled data."""
         if self._calib is None:
+            task = self.get_task()
             out = []
             for i, batch in enumerate(self.loader("train", shuffle=False)):
                 if i >= self.calibration_batches:
                     break
-                out.append((batch[0], batch[1]))
+                out.append(task.split(batch))
             self._calib = out
         return self._calib
 
+    def calibration_inputs(self) -> list[Any]:
+        """The model inputs of the calibration batches."""
+        return [inputs for inputs, _ in self.calibration()]
+
     def check_model(self, model: nn.Module) -> None:
-        """One forward pass of ``model`` on a sample of this data's shape: raise SourceError unless it
-        gives ``(batch, classes)`` logits with as many classes as the data has (when labelled)."""
+        """One forward pass of ``model`` on a real sample batch: raise SourceError unless the task
+        can score its output (e.g. ``(batch, classes)`` logits with as many classes as the data)."""
         import torch
 
+        from compress_cli._utils.batches import describe, sample_shape
         from compress_cli.errors import SourceError
 
-        x = self.example_input(2)
+        task = self.get_task()
+        inputs, target = task.split(self.first_batch(2))
         try:
             with torch.no_grad():
                 model.eval()
-                y = model(x)
+                out = task.forward(model, inputs)
+        except SourceError:
+            raise
         except Exception as e:
+            what = (
+                f"input shape {sample_shape(inputs)}"
+                if isinstance(inputs, torch.Tensor)
+                else f"inputs ({describe(inputs)})"
+            )
             raise SourceError(
-                f"model does not accept the data's input shape {list(self.input_shape)} "
-                f"({type(e).__name__}: {str(e).splitlines()[0]}); check model.input_shape / the data source"
+                f"model does not accept the data's {what} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check model.input_shape, "
+                "the data source, and task.inputs / task.output"
             ) from None
-        if not isinstance(y, torch.Tensor) or y.dim() != 2:
-            raise SourceError(
-                f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
-            )
-        if self.labelled and y.shape[1] != self.num_classes:
-            raise SourceError(
-                f"model outputs {y.shape[1]} classes but the data has {self.num_classes} "
-                "(set model.kwargs.num_classes)"
-            )
+        task.check_output(out, target)
 
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        """A random batch of ``batch`` inputs of the data's sample shape (tracing, MACs, latency)."""
-        import torch
+    def first_batch(self, batch: int) -> Any:
+        """The first ``batch`` samples of the evaluation split (repeated if it holds fewer), as the
+        loader yields them (real data of the real structure; cached)."""
+        from compress_cli._utils.batches import take
 
-        return torch.randn(batch, *self.input_shape)
+        if self._example is None:
+            loader = self.loader("test", batch_size=EXAMPLE_BATCH, shuffle=False)
+            self._example = next(iter(loader))
+        return take(self._example, batch)
+
+    def example_input(self, batch: int = 1) -> Any:
+        """Model inputs of ``batch`` real samples (tracing, MACs, latency, export, exactness checks):
+        a tensor, or the tuple/dict the model's forward takes."""
+        return self.get_task().inputs(self.first_batch(batch))
