@@ -238,3 +238,28 @@ def test_stage_details_carry_the_exactness(tmp_path):
     ex = out.details["exactness"]
     assert ex["max_abs_diff"] <= ex["tolerance"] and ex["samples"] == 4
     assert "exact (max |diff|" in out.notes
+
+
+@pytest.mark.slow
+def test_timm_vit_stage_run_saves_and_reloads(tmp_path):
+    """The stage path on a timm ViT: heads removed, exact, saved and reloaded equal (about 20 s)."""
+    pytest.importorskip("timm")
+    import compress_cli
+
+    kwargs = {"model_name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32}
+    d = tiny_recipe_dict(
+        tmp_path,
+        model={"source": "timm:create_model", "kwargs": {**kwargs, "patch_size": 8, "depth": 2}},
+        data={"source": "synthetic", "input_shape": [3, 32, 32], "num_classes": 10, "limit_test": 64},
+        measure={"latency": None, "macs": False},
+        stages=[{"type": "prune_channels", "ratio": 0.25, "head_ratio": 0.25}],
+    )
+    d["model"]["kwargs"]["num_classes"] = 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = run_recipe(validate(parse_yaml(yaml.safe_dump(d))))
+    st = report["stages"][0]
+    assert st["details"]["heads"] == {"blocks.0.attn.qkv": [3, 2], "blocks.1.attn.qkv": [3, 2]}
+    assert st["details"]["exactness"]["max_abs_diff"] <= st["details"]["exactness"]["tolerance"]
+    model = compress_cli.load(tmp_path / "out" / "model", trust_source=True)
+    assert model.blocks[0].attn.num_heads == 2
