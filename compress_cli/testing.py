@@ -73,8 +73,8 @@ def permute_flatten_cnn(seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         model = PermuteFlattenCNN()
         for bn in (model.bn1, model.bn2):  # non-trivial statistics and affine terms
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean = torch.empty(bn.num_features).uniform_(-0.5, 0.5)
+            bn.running_var = torch.empty(bn.num_features).uniform_(0.5, 2.0)
             nn.init.uniform_(bn.weight, 0.5, 1.5)
             nn.init.uniform_(bn.bias, -0.2, 0.2)
     return model
