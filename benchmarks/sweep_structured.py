@@ -95,7 +95,7 @@ def one(name: str) -> dict:
                 )
             else:
                 calib = [(x, torch.tensor([0, 1]))]
-                cands, chosen = drop_layers(model, x[:1], calib, criterion="similarity", count=1)
+                cands, chosen, _ = drop_layers(model, x[:1], calib, criterion="similarity", count=1)
                 info = f"{len(cands)} candidates; removed {chosen[0].name} ({chosen[0].replacement})"
             check_rebuild(spec, model.eval(), x)
             out[step] = {"ok": True, "info": info, "s": round(time.perf_counter() - ts, 1)}

@@ -46,6 +46,40 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
     return seeded_zoo("digits_resnet", seed)
 
 
+def permute_flatten_cnn(seed: int = 0) -> nn.Module:
+    """A 1x8x8 -> 10 CNN whose forward ends in ``x.permute(0, 2, 1, 3).reshape(n, -1)`` before its
+    classifier (a pitch tracker's layout): channel removal that assumes a channel-first flatten
+    picks the wrong classifier columns. Seeded; about 12k parameters."""
+    import torch
+    from torch import nn
+
+    class PermuteFlattenCNN(nn.Module):
+        """conv-BN-ReLU x2, then the classifier over the (H, C, W)-ordered flattened features."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16 * 8 * 8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.relu(self.bn2(self.conv2(x)))
+            return self.fc(x.permute(0, 2, 1, 3).reshape(x.shape[0], -1))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PermuteFlattenCNN()
+        for bn in (model.bn1, model.bn2):  # non-trivial statistics and affine terms
+            bn.running_mean = torch.empty(bn.num_features).uniform_(-0.5, 0.5)
+            bn.running_var = torch.empty(bn.num_features).uniform_(0.5, 2.0)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+    return model
+
+
 def digits_bundle(
     seed: int = 0, batch_size: int = 64, limit_train: int | None = None, **data: Any
 ) -> DataBundle:

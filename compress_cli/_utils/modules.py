@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -65,9 +65,7 @@ def device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def executed_order(
-    model: nn.Module, example: torch.Tensor, kinds: tuple[type, ...] | None = None
-) -> list[str]:
+def executed_order(model: nn.Module, example: Any, kinds: tuple[type, ...] | None = None) -> list[str]:
     """Names of the ``kinds`` modules (default: convolutions and linears) in the order one forward
     pass over ``example`` calls them, in eval mode without gradients; the mode is restored."""
     import torch
@@ -86,7 +84,12 @@ def executed_order(
         was = model.training
         model.eval()
         with torch.no_grad():
-            model(example)
+            if isinstance(example, dict):  # keyword arguments (Hugging Face), as torch-pruning takes them
+                model(**example)
+            elif isinstance(example, (tuple, list)):
+                model(*example)
+            else:
+                model(example)
         model.train(was)
     finally:
         for h in hooks:
@@ -94,7 +97,7 @@ def executed_order(
     return order
 
 
-def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+def output_layers(model: nn.Module, example: Any) -> list[str]:
     """The layer producing the model's outputs (the last conv/linear a forward pass runs), as a list
     of at most one name."""
     return executed_order(model, example)[-1:]

@@ -6,16 +6,20 @@ thin adapters over it):
   into plain weights before a model is rebuilt, converted or traced;
 - :mod:`~compress_cli.pruning.sensitivity`: per-layer sensitivity scan and sparsity allocation;
 - :mod:`~compress_cli.pruning.channels`: channel/neuron removal with torch-pruning;
-- :mod:`~compress_cli.pruning.layers`: removal of whole residual blocks and layers.
+- :mod:`~compress_cli.pruning.layers`: removal of whole residual blocks and layers;
+- :mod:`~compress_cli.pruning.exactness`: the proof every structural removal passes before it is
+  kept (the edited model against a zeroed or bypassed reference, first diverging layer named).
 """
 
 from compress_cli.pruning.channels import (
     IMPORTANCES,
     ChannelPruneResult,
+    attention_heads,
     high_rank_reshapes,
     layer_widths,
     prune_channels,
 )
+from compress_cli.pruning.exactness import ABS_TOL, CHECK_SAMPLES, REL_TOL, Exactness
 from compress_cli.pruning.layers import Candidate, choose, drop_layers, find_candidates, score_candidates
 from compress_cli.pruning.sensitivity import SensitivityScan, allocate, scan_sensitivity
 from compress_cli.pruning.unstructured import (
@@ -39,6 +43,11 @@ from compress_cli.pruning.unstructured import (
 )
 
 __all__ = [
+    "ABS_TOL",
+    "CHECK_SAMPLES",
+    "REL_TOL",
+    "Exactness",
+    "attention_heads",
     "IMPORTANCES",
     "PRUNABLE",
     "Candidate",

@@ -1,9 +1,14 @@
 """Channel pruning: remove output channels of convolutions and neurons of linear layers with
 torch-pruning's dependency graph, so every dependent layer (batch norms, the next layers' inputs,
-residual partners, concatenations, grouped convs) follows and the model really gets smaller.
+residual partners, concatenations, grouped convs, layer norms of a residual stream) follows and the
+model really gets smaller; whole attention heads of ``nn.MultiheadAttention``-free transformer
+blocks (timm ViT/DeiT ``Attention``, Hugging Face BERT-style self-attention, :func:`attention_heads`).
 
-Holds the channel importance criteria, the sync of channel counts that non-standard modules store
-as plain attributes, and the up-front check for models the dependency graph cannot follow
+Every removal is proven exact before it is kept (:mod:`~compress_cli.pruning.exactness`): the
+pruned model must compute what the model before it computes with the removed channels zeroed, or
+the removal is refused, located, and the model left as it was. Holds the channel importance
+criteria, the sync of channel counts and head counts that modules store as plain attributes, and
+the up-front check for reshapes the dependency graph cannot follow at all
 (:func:`high_rank_reshapes`). Channel removal changes constructor arguments of standard layers
 (``Conv2d(64, 32)`` ...): the checkpoint's architecture diff records them, so a pruned model
 reloads without pickles or per-stage code.
@@ -21,7 +26,17 @@ from torch import nn
 
 from compress_cli._utils.modules import device_of, matches_any, output_layers
 from compress_cli.errors import StageError
-from compress_cli.pruning.common import Batches, check_forward
+from compress_cli.pruning.common import Batches, check_forward, output_shapes
+from compress_cli.pruning.exactness import (
+    Exactness,
+    Removal,
+    call,
+    compare,
+    plan_of,
+    restore,
+    to_device,
+    zeroed_reference,
+)
 from compress_cli.pruning.unstructured import make_permanent
 
 IMPORTANCES = ("l1", "l2", "activation", "taylor", "bn_scale")
@@ -41,16 +56,19 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     }
 
 
-def high_rank_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
+def high_rank_reshapes(model: nn.Module, example: Any) -> list[str]:
     """Reshapes in one forward pass that turn a tensor of at most 4 dimensions into one of 5 or
     more (ShuffleNet's channel shuffle, Swin's and MaxViT's window partitions), as
     ``"module: view [..] -> [..]"``. torch-pruning's dependency graph maps channels through
     flatten/unflatten between 2-D and 4-D only: on these it raises (ZeroDivisionError, TypeError)
     or grows its index mappings until memory runs out, so ``prune_channels`` refuses such a model
-    up front. One entry per module."""
+    up front. One entry per module. The head split inside an attention module that
+    :func:`attention_heads` recognises (timm's ``qkv`` reshape) is not one: torch-pruning is told
+    the head counts and removes whole heads."""
     from torch.overrides import TorchFunctionMode
 
     names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
+    attention = set(attention_modules(model))
     stack: list[str] = []
     found: dict[str, str] = {}
     reshapes = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten}
@@ -62,7 +80,7 @@ def high_rank_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
             grows = (
                 isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() <= 4 < out.dim()
             )
-            if grows and func in reshapes:
+            if grows and func in reshapes and not (stack and stack[-1] in attention):
                 where = stack[-1] if stack else type(model).__name__
                 found.setdefault(where, f"{where}: view {list(src.shape)} -> {list(out.shape)}")
             return out
@@ -79,7 +97,7 @@ def high_rank_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
     try:
         model.eval()
         with torch.no_grad(), Watch():
-            model(example)
+            call(model, example)
     finally:
         pre.remove()
         post.remove()
@@ -203,6 +221,9 @@ _NOT_WIDTHS = {
     "kernel_size",
     "num_classes",
     "num_heads",
+    "num_attention_heads",
+    "head_dim",
+    "attention_head_size",
     "num_layers",
     "num_groups",
     "patch_size",
@@ -251,12 +272,74 @@ def sync_width_attributes(model: nn.Module, before: dict[nn.Module, list[int]]) 
     return changed
 
 
+# --------------------------------------------------------------------------- attention heads
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """The head count torch-pruning needs per attention projection: ``nn.MultiheadAttention``
+    itself, the fused ``qkv`` Linear of timm ViT/DeiT-style attention (a module with ``qkv`` and
+    ``num_heads``), and the ``query``/``key``/``value`` Linears of Hugging Face BERT-style
+    self-attention (a module with those and ``num_attention_heads``)."""
+    heads: dict[nn.Module, int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            heads[m] = int(m.num_heads)
+        elif (
+            isinstance(qkv := getattr(m, "qkv", None), nn.Linear)
+            and type(n := getattr(m, "num_heads", None)) is int
+        ):
+            heads[qkv] = n
+        elif type(n := getattr(m, "num_attention_heads", None)) is int and all(
+            isinstance(getattr(m, k, None), nn.Linear) for k in ("query", "key", "value")
+        ):
+            for k in ("query", "key", "value"):
+                heads[getattr(m, k)] = n
+    return heads
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules :func:`attention_heads` recognises."""
+    projections = set(attention_heads(model))
+    return [
+        n
+        for n, m in model.named_modules()
+        if m in projections
+        or any(c in projections for c in m.children())
+        and not isinstance(m, nn.Sequential)
+    ]
+
+
+def update_attention(model: nn.Module, heads: dict[nn.Module, int]) -> list[str]:
+    """Store the head counts torch-pruning left in ``heads`` on the attention modules (``num_heads``,
+    timm's ``attn_dim``, BERT's ``num_attention_heads`` and ``all_head_size``); whole heads were
+    removed, so the head size stays. Returns the ``module.attribute`` names changed."""
+    changed: list[str] = []
+
+    def put(name: str, mod: nn.Module, attr: str, value: int) -> None:
+        if getattr(mod, attr, None) != value:
+            setattr(mod, attr, value)
+            changed.append(f"{name}.{attr}" if name else attr)
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and m in heads:
+            put(name, m, "num_heads", heads[m])
+            put(name, m, "head_dim", m.embed_dim // max(1, heads[m]))
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv in heads and hasattr(m, "num_heads"):
+            put(name, m, "num_heads", heads[m.qkv])
+            if type(getattr(m, "attn_dim", None)) is int and type(getattr(m, "head_dim", None)) is int:
+                put(name, m, "attn_dim", heads[m.qkv] * m.head_dim)
+        elif getattr(m, "query", None) in heads and hasattr(m, "num_attention_heads"):
+            put(name, m, "num_attention_heads", heads[m.query])
+            if hasattr(m, "all_head_size"):
+                put(name, m, "all_head_size", int(m.query.out_features))
+    return changed
+
+
 # --------------------------------------------------------------------------- channel pruning
 @dataclass
 class ChannelPruneResult:
     """What :func:`prune_channels` did: conv/linear widths before and after, the layers whose width
-    was kept, the pruning masks it made permanent first, per-step channel counts, and the stored
-    channel-count attributes it updated."""
+    was kept, the pruning masks it made permanent first, per-step channel counts, the stored
+    channel-count attributes it updated, the attention heads before and after, and the exactness
+    check of every step (the worst one in ``exactness``)."""
 
     widths_before: dict[str, int]
     widths_after: dict[str, int]
@@ -264,6 +347,8 @@ class ChannelPruneResult:
     folded_masks: list[str]
     steps: list[dict[str, Any]] = field(default_factory=list)
     synced: list[str] = field(default_factory=list)  # stored channel counts updated
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module: [before, after]
+    exactness: Exactness | None = None
 
     def width_table(self) -> dict[str, list[int]]:
         """``{layer: [width before, width after]}`` for every conv/linear layer (for the report)."""
@@ -275,9 +360,14 @@ class ChannelPruneResult:
         return sum(b - self.widths_after.get(n, 0) for n, b in self.widths_before.items())
 
 
+def _head_table(model: nn.Module, heads: dict[nn.Module, int]) -> dict[str, int]:
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m]: n for m, n in heads.items() if m in names}
+
+
 def prune_channels(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Any,
     *,
     importance: str = "l1",
     ratio: float = 0.5,
@@ -287,7 +377,9 @@ def prune_channels(
     round_to: int | None = None,
     ignore: Sequence[str] = (),
     steps: int = 1,
+    head_ratio: float = 0.0,
     calibration: Batches = (),
+    check_inputs: Any = None,
     between_steps: Callable[[int], None] | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> ChannelPruneResult:
@@ -298,21 +390,74 @@ def prune_channels(
     ``layer_ratios`` maps module-name globs to their own ratio. The output layer and ``ignore``
     globs keep their output width. ``steps`` > 1 prunes gradually (linear schedule), calling
     ``between_steps(step)`` after each step but the last (fine-tuning) and re-scoring each time.
+    Attention layers (:func:`attention_heads`) lose ``head_ratio`` of their heads, whole heads (a
+    head's own dims are never cut: that would change the attention's scaling); 0 keeps them all.
+
+    Every step is proven exact before it is kept: the pruned model's output on ``check_inputs``
+    (default ``example``; a tensor, tuple or dict of keyword arguments) must equal that of the model
+    before the step with the removed channels zeroed (:func:`~compress_cli.pruning.exactness.
+    zeroed_reference`). Otherwise StageError names the first diverging layer and the model is left
+    as it was before the call.
     """
+    from compress_cli.checkpoint import copy_model
+
+    backup = copy_model(model)  # deepcopy, which masked (torch.nn.utils.prune) weights break
+    try:
+        return _prune_in_place(
+            model,
+            example,
+            importance=importance,
+            ratio=ratio,
+            scope=scope,
+            layer_ratios=layer_ratios or {},
+            max_ratio=max_ratio,
+            round_to=round_to,
+            ignore=ignore,
+            steps=steps,
+            head_ratio=head_ratio,
+            calibration=calibration,
+            check_inputs=check_inputs,
+            between_steps=between_steps,
+            on_step=on_step,
+        )
+    except BaseException:
+        restore(model, backup)  # a refused or failed removal leaves the model as it was
+        raise
+
+
+def _prune_in_place(
+    model: nn.Module,
+    example: Any,
+    *,
+    importance: str,
+    ratio: float,
+    scope: str,
+    layer_ratios: dict[str, float],
+    max_ratio: float,
+    round_to: int | None,
+    ignore: Sequence[str],
+    steps: int,
+    head_ratio: float,
+    calibration: Batches,
+    check_inputs: Any,
+    between_steps: Callable[[int], None] | None,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+) -> ChannelPruneResult:
+    """:func:`prune_channels` without the restore on failure."""
     import torch_pruning as tp
 
     folded = make_permanent(model)
     model.eval()
     dev = device_of(model)
-    example = example.to(dev)
-    with torch.no_grad():
-        out_shape = model(example).shape
+    example = to_device(example, dev)
+    check = example if check_inputs is None else to_device(check_inputs, dev)
+    out_shape = output_shapes(model, example)
     layers = dict(prunable_layers(model))
     keep = set(output_layers(model, example))
     ignored = sorted(keep | {n for n in layers if matches_any(n, ignore)})
     ignored_mods = [layers[n] for n in ignored]
     ratio_dict: dict[Any, float] = {}
-    for glob, r in (layer_ratios or {}).items():
+    for glob, r in layer_ratios.items():
         mods = tuple(m for n, m in layers.items() if fnmatch.fnmatchcase(n, glob) and n not in ignored)
         if not mods:
             raise StageError(f"layer_ratios: {glob!r} matches no prunable conv/linear layer")
@@ -323,8 +468,8 @@ def prune_channels(
     imp = make_importance(importance)
     before = layer_widths(model)
     dims_before = snapshot_widths(model)
-    # attention: remove the same dims from every head, so embed_dim stays a multiple of num_heads
-    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    heads = attention_heads(model)
+    heads_before = _head_table(model, heads)
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -338,9 +483,10 @@ def prune_channels(
             ignored_layers=ignored_mods,
             round_to=round_to,
             num_heads=heads,
+            prune_num_heads=head_ratio > 0,
+            prune_head_dims=False,
+            head_pruning_ratio=head_ratio,
         )
-    except StageError:
-        raise
     except Exception as e:
         raise StageError(
             f"torch-pruning could not trace the model: {_first_line(e)}; use prune (unstructured) or "
@@ -348,32 +494,97 @@ def prune_channels(
         ) from None
     result = ChannelPruneResult(before, before, ignored, folded)
     for step in range(steps):
-        if importance == "activation":
-            imp.collect(model, calibration)
-        elif importance == "taylor":
-            accumulate_gradients(model, calibration)
-        try:
-            pruner.step()
-        except Exception as e:
-            raise StageError(f"channel removal failed at step {step + 1}: {_first_line(e)}") from None
-        finally:
-            if importance == "taylor":
-                model.zero_grad(set_to_none=True)
-        result.synced += sync_width_attributes(model, dims_before)
+        res, synced = _one_step(model, pruner, importance, imp, calibration, step, check, dims_before)
+        worst = result.exactness
+        if worst is None or res.max_abs_diff / res.tolerance > worst.max_abs_diff / worst.tolerance:
+            result.exactness = res
+        result.synced += synced
         dims_before = snapshot_widths(model)
         check_forward(model, example, out_shape, f"after pruning step {step + 1}")
         widths = layer_widths(model)
-        info = {"step": step + 1, "channels": sum(widths.values())}
+        info = {"step": step + 1, "channels": sum(widths.values()), "exactness": res.as_dict()}
         result.steps.append(info)
         if on_step is not None:
             on_step(step + 1, info)
         if between_steps is not None and step + 1 < steps:
             between_steps(step + 1)
     result.widths_after = layer_widths(model)
+    heads_after = _head_table(model, pruner.num_heads)
+    result.heads = {n: [h, heads_after.get(n, h)] for n, h in heads_before.items()}
     if result.channels_removed == 0:
         hint = " (no group has a batch norm to score)" if importance == "bn_scale" else ""
         raise StageError(f"no channel could be removed{hint}; check ratio, ignore and layer_ratios")
     return result
+
+
+def _one_step(
+    model: nn.Module,
+    pruner: Any,
+    importance: str,
+    imp: Any,
+    calibration: Batches,
+    step: int,
+    check: Any,
+    dims_before: dict[nn.Module, list[int]],
+) -> tuple[Exactness, list[str]]:
+    """Score, choose and remove one step's channels, then prove the removal exact against the
+    model before the step with the chosen channels zeroed (:func:`zeroed_reference`). Returns the
+    check and the stored widths and head counts updated."""
+    import copy
+
+    if importance == "activation":
+        imp.collect(model, calibration)
+    elif importance == "taylor":
+        accumulate_gradients(model, calibration)
+    reference = copy.deepcopy(model)
+    try:
+        groups = list(pruner.step(interactive=True))
+        plan = plan_of(model, groups, pruner.DG)
+        for group in groups:
+            group.prune()
+    except Exception as e:
+        raise StageError(f"channel removal failed at step {step + 1}: {_first_line(e)}") from None
+    finally:
+        if importance == "taylor":
+            model.zero_grad(set_to_none=True)
+    # stored widths and head counts first: the model reads them in forward (reshapes)
+    synced = sync_width_attributes(model, dims_before) + update_attention(model, pruner.num_heads)
+    try:
+        with zeroed_reference(reference, plan) as zeroed:
+            res = compare(zeroed, model, check)
+    except Exception as e:
+        raise StageError(
+            f"channel removal at step {step + 1} could not be checked: the pruned model no longer runs "
+            f"({_first_line(e)})"
+        ) from None
+    if not res.exact:
+        roots = _roots_feeding(plan, res.first_divergence or "")
+        fix = (
+            f"keep the width of {', '.join(repr(r) for r in roots)} with ignore: [{', '.join(roots)}]"
+            if roots
+            else "keep the width of the layers feeding it with ignore"
+        )
+        raise StageError(
+            f"channel removal is not exact at step {step + 1}: the pruned model differs from the model "
+            f"with the removed channels zeroed by {res.max_abs_diff:.3g} (tolerance {res.tolerance:.3g}, "
+            f"{res.samples} samples), first at layer '{res.first_divergence}'. torch-pruning's dependency "
+            "graph did not follow the channels to it (a reshape or flatten after a permute, a custom op); "
+            f"the model was left unchanged. {fix[0].upper()}{fix[1:]}, or use prune (unstructured), "
+            "drop_layers or quantize on this model instead"
+        )
+    return res, synced
+
+
+def _roots_feeding(plan: Sequence[Sequence[Removal]], layer: str) -> list[str]:
+    """The producing layer of every group whose removed channels reach ``layer`` (or a module
+    inside it): the layers whose width to keep so that ``layer`` is left alone."""
+    roots = []
+    for group in plan:
+        if any(r.name == layer or r.name.startswith(layer + ".") for r in group):
+            root = next((r.name for r in group if r.out and r.param_dim is None), None)
+            if root is not None and root not in roots:
+                roots.append(root)
+    return roots
 
 
 def _first_line(e: BaseException) -> str:

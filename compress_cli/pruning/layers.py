@@ -4,8 +4,10 @@ their bypass, least important first.
 Candidates are found in one forward pass plus a torch.fx trace per block (a residual block ends in
 ``post(main(x) + shortcut(x))``); each gets a bypass module (identity, or the block's shortcut path
 when shapes change), a score on calibration batches (loss increase, relative activation change or
-cosine similarity), and :func:`choose` picks the least important non-nested ones. The checkpoint's
-architecture diff records the swapped modules, so the model reloads without per-stage code.
+cosine similarity), and :func:`choose` picks the least important non-nested ones. The removal is
+proven exact against the unchanged model with the removed modules bypassed in place, or refused
+and undone. The checkpoint's architecture diff records the swapped modules, so the model reloads
+without per-stage code.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import nn
 
 from compress_cli._utils.modules import device_of, matches_any, output_layers, set_submodule
 from compress_cli.errors import StageError
-from compress_cli.pruning.common import Batches, check_forward
+from compress_cli.pruning.common import Batches, check_forward, output_shapes
+from compress_cli.pruning.exactness import Exactness, bypassed_reference, call, compare, restore, to_device
 from compress_cli.pruning.unstructured import make_permanent
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -144,7 +147,7 @@ def residual_structure(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
     return None
 
 
-def find_candidates(model: nn.Module, example: torch.Tensor, protect: Sequence[str] = ()) -> list[Candidate]:
+def find_candidates(model: nn.Module, example: Any, protect: Sequence[str] = ()) -> list[Candidate]:
     """Residual blocks (replaceable by identity or their shortcut) and shape-preserving layers with
     parameters inside ``nn.Sequential`` stacks; never the output layer or ``protect`` globs."""
     out_layer = set(output_layers(model, example))
@@ -162,7 +165,7 @@ def find_candidates(model: nn.Module, example: torch.Tensor, protect: Sequence[s
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            call(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -311,22 +314,51 @@ def choose(cands: list[Candidate], n: int, criterion: str) -> list[Candidate]:
 
 def drop_layers(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Any,
     calib: Batches,
     *,
     criterion: str = "loss",
     count: int | None = None,
     fraction: float | None = None,
     protect: Sequence[str] = (),
-) -> tuple[list[Candidate], list[Candidate]]:
+    check_inputs: Any = None,
+) -> tuple[list[Candidate], list[Candidate], Exactness]:
     """Score the candidates and replace the least important ones in place.
-    Returns (all scored candidates, the ones removed)."""
+
+    The replacement is proven exact: on ``check_inputs`` (default ``example``) the edited model must
+    compute what the model before it computes with each removed module's output replaced by its
+    bypass of the module's own input (:func:`~compress_cli.pruning.exactness.bypassed_reference`);
+    otherwise StageError names the first diverging module and the model is left as it was.
+    Returns (all scored candidates, the ones removed, the check)."""
+    from compress_cli.checkpoint import copy_model
+
+    backup = copy_model(model)
+    try:
+        return _drop_in_place(model, example, calib, criterion, count, fraction, protect, check_inputs)
+    except BaseException:
+        restore(model, backup)  # a refused or failed removal leaves the model as it was
+        raise
+
+
+def _drop_in_place(
+    model: nn.Module,
+    example: Any,
+    calib: Batches,
+    criterion: str,
+    count: int | None,
+    fraction: float | None,
+    protect: Sequence[str],
+    check_inputs: Any,
+) -> tuple[list[Candidate], list[Candidate], Exactness]:
+    """:func:`drop_layers` without the restore on failure."""
+    import copy
+
     make_permanent(model)
     model.eval()
     dev = device_of(model)
-    example = example.to(dev)
-    with torch.no_grad():
-        out_shape = model(example).shape
+    example = to_device(example, dev)
+    check = example if check_inputs is None else to_device(check_inputs, dev)
+    out_shape = output_shapes(model, example)
     cands = find_candidates(model, example, protect)
     if not cands:
         raise StageError(
@@ -338,7 +370,20 @@ def drop_layers(
     if n <= 0:
         raise StageError(f"fraction {fraction} of {len(cands)} candidate(s) rounds to no layer to remove")
     chosen = choose(cands, n, criterion)
+    reference = copy.deepcopy(model)
+    bypasses = {c.name: copy.deepcopy(c.replacement_module()) for c in chosen}
     for c in chosen:
         set_submodule(model, c.name, c.replacement_module())
     check_forward(model, example, out_shape, "after removing layers")
-    return cands, chosen
+    with bypassed_reference(reference, bypasses) as ref:
+        res = compare(ref, model, check)
+    if not res.exact:
+        raise StageError(
+            f"layer removal is not exact: replacing {', '.join(repr(c.name) for c in chosen)} by "
+            f"{'its bypass' if len(chosen) == 1 else 'their bypasses'} changes the output by "
+            f"{res.max_abs_diff:.3g} beyond bypassing {'it' if len(chosen) == 1 else 'them'} in place "
+            f"(tolerance {res.tolerance:.3g}, {res.samples} samples), first at '{res.first_divergence}': "
+            "the model's forward uses the module other than by calling it once. The model was left "
+            f"unchanged; keep it with protect: [{', '.join(c.name for c in chosen)}]"
+        )
+    return cands, chosen, res

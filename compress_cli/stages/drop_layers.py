@@ -51,6 +51,11 @@ class DropLayers(Stage[DropLayersConfig]):
     shapes change) and layers with parameters inside ``nn.Sequential`` stacks whose output shape
     equals their input shape (replaced by identity). The output layer and ``protect`` globs are
     never removed. Scores come from the calibration batches. Optional fine-tuning afterwards.
+
+    The removal is proven exact (``details.exactness``): the edited model must compute what the
+    model computes with the removed modules bypassed in place, or the stage refuses and leaves the
+    model unchanged. A model with no candidate is refused before the baseline (``if_none: skip``
+    goes on without the stage).
     """
 
     #: zoo:digits_cnn (the contract model) has no removable layer; the tests drop blocks of digits_resnet
@@ -70,6 +75,26 @@ class DropLayers(Stage[DropLayersConfig]):
         if cands:
             score_candidates(model, cands, state.data.calibration(), self.config.importance)
         return cands
+
+    def preflight(self, state: State) -> None:
+        """Refuse, before the baseline, a model with no removable layer (unless ``if_none: skip``)."""
+        from compress_cli.checkpoint import copy_model
+        from compress_cli.pruning import find_candidates, make_permanent
+        from compress_cli.pruning.exactness import to_device
+
+        c = self.config
+        if c.if_none == "skip":
+            return
+        model = copy_model(state.model)
+        make_permanent(model)
+        if not find_candidates(model.eval(), to_device(state.data.example_input(1), state.device), c.protect):
+            guarded = f" outside protect {c.protect}" if c.protect else ""
+            raise StageError(
+                f"no removable layer in this model{guarded}: drop_layers removes residual blocks "
+                "(forward ending in post(main(x) + shortcut(x))) and shape-preserving layers inside an "
+                "nn.Sequential, and this model has neither. Remove the stage, narrow protect, or set "
+                "if_none: skip to go on without it"
+            )
 
     def preview(self, state: State) -> list[str]:
         import copy
@@ -97,7 +122,7 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.pruning import drop_layers
+        from compress_cli.pruning import CHECK_SAMPLES, drop_layers
         from compress_cli.training import train
 
         c = self.config
@@ -115,7 +140,7 @@ class DropLayers(Stage[DropLayersConfig]):
                     notes="skipped: no removable layer (residual block or shape-preserving layer)",
                     details={"candidates": [], "removed": []},
                 )
-        cands, chosen = drop_layers(
+        cands, chosen, exact = drop_layers(
             state.model,
             state.data.example_input(1),
             state.data.calibration(),
@@ -123,6 +148,7 @@ class DropLayers(Stage[DropLayersConfig]):
             count=c.count,
             fraction=c.fraction,
             protect=c.protect,
+            check_inputs=state.data.example_input(CHECK_SAMPLES),
         )
         after = sum(p.numel() for p in state.model.parameters())
         removed = [x.name for x in chosen]
@@ -159,6 +185,7 @@ class DropLayers(Stage[DropLayersConfig]):
                     for x in cands
                 ],
                 "removed": removed,
+                "exactness": exact.as_dict(),
                 "params_before": before,
                 "params_after": after,
                 "finetune": finetune,

@@ -37,6 +37,15 @@ class PruneChannelsConfig(StageConfig, TrainOptions):
         default_factory=list,
         description="module-name globs whose output width is kept (the output layer always is)",
     )
+    head_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of whole attention heads removed from each attention layer (timm ViT/DeiT "
+        "Attention, Hugging Face BERT-style self-attention); 0 keeps every head. A head's own dims are "
+        "never cut (that would change the attention's scaling); nn.MultiheadAttention keeps its heads "
+        "(its embed_dim is the residual stream)",
+    )
     steps: int = Field(1, ge=1, le=100, description="prune gradually in this many steps (linear schedule)")
     epochs: int = Field(
         0, ge=0, le=MAX_EPOCHS, description="fine-tuning epochs after each step but the last (0: none)"
@@ -51,7 +60,14 @@ class PruneChannels(Stage[PruneChannelsConfig]):
     the removed channels, so the model really gets smaller and faster. Iterative mode prunes in
     ``steps`` with ``epochs`` of fine-tuning in between (the shared training loop). The report lists
     every conv/linear layer's width before and after; the checkpoint's architecture diff rebuilds
-    the narrower layers on load.
+    the narrower layers on load. ``head_ratio`` removes whole attention heads of timm and Hugging
+    Face transformer blocks.
+
+    Every step is proven exact (``details.exactness``): the pruned model must compute, on
+    ``CHECK_SAMPLES`` inputs, what the model before it computes with the removed channels zeroed;
+    otherwise the stage refuses, naming the first diverging layer, and leaves the model unchanged.
+    The preflight runs the same removal on a throwaway copy, so such a model is refused before the
+    baseline (and by ``compress validate --model``).
     """
 
     example = {"ratio": 0.5, "importance": "l1"}
@@ -61,9 +77,15 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return isinstance(config, PruneChannelsConfig) and config.epochs > 0 and config.steps > 1
 
     def preflight(self, state: State) -> None:
-        from compress_cli.pruning import high_rank_reshapes
+        """Refuse what cannot work before the baseline: reshapes into 5+ dimensions (torch-pruning
+        fails or exhausts memory on them), then the removal itself on a throwaway copy at the
+        configured ratio, proven exact, so a model whose dependency graph torch-pruning gets wrong
+        is refused here and by ``compress validate --model``."""
+        from compress_cli.checkpoint import copy_model
+        from compress_cli.pruning import CHECK_SAMPLES, high_rank_reshapes, prune_channels
 
-        found = high_rank_reshapes(state.model, state.data.example_input(1).to(state.device))
+        c = self.config
+        found = high_rank_reshapes(state.model, _to(state.data.example_input(1), state.device))
         if found:
             raise StageError(
                 f"cannot remove channels from this model: it reshapes feature maps into 5 or more "
@@ -72,6 +94,20 @@ class PruneChannels(Stage[PruneChannelsConfig]):
                 "follow (it fails or exhausts memory). Use prune (unstructured), drop_layers, codebook "
                 "or quantize on this model instead"
             )
+        # the same removal on a copy; scores that need data are replaced by l1 (the graph is the same)
+        prune_channels(
+            copy_model(state.model),
+            _to(state.data.example_input(1), state.device),
+            importance=c.importance if c.importance in ("l1", "l2") else "l1",
+            ratio=c.ratio,
+            scope=c.scope,
+            layer_ratios=dict(c.layer_ratios),
+            max_ratio=c.max_ratio,
+            round_to=c.round_to,
+            ignore=c.ignore,
+            head_ratio=c.head_ratio,
+            check_inputs=_to(state.data.example_input(CHECK_SAMPLES), state.device),
+        )
 
     def preview(self, state: State) -> list[str]:
         from compress_cli._utils.modules import matches_any, output_layers
@@ -79,7 +115,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
 
         c = self.config
         widths = layer_widths(state.model)
-        keep = set(output_layers(state.model, state.data.example_input(1).to(state.device)))
+        keep = set(output_layers(state.model, _to(state.data.example_input(1), state.device)))
         ignored = sorted(keep | {n for n in widths if matches_any(n, c.ignore)})
         lines = [
             f"{len(widths)} conv/linear layers, {sum(widths.values())} output channels; "
@@ -94,7 +130,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli.pruning import prune_channels
+        from compress_cli.pruning import CHECK_SAMPLES, prune_channels
         from compress_cli.training import train
 
         c = self.config
@@ -123,7 +159,9 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             round_to=c.round_to,
             ignore=c.ignore,
             steps=c.steps,
+            head_ratio=c.head_ratio,
             calibration=calib,
+            check_inputs=state.data.example_input(CHECK_SAMPLES),
             between_steps=between if c.epochs > 0 else None,
             on_step=on_step,
         )
@@ -141,10 +179,17 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             params_after=after,
         )
         changed = {n: w for n, w in res.width_table().items() if w[0] != w[1]}
+        heads = {n: h for n, h in res.heads.items() if h[0] != h[1]}
         notes = (
             f"{res.channels_removed} of {total} channels removed in {len(changed)} layers "
             f"({c.importance}, {c.scope}); params {before:,} -> {after:,}"
         )
+        if heads:
+            notes += f"; heads removed in {len(heads)} attention layer(s)"
+        if res.exactness is not None:
+            notes += (
+                f"; exact (max |diff| {res.exactness.max_abs_diff:.2g} on {res.exactness.samples} samples)"
+            )
         return StageResult(
             notes=notes,
             details={
@@ -156,6 +201,15 @@ class PruneChannels(Stage[PruneChannelsConfig]):
                 "kept": res.ignored,
                 "folded_masks": res.folded_masks,
                 "steps": res.steps,
+                "heads": res.heads,
+                "exactness": res.exactness.as_dict() if res.exactness is not None else None,
                 "finetune": finetunes,
             },
         )
+
+
+def _to(inputs: Any, device: Any) -> Any:
+    """Example inputs (a tensor, tuple or dict of them) on ``device``."""
+    from compress_cli.pruning.exactness import to_device
+
+    return to_device(inputs, device)

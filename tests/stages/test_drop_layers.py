@@ -49,7 +49,7 @@ def test_candidates_of_digits_resnet():
 @pytest.mark.parametrize("criterion", ["activation", "loss", "similarity"])
 def test_each_criterion_drops_a_block_that_reloads(criterion, calib, tmp_path):
     model = seeded_zoo("digits_resnet").eval()
-    cands, chosen = drop_layers(model, X1, calib, criterion=criterion, count=2)
+    cands, chosen, _ = drop_layers(model, X1, calib, criterion=criterion, count=2)
     assert len(chosen) == 2 and all(c.score is not None for c in cands)
     scores = sorted(c.score for c in cands)
     picked = sorted(c.score for c in chosen)
@@ -159,7 +159,7 @@ def test_resnet18_32px_blocks_removed_and_rebuilt():
         (torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 3]))
         for i in range(1)
     ]
-    cands, chosen = drop_layers(
+    cands, chosen, _ = drop_layers(
         model, torch.randn(1, 3, 32, 32), calib, criterion="similarity", fraction=0.25
     )
     assert len(cands) == 8 and len(chosen) == 2
@@ -235,7 +235,7 @@ def make_proj_net() -> nn.Module:
 def test_sequential_subclass_shortcut_becomes_a_describable_sequential(calib):
 
     model = make_proj_net()
-    cands, chosen = drop_layers(model, X1, calib, criterion="loss", count=1)
+    cands, chosen, _ = drop_layers(model, X1, calib, criterion="loss", count=1)
     assert [(c.name, c.replacement) for c in chosen] == [("1", "shortcut:proj")]
     assert type(model[1]) is nn.Sequential and [type(m).__name__ for m in model[1]] == [
         "Conv2d",
