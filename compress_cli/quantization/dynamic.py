@@ -124,6 +124,7 @@ class QuantizedEmbedding(nn.Module):
         return nn.functional.embedding(ids, qweight).float() * nn.functional.embedding(ids, scale)
 
     def extra_repr(self) -> str:
+        """The table's size, as nn.Embedding prints it."""
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 

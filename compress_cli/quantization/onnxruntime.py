@@ -366,6 +366,9 @@ def ort_record(q: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return params, snapped
 
 
+_TRANSPOSED = "_Transposed"
+
+
 def snap_onnx_weights_(model: nn.Module, fp32: bytes | Path, snapped: dict[str, np.ndarray]) -> int:
     """Write the dequantized weights of :func:`ort_record` into ``model`` (the module ``fp32`` was
     exported from): by state-dict key, or through the parameter an initializer equals (transposed
@@ -373,6 +376,10 @@ def snap_onnx_weights_(model: nn.Module, fp32: bytes | Path, snapped: dict[str, 
     sd = model.state_dict()
     where = {k: (k, False) for k in snapped if k in sd}
     where.update(initializer_sources(fp32, [k for k in snapped if k not in sd], sd))
+    for k in snapped:  # dynamic mode's Gemm -> MatMul over W^T, named after W
+        base = k[: -len(_TRANSPOSED)]
+        if k not in where and k.endswith(_TRANSPOSED) and base in sd and sd[base].dim() == 2:
+            where[k] = (base, True)
     with torch.no_grad():
         for k, v in snapped.items():
             if k not in where:
@@ -423,6 +430,9 @@ def ort_requantize(
         put(name, unpack_array(packed))
     cur = {i.name: i for i in model.graph.initializer}  # put() updates these protos in place
     for qname, base, scale_name, zp_name, ax in _quantized_inits(model):
+        transposed = base.endswith(_TRANSPOSED) and base not in src
+        if transposed:  # dynamic mode turns Gemm into MatMul with the weight transposed
+            base = base[: -len(_TRANSPOSED)]
         if base not in src and base.rstrip("0123456789") in src:
             base = base.rstrip(
                 "0123456789"
@@ -437,6 +447,7 @@ def ort_requantize(
         ax = ax if ax >= 0 else ax + qv.ndim
         info = np.iinfo(qv.dtype)
         w = numpy_helper.to_array(src[base]).astype(np.float64)
+        w = w.T if transposed else w
         q = np.rint(w / _broadcast(scale, qv.ndim, ax)) + _broadcast(zp, qv.ndim, ax)
         put(qname, np.clip(q, info.min, info.max).astype(qv.dtype))
     return model.SerializeToString()
@@ -475,8 +486,14 @@ class OnnxRuntimeInt8(Int8Handler):
         model = job.fold_batchnorm(model)
         options, details = job.options, job.details
         mode, ops = options.mode, self.op_types(model, options)
-        inputs = job.calibration()
-        batches = [] if mode == "dynamic" else [b.detach().cpu().float().numpy() for b in inputs]
+        inputs: list[torch.Tensor]
+        if mode == "dynamic":  # no calibration: the fp32 export is checked on the SQNR batch
+            first = job.trial if job.trial is not None else job.check[0] if job.check else None
+            inputs = [first] if first is not None else []
+            batches: list[Any] = []
+        else:
+            inputs = job.calibration()
+            batches = [b.detach().cpu().float().numpy() for b in inputs]
         with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
             # the fp32 ONNX (the model's size) waits on disk while ONNX Runtime quantizes it
             fp32 = Path(d) / "fp32.onnx"

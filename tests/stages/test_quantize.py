@@ -515,3 +515,54 @@ def test_dynamic_mode_refuses_calibration_options(tmp_path):
         )
     with pytest.raises(RecipeError, match="op_types_to_quantize: not an option of scheme int8_static"):
         recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "op_types_to_quantize": ["Conv"]}])
+
+
+TOKENS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Digits as tokens: each pixel's intensity level indexes an embedding table (a bag of tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(400, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        levels = (x.flatten(1).clamp(0, 1) * 5).long() + 6 * torch.arange(64)
+        return self.fc(self.emb(levels).mean(1))
+
+'''
+
+
+def test_int8_dynamic_quantizes_embeddings_per_row_and_reloads_equal(tmp_path, monkeypatch):
+    from compress_cli.checkpoint.codec import encode_tensor
+    from compress_cli.quantization.dynamic import QuantizedEmbedding
+
+    (tmp_path / "tok_net.py").write_text(TOKENS + "\n\ndef build(num_classes=10):\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state, res, d = run_stage(tmp_path, model="tok_net:build", scheme="int8_dynamic")
+    assert res.details["embeddings"] == ["emb"] and res.details["layers"] == ["fc"]
+    assert res.details["sqnr_db"] >= 30
+    w = state.model.emb.weight.detach()
+    codes = w / (w.abs().amax(1, keepdim=True) / 127)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().amax(1).round().eq(127).all()
+    meta, _ = encode_tensor("emb.weight", w)
+    assert "rowgrid" in meta["enc"]  # stored as int8 codes + a scale per row: 1 byte per weight
+    assert isinstance(state.runner.model.emb, QuantizedEmbedding)
+    loaded = compress_cli.load(d, trust_source=True)
+    assert isinstance(loaded.emb, QuantizedEmbedding) and loaded.emb.qweight.dtype == torch.int8
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_onnxruntime_int8_dynamic_mode_measures_in_ort_and_reloads_equal(tmp_path):
+    import onnx
+
+    state, res, d = run_stage(tmp_path, model="zoo:digits_mlp", scheme="onnxruntime_int8", mode="dynamic")
+    assert res.details["mode"] == "dynamic" and "calibration_batches" not in res.details
+    ops = {n.op_type for n in onnx.load(res.details["onnx_file"]).graph.node}
+    assert "DynamicQuantizeLinear" in ops and res.details["sqnr_db"] >= 25
+    assert state.transforms[-1]["mode"] == "dynamic"
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
