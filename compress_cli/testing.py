@@ -165,3 +165,88 @@ def tiny_state(
     if model is not None:
         state.model = model
     return state
+
+
+def branchy_cnn(seed: int = 0, num_classes: int = 10, on_values: bool = False) -> nn.Module:
+    """A 1x8x8 -> ``num_classes`` CNN (conv-BN-ReLU x2, a residual tap before one BN) whose forward
+    branches on its input, which ``torch.fx`` cannot trace: on its shape (``if x.dim() == 3``, a
+    graph capture with example inputs keeps it right), or with ``on_values`` on its values (``if
+    x.sum() > 0``, which no graph capture can keep). Seeded."""
+    import torch
+    from torch import nn
+
+    class BranchyCNN(nn.Module):
+        """A branch on the input, conv1-bn1-relu, conv2-bn2 (+ conv2's own output: that BN does not
+        fold), then a linear head."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 8 * 8, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if on_values:
+                if x.sum() > 0:
+                    x = x * 0.5
+            elif x.dim() == 3:  # one unbatched image
+                x = x.unsqueeze(0)
+            h = torch.relu(self.bn1(self.conv1(x)))
+            y = self.conv2(h)
+            h = torch.relu(self.bn2(y) + 0.1 * y)
+            return self.fc(h.flatten(1))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BranchyCNN()
+        for bn in (model.bn1, model.bn2):  # non-trivial statistics: folding them changes the weights
+            bn.get_buffer("running_mean").uniform_(-0.5, 0.5)
+            bn.get_buffer("running_var").uniform_(0.5, 2.0)
+    return model
+
+
+def tiny_bert(seed: int = 0, num_classes: int = 3) -> nn.Module:
+    """A 2-layer Hugging Face BERT classifier (hidden 32, 4 heads, vocabulary 100), seeded; called
+    with keyword arguments ``input_ids`` and ``attention_mask``, it returns logits. Its attention
+    mask is turned into ``(1 - mask) * finfo.min`` inside (mask arithmetic int8 must not touch)."""
+    import torch
+    from torch import nn
+    from transformers import BertConfig, BertForSequenceClassification
+
+    class TinyBert(nn.Module):
+        """BertForSequenceClassification returning its logits tensor."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            cfg = BertConfig(  # type: ignore[call-arg]  # its kwargs go to PretrainedConfig
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=100,
+                max_position_embeddings=64,
+                num_labels=num_classes,
+                attn_implementation="eager",
+            )
+            self.bert = BertForSequenceClassification(cfg)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyBert().eval()
+
+
+def bert_inputs(batch: int = 4, length: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Token ids and an attention mask (the last quarter of every other row padded) for
+    :func:`tiny_bert`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[::2, length - length // 4 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -70,6 +70,11 @@ class SchemeHandler:
         for onnx the file's bytes, plus details for the report. ``(None, {})``: the plain model."""
         return None, {}
 
+    def preflight(self, state: State, options: Any) -> None:
+        """Raise :class:`~compress_cli.errors.StageError` (the reason and the way out) when the
+        scheme cannot convert ``state.model``, before anything runs; must not modify the state.
+        The default checks nothing."""
+
     def convert(self, state: State, options: Any, label: str) -> Quantized:
         """Apply the scheme to ``state.model`` (the stage path); ``label`` names the stage in the edits."""
         entry = self.entry(state, options)
@@ -93,6 +98,29 @@ def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
     return round(min(200.0, 10 * math.log10(signal / noise)), 2)
 
 
+def sqnr_way_out(scheme: str, options: Any) -> str:
+    """What may raise a scheme's logit SQNR, naming only the recipe keys that apply to it and its
+    mode (dynamic quantization does not calibrate: no calibration hint for it)."""
+    from compress_cli.quantization.schemes import get_scheme
+
+    opts = get_scheme(scheme).options
+    dynamic = scheme == "int8_dynamic" or getattr(options, "mode", "static") == "dynamic"
+    tips = []
+    if "reduce_range" in opts:
+        tips.append("reduce_range: true")
+    if "calibration_batches" in opts and not dynamic:
+        tips.append("more calibration_batches")
+    if "calibrate_method" in opts and not dynamic:
+        tips.append("calibrate_method: entropy or percentile")
+    if "op_types_to_quantize" in opts:
+        tips.append("op_types_to_quantize: [MatMul, Gemm, Conv] (fewer op types in int8)")
+    if "mode" in opts and not dynamic:
+        tips.append("mode: dynamic")
+    tips.append("exclude: [the most sensitive layers, e.g. the classifier]")
+    tips.append("a lower min_sqnr_db")
+    return ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
 @dataclass
 class Int8Job:
     """One int8 conversion in progress: what :meth:`Int8Handler.snap` reads and fills in."""
@@ -106,6 +134,8 @@ class Int8Job:
     reduce_range: bool
     reduce_range_reason: str
     check: tuple[torch.Tensor, torch.Tensor] | None = None  # (val batch, fp32 logits) for the gate
+    #: a preflight's trial conversion: this example batch stands in for the calibration data
+    trial: torch.Tensor | None = None
 
     def keep_reference(self, model: nn.Module) -> None:
         """Take the fp32 logits the int8 result must follow: ``model`` on a validation batch."""
@@ -120,7 +150,8 @@ class Int8Job:
         own copy, in place) and record the activation range choice."""
         from compress_cli.quantization.fold import fold_batchnorm
 
-        model, folded = fold_batchnorm(model, inplace=True)
+        example = self.trial if self.trial is not None else self.state.data.example_input(2)
+        model, folded = fold_batchnorm(model, example, inplace=True)
         self.details["folded_batchnorm"] = folded
         self.details["reduce_range"] = self.reduce_range
         self.details["reduce_range_reason"] = self.reduce_range_reason
@@ -128,7 +159,10 @@ class Int8Job:
         return model
 
     def calibration(self) -> list[torch.Tensor]:
-        """The calibration inputs: ``calibration_batches`` training batches (CPU, fp32)."""
+        """The calibration inputs: ``calibration_batches`` training batches (CPU, fp32); in a
+        preflight's trial, its one example batch."""
+        if self.trial is not None:
+            return [self.trial]
         data = self.state.data
         n = self.options.calibration_batches or data.calibration_batches
         batches = [x for x, _ in data.calibration()][:n]
@@ -159,6 +193,55 @@ class Int8Handler(SchemeHandler):
         """Files written besides the checkpoint (paths, for the report's artifacts)."""
         return []
 
+    def job(self, state: State, options: Any, label: str, trial: torch.Tensor | None = None) -> Int8Job:
+        """A conversion of ``state.model`` with ``options`` (``trial``: a preflight's example batch)."""
+        from compress_cli.quantization.cpu import choose_reduce_range
+
+        scheme = options.scheme
+        exclude = [n for n, _ in state.select_modules(options.exclude)] if options.exclude else []
+        if options.reduce_range is None:
+            reduce_range, why = choose_reduce_range()
+        else:
+            reduce_range, why = bool(options.reduce_range), "set in the recipe"
+        shape = list(state.data.input_shape)
+        entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
+        details: dict[str, Any] = {"scheme": scheme}
+        return Int8Job(state, options, label, entry, details, exclude, reduce_range, why, trial=trial)
+
+    def way_out(self, options: Any) -> str:
+        """What a recipe can change when this scheme cannot convert the model."""
+        return "try another scheme, or exclude the layers involved (exclude: [module globs])"
+
+    def trial(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """The conversion path on ``model`` (a throwaway copy) for a preflight: snap with the trial
+        batch as calibration, build the runtime as load() would (uncompiled). Returns the runtime."""
+        return self.build_runtime(self.snap(model, job), job.entry)
+
+    def preflight(self, state: State, options: Any) -> None:
+        """Try the conversion on a throwaway copy of the model with one small example batch (no
+        calibration over the data, no SQNR check): whatever would fail there fails here, before
+        the baseline, with the reason and the way out."""
+        import torch
+
+        from compress_cli.pruning import permanent_copy
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(state.seed)
+            example = state.data.example_input(2).cpu()
+            job = self.job(state, options, "preflight", trial=example)
+            try:
+                runtime = self.trial(permanent_copy(state.model).cpu().eval(), job)
+                with torch.inference_mode():
+                    runtime(example)
+            except StageError as e:
+                raise StageError(f"{options.scheme} cannot convert this model: {e}") from None
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise StageError(
+                    f"{options.scheme} cannot convert this model ({type(e).__name__}: {first[:300]}); "
+                    f"{self.way_out(options)}"
+                ) from None
+
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
         """Eager on CPU (the int8 kernels are CPU kernels)."""
         import torch
@@ -173,19 +256,12 @@ class Int8Handler(SchemeHandler):
         import torch
 
         from compress_cli.pruning import permanent_copy
-        from compress_cli.quantization.cpu import choose_reduce_range
         from compress_cli.quantization.schemes import get_scheme
 
         scheme = options.scheme
         reference = permanent_copy(state.model).cpu().eval()
-        exclude = [n for n, _ in state.select_modules(options.exclude)] if options.exclude else []
-        if options.reduce_range is None:
-            reduce_range, why = choose_reduce_range()
-        else:
-            reduce_range, why = bool(options.reduce_range), "set in the recipe"
-        shape = list(state.data.input_shape)
-        entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
-        job = Int8Job(state, options, label, entry, {"scheme": scheme}, exclude, reduce_range, why)
+        job = self.job(state, options, label)
+        entry, reduce_range, why = job.entry, job.reduce_range, job.reduce_range_reason
         # the fp32 logits are taken first, so the conversion works on this one copy; a scheme that
         # trains takes them after training (its snap calls job.keep_reference)
         if not get_scheme(scheme).trains:
@@ -205,10 +281,14 @@ class Int8Handler(SchemeHandler):
         sqnr = sqnr_db(y_ref, y)
         details.update(sqnr_db=sqnr, min_sqnr_db=options.min_sqnr_db, runtime=runner.runtime)
         if sqnr < options.min_sqnr_db:
+            rr = (
+                f"; reduce_range={reduce_range} ({why})"
+                if "reduce_range" in get_scheme(scheme).options
+                else ""
+            )
             raise StageError(
                 f"{scheme}: int8 logits are too far from fp32 (SQNR {sqnr:.1f} dB < min_sqnr_db "
-                f"{options.min_sqnr_db}); reduce_range={reduce_range} ({why}); try reduce_range: true, "
-                "more calibration_batches, or exclude the most sensitive layers"
+                f"{options.min_sqnr_db}){rr}; try {sqnr_way_out(scheme, options)}"
             )
         state.model = model
         state.transforms.append(entry)

@@ -1,7 +1,9 @@
-"""int8_dynamic: torch.ao dynamic quantization (int8 Linear/LSTM weights, activations at run time).
+"""int8_dynamic: torch.ao dynamic quantization (int8 Linear/LSTM weights, activations at run time)
+and int8 embedding tables (weight-only, one float32 scale per row: :class:`QuantizedEmbedding`).
 
 The stored module holds the int8 weights as float32 values (``(q - zero_point) * scale``); load()
-re-quantizes them with the same symmetric -127..127 observers, which gives back the same integers.
+re-quantizes them with the same symmetric -127..127 observers, which gives back the same integers
+(the checkpoint stores such rows as int8 codes plus a scale per row: 1 byte per weight).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def dynamic_quantize(model: nn.Module, exclude: Iterable[str] = ()) -> nn.Module
         )
 
 
+def no_dynamic_layers() -> str:
+    """Why int8_dynamic cannot apply to a model, and what to use instead."""
+    return (
+        "int8_dynamic found no Linear, LSTM or Embedding layer to quantize (convolutions need "
+        "scheme int8_static or onnxruntime_int8; check the stage's exclude globs)"
+    )
+
+
 def dequantize32(qt: torch.Tensor) -> torch.Tensor:
     """A quantized tensor's values as float32 ``(q - zero_point) * float32(scale)``, no -0.0 (the
     checkpoint then finds each row's int8 grid and stores it at 8 bits per value)."""
@@ -87,24 +97,106 @@ def snap_dynamic_weights_(model: nn.Module, qmodel: nn.Module) -> list[str]:
     return done
 
 
+class QuantizedEmbedding(nn.Module):
+    """An ``nn.Embedding`` with int8 rows: ``qweight`` (int8 codes, -127..127) and ``scale`` (one
+    float32 per row); a lookup returns ``qweight[ids] * scale[ids]`` in float32 (the values the
+    stored, snapped table holds). 4x smaller than the fp32 table; inference only."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("qweight", qweight.to(torch.int8))
+        self.register_buffer("scale", scale.float().reshape(-1, 1))
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding) -> QuantizedEmbedding:
+        """Quantize ``emb``'s table row by row (symmetric, max |row| -> 127); a table already on
+        that grid (snapped) gives back the same codes."""
+        w = emb.weight.detach().float().cpu()
+        scale = row_scales(w)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127)
+        return cls(q.to(torch.int8), scale, emb.padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 rows of ``ids``."""
+        qweight, scale = self.get_buffer("qweight"), self.get_buffer("scale")
+        return nn.functional.embedding(ids, qweight).float() * nn.functional.embedding(ids, scale)
+
+    def extra_repr(self) -> str:
+        """The table's size, as nn.Embedding prints it."""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8 scales of a 2-D float tensor: max |row| / 127 (1 for an all-zero row)."""
+    scale = w.abs().amax(dim=1) / 127
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def embeddings(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """The ``nn.Embedding`` tables int8_dynamic quantizes: every one not excluded, in float, without
+    ``max_norm`` (that renormalizes the table in place at lookup) and not sparse."""
+    skip = set(exclude)
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Embedding
+        and name not in skip
+        and m.max_norm is None
+        and not m.sparse
+        and m.weight.is_floating_point()
+    ]
+
+
+def snap_embeddings_(model: nn.Module, names: Iterable[str]) -> None:
+    """Put each named table of ``model`` on its per-row int8 grid (float32 values ``q * scale``)."""
+    with torch.no_grad():
+        for name in names:
+            emb = model.get_submodule(name)
+            assert isinstance(emb, nn.Embedding)
+            q = QuantizedEmbedding.from_float(emb)
+            emb.weight.copy_(q.get_buffer("qweight").float() * q.get_buffer("scale") + 0.0)
+
+
+def quantize_embeddings_(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Replace each named ``nn.Embedding`` of ``model`` by its :class:`QuantizedEmbedding`."""
+    from compress_cli._utils.modules import set_submodule
+
+    for name in names:
+        set_submodule(model, name, QuantizedEmbedding.from_float(model.get_submodule(name)))  # type: ignore[arg-type]
+    return model
+
+
 @register_scheme("int8_dynamic")
 class DynamicInt8(Int8Handler):
-    """Linear/LSTM weights to int8 (no calibration); the result runs in eager on CPU."""
+    """Linear/LSTM weights to int8 (no calibration), embedding tables to int8 rows; the result runs
+    in eager on CPU."""
 
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
-        """Quantize a copy dynamically and write its int8 weights back as float32 values."""
+        """Quantize a copy dynamically and write its int8 weights back as float32 values; snap the
+        embedding tables to their per-row int8 grid."""
+        tables = embeddings(model, job.exclude)
         layers = snap_dynamic_weights_(model, dynamic_quantize(model, job.exclude))
-        if not layers:
-            raise StageError(
-                "int8_dynamic found no Linear/LSTM layer to quantize "
-                "(convolutions need int8_static or onnxruntime_int8)"
-            )
+        snap_embeddings_(model, tables)
+        if not layers and not tables:
+            raise StageError(no_dynamic_layers())
         job.details["layers"] = layers
+        if tables:
+            job.details["embeddings"] = tables
+            job.entry["embeddings"] = tables
         return model
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
-        """``quantize_dynamic`` of the stored module (gives back the same integers)."""
-        return dynamic_quantize(model, entry.get("exclude", []))
+        """``quantize_dynamic`` of the stored module (gives back the same integers), its recorded
+        embedding tables as :class:`QuantizedEmbedding`."""
+        return quantize_embeddings_(
+            dynamic_quantize(model, entry.get("exclude", [])), entry.get("embeddings", [])
+        )
+
+    def way_out(self, options: Any) -> str:
+        """Keep the failing layer in float, or another scheme."""
+        return "keep the layer involved in float (exclude: [module globs]) or use scheme onnxruntime_int8"
 
     def export_model(self, fmt: str, state: Any, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """torchscript: the torch.ao int8 module the runner measured."""

@@ -250,6 +250,34 @@ class Pt2eHandler(Int8Handler):
             return CompiledRunner(runtime, torch.device("cpu"), compiled=runtime, frozen=True)
         return super().runner(runtime, entry, state)
 
+    def trial(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """As a conversion, but the runtime is the converted graph uncompiled (torch.compile takes
+        minutes; its failures are not the preflight's)."""
+        from compress_cli.quantization.branches import value_branches
+
+        assert job.trial is not None
+        try:
+            model = self.snap(model, job)
+        except StageError as e:
+            found = value_branches(model, job.trial)
+            if not found:
+                raise
+            raise StageError(
+                f"{e}. Its forward reads a tensor computed from its input into Python at {found[0]} "
+                "(a data-dependent branch torch.export cannot capture); rewrite it with tensor ops "
+                "(torch.where) or use scheme int8_dynamic (eager)"
+            ) from None
+        job.entry["compile"] = False
+        return self.build_runtime(model, job.entry)
+
+    def way_out(self, options: Any) -> str:
+        """Schemes that need no torch.export, the FX backend, excluding layers."""
+        fx_hint = ", backend: fx" if options.scheme == "int8_static" else ""
+        return (
+            f"use scheme onnxruntime_int8 or int8_dynamic (no torch.export){fx_hint}, or keep the layers "
+            "involved in float (exclude: [module globs])"
+        )
+
     def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """torch_export: a fresh, uncompiled int8 graph with the fp32 weights convert left behind
         stripped (exported as is, the .pt2 was 1.4x the fp32 state_dict)."""
@@ -269,7 +297,8 @@ class StaticInt8(Pt2eHandler):
         model = job.fold_batchnorm(model)
         backend = job.options.backend or _default_backend()
         batches = job.calibration()
-        job.state.ctx.listener.on_message(f"calibrating on {len(batches)} batch(es)")
+        if job.trial is None:
+            job.state.ctx.listener.on_message(f"calibrating on {len(batches)} batch(es)")
         calibrate = fx.fx_calibrate if backend == "fx" else pt2e_calibrate
         job.entry["qparams"] = calibrate(model, batches, job.reduce_range, job.exclude)
         if backend == "fx":
@@ -303,6 +332,12 @@ class StaticInt8(Pt2eHandler):
 @register_scheme("qat")
 class Qat(Pt2eHandler):
     """Quantization-aware training: fake-quant fine-tuning through the shared training loop."""
+
+    def trial(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Fold BN and prepare the fake-quantized graph (no training): the graph QAT would train."""
+        model = job.fold_batchnorm(model)
+        assert job.trial is not None
+        return prepare_qat(model, job.trial, job.reduce_range, job.exclude)
 
     def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
         """Fold BN, fake-quant fine-tune (the ``qat`` training options), record the qparams, take the

@@ -101,7 +101,7 @@ SCHEMES: dict[str, Scheme] = {
             "dynamic",
             freezes=True,
             options=_INT8,
-            layers=("Linear", "LSTM"),
+            layers=("Linear", "LSTM", "Embedding"),
             formats=("torchscript",),
             formats_why="torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
             "mapping and their packed weights do not pass torch.export",
@@ -133,7 +133,16 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "onnxruntime",
             freezes=True,
-            options=_INT8 | {"calibration_batches", "reduce_range", "calibrate_method", "opset", "exporter"},
+            options=_INT8
+            | {
+                "calibration_batches",
+                "reduce_range",
+                "calibrate_method",
+                "opset",
+                "exporter",
+                "op_types_to_quantize",
+                "mode",
+            },
             formats=("onnx",),
             formats_why="the model is an ONNX Runtime int8 graph (QDQ): it exists only as ONNX",
         ),

@@ -100,7 +100,8 @@ class Codebook(Stage[CodebookConfig]):
             saved = masks(state.model)
             make_permanent(state.model)  # fold the effective (masked) weights
             training = state.model.training
-            state.model, details["folded"] = fold_batchnorm(state.model)
+            example = state.data.example_input(2)
+            state.model, details["folded"] = fold_batchnorm(state.model, example)
             state.model.to(state.device).train(training)
             apply_masks(state.model, saved)  # zeros stay zeros through the folding and after it
         targets, bits = self._targets(state)

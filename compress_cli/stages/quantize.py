@@ -72,6 +72,18 @@ class QuantizeConfig(StageConfig, TrainOptions):
         description="onnxruntime_int8: torch.onnx exporter; auto: torchscript (much faster to export), "
         "then dynamo where torchscript refuses an op (the one used is recorded)",
     )
+    op_types_to_quantize: list[str] | None = Field(
+        None,
+        description="onnxruntime_int8: the ONNX op types to quantize (e.g. [MatMul, Gemm, Conv]); unset: "
+        "MatMul, Gemm (+Conv) for models with attention or embedding modules, so mask arithmetic, "
+        "embedding gathers and norms stay float; every op type ONNX Runtime can quantize otherwise",
+    )
+    mode: Literal["static", "dynamic"] = Field(
+        "static",
+        description="onnxruntime_int8: static (calibrated activation ranges, QDQ) or dynamic (ONNX "
+        "Runtime quantize_dynamic: activations quantized at run time, no calibration; the usual "
+        "choice for transformers)",
+    )
     group_size: int = Field(
         128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension"
     )
@@ -107,6 +119,18 @@ class QuantizeConfig(StageConfig, TrainOptions):
                 f"{', '.join(wrong)}: not an option of scheme {self.scheme} "
                 f"({k} applies to {', '.join(applies_to(k, _TRAINING))})"
             )
+        if self.mode == "dynamic":
+            calibrating = [
+                k for k in ("calibration_batches", "calibrate_method") if k in self.model_fields_set
+            ]
+            calibrating = [k for k in calibrating if getattr(self, k) != fields[k].get_default()]
+            if calibrating:
+                raise ValueError(
+                    f"{', '.join(calibrating)}: not an option of mode dynamic (dynamic quantization does "
+                    "not calibrate: activations are quantized at run time); remove it or set mode: static"
+                )
+        if self.op_types_to_quantize is not None and not self.op_types_to_quantize:
+            raise ValueError("op_types_to_quantize is empty: list the ONNX op types, or leave it unset")
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two (got {self.group_size})")
         return self
@@ -148,6 +172,17 @@ class Quantize(Stage[QuantizeConfig]):
         scheme = _scheme(config)
         problem = scheme.device_problem(device) if scheme is not None else None
         return [problem] if problem else []
+
+    def preflight(self, state: State) -> None:
+        """The scheme's trial conversion of a throwaway copy of the model on one small example
+        batch (export, prepare, convert, build the runtime as load() would): what would fail after
+        the baseline fails here, with the reason and the recipe keys that change it."""
+        from compress_cli.quantization import handler
+
+        problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
+        if problem:
+            raise StageError(problem)
+        handler(self.config.scheme).preflight(state, self.config)
 
     def preview(self, state: State) -> list[str]:
         """The layers the scheme would convert."""

@@ -427,3 +427,142 @@ class Net(nn.Module):
 def test_onnxruntime_int8_leaves_constant_subgraphs_in_float(tmp_path, monkeypatch):
     state, res, d = ort_int8_on(tmp_path, monkeypatch, "cpb_net", CONSTANT_MLP)
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d, trust_source=True)))
+
+
+# --------------------------------------------------------------------------- issue 15: any forward
+@pytest.mark.parametrize(("scheme", "cfg"), [("int8_static", {"compile": False}), ("onnxruntime_int8", {})])
+def test_forward_fx_cannot_trace_quantizes_and_reloads_equal(tmp_path, scheme, cfg):
+    """``if x.dim() == 3`` in forward (torch.fx: "symbolically traced variables cannot be used as
+    inputs to control flow"): BN folds by module pattern, the conversion passes its preflight,
+    and load() gives back the measured model."""
+    model = "compress_cli.testing:branchy_cnn"
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": scheme, **cfg}], model=model)
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    stage = Quantize(QuantizeConfig(type="quantize", scheme=scheme, calibration_batches=2, **cfg), 1)
+    stage.preflight(state)
+    res = stage.run(state)
+    assert res.details["folded_batchnorm"] == ["conv1+bn1"] and res.details["sqnr_db"] >= 20
+    save_snapshot(state, tmp_path / "m")
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m", trust_source=True)))
+
+
+@pytest.mark.parametrize("scheme", ["int8_static", "onnxruntime_int8", "qat"])
+def test_branch_on_input_values_is_refused_by_the_preflight_with_its_line(tmp_path, scheme):
+    """``if x.sum() > 0``: torch.export refuses it and the TorchScript ONNX exporter would keep one
+    branch for every input. The preflight refuses before any baseline, naming the line (qat: the
+    export failure)."""
+    from compress_cli.engine.setup import preflight
+    from compress_cli.testing import branchy_cnn
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": scheme}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    state.model = branchy_cnn(on_values=True)
+    problems = preflight(state)
+    assert len(problems) == 1 and problems[0].startswith(f"stages[0] (quantize): {scheme} cannot convert")
+    if scheme != "qat":
+        assert "testing.py" in problems[0] and "(if x.sum() > 0:)" in problems[0]
+        assert "int8_dynamic" in problems[0]
+    Quantize(QuantizeConfig(type="quantize", scheme="int8_dynamic"), 1).preflight(state)  # eager: fine
+
+
+def test_preflight_leaves_the_state_as_it_was(tmp_path):
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "onnxruntime_int8"}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    Quantize(QuantizeConfig(type="quantize", scheme="onnxruntime_int8"), 1).preflight(state)
+    assert state.transforms == [] and state.runner is None and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    assert isinstance(state.model.bn1, nn.BatchNorm2d)
+
+
+def test_preflight_refuses_a_model_without_dynamic_layers_and_unknown_op_types(tmp_path):
+    class ConvOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 10, 8)
+
+        def forward(self, x):
+            return self.conv(x).flatten(1)
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_dynamic"}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    state.model = ConvOnly()
+    with pytest.raises(StageError, match="no Linear, LSTM or Embedding layer.*int8_static or onnxrunt"):
+        Quantize(QuantizeConfig(type="quantize", scheme="int8_dynamic"), 1).preflight(state)
+    cfg = QuantizeConfig(type="quantize", scheme="onnxruntime_int8", op_types_to_quantize=["MatMul", "Add2"])
+    with pytest.raises(StageError, match="ONNX Runtime cannot quantize Add2 in mode static"):
+        Quantize(cfg, 1).preflight(state)
+
+
+def test_sqnr_hints_name_only_the_keys_of_the_scheme_and_mode():
+    from compress_cli.quantization.base import sqnr_way_out
+
+    dyn = sqnr_way_out("int8_dynamic", QuantizeConfig(type="quantize", scheme="int8_dynamic"))
+    assert "calibration" not in dyn and "reduce_range" not in dyn and "exclude" in dyn
+    ort_dyn = QuantizeConfig(type="quantize", scheme="onnxruntime_int8", mode="dynamic")
+    hint = sqnr_way_out("onnxruntime_int8", ort_dyn)
+    assert "calibration" not in hint and "op_types_to_quantize" in hint
+    static = sqnr_way_out("int8_static", QuantizeConfig(type="quantize", scheme="int8_static"))
+    assert "more calibration_batches" in static and "op_types_to_quantize" not in static
+
+
+def test_dynamic_mode_refuses_calibration_options(tmp_path):
+    with pytest.raises(RecipeError, match="calibration_batches: not an option of mode dynamic"):
+        recipe(
+            tmp_path,
+            [{"type": "quantize", "scheme": "onnxruntime_int8", "mode": "dynamic", "calibration_batches": 2}],
+        )
+    with pytest.raises(RecipeError, match="op_types_to_quantize: not an option of scheme int8_static"):
+        recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "op_types_to_quantize": ["Conv"]}])
+
+
+TOKENS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Digits as tokens: each pixel's intensity level indexes an embedding table (a bag of tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(400, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        levels = (x.flatten(1).clamp(0, 1) * 5).long() + 6 * torch.arange(64)
+        return self.fc(self.emb(levels).mean(1))
+
+'''
+
+
+def test_int8_dynamic_quantizes_embeddings_per_row_and_reloads_equal(tmp_path, monkeypatch):
+    from compress_cli.checkpoint.codec import encode_tensor
+    from compress_cli.quantization.dynamic import QuantizedEmbedding
+
+    (tmp_path / "tok_net.py").write_text(TOKENS + "\n\ndef build(num_classes=10):\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state, res, d = run_stage(tmp_path, model="tok_net:build", scheme="int8_dynamic")
+    assert res.details["embeddings"] == ["emb"] and res.details["layers"] == ["fc"]
+    assert res.details["sqnr_db"] >= 30
+    w = state.model.emb.weight.detach()
+    codes = w / (w.abs().amax(1, keepdim=True) / 127)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().amax(1).round().eq(127).all()
+    meta, _ = encode_tensor("emb.weight", w)
+    assert "rowgrid" in meta["enc"]  # stored as int8 codes + a scale per row: 1 byte per weight
+    assert isinstance(state.runner.model.emb, QuantizedEmbedding)
+    loaded = compress_cli.load(d, trust_source=True)
+    assert isinstance(loaded.emb, QuantizedEmbedding) and loaded.emb.qweight.dtype == torch.int8
+    assert torch.equal(outputs(state.runner), outputs(loaded))
+
+
+def test_onnxruntime_int8_dynamic_mode_measures_in_ort_and_reloads_equal(tmp_path):
+    import onnx
+
+    state, res, d = run_stage(tmp_path, model="zoo:digits_mlp", scheme="onnxruntime_int8", mode="dynamic")
+    assert res.details["mode"] == "dynamic" and "calibration_batches" not in res.details
+    ops = {n.op_type for n in onnx.load(res.details["onnx_file"]).graph.node}
+    assert "DynamicQuantizeLinear" in ops and res.details["sqnr_db"] >= 25
+    assert state.transforms[-1]["mode"] == "dynamic"
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
