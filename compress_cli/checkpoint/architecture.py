@@ -207,8 +207,7 @@ def _signature(cls: type) -> list[Any]:
     if cls.__name__ in _SIGNATURE_OF and cls.__module__.startswith("torch.nn"):
         base_name, fixed = _SIGNATURE_OF[cls.__name__]
         owner = next(c for c in cls.__mro__ if c.__name__ == base_name)
-    init = vars(owner)["__init__"] if "__init__" in vars(owner) else owner.__init__  # type: ignore[misc]
-    return [p for p in list(inspect.signature(init).parameters.values())[1:] if p.name not in fixed]
+    return [p for p in inspect.signature(owner).parameters.values() if p.name not in fixed]
 
 
 def ctor_args(m: nn.Module) -> tuple[dict[str, Any] | None, str]:

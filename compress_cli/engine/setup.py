@@ -121,13 +121,14 @@ def build_state(
     from compress_cli.engine.signals import StopController
     from compress_cli.engine.stage_run import run_stage
     from compress_cli.sources.data import build_data
+    from compress_cli.sources.hints import num_classes_hint
     from compress_cli.sources.models import load_model
     from compress_cli.state import RunContext, State
 
     seed_everything(recipe.seed, recipe.deterministic)
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
     model, spec = load_model(recipe.model)
-    data.check_model(model)
+    data.check_model(model, lambda m, n: num_classes_hint(recipe.model, recipe.data, m, n))
     model.to(device).eval()
 
     original: nn.Module | Path

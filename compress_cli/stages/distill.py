@@ -136,6 +136,13 @@ class Distill(Stage[DistillConfig]):
         return lines
 
     # ------------------------------------------------------------------ run
+    def _hint(self, state: State, spec: ModelConfig, field: str) -> Callable[[int, int], str]:
+        """The class-count hint for this stage's ``field`` model, naming its recipe keys."""
+        from compress_cli.sources.hints import num_classes_hint
+
+        where = f"stages[{self.index - 1}].{field}"
+        return lambda m, n: num_classes_hint(spec, state.recipe.data, m, n, where)
+
     def _teacher(self, state: State) -> tuple[Any, str]:
         from compress_cli.distillation import freeze_teacher
 
@@ -146,14 +153,14 @@ class Distill(Stage[DistillConfig]):
         from compress_cli.sources.models import load_model
 
         model, _ = load_model(t)
-        state.data.check_model(model)
+        state.data.check_model(model, self._hint(state, t, "teacher"))
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
         from compress_cli.sources.models import load_model
 
         model, base = load_model(spec)
-        state.data.check_model(model)
+        state.data.check_model(model, self._hint(state, spec, "student"))
         before = sum(p.numel() for p in state.model.parameters())
         after = sum(p.numel() for p in model.parameters())
         state.model = model.to(state.device)

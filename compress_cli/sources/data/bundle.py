@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,9 +97,11 @@ class DataBundle:
             self._calib = out
         return self._calib
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module, classes_hint: Callable[[int, int], str] | None = None) -> None:
         """One forward pass of ``model`` on a sample of this data's shape: raise SourceError unless it
-        gives ``(batch, classes)`` logits with as many classes as the data has (when labelled)."""
+        gives ``(batch, classes)`` logits with as many classes as the data has (when labelled).
+        ``classes_hint(model_classes, data_classes)``: the way out of a class-count mismatch, naming
+        the recipe keys of the sources at hand (``sources.hints.num_classes_hint``)."""
         import torch
 
         from compress_cli.errors import SourceError
@@ -119,9 +121,10 @@ class DataBundle:
                 f"model output should be (batch, classes) logits, got {getattr(y, 'shape', type(y))}"
             )
         if self.labelled and y.shape[1] != self.num_classes:
+            hint = classes_hint or (lambda m, n: f"set model.kwargs.num_classes: {n}")
             raise SourceError(
-                f"model outputs {y.shape[1]} classes but the data has {self.num_classes} "
-                "(set model.kwargs.num_classes)"
+                f"model outputs {y.shape[1]} classes but the data has {self.num_classes}: "
+                f"{hint(int(y.shape[1]), int(self.num_classes))}"
             )
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
