@@ -59,9 +59,31 @@ BAD = {
         lambda m: m["architecture"].append({"path": "fc1", "class": "os.system", "args": {}}),
         r"architecture\[0\]\.class: module class 'os\.system' is not one this version can rebuild",
     ),
-    "argument the class does not take": (
+    "a loader argument": (
         lambda m: m["architecture"].append({**linear("fc1", 64, 128), "args": {"device": "cuda"}}),
-        r"architecture\[0\]\.args\.device: not an argument of Linear",
+        r"architecture\[0\]\.args\.device: not an argument a manifest may give",
+    ),
+    "argument the class does not take": (
+        lambda m: m["architecture"].append(
+            {**linear("fc1", 64, 128), "args": {"in_features": 64, "out_features": 128, "bogus": 1}}
+        ),
+        r"architecture entry 'fc1' \(Linear\): args\.bogus: not an argument of Linear",
+    ),
+    "class of a package a manifest may not name": (
+        lambda m: m["architecture"].append({"path": "fc1", "class": "subprocess:Popen", "args": {}}),
+        r"architecture\[0\]\.class: module class 'subprocess:Popen' is from package 'subprocess'",
+    ),
+    "class of the model source's package, which is built-in": (
+        lambda m: m["architecture"].append({"path": "fc1", "class": "compress_cli.testing:Net", "args": {}}),
+        r"architecture\[0\]\.class: module class 'compress_cli\.testing:Net' is from package",
+    ),
+    "private class path": (
+        lambda m: m["architecture"].append({"path": "fc1", "class": "torch.nn:_Private", "args": {}}),
+        r"architecture\[0\]\.class: module class 'torch\.nn:_Private' is not one this version can rebuild",
+    ),
+    "an allowed package's object that is not a module class": (
+        lambda m: m["architecture"].append({"path": "fc1", "class": "torch.nn.functional:relu", "args": {}}),
+        r"architecture entry 'fc1' \(torch\.nn\.functional:relu\): module class .* is not one this",
     ),
     "non-plain argument": (
         lambda m: m["architecture"].append({**linear("fc1", 64, 128), "args": {"in_features": {"a": 1}}}),

@@ -62,6 +62,11 @@ def tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors(v)
 
 
+def float_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every floating-point (or complex) tensor in ``obj``, in order: the values of a model output."""
+    return [t for t in tensors(obj) if t.is_floating_point() or t.is_complex()]
+
+
 def batch_size(obj: Any) -> int:
     """The leading dimension of the first tensor in ``obj`` (the batch size of a batch)."""
     for t in tensors(obj):

@@ -80,16 +80,13 @@ def executed_order(model: nn.Module, example: Any, kinds: tuple[type, ...] | Non
             hooks.append(
                 model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: order.append(n))
             )
+    from compress_cli._utils.batches import call
+
     try:
         was = model.training
         model.eval()
         with torch.no_grad():
-            if isinstance(example, dict):  # keyword arguments (Hugging Face), as torch-pruning takes them
-                model(**example)
-            elif isinstance(example, (tuple, list)):
-                model(*example)
-            else:
-                model(example)
+            call(model, example)  # a dict is keyword arguments (Hugging Face), as torch-pruning takes them
         model.train(was)
     finally:
         for h in hooks:

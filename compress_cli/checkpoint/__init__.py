@@ -136,7 +136,7 @@ def save_model(
     from compress_cli.checkpoint.codec import encode_state_dict, is_zstd
 
     directory = Path(directory)
-    diff = architecture_diff(base, model)
+    diff = architecture_diff(base, model, source=model_spec.get("source"))
     sd = state_dict if state_dict is not None else export_state_dict(model)
     blob, _ = encode_state_dict(sd)
     manifest = {
@@ -233,7 +233,9 @@ def load(
     model = build(manifest["model"])
     sd = _read_weights(d, manifest)
     try:
-        model = apply_architecture_diff(model, manifest.get("architecture", []), stored=sd)
+        model = apply_architecture_diff(
+            model, manifest.get("architecture", []), stored=sd, source=manifest["model"]["source"]
+        )
     except SourceError as e:
         raise SourceError([f"{d / MANIFEST}: {p}" for p in e.problems]) from None
     load_state_dict_checked(model, sd, str(directory))

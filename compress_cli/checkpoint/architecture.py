@@ -3,13 +3,20 @@
 Every module whose class or constructor arguments differ from the freshly built source model
 (channels removed, blocks replaced by Identity or by their shortcut path, ...) is recorded at save
 time as a spec (``{"path", "class", "args"}``) and rebuilt at load time: one mechanism for every
-structural stage, no per-stage code. Standard ``torch.nn`` layers are described by their
-constructor arguments; other module kinds by ``register_module_spec``. torch is imported inside
-the functions that need it, so the package (and the stages that register with it) imports fast.
+structural stage, no per-stage code. One generic rule describes a module: the arguments of its
+constructor's signature, read back from the same-named attributes, checked at save time by
+rebuilding it (the rebuilt module must have the same printout, attributes and tensor shapes).
+Plain containers (Sequential, ModuleList, ModuleDict) are described by their children. A manifest
+may name the classes of ``torch.nn``, torchvision, ``timm.layers`` and transformers, and of the
+model source's own package, which the loader builds only when it trusts that source: loading a
+shared model directory never runs code the user did not allow. Other module kinds can be taught
+with ``register_module_spec``. torch is imported inside the functions that need it, so the package
+(and the stages that register with it) imports fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,57 +26,33 @@ from compress_cli.errors import SourceError
 if TYPE_CHECKING:
     from torch import nn
 
-_CONV = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
+#: packages whose module classes a manifest may name: their layers are built from plain
+#: constructor arguments, and importing them runs no code the user did not install as a library
+#: (transformers' and torchvision's layer packages only: not their downloading or file parts).
+#: A model directory may also name classes of its model source's own package once that source is
+#: trusted (the loader refuses an untrusted ``package.module:callable`` before anything is built).
+STANDARD_PACKAGES = (
+    "torch.nn",
+    "torchvision.ops",
+    "torchvision.models",
+    "timm.layers",
+    "transformers.activations",
+    "transformers.pytorch_utils",
+    "transformers.models",
 )
-_BATCHNORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-
-# Constructor arguments read back from standard layers, so a changed layer can be rebuilt.
-_CTOR_ARGS: dict[str, tuple[str, ...]] = {
-    "Conv1d": _CONV,
-    "Conv2d": _CONV,
-    "Conv3d": _CONV,
-    "ConvTranspose2d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "output_padding",
-        "groups",
-        "dilation",
-        "padding_mode",
-    ),
-    "Linear": ("in_features", "out_features"),
-    "BatchNorm1d": _BATCHNORM,
-    "BatchNorm2d": _BATCHNORM,
-    "BatchNorm3d": _BATCHNORM,
-    "LayerNorm": ("normalized_shape", "eps", "elementwise_affine"),
-    "GroupNorm": ("num_groups", "num_channels", "eps", "affine"),
-    "Embedding": ("num_embeddings", "embedding_dim", "padding_idx"),
-    "Identity": (),
-    "PReLU": ("num_parameters",),
-    # parameterless layers a structural edit may put into a new container (drop_layers' bypasses)
-    "ReLU": ("inplace",),
-    "ReLU6": ("inplace",),
-    "SiLU": ("inplace",),
-    "Hardswish": ("inplace",),
-    "Hardsigmoid": ("inplace",),
-    "LeakyReLU": ("negative_slope", "inplace"),
-    "GELU": ("approximate",),
-    "Sigmoid": (),
-    "Tanh": (),
-    "Dropout": ("p", "inplace"),
-    "Flatten": ("start_dim", "end_dim"),
+#: containers described by their children instead of constructor arguments
+CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+#: constructor arguments never recorded nor accepted: where and how the loader allocates is its own
+_LOADER_ARGS = frozenset({"device", "dtype"})
+#: modules with more parameters than this are only rebuilt on the meta device to check a description
+_CPU_CHECK_MAX = 1 << 20
+#: constructor arguments a layer keeps under another name: class name -> argument -> reader
+_READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "MultiheadAttention": {
+        "bias": lambda m: m.in_proj_bias is not None,
+        "add_bias_kv": lambda m: m.bias_k is not None,
+    },
 }
-_HAS_BIAS = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "LayerNorm"}
 
 #: extra module kinds: class name -> (describe(module) -> args, build(args) -> module)
 _EXTRA_SPECS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[dict[str, Any]], Any]]] = {}
@@ -78,43 +61,303 @@ _EXTRA_SPECS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[dict[st
 def register_module_spec(
     class_name: str, describe: Callable[[Any], dict[str, Any]], build: Callable[[dict[str, Any]], Any]
 ) -> None:
-    """Teach the architecture diff a module kind beyond the standard torch.nn layers:
+    """Teach the architecture diff a module kind its generic rule cannot describe (constructor
+    arguments not kept as attributes, or a class outside the packages a manifest may name):
     ``describe(module)`` -> its constructor arguments (JSON values), ``build(args)`` -> a new one.
     ``build`` must also work under ``torch.device("meta")``: loading checks the tensors of a
     rebuilt module against the stored weights before it allocates them."""
     _EXTRA_SPECS[class_name] = (describe, build)
 
 
-def module_spec(m: nn.Module) -> dict[str, Any] | None:
-    """``{"class": ..., "args": {...}}`` for a rebuildable module, else None."""
-    cls = type(m).__name__
-    if cls in _EXTRA_SPECS:
-        return {"class": cls, "args": _EXTRA_SPECS[cls][0](m)}
-    if cls not in _CTOR_ARGS or type(m).__module__.split(".")[0] != "torch":
+def source_package(source: str | None) -> str | None:
+    """The top-level package of a ``package.module:callable`` model source (None for a built-in
+    source): the one package besides ``STANDARD_PACKAGES`` whose classes a manifest may name, and
+    only where the loader trusts that source (it refuses an untrusted one before building)."""
+    if not source:
         return None
-    args: dict[str, Any] = {}
-    for a in _CTOR_ARGS[cls]:
-        v = getattr(m, a)
-        args[a] = list(v) if isinstance(v, tuple) else v
-    if cls in _HAS_BIAS:
-        args["bias"] = getattr(m, "bias", None) is not None
-    return {"class": cls, "args": args}
+    mod, sep, attr = source.partition(":")
+    if not sep or mod in ("zoo", "torchvision") or not attr.isidentifier():
+        return None
+    parts = mod.split(".")
+    return parts[0] if all(p.isidentifier() for p in parts) else None
 
 
-def container_spec(m: nn.Module) -> dict[str, Any] | None:
-    """Spec of a plain ``nn.Sequential`` whose every descendant is describable (a new container put
-    in place of another module, e.g. a residual block replaced by its shortcut path), else None."""
+def _in_package(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _packages(trusted: str | None) -> tuple[str, ...]:
+    return STANDARD_PACKAGES + ((trusted,) if trusted else ())
+
+
+def class_key(cls: type) -> str:
+    """How a manifest names a module class: ``Conv2d`` for the layers ``torch.nn`` exports, else
+    ``module:qualname`` (``timm.layers.pool2d_same:AvgPool2dSame``)."""
     from torch import nn
 
-    if type(m) is not nn.Sequential:
-        return None
-    children = []
-    for name, child in m.named_children():
-        spec = module_spec(child) or container_spec(child)
-        if spec is None:
+    if getattr(nn, cls.__name__, None) is cls:
+        return cls.__name__
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _class_problem(name: str, trusted: str | None) -> str | None:
+    """Why a manifest may not name module class ``name`` (None: it may), without importing it."""
+    if ":" not in name:
+        if name.isidentifier() and not name.startswith("_"):
             return None
-        children.append({"name": name, **spec})
-    return {"class": "Sequential", "args": {}, "children": children}
+        return f"module class {name!r} is not one this version can rebuild"
+    module, _, qual = name.partition(":")
+    parts = [*module.split("."), *qual.split(".")]
+    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        return f"module class {name!r} is not one this version can rebuild"
+    if not _in_package(module, _packages(trusted)):
+        allowed = ", ".join(_packages(trusted))
+        return (
+            f"module class {name!r} is from package {module.split('.')[0]!r}; a manifest may name "
+            f"classes of {allowed} (and of a trusted model source's own package) only"
+        )
+    return None
+
+
+def resolve_class(name: str, trusted: str | None = None) -> type[nn.Module]:
+    """The module class a manifest names (``class_key``); SourceError for a class outside the
+    allowed packages (checked before anything is imported) or not an ``nn.Module``."""
+    import importlib
+
+    from torch import nn
+
+    problem = _class_problem(name, trusted)
+    if problem:
+        raise SourceError(problem)
+    if ":" not in name:
+        cls = getattr(nn, name, None)
+    else:
+        module, _, qual = name.partition(":")
+        try:
+            cls = importlib.import_module(module)
+        except ImportError as e:
+            raise SourceError(f"module class {name!r}: cannot import {module!r} ({e})") from None
+        for part in qual.split("."):
+            cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise SourceError(f"module class {name!r} is not one this version can rebuild")
+    return cls
+
+
+_MISSING = object()
+
+
+def _read_arg(m: nn.Module, name: str) -> Any:
+    """The value module ``m`` keeps for its constructor argument ``name`` (``_MISSING`` if none):
+    a same-named attribute; ``bias`` -> whether it has a bias tensor."""
+    import torch
+
+    reader = _READERS.get(type(m).__name__, {}).get(name)
+    if reader is not None and type(m).__module__.startswith("torch.nn"):
+        return reader(m)
+    if name in m._parameters or name in m._buffers:
+        t = m._parameters.get(name, m._buffers.get(name))
+        return t is not None if name == "bias" else t
+    if name in m._modules:
+        return m._modules[name]
+    if name in vars(m):
+        return vars(m)[name]
+    if isinstance(getattr(type(m), name, None), property):
+        try:
+            return getattr(m, name)
+        except Exception:
+            return _MISSING
+    if name == "bias" and isinstance(getattr(m, "bias", None), torch.Tensor):
+        return True
+    return _MISSING
+
+
+def _jsonable(v: Any) -> Any:
+    """``v`` as the manifest stores it (tuples as lists), or ``_MISSING`` when it is not a plain
+    value a manifest may hold (see ``_plain_problems``)."""
+    if isinstance(v, tuple | list):
+        v = list(v)
+    if type(v) not in (bool, int, float, str, type(None), list) or _plain_problems(v):
+        return _MISSING
+    return v
+
+
+#: classes whose constructor hides its arguments behind ``*args, **kwargs``: the base whose
+#: signature they pass them to, and the arguments the class fixes itself
+_SIGNATURE_OF: dict[str, tuple[str, frozenset[str]]] = {
+    "RNN": ("RNNBase", frozenset({"mode"})),
+    "LSTM": ("RNNBase", frozenset({"mode"})),
+    "GRU": ("RNNBase", frozenset({"mode"})),
+}
+
+
+def _same_plain(a: Any, b: Any) -> bool:
+    """Whether two values are the same plain value, types included (``1`` is not ``1.0`` nor ``True``)."""
+    import json
+
+    x, y = _jsonable(a), _jsonable(b)
+    return x is not _MISSING and y is not _MISSING and json.dumps(x) == json.dumps(y)
+
+
+def _signature(cls: type) -> list[Any]:
+    """The parameters of ``cls``'s constructor, without ``self``."""
+    import inspect
+
+    owner, fixed = cls, frozenset[str]()
+    if cls.__name__ in _SIGNATURE_OF and cls.__module__.startswith("torch.nn"):
+        base_name, fixed = _SIGNATURE_OF[cls.__name__]
+        owner = next(c for c in cls.__mro__ if c.__name__ == base_name)
+    return [p for p in inspect.signature(owner).parameters.values() if p.name not in fixed]
+
+
+def ctor_args(m: nn.Module) -> tuple[dict[str, Any] | None, str]:
+    """``(args, "")``: the constructor arguments module ``m`` keeps (generic rule: every argument
+    of its constructor's signature, read back from the same-named attribute; a missing one keeps its
+    default), as JSON values, those at their default left out; ``(None, why)`` when one cannot be
+    read back. Not yet checked by rebuilding (``describe`` does that)."""
+    import inspect
+
+    try:
+        params = _signature(type(m))
+    except (TypeError, ValueError):
+        return None, "its constructor has no readable signature"
+    args: dict[str, Any] = {}
+    for p in params:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        has_default = p.default is not inspect.Parameter.empty
+        if p.name in _LOADER_ARGS or (p.name.startswith("_") and has_default):
+            continue
+        value = _MISSING if p.name.startswith("_") else _read_arg(m, p.name)
+        if value is _MISSING:
+            if has_default:
+                continue
+            return None, f"its constructor argument {p.name!r} is not kept as an attribute"
+        if has_default and (value is p.default or _same_plain(value, p.default)):
+            continue  # the default (not recorded: some constructors refuse an argument given at all)
+        plain = _jsonable(value)
+        if plain is _MISSING:
+            return None, f"its constructor argument {p.name!r} is a {type(value).__name__}, not a plain value"
+        args[p.name] = plain
+    return args, ""
+
+
+def _tensor_shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's and buffer's shape, with torch.nn.utils.prune's ``X_orig``/``X_mask``
+    pairs named ``X`` (how the saved weights name them)."""
+    shapes = {k: tuple(v.shape) for k, v in [*m.named_parameters(), *m.named_buffers()]}
+    for k in [k for k in shapes if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in shapes]:
+        del shapes[k]
+        shapes[k[: -len("_mask")]] = shapes.pop(k[: -len("_mask")] + "_orig")
+    return shapes
+
+
+def _same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``b`` (rebuilt) is ``a``'s architecture: the same classes, printout, plain attributes
+    and tensor shapes at every submodule."""
+    mods_a, mods_b = list(a.named_modules()), list(b.named_modules())
+    return (
+        [(n, type(m)) for n, m in mods_a] == [(n, type(m)) for n, m in mods_b]
+        and [_patchable_attrs(m) for _, m in mods_a] == [_patchable_attrs(m) for _, m in mods_b]
+        and _tensor_shapes(a) == _tensor_shapes(b)
+        and repr(a) == repr(b)
+    )
+
+
+def describe(m: nn.Module, trusted: str | None = None) -> tuple[dict[str, Any] | None, str]:
+    """``(spec, "")`` for a module the manifest can rebuild: ``{"class", "args"}`` from its
+    constructor arguments (checked by rebuilding it, which must give the same architecture), or a
+    plain container's ``{"class", "args": {}, "children": [...]}``; else ``(None, why)``, where a
+    container's reason names the first submodule that is not describable. ``trusted``: the model
+    source's package (``source_package``), whose classes are allowed besides the standard ones."""
+    spec, why, sub, offender = _describe(m, trusted)
+    if spec is None and sub:
+        why = f"its submodule {sub!r} ({class_key(type(offender))}): {why}"
+    return spec, why
+
+
+def _describe(m: nn.Module, trusted: str | None) -> tuple[dict[str, Any] | None, str, str, nn.Module]:
+    """``describe``, with the innermost module that is not describable and its path inside ``m``."""
+    import torch
+    from torch import nn
+    from torch.nn.parameter import UninitializedParameter
+
+    cls = type(m)
+    name = cls.__name__
+    if name in _EXTRA_SPECS:
+        return {"class": name, "args": _EXTRA_SPECS[name][0](m)}, "", "", m
+    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+        children = []
+        for child_name, child in m.named_children():
+            spec, why, sub, offender = _describe(child, trusted)
+            if spec is None:
+                return None, why, f"{child_name}.{sub}" if sub else child_name, offender
+            children.append({"name": child_name, **spec})
+        return {"class": name, "args": {}, "children": children}, "", "", m
+    key = class_key(cls)
+    if not _in_package(cls.__module__, _packages(trusted)):
+        return (
+            None,
+            (
+                f"its class is from package {cls.__module__.split('.')[0]!r}, and a manifest may name the "
+                f"classes of {', '.join(STANDARD_PACKAGES)} and of the model source's own package only"
+            ),
+            "",
+            m,
+        )
+    if any(isinstance(t, UninitializedParameter) for t in [*m.parameters(), *m.buffers()]):
+        return None, "it is a lazy module that has not seen an input yet", "", m
+    args, why = ctor_args(m)
+    if args is None:
+        return None, why, "", m
+    spec = {"class": key, "args": args}
+    small = sum(t.numel() for t in [*m.parameters(), *m.buffers()]) <= _CPU_CHECK_MAX
+    for device in ("meta", "cpu") if small else ("meta",):
+        try:
+            with torch.device(device):
+                again = build_module(spec, trusted)
+        except Exception:
+            continue
+        if _same_structure(m, again):
+            return spec, "", "", m
+        return None, "rebuilt from its constructor arguments it is not the same module", "", m
+    return None, "it cannot be rebuilt from its constructor arguments", "", m
+
+
+def module_spec(m: nn.Module, trusted: str | None = None) -> dict[str, Any] | None:
+    """``{"class": ..., "args": {...}}`` (or a container's spec) for a module the manifest can
+    rebuild, else None (``describe`` says why)."""
+    return describe(m, trusted)[0]
+
+
+#: what a recipe can do about a module the manifest cannot describe
+RECIPE_WAY_OUT = (
+    "keep the stage that would change it away from it (drop_layers: list the block in protect; "
+    "prune_channels: list the layer in ignore)"
+)
+
+
+def describe_problem(m: nn.Module, path: str = "", source: str | None = None) -> str | None:
+    """Why module ``m``, new at ``path`` (a replacement a stage made), cannot be recorded in a
+    manifest: one line naming the innermost module that is not describable (path and class), the
+    reason and the recipe-level way out; None when it can be. ``source``: the model source the
+    manifest names (its own package's classes are allowed). A stage's preflight calls this on the
+    modules it would put into the model, before anything runs."""
+    spec, why, sub, offender = _describe(m, source_package(source))
+    if spec is not None:
+        return None
+    where = f"{path}.{sub}" if path and sub else path or sub
+    inside = f", inside the new {class_key(type(m))} {path!r}," if sub else ""
+    out = RECIPE_WAY_OUT
+    if why.startswith("its class is from package"):
+        out += (
+            "; or build the model with a model.source of that package (package.module:callable): the "
+            "manifest may name its classes, and loading the directory needs model.trust_source"
+        )
+    return (
+        f"module {where!r} ({class_key(type(offender))}){inside} cannot be described in the manifest: "
+        f"{why}; {out} (from Python: compress_cli.checkpoint.register_module_spec)"
+    )
 
 
 def _patchable_attrs(m: nn.Module) -> dict[str, Any]:
@@ -176,31 +419,50 @@ def _apply_patch(m: nn.Module, args: dict[str, Any], path: str, stored: Mapping[
             )
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
-    """A fresh module (random init) from a ``module_spec`` / ``container_spec`` entry."""
+def build_module(spec: dict[str, Any], trusted: str | None = None) -> nn.Module:
+    """A fresh module (random init) from a ``describe`` / manifest entry. ``trusted``: the model
+    source's package, whose classes are allowed besides ``STANDARD_PACKAGES``."""
+    import inspect
+
     from torch import nn
 
-    cls = spec["class"]
-    if cls == "Sequential" and "children" in spec:
+    cls_name = spec["class"]
+    if cls_name in CONTAINERS and "children" in spec:
         from collections import OrderedDict
 
-        return nn.Sequential(OrderedDict((c["name"], build_module(c)) for c in spec["children"]))
-    if cls in _EXTRA_SPECS:
-        return _EXTRA_SPECS[cls][1](spec["args"])
-    if cls not in _CTOR_ARGS:
-        raise SourceError(f"manifest names module class {cls!r}, which this version cannot rebuild")
-    args = {
-        k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v for k, v in spec["args"].items()
-    }
-    return getattr(nn, cls)(**args)
+        children = [(c["name"], build_module(c, trusted)) for c in spec["children"]]
+        if cls_name == "ModuleList":
+            return nn.ModuleList(m for _, m in children)
+        return getattr(nn, cls_name)(OrderedDict(children))
+    if cls_name in _EXTRA_SPECS:
+        return _EXTRA_SPECS[cls_name][1](spec["args"])
+    cls = resolve_class(cls_name, trusted)
+    try:
+        params = {
+            p.name
+            for p in _signature(cls)
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+    except (TypeError, ValueError):
+        params = set()
+    bad = [k for k in spec["args"] if k not in params or k in _LOADER_ARGS or k.startswith("_")]
+    if bad:
+        raise SourceError([f"args.{k}: not an argument of {cls_name}" for k in bad])
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["args"].items()}
+    return cls(**args)
 
 
-def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
+def architecture_diff(base: nn.Module, current: nn.Module, source: str | None = None) -> list[dict[str, Any]]:
     """Modules of ``current`` that differ from ``base``, outermost first, as rebuild specs.
 
-    A changed module with constructor arguments is rebuilt from them; a new plain ``nn.Sequential``
-    is rebuilt from its children's specs; a module of unchanged class without constructor spec whose
-    plain attributes or own tensor shapes changed is patched in place (``__patch__``)."""
+    A module whose class changed, or that is new, is rebuilt from its description (``describe``:
+    constructor arguments, or a plain container's children). A module of unchanged class whose
+    constructor arguments changed is rebuilt from them when they describe it; otherwise, and for
+    classes without readable arguments, its changed plain attributes and own tensor shapes are
+    patched in place (``__patch__``). ``source``: the model source the manifest names (its own
+    package's classes may be named, see ``source_package``). SourceError, naming the module and
+    the recipe-level way out, for a new module that cannot be described."""
+    trusted = source_package(source)
     base_mods = dict(base.named_modules())
     diff: list[dict[str, Any]] = []
     replaced: list[str] = []
@@ -208,20 +470,24 @@ def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any
         if any(name.startswith(p + ".") for p in replaced):
             continue
         ref = base_mods.get(name)
-        spec = module_spec(mod)
-        if ref is not None and type(ref) is type(mod) and spec is None:
+        if ref is not None and type(ref) is type(mod):
+            if name and type(mod).__name__ not in CONTAINERS and _args_changed(ref, mod, trusted):
+                spec = module_spec(mod, trusted)
+                if spec is not None:
+                    diff.append({"path": name, **spec})
+                    replaced.append(name)
+                    continue
             patch = patch_spec(ref, mod)
             if patch is not None:
                 diff.append({"path": name, **patch})
             continue
-        if not name or (ref is not None and type(ref) is type(mod) and spec == module_spec(ref)):
-            continue
+        spec = module_spec(mod, trusted)
         if spec is None:
-            spec = container_spec(mod)
-        if spec is None:
+            problem = describe_problem(mod, name, source) or ""
             raise SourceError(
-                f"module {name!r} ({type(mod).__name__}) differs from the model source and cannot be "
-                "described in the manifest; register it with compress_cli.checkpoint.register_module_spec"
+                problem.replace(
+                    "cannot be described", "differs from the model source and cannot be described", 1
+                )
             )
         diff.append({"path": name, **spec})
         replaced.append(name)
@@ -238,6 +504,17 @@ def architecture_diff(base: nn.Module, current: nn.Module) -> list[dict[str, Any
     return diff
 
 
+def _args_changed(ref: nn.Module, mod: nn.Module, trusted: str | None) -> bool:
+    """Whether two modules of one class were built with different constructor arguments (as far
+    as they can be read back; a registered kind by its own ``describe``)."""
+    name = type(mod).__name__
+    if name in _EXTRA_SPECS:
+        return bool(_EXTRA_SPECS[name][0](ref) != _EXTRA_SPECS[name][0](mod))
+    if not _in_package(type(mod).__module__, _packages(trusted)):
+        return False
+    return ctor_args(ref)[0] != ctor_args(mod)[0]
+
+
 def _submodule(model: nn.Module, name: str, path: str) -> nn.Module:
     """``model``'s submodule ``name`` ("" is the model), or a SourceError about manifest entry ``path``."""
     try:
@@ -247,15 +524,20 @@ def _submodule(model: nn.Module, name: str, path: str) -> nn.Module:
 
 
 def apply_architecture_diff(
-    model: nn.Module, diff: list[dict[str, Any]], stored: Mapping[str, Any] | None = None
+    model: nn.Module,
+    diff: list[dict[str, Any]],
+    stored: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> nn.Module:
     """Replay ``architecture_diff`` entries on a freshly built source model (in place; returns it).
 
     ``stored``: the weights the result will load (name -> tensor). Given, every tensor an entry
     creates must be one of them with the same shape, checked before it is allocated (a rebuilt
     module is first built on the meta device), so a manifest cannot make the loader allocate
-    more than the weights file holds.
+    more than the weights file holds. ``source``: the model source the manifest names; classes of
+    its own package may be rebuilt (the caller has trusted it by building ``model`` from it).
     """
+    trusted = source_package(source)
     for item in diff:
         path = item["path"]
         if item["class"] == "__patch__":
@@ -268,28 +550,36 @@ def apply_architecture_diff(
         if item["class"] == "__deleted__":
             delattr(parent, child)
         else:
-            setattr(parent, child, _checked_build(item, path, stored))
+            setattr(parent, child, _checked_build(item, path, stored, trusted))
     return model
 
 
-def _checked_build(item: dict[str, Any], path: str, stored: Mapping[str, Any] | None) -> nn.Module:
+def _checked_build(
+    item: dict[str, Any], path: str, stored: Mapping[str, Any] | None, trusted: str | None
+) -> nn.Module:
     """``build_module(item)``; with ``stored``, only once a meta-device build showed that its
     tensors are the stored ones. Constructor errors (bad arguments) become SourceErrors."""
     import torch
 
-    try:
-        if stored is not None:
-            with torch.device("meta"):
-                probe = build_module(item)
-            for k, t in probe.state_dict().items():
-                _check_stored(f"{path}.{k}", list(t.shape), stored, False, path)
-        return build_module(item)
-    except (TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise SourceError(
-            f"manifest architecture entry {path!r} ({item['class']}): cannot build it "
-            f"({type(e).__name__}: {first})"
-        ) from None
+    def build(device: str | None) -> nn.Module:
+        try:
+            with torch.device(device) if device else contextlib.nullcontext():
+                return build_module(item, trusted)
+        except SourceError as e:
+            raise SourceError(
+                [f"manifest architecture entry {path!r} ({item['class']}): {p}" for p in e.problems]
+            ) from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise SourceError(
+                f"manifest architecture entry {path!r} ({item['class']}): cannot build it "
+                f"({type(e).__name__}: {first})"
+            ) from None
+
+    if stored is not None:
+        for k, t in build("meta").state_dict().items():
+            _check_stored(f"{path}.{k}", list(t.shape), stored, False, path)
+    return build(None)
 
 
 def _check_stored(key: str, shape: list[int], stored: Mapping[str, Any], transient: bool, path: str) -> None:
@@ -316,21 +606,23 @@ MAX_RANK = 8
 _SCALARS = (bool, int, float, str, type(None))
 
 
-def architecture_problems(entries: object) -> list[str]:
+def architecture_problems(entries: object, source: str | None = None) -> list[str]:
     """What is wrong with a manifest's ``architecture`` list, one located line each: only the
-    entry kinds ``architecture_diff`` writes, of module classes this version can rebuild (standard
-    layers, ``register_module_spec``), with plain, bounded constructor arguments."""
+    entry kinds ``architecture_diff`` writes, of module classes a manifest may name (the
+    ``STANDARD_PACKAGES``, the package of ``source``, the manifest's model source, and
+    ``register_module_spec`` kinds), with plain, bounded constructor arguments. Imports nothing:
+    whether a named class exists and takes those arguments is checked when it is built."""
     if not isinstance(entries, list):
         return [f"architecture: must be a list (got {type(entries).__name__})"]
     if len(entries) > MAX_ENTRIES:
         return [f"architecture: {len(entries):,} entries, more than the {MAX_ENTRIES:,} allowed"]
     problems: list[str] = []
     for i, entry in enumerate(entries):
-        problems += _entry_problems(entry, f"architecture[{i}]", 0)
+        problems += _entry_problems(entry, f"architecture[{i}]", 0, source_package(source))
     return problems
 
 
-def _entry_problems(entry: object, where: str, depth: int) -> list[str]:
+def _entry_problems(entry: object, where: str, depth: int, trusted: str | None) -> list[str]:
     if not isinstance(entry, dict):
         return [f"{where}: must be a mapping"]
     key = "name" if depth else "path"
@@ -345,22 +637,28 @@ def _entry_problems(entry: object, where: str, depth: int) -> list[str]:
         return []
     if cls == "__patch__" and not depth:
         return _patch_problems(args, where)
-    if cls == "Sequential":
+    if cls in CONTAINERS and "children" in entry:
         children = entry.get("children")
         if not isinstance(children, list) or len(children) > MAX_ENTRIES or depth >= MAX_DEPTH:
             return [f"{where}.children: must be a list of at most {MAX_ENTRIES:,} modules, {MAX_DEPTH} deep"]
         return [
-            p for i, c in enumerate(children) for p in _entry_problems(c, f"{where}.children[{i}]", depth + 1)
+            p
+            for i, c in enumerate(children)
+            for p in _entry_problems(c, f"{where}.children[{i}]", depth + 1, trusted)
         ]
     if isinstance(cls, str) and cls in _EXTRA_SPECS:
         return []  # its registered build reads the arguments
-    if not isinstance(cls, str) or cls not in _CTOR_ARGS:
-        return [f"{where}.class: module class {cls!r} is not one this version can rebuild"]
-    allowed = set(_CTOR_ARGS[cls]) | ({"bias"} if cls in _HAS_BIAS else set())
-    problems = [f"{where}.args.{k}: not an argument of {cls}" for k in args if k not in allowed]
-    problems += [
-        f"{where}.args.{k}: {p}" for k, v in args.items() if k in allowed for p in _plain_problems(v)
+    if not isinstance(cls, str) or len(cls) > 1000:
+        return [f"{where}.class: module class {cls!r:.60} is not one this version can rebuild"]
+    problem = _class_problem(cls, trusted)
+    if problem:
+        return [f"{where}.class: {problem}"]
+    problems = [
+        f"{where}.args.{k}: not an argument a manifest may give"
+        for k in args
+        if not (isinstance(k, str) and k.isidentifier()) or k.startswith("_") or k in _LOADER_ARGS
     ]
+    problems += [f"{where}.args.{k}: {p}" for k, v in args.items() for p in _plain_problems(v)]
     return problems
 
 

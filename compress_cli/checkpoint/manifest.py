@@ -99,7 +99,10 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     num_classes = manifest.get("num_classes")
     if num_classes is not None and not (type(num_classes) is int and 1 <= num_classes <= MAX_SIZE):
         problems.append(f"num_classes: must be null or a positive int (got {num_classes!r:.60})")
-    problems += architecture_problems(manifest.get("architecture", []))
+    model = manifest.get("model")
+    source = model.get("source") if isinstance(model, dict) else None
+    source = source if isinstance(source, str) else None
+    problems += architecture_problems(manifest.get("architecture", []), source)
     for key in ("transforms", "edits"):
         entries = manifest.get(key, [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

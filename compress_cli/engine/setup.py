@@ -10,7 +10,7 @@ import random
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compress_cli.engine.lock import LOCK_NAME
 from compress_cli.errors import CompressError, StageError, UsageError
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compress_cli.config.recipe import Recipe
-    from compress_cli.stages.base import StageConfig
+    from compress_cli.stages.base import Stage, StageConfig
     from compress_cli.state import State, StopSource
 
 
@@ -121,6 +121,7 @@ def build_state(
     from compress_cli.engine.signals import StopController
     from compress_cli.engine.stage_run import run_stage
     from compress_cli.sources.data import build_data
+    from compress_cli.sources.hints import num_classes_hint
     from compress_cli.sources.models import load_model
     from compress_cli.state import RunContext, State
     from compress_cli.tasks import Reference, build_task
@@ -129,7 +130,7 @@ def build_state(
     data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
     data.task = task = build_task(recipe.task, data.num_classes if data.labelled else None)
     model, spec = load_model(recipe.model)
-    data.check_model(model)
+    data.check_model(model, lambda m, n: num_classes_hint(recipe.model, recipe.data, m, n))
     model.to(device).eval()
 
     original: nn.Module | Path
@@ -177,21 +178,65 @@ def preflight(
 ) -> list[str]:
     """Every stage's (and nested stage's) :meth:`Stage.preflight` against the loaded model, before
     anything runs: the located refusals, one line each (empty: all stages can apply). The first
-    ``skip`` stages (already done, on --resume) are not checked."""
+    ``skip`` stages (already done, on --resume) are not checked. Also checked: that the manifest
+    can describe the loaded model (the run saves it after every stage) and every module a stage
+    says it may put into the model (:meth:`Stage.new_modules`). After a stage that swaps in
+    another model (:meth:`Stage.replaces_model`) the later stages are not checked: they would be
+    checked against the wrong model."""
     from compress_cli.stages.registry import get_stage
 
-    problems: list[str] = []
+    problems = saveable_problems(state) if configs is None else []
     for i, cfg in enumerate(state.recipe.stages if configs is None else configs, start=1):
-        if i <= skip:
-            continue
         cls = get_stage(cfg.type)
-        try:
-            cls(cfg, i).preflight(state)
-        except CompressError as e:
-            problems += [f"{where}[{i - 1}] ({cfg.type}): {p}" for p in e.problems]
-        for field, children in cls.children(cfg):
-            problems += preflight(state, children, f"{where}[{i - 1}].{field}")
+        if i > skip:
+            stage = cls(cfg, i)
+            found: list[str] = []
+            try:
+                stage.preflight(state)
+                found = _new_module_problems(stage, state)
+            except CompressError as e:
+                found = e.problems
+            problems += [f"{where}[{i - 1}] ({cfg.type}): {p}" for p in found]
+            for field, children in cls.children(cfg):
+                problems += preflight(state, children, f"{where}[{i - 1}].{field}")
+        if cls.replaces_model(cfg):
+            break
     return problems
+
+
+def _new_module_problems(stage: Stage[Any], state: State) -> list[str]:
+    """What the manifest could not record of the modules ``stage`` may put into the model."""
+    from compress_cli.checkpoint.architecture import describe_problem
+
+    source = state.model_spec.source
+    found = (describe_problem(m, path, source) for path, m in stage.new_modules(state))
+    return [p for p in found if p]
+
+
+def saveable_problems(state: State) -> list[str]:
+    """Why the loaded model could not be saved as a model directory (its architecture differs
+    from what its model source builds in a way the manifest cannot describe, e.g. a pickled
+    module of another architecture), one located line each; empty when it can be. The run saves
+    a snapshot after every stage: this refuses up front what would fail after the first one.
+    The source's architecture is built on the meta device (no weights allocated) where it can be."""
+    import torch
+
+    from compress_cli.checkpoint import architecture_diff
+    from compress_cli.sources.models import build_from_source
+
+    spec = state.model_spec.model_dump(mode="json")
+    try:
+        try:
+            with torch.device("meta"):
+                base = build_from_source(spec)
+        except CompressError:
+            raise
+        except Exception:  # a constructor that needs real tensors
+            base = build_from_source(spec)
+        architecture_diff(base, state.model, source=spec["source"])
+    except CompressError as e:
+        return [f"model: cannot be saved as a model directory: {p}" for p in e.problems]
+    return []
 
 
 def release_memory() -> None:

@@ -24,17 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress_cli._utils.batches import call, to_device
 from compress_cli._utils.modules import device_of, matches_any, output_layers
 from compress_cli.errors import StageError
 from compress_cli.pruning.common import Batches, check_forward, output_shapes
 from compress_cli.pruning.exactness import (
     Exactness,
     Removal,
-    call,
     compare,
     plan_of,
     restore,
-    to_device,
     zeroed_reference,
 )
 from compress_cli.pruning.unstructured import make_permanent

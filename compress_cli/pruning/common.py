@@ -16,7 +16,8 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 def output_shapes(model: nn.Module, example: Any) -> list[tuple[int, ...]]:
     """The shapes of the floating-point tensors ``model`` returns on ``example`` (eval, no grad)."""
-    from compress_cli.pruning.exactness import call, tensors
+    from compress_cli._utils.batches import call
+    from compress_cli._utils.batches import float_tensors as tensors
 
     was = model.training
     model.eval()
@@ -31,7 +32,8 @@ def check_forward(model: nn.Module, example: Any, out_shape: Sequence[Any] | Non
     """After a structural change: raise StageError (prefixed ``what``) unless the model still runs
     on ``example`` in eval mode and gives finite outputs of shapes ``out_shape`` (when given; a
     torch.Size is the shape of a single output tensor)."""
-    from compress_cli.pruning.exactness import call, tensors
+    from compress_cli._utils.batches import call
+    from compress_cli._utils.batches import float_tensors as tensors
 
     was = model.training
     model.eval()

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress_cli._utils.batches import batch_size, call, float_tensors
+
 #: relative tolerance of the exactness checks (times the largest |reference output|)
 REL_TOL = 1e-4
 #: absolute tolerance added to the relative one (outputs that are all about zero)
@@ -63,49 +65,6 @@ class Exactness:
         return out
 
 
-# --------------------------------------------------------------------------- structured inputs
-def call(model: nn.Module, inputs: Any) -> Any:
-    """``model`` on ``inputs``: keyword arguments for a dict, positional ones for a tuple/list."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def tensors(obj: Any) -> list[torch.Tensor]:
-    """Every floating-point tensor in ``obj`` (tensors, dicts, tuples, lists, model outputs), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() or obj.is_complex() else []
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in tensors(v)]
-    return []
-
-
-def batch_of(inputs: Any) -> int:
-    """The leading dimension of the first tensor in ``inputs``."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    items = inputs.values() if isinstance(inputs, Mapping) else inputs
-    for v in items if isinstance(items, (tuple, list)) or isinstance(inputs, Mapping) else ():
-        if isinstance(v, torch.Tensor):
-            return int(v.shape[0]) if v.dim() else 1
-    return 1
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """``inputs`` with every tensor moved to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
-
-
 # --------------------------------------------------------------------------- comparison
 def tolerance(reference: Sequence[torch.Tensor]) -> float:
     """:data:`REL_TOL` x max|reference| + :data:`ABS_TOL`."""
@@ -129,7 +88,9 @@ def _record(model: nn.Module, inputs: Any) -> tuple[list[torch.Tensor], list[tup
     """The final output tensors and, in the order module calls finish, (name, output tensors)."""
     calls: list[tuple[str, list[torch.Tensor]]] = []
     hooks = [
-        m.register_forward_hook(lambda _m, _i, o, n=name: calls.append((n, [t.detach() for t in tensors(o)])))
+        m.register_forward_hook(
+            lambda _m, _i, o, n=name: calls.append((n, [t.detach() for t in float_tensors(o)]))
+        )
         for name, m in model.named_modules()
         if name
     ]
@@ -137,7 +98,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[list[torch.Tensor], list[tup
     model.eval()
     try:
         with torch.no_grad():
-            out = [t.detach() for t in tensors(call(model, inputs))]
+            out = [t.detach() for t in float_tensors(call(model, inputs))]
     finally:
         model.train(was)
         for h in hooks:
@@ -151,7 +112,7 @@ def compare(reference: nn.Module, candidate: nn.Module, inputs: Any) -> Exactnes
     ref_out, ref_calls = _record(reference, inputs)
     out, calls = _record(candidate, inputs)
     tol = tolerance(ref_out)
-    result = Exactness(max_diff(ref_out, out), tol, batch_of(inputs))
+    result = Exactness(max_diff(ref_out, out), tol, batch_size(inputs))
     if result.exact:
         return result
     by_name: dict[str, list[list[torch.Tensor]]] = {}

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress_cli._utils.batches import call, to_device
 from compress_cli._utils.modules import device_of, matches_any, output_layers, set_submodule
 from compress_cli.errors import StageError
 from compress_cli.pruning.common import Batches, check_forward, output_shapes
-from compress_cli.pruning.exactness import Exactness, bypassed_reference, call, compare, restore, to_device
+from compress_cli.pruning.exactness import Exactness, bypassed_reference, compare, restore
 from compress_cli.pruning.unstructured import make_permanent
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from compress_cli.quantization.fold import _tensors_in, call_model
+from compress_cli._utils.batches import call
+from compress_cli.quantization.fold import _tensors_in
 
 #: the tensor methods that hand a value to Python
 _TO_PYTHON = {
@@ -86,5 +87,5 @@ def value_branches(model: nn.Module, example: Any) -> list[str]:
     _tensors_in(example, inputs)
     mode = _Taint(inputs)
     with torch.no_grad(), mode:
-        call_model(model, example)
+        call(model, example)
     return mode.found

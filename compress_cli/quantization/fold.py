@@ -12,7 +12,6 @@ original on the same batch (fold nothing rather than fold wrong).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.overrides import TorchFunctionMode
 
+from compress_cli._utils.batches import call, float_tensors
 from compress_cli._utils.modules import set_submodule
 from compress_cli.errors import StageError
 
@@ -27,30 +27,6 @@ _CONV_FOR_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 #: relative L2 difference the folded model's outputs may have from the original's (float rounding)
 FOLD_RTOL = 1e-4
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model`` on ``inputs``: a tensor (one positional argument), a tuple/list (positional
-    arguments) or a dict (keyword arguments)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def output_tensors(out: Any) -> Iterator[torch.Tensor]:
-    """The floating-point tensors in a model output (a tensor, a tuple/list/dict of them, or an
-    object with those as attributes, as Hugging Face's ``ModelOutput``)."""
-    if isinstance(out, torch.Tensor):
-        if out.is_floating_point():
-            yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from output_tensors(v)
-    elif isinstance(out, (tuple, list)):
-        for v in out:
-            yield from output_tensors(v)
 
 
 def _tensors_in(obj: Any, found: list[torch.Tensor], depth: int = 0) -> None:
@@ -140,7 +116,7 @@ def conv_bn_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
         handles.append(m.register_forward_hook(lambda mod, a, o, n=name: post(n, mod, a, o)))
     try:
         with torch.no_grad(), uses:
-            call_model(model, example)
+            call(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -159,7 +135,7 @@ def conv_bn_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
 
 
 def _relative_difference(a: Any, b: Any) -> float:
-    ta, tb = list(output_tensors(a)), list(output_tensors(b))
+    ta, tb = list(float_tensors(a)), list(float_tensors(b))
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         return float("inf")
     worst = 0.0
@@ -189,7 +165,7 @@ def fold_batchnorm(
     if not pairs:
         return model, []
     with torch.no_grad():
-        before = call_model(model, example)
+        before = call(model, example)
         originals = []
         for conv_name, bn_name in pairs:
             conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
@@ -198,7 +174,7 @@ def fold_batchnorm(
             originals.append((conv_name, conv, bn_name, bn))
             set_submodule(model, conv_name, fused)
             set_submodule(model, bn_name, nn.Identity())
-        if _relative_difference(before, call_model(model, example)) > FOLD_RTOL:
+        if _relative_difference(before, call(model, example)) > FOLD_RTOL:
             for conv_name, conv, bn_name, bn in originals:  # a pair read elsewhere on a path not run
                 set_submodule(model, conv_name, conv)
                 set_submodule(model, bn_name, bn)

@@ -97,8 +97,8 @@ def check_onnx_follows(model: nn.Module, fp32: bytes | Path, batches: list[Any])
     source line that reads an input-dependent tensor into Python."""
     import onnxruntime as ort
 
+    from compress_cli._utils.batches import call, float_tensors
     from compress_cli.quantization.branches import value_branches
-    from compress_cli.quantization.fold import call_model, output_tensors
 
     src = fp32 if isinstance(fp32, bytes) else str(fp32)
     session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
@@ -106,7 +106,7 @@ def check_onnx_follows(model: nn.Module, fp32: bytes | Path, batches: list[Any])
         named = x.items() if isinstance(x, dict) else [(ONNX_INPUT, x)]
         got = session.run(None, {k: v.detach().cpu().numpy() for k, v in named})[0]
         with torch.no_grad():
-            want = next(output_tensors(call_model(model, x)), None)
+            want = next(iter(float_tensors(call(model, x))), None)
         if want is None or tuple(want.shape) != got.shape:
             continue
         ref = want.double()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from compress_cli.config.stage import StageConfig
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compress_cli.state import State
 
 __all__ = ["Stage", "StageConfig", "StageResult"]
@@ -73,6 +75,12 @@ class Stage(Generic[C]):
         return False
 
     @classmethod
+    def replaces_model(cls, config: StageConfig) -> bool:
+        """True if this stage swaps in another model (distill's new student): the later stages'
+        preflight checks would test the wrong model, so they are skipped."""
+        return False
+
+    @classmethod
     def children(cls, config: StageConfig) -> list[tuple[str, list[StageConfig]]]:
         """Stage lists nested in this stage's config, as (field name, configs) (hpo's ``stages``).
 
@@ -91,6 +99,13 @@ class Stage(Generic[C]):
         ``compress validate --model``): raise :class:`~compress_cli.errors.StageError` when this
         stage cannot apply to this model at all, so a run refuses up front instead of failing after
         hours of earlier stages. Must not modify the state."""
+
+    def new_modules(self, state: State) -> list[tuple[str, nn.Module]]:
+        """The modules this stage may put into the model, as (path, module): replacements it builds
+        (e.g. a residual block's bypass). Before anything runs, the engine checks that the
+        checkpoint manifest can describe each one, so a run that could not save its result is
+        refused before the baseline. Must not modify the state."""
+        return []
 
     def preview(self, state: State) -> list[str]:
         """Dry run (``compress validate --model``): what this stage would touch. Must not modify."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
@@ -63,6 +64,28 @@ class BatchSizeFind(Stage[BatchSizeFindConfig]):
     @classmethod
     def trains(cls, config: StageConfig) -> bool:
         return True  # probes run training steps (then restore the weights)
+
+    @classmethod
+    def check(cls, config: StageConfig, device: str, earlier: Sequence[StageConfig] = ()) -> list[str]:
+        """``scale_lr`` needs an lr to scale: ``base_lr``, or an earlier stage that finds one."""
+        from compress_cli.stages.registry import get_stage
+
+        if not (isinstance(config, BatchSizeFindConfig) and config.scale_lr and config.base_lr is None):
+            return []
+        if any("lr" in get_stage(c.type).provides or getattr(c, "scale_lr", False) for c in earlier):
+            return []
+        return ["scale_lr: no lr to scale (run lr_find before this stage or set base_lr)"]
+
+    def preflight(self, state: State) -> None:
+        """Max mode on CPU without ``max_memory_gb`` needs this system's available memory."""
+        from compress_cli.errors import StageError
+
+        c = self.config
+        on_cpu = state.device.type != "cuda"
+        if c.mode == "max" and on_cpu and c.max_memory_gb is None and _available_memory() is None:
+            raise StageError(
+                "mode max on CPU needs max_memory_gb (available memory is unknown on this system)"
+            )
 
     def preview(self, state: State) -> list[str]:
         c = self.config

@@ -83,6 +83,11 @@ class Codebook(Stage[CodebookConfig]):
             )
         return targets, {n: overrides.get(n, cfg.bits) for n, _ in targets}
 
+    def preflight(self, state: State) -> None:
+        """No Linear/Conv matches include/exclude, or a ``layers`` glob matches none: refused now
+        (folding batch norms first keeps every layer's name)."""
+        self._targets(state)
+
     def preview(self, state: State) -> list[str]:
         targets, bits = self._targets(state)
         return [f"{n} ({m.weight.numel()} weights): {bits[n]} bits" for n, m in targets]

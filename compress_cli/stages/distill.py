@@ -121,6 +121,45 @@ class Distill(Stage[DistillConfig]):
             )
         return problems
 
+    @classmethod
+    def replaces_model(cls, config: StageConfig) -> bool:
+        return isinstance(config, DistillConfig) and isinstance(config.student, ModelConfig)
+
+    def preflight(self, state: State) -> None:
+        """Refused now: cross-entropy on unlabelled data, and a teacher or new student that does not
+        fit the data or disagrees with the other's output size (each model config is loaded once,
+        on the CPU, and dropped)."""
+        import torch
+
+        from compress_cli.distillation import has_labels
+        from compress_cli.sources.models import load_model
+
+        c = self.config
+        if c.alpha < 1 and not (state.data.labelled and has_labels(state.data.train_dataset)):
+            raise StageError(
+                "the training data has no labels: use alpha: 1 (pure distillation) or labelled data"
+            )
+        if c.alpha == 0 and not c.features:
+            return
+        shapes = {}
+        for field, spec in (("teacher", c.teacher), ("student", c.student)):
+            if isinstance(spec, ModelConfig):
+                model, _ = load_model(spec)
+                state.data.check_model(model, self._hint(state, spec, field))
+                x = state.data.example_input(2)
+            else:
+                model, x = state.model, state.data.example_input(2).to(state.device)
+            with torch.no_grad():
+                was = model.training
+                shapes[field] = tuple(model.eval()(x).shape[1:])
+                model.train(was)
+            del model
+        if shapes["teacher"] != shapes["student"]:
+            raise StageError(
+                f"teacher outputs {list(shapes['teacher'])} logits, the student {list(shapes['student'])}: "
+                "they must agree"
+            )
+
     def preview(self, state: State) -> list[str]:
         c = self.config
         t = _describe(c.teacher) if isinstance(c.teacher, ModelConfig) else "the model as loaded"
@@ -136,6 +175,13 @@ class Distill(Stage[DistillConfig]):
         return lines
 
     # ------------------------------------------------------------------ run
+    def _hint(self, state: State, spec: ModelConfig, field: str) -> Callable[[int, int], str]:
+        """The class-count hint for this stage's ``field`` model, naming its recipe keys."""
+        from compress_cli.sources.hints import num_classes_hint
+
+        where = f"stages[{self.index - 1}].{field}"
+        return lambda m, n: num_classes_hint(spec, state.recipe.data, m, n, where)
+
     def _teacher(self, state: State) -> tuple[Any, str]:
         from compress_cli.distillation import freeze_teacher
 
@@ -146,14 +192,14 @@ class Distill(Stage[DistillConfig]):
         from compress_cli.sources.models import load_model
 
         model, _ = load_model(t)
-        state.data.check_model(model)
+        state.data.check_model(model, self._hint(state, t, "teacher"))
         return freeze_teacher(model, state.device), _describe(t)
 
     def _replace_student(self, state: State, spec: ModelConfig) -> dict[str, Any]:
         from compress_cli.sources.models import load_model
 
         model, base = load_model(spec)
-        state.data.check_model(model)
+        state.data.check_model(model, self._hint(state, spec, "student"))
         before = sum(p.numel() for p in state.model.parameters())
         after = sum(p.numel() for p in model.parameters())
         state.model = model.to(state.device)

@@ -78,9 +78,9 @@ class DropLayers(Stage[DropLayersConfig]):
 
     def preflight(self, state: State) -> None:
         """Refuse, before the baseline, a model with no removable layer (unless ``if_none: skip``)."""
+        from compress_cli._utils.batches import to_device
         from compress_cli.checkpoint import copy_model
         from compress_cli.pruning import find_candidates, make_permanent
-        from compress_cli.pruning.exactness import to_device
 
         c = self.config
         if c.if_none == "skip":

@@ -143,6 +143,10 @@ class Prune(Stage[PruneConfig]):
             )
         return P, targets, head, overrides
 
+    def preflight(self, state: State) -> None:
+        """No layer matches include/exclude, or a ``layers`` glob matches none of them: refused now."""
+        self._plan(state)
+
     def preview(self, state: State) -> list[str]:
         _, targets, head, overrides = self._plan(state)
         cfg = self.config

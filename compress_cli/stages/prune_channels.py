@@ -210,6 +210,6 @@ class PruneChannels(Stage[PruneChannelsConfig]):
 
 def _to(inputs: Any, device: Any) -> Any:
     """Example inputs (a tensor, tuple or dict of them) on ``device``."""
-    from compress_cli.pruning.exactness import to_device
+    from compress_cli._utils.batches import to_device
 
     return to_device(inputs, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from compress_cli.errors import SourceError
@@ -52,6 +53,9 @@ class Classification(Task):
         "loss": "mean cross-entropy",
     }
 
+    #: (model classes, data classes) -> the way out of a mismatch, naming the sources' recipe keys
+    classes_hint: Callable[[int, int], str] | None = None
+
     def loss(self, pred: torch.Tensor, target: Any, reference: torch.Tensor | None) -> torch.Tensor:
         import torch.nn.functional as F
 
@@ -68,9 +72,10 @@ class Classification(Task):
                 f"{list(pred.shape)}; pick another output with task.output, or use task: fidelity"
             )
         if self.num_classes is not None and pred.shape[1] != self.num_classes:
+            model_n, data_n = int(pred.shape[1]), int(self.num_classes)
+            hint = self.classes_hint or (lambda m, n: f"set model.kwargs.num_classes: {n}")
             raise SourceError(
-                f"model outputs {pred.shape[1]} classes but the data has {self.num_classes} "
-                "(set the model's class count, e.g. model.kwargs.num_classes, or data.num_classes)"
+                f"model outputs {model_n} classes but the data has {data_n}: {hint(model_n, data_n)}"
             )
 
     def report_fields(self, scores: dict[str, float]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,9 +122,11 @@ class DataBundle:
         """The model inputs of the calibration batches."""
         return [inputs for inputs, _ in self.calibration()]
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module, classes_hint: Callable[[int, int], str] | None = None) -> None:
         """One forward pass of ``model`` on a real sample batch: raise SourceError unless the task
-        can score its output (e.g. ``(batch, classes)`` logits with as many classes as the data)."""
+        can score its output (e.g. ``(batch, classes)`` logits with as many classes as the data).
+        ``classes_hint(model_classes, data_classes)``: the way out of a class-count mismatch, naming
+        the recipe keys of the sources at hand (``sources.hints.num_classes_hint``)."""
         import torch
 
         from compress_cli._utils.batches import describe, sample_shape
@@ -149,6 +151,10 @@ class DataBundle:
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check model.input_shape, "
                 "the data source, and task.inputs / task.output"
             ) from None
+        from compress_cli.tasks.classification import Classification
+
+        if isinstance(task, Classification):
+            task.classes_hint = classes_hint
         task.check_output(out, target)
 
     def first_batch(self, batch: int) -> Any:
