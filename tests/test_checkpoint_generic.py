@@ -198,7 +198,7 @@ def test_drop_layers_on_a_timm_resnet_d_reloads_its_avgpool_shortcut(tmp_path):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calib = [(x, torch.tensor([0, 1, 2, 3]))]
     protect = ["layer1*", "layer2*", "layer3*"]
-    _, chosen = drop_layers(model, x[:1], calib, criterion="loss", count=1, protect=protect)
+    _, chosen, _ = drop_layers(model, x[:1], calib, criterion="loss", count=1, protect=protect)
     assert [c.name for c in chosen] == ["layer4.0"]
     assert isinstance(model.layer4[0][0], nn.AvgPool2d)
     d = tmp_path / "m"

@@ -470,7 +470,7 @@ def architecture_diff(base: nn.Module, current: nn.Module, source: str | None = 
         if any(name.startswith(p + ".") for p in replaced):
             continue
         ref = base_mods.get(name)
-        if ref is not None and type(ref) is type(mod):
+        if ref is not None and _same_class(ref, mod):
             if name and type(mod).__name__ not in CONTAINERS and _args_changed(ref, mod, trusted):
                 spec = module_spec(mod, trusted)
                 if spec is not None:
@@ -502,6 +502,13 @@ def architecture_diff(base: nn.Module, current: nn.Module, source: str | None = 
         ):
             diff.append({"path": name, "class": "__deleted__", "args": {}})
     return diff
+
+
+def _same_class(a: nn.Module, b: nn.Module) -> bool:
+    """One class, or two of one definition (a factory that defines its class in its body makes a
+    new class object per call; the rebuilt base and the model then hold different ones)."""
+    ta, tb = type(a), type(b)
+    return ta is tb or (ta.__module__, ta.__qualname__) == (tb.__module__, tb.__qualname__)
 
 
 def _args_changed(ref: nn.Module, mod: nn.Module, trusted: str | None) -> bool:

@@ -456,8 +456,9 @@ def test_branch_on_input_values_is_refused_by_the_preflight_with_its_line(tmp_pa
 
     r = recipe(tmp_path, [{"type": "quantize", "scheme": scheme}])
     state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    # not what the recipe's source builds (the save check says so too): only the stage's line counts
     state.model = branchy_cnn(on_values=True)
-    problems = preflight(state)
+    problems = [p for p in preflight(state) if p.startswith("stages[0]")]
     assert len(problems) == 1 and problems[0].startswith(f"stages[0] (quantize): {scheme} cannot convert")
     if scheme != "qat":
         assert "testing.py" in problems[0] and "(if x.sum() > 0:)" in problems[0]
