@@ -14,6 +14,12 @@ from compress_cli.tasks import task_classes
 runner = CliRunner()
 
 
+def test_every_task_type_of_the_recipe_format_is_registered():
+    from compress_cli.config.recipe import TASK_TYPES
+
+    assert set(task_classes()) == set(TASK_TYPES)
+
+
 def test_tasks_lists_every_task():
     res = runner.invoke(app, ["tasks"])
     assert res.exit_code == 0, res.output
