@@ -14,7 +14,10 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress_cli.tasks import Evaluator, Task
+
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from compress_cli.sources.data import DataBundle
@@ -250,3 +253,83 @@ def bert_inputs(batch: int = 4, length: int = 16, seed: int = 0) -> dict[str, An
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[::2, length - length // 4 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# -- tasks (issue 16): a regression model and data, a custom task ------------------------------
+
+
+def tiny_regressor(seed: int = 0, features: int = 8, outputs: int = 1) -> nn.Module:
+    """A ``features -> 32 -> outputs`` ReLU MLP, seeded; ``(batch, features)`` in, ``(batch,
+    outputs)`` out. :func:`regression_data` draws its targets from this very model."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, outputs)).eval()
+
+
+def regression_data(
+    train: int = 256,
+    test: int = 128,
+    features: int = 8,
+    noise: float = 0.05,
+    seed: int = 0,
+    model_seed: int = 0,
+) -> dict[str, Any]:
+    """Synthetic regression splits for a ``data.source: compress_cli.testing:regression_data``
+    recipe (``data.kwargs`` are these arguments): inputs ``x ~ N(0, 1)``, targets ``(N,)`` =
+    ``tiny_regressor(model_seed)(x)`` plus Gaussian noise of ``noise`` times the targets' standard
+    deviation, so that model scores R² of about ``1 - noise²`` and a damaged copy scores less.
+    Returns ``{'train', 'test'}`` TensorDatasets."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(train + test, features, generator=g)
+    with torch.no_grad():
+        y = tiny_regressor(model_seed, features)(x)[:, 0]
+    y = y + noise * y.std() * torch.randn(y.shape, generator=g)
+    return {"train": TensorDataset(x[:train], y[:train]), "test": TensorDataset(x[train:], y[train:])}
+
+
+class WithinBinsEvaluator(Evaluator):
+    """Counts the predictions within ``tolerance`` classes of the label (see :class:`WithinBins`)."""
+
+    def __init__(self, tolerance: int) -> None:
+        super().__init__()
+        self.tolerance, self.hits, self.exact = tolerance, 0, 0
+
+    def update(self, pred: torch.Tensor, target: Any, reference: torch.Tensor | None) -> None:
+        off = (pred.argmax(1) - target).abs()
+        self.hits += int((off <= self.tolerance).sum())
+        self.exact += int((off == 0).sum())
+        self.samples += len(target)
+
+    def compute(self) -> dict[str, float]:
+        n = self.samples
+        return {"within": self.hits / n, "accuracy": self.exact / n, "samples": n}
+
+
+class WithinBins(Task):
+    """A custom task (``task: {type: custom, source: compress_cli.testing:WithinBins}``) for
+    ordered classes (pitch bins, age groups, ratings): a prediction within ``task.kwargs.tolerance``
+    classes of the label counts as right. Loss: cross-entropy. The worked example of
+    CONTRIBUTING.md's "Add a task"; recipes/custom_task.yaml runs it."""
+
+    name = "within_bins"
+    primary = "within"
+    higher_is_better = True
+    metrics = {
+        "within": "share of predictions within task.kwargs.tolerance classes of the label",
+        "accuracy": "top-1 accuracy",
+    }
+    options = {"tolerance": (1, "how many classes off still counts as right")}
+
+    def loss(self, pred: torch.Tensor, target: Any, reference: torch.Tensor | None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(pred, target)
+
+    def evaluator(self) -> Evaluator:
+        return WithinBinsEvaluator(int(self.option("tolerance")))

@@ -105,7 +105,27 @@ def test_add_a_quantization_scheme_example_runs(tmp_path, monkeypatch, scratch_r
         assert torch.equal(torch.round(w / scale) * scale, w)  # every weight on its row's pow2 grid
 
 
-def test_add_a_task_section_is_marked_as_a_plan():
+def test_add_a_task_example_runs(tmp_path, monkeypatch):
+    from compress_cli.config.recipe import DataConfig
+    from compress_cli.sources.data import build_data
+
     text = section("Add a task")
-    assert "Coming with issue 16" in text
-    assert not code_blocks(text, "python"), "no runnable-looking code until tasks exist"
+    (recipe,) = code_blocks(text, "yaml")
+    module = exec_module("contributing_within_bins", code_blocks(text, "python"), monkeypatch)
+    assert module.WithinBins.info()["metrics"]["within"][1] is True  # higher is better
+
+    report, model = run_recipe_text(recipe, tmp_path / "within")
+    final = report["stages"][-1]["metrics"]
+    assert (final["task"], final["primary"], final["higher_is_better"]) == ("within_bins", "within", True)
+    assert final["score"] == final["scores"]["within"] >= final["scores"]["accuracy"]
+    assert final["metric_drop"] == pytest.approx(report["baseline"]["score"] - final["score"], abs=1e-6)
+
+    # the reported share, counted by hand on the reloaded model over the same test split
+    data = build_data(DataConfig(source="digits", limit_train=256, limit_test=256), seed=0)
+    hits = exact = n = 0
+    with torch.no_grad():
+        for x, y in data.loader("test"):
+            off = (model(x).argmax(1) - y).abs()
+            hits, exact, n = hits + int((off <= 1).sum()), exact + int((off == 0).sum()), n + len(y)
+    assert final["samples"] == n
+    assert final["scores"] == {"within": hits / n, "accuracy": exact / n}

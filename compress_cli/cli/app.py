@@ -129,6 +129,25 @@ def stages(name: str | None = typer.Argument(None, help="a stage type to describ
 
 
 @app.command()
+def tasks(name: str | None = typer.Argument(None, help="a task type to describe")) -> None:
+    """List the tasks (metrics, primary metric and its direction, labels), or describe one task."""
+    from compress_cli.errors import RecipeError, did_you_mean
+    from compress_cli.tasks.registry import PROTOCOL, task_classes
+
+    classes = task_classes()
+    if name is None:
+        first = ("classification", "fidelity")  # the default, and the one any model can use
+        render.task_list([classes[n].info() for n in sorted(classes, key=lambda n: (n not in first, n))])
+        return
+    if name == "custom":
+        render.custom_task_help(list(PROTOCOL))
+        return
+    if name not in classes:
+        _fail(RecipeError(f"unknown task {name!r}{did_you_mean(name, [*classes, 'custom'])}"), False)
+    render.task_help(classes[name].info())
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of the recipe format (for yaml-language-server)."""
     from compress_cli.stages.registry import json_schema

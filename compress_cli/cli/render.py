@@ -189,6 +189,65 @@ def stage_help(name: str, doc: str, parameters: list[tuple[str, str, str, str]])
     out.print(t)
 
 
+def _direction(higher: bool) -> str:
+    return "higher is better" if higher else "lower is better"
+
+
+def task_list(infos: list[dict[str, Any]]) -> None:
+    """``compress tasks``: one row per built-in task (``Task.info()``), then the custom task."""
+    t = Table(title="tasks (recipe key task.type)")
+    for c in ("task", "primary metric", "metrics", "labels", "original model", "description"):
+        t.add_column(c)
+    for i in infos:
+        t.add_row(
+            i["task"],
+            f"{i['primary']} ({_direction(i['higher_is_better'])})",
+            ", ".join(i["metrics"]),
+            "needed" if i["needs_labels"] else "not needed",
+            "scored against it" if i["needs_reference"] else "",
+            i["summary"],
+        )
+    custom = "task.source: package.module:callable returning a task object"
+    t.add_row("custom", "yours", "yours", "yours", "", custom)
+    out.print(t)
+    out.print("compress tasks NAME describes one; task.primary picks another metric for guards and hpo")
+
+
+def task_help(info: dict[str, Any]) -> None:
+    """``compress tasks NAME``: the task's description, metrics and ``task.kwargs``."""
+    out.print(f"[bold]{info['task']}[/bold]: {info['doc']}")
+    labels = "needs labels" if info["needs_labels"] else "works without labels"
+    ref = "; scored against the original model's outputs" if info["needs_reference"] else ""
+    out.print(f"{labels}{ref}")
+    t = Table(title="metrics")
+    for c in ("metric", "direction", "meaning"):
+        t.add_column(c)
+    for metric, (meaning, higher) in info["metrics"].items():
+        primary = " (primary)" if metric == info["primary"] else ""
+        t.add_row(metric + primary, _direction(higher), meaning)
+    out.print(t)
+    if info["options"]:
+        k = Table(title="task.kwargs")
+        for c in ("key", "default", "meaning"):
+            k.add_column(c)
+        for key, (default, meaning) in info["options"].items():
+            k.add_row(key, "null" if default is None else repr(default).lower(), meaning)
+        out.print(k)
+    else:
+        out.print("task.kwargs: none")
+
+
+def custom_task_help(protocol: list[str]) -> None:
+    """``compress tasks custom``: what ``task.source`` must return."""
+    out.print(
+        "[bold]custom[/bold]: task: {type: custom, source: package.module:callable, kwargs: {...}}. "
+        "The callable gets (task config, number of classes or None) and returns an object with: "
+        + ", ".join(protocol)
+        + ". Subclass compress_cli.tasks.Task (or a built-in task) to get batch splitting and "
+        "output selection; CONTRIBUTING.md, 'Add a task', has a worked example."
+    )
+
+
 def inspection(path: Path, info: dict[str, Any]) -> None:
     """``compress inspect``: size, parameter counts and one row per tensor."""
     from compress_cli.report import human_bytes

@@ -68,10 +68,23 @@ class Task:
     needs_reference: ClassVar[bool] = False
     #: what the metrics mean, for ``compress tasks`` and the report's definitions
     metrics: ClassVar[dict[str, str]] = {}
+    #: the ``task.kwargs`` the task reads: name -> (default, meaning); None: not checked (a custom
+    #: task reads what it likes), otherwise any other key is a RecipeError
+    options: ClassVar[dict[str, tuple[Any, str]] | None] = None
 
     def __init__(self, cfg: TaskConfig, num_classes: int | None = None):
         self.cfg = cfg
         self.num_classes = num_classes
+        if self.options is not None:
+            unknown = sorted(set(cfg.kwargs) - set(self.options))
+            if unknown:
+                from compress_cli.errors import RecipeError, did_you_mean
+
+                takes = f"takes only {', '.join(self.options)}" if self.options else "takes no kwargs"
+                raise RecipeError(
+                    f"task.kwargs: {self.name} {takes} (got {', '.join(unknown)})"
+                    f"{did_you_mean(unknown[0], self.options)}"
+                )
         if cfg.primary is not None:
             if self.metrics and cfg.primary not in self.metrics:
                 from compress_cli.errors import RecipeError, did_you_mean
@@ -183,10 +196,20 @@ class Task:
                 "scored against the original model) or set task.target to the batch's label key"
             )
 
+    def option(self, key: str) -> Any:
+        """``task.kwargs[key]``, or its default from :attr:`options`."""
+        assert self.options is not None and key in self.options
+        return self.cfg.kwargs.get(key, self.options[key][0])
+
     def report_fields(self, scores: dict[str, float]) -> dict[str, Any]:
         """How the evaluator's metrics appear in the report's metrics: the task, its primary metric
         and direction, every metric under ``scores`` and the primary's value as ``score``."""
         values = {k: v for k, v in scores.items() if k != "samples"}
+        if self.primary not in values:
+            raise StageError(
+                f"task.primary: {self.name} measured no {self.primary!r} on this data "
+                f"(measured: {', '.join(values)}); choose one of those"
+            )
         return {
             "task": self.name,
             "primary": self.primary,
@@ -204,6 +227,23 @@ class Task:
             "higher_is_better": self.higher_is_better,
             "needs_labels": self.needs_labels,
             "needs_reference": self.needs_reference,
+        }
+
+    @classmethod
+    def info(cls) -> dict[str, Any]:
+        """What ``compress tasks`` shows of the task class: its description, metrics (meaning and
+        direction), default primary metric, label and reference needs, and ``task.kwargs``."""
+        doc = " ".join(line.strip() for line in (cls.__doc__ or "").strip().splitlines()).replace("``", "")
+        return {
+            "task": cls.name,
+            "summary": doc.split(". ")[0].rstrip(".") + "." if doc else "",
+            "doc": doc,
+            "primary": cls.primary,
+            "higher_is_better": cls.higher_is_better,
+            "needs_labels": cls.needs_labels,
+            "needs_reference": cls.needs_reference,
+            "metrics": {m: (meaning, cls.direction(m)) for m, meaning in cls.metrics.items()},
+            "options": dict(cls.options or {}),
         }
 
     def reference_output(self, inputs: Any, key: Any = None) -> torch.Tensor:

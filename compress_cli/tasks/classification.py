@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from compress_cli.errors import SourceError
 from compress_cli.tasks.base import Evaluator, Task
@@ -52,6 +52,7 @@ class Classification(Task):
         "top5": "top-5 accuracy (only with more than 5 classes)",
         "loss": "mean cross-entropy",
     }
+    options: ClassVar[dict[str, tuple[Any, str]] | None] = {}
 
     #: (model classes, data classes) -> the way out of a mismatch, naming the sources' recipe keys
     classes_hint: Callable[[int, int], str] | None = None

@@ -96,19 +96,15 @@ class Fidelity(Task):
         "agreement": "share of samples whose top-1 class matches the original's (logit outputs only)",
     }
     LOSSES = ("mse", "cosine", "kl")
+    options = {"loss": ("mse", "training loss against the original's output: mse | cosine | kl")}
 
     def __init__(self, cfg: Any, num_classes: int | None = None):
         super().__init__(cfg, num_classes)
-        kind = cfg.kwargs.get("loss", "mse")
+        kind = self.option("loss")
         if kind not in self.LOSSES:
             from compress_cli.errors import RecipeError
 
             raise RecipeError(f"task.kwargs.loss: must be one of {', '.join(self.LOSSES)} (got {kind!r})")
-        unknown = set(cfg.kwargs) - {"loss"}
-        if unknown:
-            from compress_cli.errors import RecipeError
-
-            raise RecipeError(f"task.kwargs: fidelity takes only loss (got {', '.join(sorted(unknown))})")
         self.loss_kind = kind
 
     def loss(self, pred: torch.Tensor, target: Any, reference: torch.Tensor | None) -> torch.Tensor:
