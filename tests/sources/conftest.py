@@ -33,7 +33,7 @@ def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def sentences(n: int, seed: int = 0) -> list[dict[str, str]]:
+def _sentences(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` generated sentences ``the ADJ ANIMAL VERB`` labelled with their animal (a string)."""
     rng = random.Random(seed)
     out = []
@@ -55,7 +55,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import csv
 
     d = tmp_path_factory.mktemp("corpus")
-    rows = sentences(60)
+    rows = _sentences(60)
     (d / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with (d / "texts.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["text", "label"])
@@ -63,3 +63,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         w.writerows(rows)
     (d / "texts.txt").write_text("".join(r["text"] + "\n\n" for r in rows))
     return d
+
+
+@pytest.fixture(scope="session")
+def sentences():
+    """``sentences(n, seed)``: n generated sentences ``the ADJ ANIMAL VERB``, labelled by animal."""
+    return _sentences
