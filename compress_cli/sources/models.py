@@ -104,6 +104,11 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise SourceError(f"model.source torchvision:{name}: bad kwargs: {e}") from None
 
 
+#: ``timm.create_model`` arguments that read files (a checkpoint may be a pickle): refused, so a
+#: manifest naming ``timm:`` never makes the loader read a file it names
+_TIMM_FILE_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
 def _timm(name: str, kwargs: dict[str, Any], weights: bool) -> nn.Module:
     """``timm.create_model(name, pretrained=..., **kwargs)``; ``pretrained`` (default false) only
     counts with ``weights`` (a run's own model; a manifest is rebuilt without)."""
@@ -115,6 +120,18 @@ def _timm(name: str, kwargs: dict[str, Any], weights: bool) -> nn.Module:
         raise SourceError(
             f"model.source timm:{name}: needs the timm package: pip install compress-cli[timm]"
         ) from None
+    if name == "create_model":  # timm:create_model with kwargs.model_name, as written before timm:NAME
+        name = kwargs.pop("model_name", None)
+        if not isinstance(name, str):
+            raise SourceError(
+                "model.source timm:create_model: needs model.kwargs.model_name (or write timm:NAME)"
+            )
+    files = sorted(set(kwargs) & set(_TIMM_FILE_KWARGS))
+    if files:
+        raise SourceError(
+            f"model.kwargs.{files[0]}: timm would read weights or settings from a file; give the weights "
+            "as model.checkpoint (a state_dict, read without running code)"
+        )
     pretrained = kwargs.pop("pretrained", False)
     if not isinstance(pretrained, bool):
         raise SourceError(f"model.kwargs.pretrained: must be true or false (got {pretrained!r})")

@@ -44,6 +44,14 @@ def test_timm_source_builds_without_download():
         build_from_source({"source": "timm:resnet81"})
     with pytest.raises(SourceError, match="bad model.kwargs"):
         build_from_source({"source": "timm:resnet18", "kwargs": {"nope": 1}})
+    old = build_from_source(
+        {"source": "timm:create_model", "kwargs": {"model_name": "resnet18", **TINY_RESNET}}
+    )
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), old.state_dict().values(), strict=True)
+    )
+    with pytest.raises(SourceError, match="model.kwargs.checkpoint_path: timm would read"):
+        build_from_source({"source": "timm:resnet18", "kwargs": {"checkpoint_path": "/tmp/evil.pth"}})
     with pytest.raises(SourceError, match="model.kwargs.pretrained: must be true or false"):
         build_from_source({"source": "timm:resnet18", "kwargs": {"pretrained": "yes"}})
 
