@@ -76,7 +76,7 @@ def source_package(source: str | None) -> str | None:
     if not source:
         return None
     mod, sep, attr = source.partition(":")
-    if not sep or mod in ("zoo", "torchvision") or not attr.isidentifier():
+    if not sep or mod in ("zoo", "torchvision", "timm", "hf") or not attr.isidentifier():
         return None
     parts = mod.split(".")
     return parts[0] if all(p.isidentifier() for p in parts) else None

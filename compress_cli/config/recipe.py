@@ -44,9 +44,14 @@ class ModelConfig(_Strict):
     """``model:``: where the model comes from and how to build it."""
 
     source: str = Field(
-        description="zoo:NAME | torchvision:NAME | package.module:callable | path to a compressed model dir"
+        description="zoo:NAME | torchvision:NAME | timm:NAME | hf:PATH_OR_NAME | package.module:callable "
+        "| path to a compressed model dir"
     )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="constructor keyword arguments (timm: pretrained; hf: hf_class, local_files_only, "
+        "attn_implementation, config fields such as num_labels)",
+    )
     checkpoint: str | None = Field(
         None, description=".pt/.pth state_dict, .safetensors, or a compressed model dir"
     )
@@ -83,7 +88,7 @@ class DataConfig(_Strict):
     source: str = Field(
         "digits",
         description="digits | mnist | fashion_mnist | torchvision:NAME | imagefolder | synthetic "
-        "| package.module:callable",
+        "| text | hf_datasets | package.module:callable",
     )
     root: str | None = Field(None, description="folder holding the dataset files")
     download: bool = Field(False, description="let torchvision datasets download (needs internet)")

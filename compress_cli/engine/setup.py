@@ -127,7 +127,7 @@ def build_state(
     from compress_cli.tasks import Reference, build_task
 
     seed_everything(recipe.seed, recipe.deterministic)
-    data = build_data(recipe.data, recipe.seed, recipe.model.input_shape)
+    data = build_data(recipe.data, recipe.seed, recipe.model.input_shape, model_source=recipe.model.source)
     data.task = task = build_task(recipe.task, data.num_classes if data.labelled else None)
     model, spec = load_model(recipe.model)
     data.check_model(model, lambda m, n: num_classes_hint(recipe.model, recipe.data, m, n))

@@ -1,10 +1,10 @@
 """Hints that name the recipe key which fixes a model/data mismatch, for the sources at hand.
 
-A class-count mismatch is fixed on the model side (``model.kwargs.num_classes`` of a zoo or
-torchvision model, the callable's own argument) unless the model's weights are fixed (a
-checkpoint, a compressed model directory), and on the data side where the data's class count is a
-setting (``data.num_classes`` of synthetic data, or of a dataset whose labels are a subset of the
-model's classes). Imports nothing heavy.
+A class-count mismatch is fixed on the model side (``model.kwargs.num_classes`` of a zoo,
+torchvision or timm model, ``num_labels`` of a Hugging Face one, the callable's own argument)
+unless the model's weights are fixed (a checkpoint, a compressed model directory), and on the
+data side where the data's class count is a setting (``data.num_classes`` of synthetic data, or
+of a dataset whose labels are a subset of the model's classes). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ def num_classes_hint(
         ways.append(f"data.num_classes: {model_classes} (synthetic data has the classes you ask for)")
     if not weights_fixed:
         key = f"{where}.kwargs.num_classes: {data_classes}"
-        if kind == "callable":
+        if kind == "hf":  # a transformers config field
+            key = (
+                f"{where}.kwargs.num_labels: {data_classes} "
+                "(with hf_class: AutoModelForSequenceClassification)"
+            )
+        elif kind == "callable":
             key += f" (or the argument {model.source} takes for its class count)"
         ways.append(key)
     if not synthetic and model_classes > data_classes:

@@ -1,7 +1,8 @@
 """Model sources -> modules: the one place a ``model.source`` becomes an ``nn.Module``.
 
-Sources (grammar in ``sources.spec``): ``zoo:NAME``, ``torchvision:NAME``, ``package.module:callable``,
-a compressed model directory; checkpoints as state_dict ``.pt/.pth`` (weights_only), ``.safetensors``,
+Sources (grammar in ``sources.spec``): ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``,
+``hf:PATH_OR_NAME`` (``sources.hf``), ``package.module:callable``, a compressed model directory;
+checkpoints as state_dict ``.pt/.pth`` (weights_only), ``.safetensors``,
 or a compressed model directory. A fully pickled module only with ``allow_pickle: true``. A model
 directory is data: the source its manifest names is built here only when it is built-in, or the
 caller trusts it (``trust_source``), so loading a shared directory never runs code from it.
@@ -24,10 +25,15 @@ if TYPE_CHECKING:
     from compress_cli.config.recipe import ModelConfig, Recipe
 
 
-def build_from_source(spec: dict[str, Any]) -> nn.Module:
+def build_from_source(spec: dict[str, Any], *, weights: bool = False) -> nn.Module:
     """Build the architecture named by ``{"source": ..., "kwargs": {...}}`` (random init, the same
     for the same source whatever the global RNG is doing). A compressed model directory is not
-    built but loaded (``load_model_dir``)."""
+    built but loaded (``load_model_dir``).
+
+    ``weights``: also load the weights the source itself ships, for the sources that have them
+    (``timm:`` with ``kwargs.pretrained: true``, which may download from the hub; ``hf:`` from its
+    directory). Without it those are built from their configuration alone: what a manifest
+    rebuilds from, so loading a model directory never downloads nor reads the original files."""
     import torch
 
     source = spec["source"]
@@ -49,6 +55,12 @@ def build_from_source(spec: dict[str, Any]) -> nn.Module:
             model = build_zoo(parsed.name, **kwargs)
         elif parsed.kind == "torchvision":
             model = _torchvision(parsed.name, kwargs)
+        elif parsed.kind == "timm":
+            model = _timm(parsed.name, kwargs, weights)
+        elif parsed.kind == "hf":
+            from compress_cli.sources.hf import build_hf
+
+            model = build_hf(parsed.name, kwargs, weights)
         else:
             model = _callable(parsed.name, parsed.attr, kwargs)
     from torch import nn
@@ -90,6 +102,56 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         return torchvision.models.get_model(name, **kwargs)
     except TypeError as e:
         raise SourceError(f"model.source torchvision:{name}: bad kwargs: {e}") from None
+
+
+#: ``timm.create_model`` arguments that read files (a checkpoint may be a pickle): refused, so a
+#: manifest naming ``timm:`` never makes the loader read a file it names
+_TIMM_FILE_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _timm(name: str, kwargs: dict[str, Any], weights: bool) -> nn.Module:
+    """``timm.create_model(name, pretrained=..., **kwargs)``; ``pretrained`` (default false) only
+    counts with ``weights`` (a run's own model; a manifest is rebuilt without)."""
+    from compress_cli.errors import did_you_mean
+
+    try:
+        import timm
+    except ImportError:
+        raise SourceError(
+            f"model.source timm:{name}: needs the timm package: pip install compress-cli[timm]"
+        ) from None
+    if name == "create_model":  # timm:create_model with kwargs.model_name, as written before timm:NAME
+        name = kwargs.pop("model_name", None)
+        if not isinstance(name, str):
+            raise SourceError(
+                "model.source timm:create_model: needs model.kwargs.model_name (or write timm:NAME)"
+            )
+    files = sorted(set(kwargs) & set(_TIMM_FILE_KWARGS))
+    if files:
+        raise SourceError(
+            f"model.kwargs.{files[0]}: timm would read weights or settings from a file; give the weights "
+            "as model.checkpoint (a state_dict, read without running code)"
+        )
+    pretrained = kwargs.pop("pretrained", False)
+    if not isinstance(pretrained, bool):
+        raise SourceError(f"model.kwargs.pretrained: must be true or false (got {pretrained!r})")
+    if not timm.is_model(name):
+        known = timm.list_models()
+        raise SourceError(f"model.source timm:{name}: unknown timm model{did_you_mean(name, known)}")
+    try:
+        return timm.create_model(name, pretrained=pretrained and weights, **kwargs)
+    except TypeError as e:
+        raise SourceError(f"model.source timm:{name}: bad model.kwargs: {e}") from None
+    except (RuntimeError, OSError, ValueError) as e:  # no weights for it, hub unreachable, bad sizes
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if pretrained and weights:
+            raise SourceError(
+                f"model.source timm:{name}: cannot load its pretrained weights ({first}); "
+                "set model.kwargs.pretrained: false, or give model.checkpoint"
+            ) from None
+        raise SourceError(
+            f"model.source timm:{name}: cannot build it ({first}); check model.kwargs"
+        ) from None
 
 
 def _callable(module: str, attr: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -158,13 +220,15 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 
 
 def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """The model named by the recipe, with its checkpoint loaded. Returns (model, base spec).
+    """The model named by the recipe, with the weights its source ships (``timm:`` pretrained,
+    ``hf:``) and its checkpoint loaded. Returns (model, base spec).
 
-    The base spec is what the compressed checkpoint's manifest will rebuild from.
+    The base spec is what the compressed checkpoint's manifest will rebuild from (for ``hf:`` it
+    carries the model's config, ``kwargs.hf_config``: see ``sources.hf``).
     """
     from compress_cli.checkpoint import is_model_dir, load_state_dict_checked, read_manifest
 
-    spec = {"source": cfg.source, "kwargs": dict(cfg.kwargs)}
+    spec: dict[str, Any] = {"source": cfg.source, "kwargs": dict(cfg.kwargs)}
     if is_model_dir(cfg.source):
         return load_model_dir(cfg.source, trust_source=cfg.trust_source), read_manifest(cfg.source)["model"]
     if cfg.checkpoint and is_model_dir(cfg.checkpoint):
@@ -177,7 +241,11 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
         # the source is the recipe's own: code the user runs anyway
         own = cfg.trust_source or frozenset({cfg.source})
         return load_model_dir(cfg.checkpoint, trust_source=own), manifest["model"]
-    model = build_from_source(spec)
+    model = build_from_source(spec, weights=True)
+    if parse_model_source(cfg.source).kind == "hf":
+        from compress_cli.sources.hf import model_spec_kwargs
+
+        spec["kwargs"] = model_spec_kwargs(model, spec["kwargs"])
     if cfg.checkpoint:
         sd = read_state_dict(cfg.checkpoint, cfg.allow_pickle)
         from torch import nn

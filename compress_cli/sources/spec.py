@@ -1,7 +1,9 @@
 """The model-source grammar, written once: what a ``model.source`` string names.
 
-``zoo:NAME`` (a built-in network), ``torchvision:NAME``, ``package.module:callable`` (code: the
-user's own, or a trusted model directory's) or a path to a compressed model directory. Recipe
+``zoo:NAME`` (a built-in network), ``torchvision:NAME``, ``timm:NAME`` (a timm architecture),
+``hf:PATH_OR_NAME`` (a Hugging Face transformers model: a local directory, or a hub name where the
+user allows downloading), ``package.module:callable`` (code: the user's own, or a trusted model
+directory's) or a path to a compressed model directory. Recipe
 validation (``check_model_source``), the builder (``sources.models.build_from_source``) and the
 model-directory trust rule (``manifest_source_problem``) all parse with ``parse_model_source``.
 Imports nothing heavy: ``compress validate`` checks sources without torch.
@@ -19,10 +21,13 @@ from compress_cli.errors import did_you_mean
 #: the built-in zoo networks (``sources.zoo`` builds each from the function of the same name)
 ZOO_NAMES = ("digits_mlp", "digits_cnn", "digits_resnet", "lenet5", "fashion_cnn", "fashion_cnn_small")
 
-#: source kinds that name no code: a model directory may name them without being trusted
-BUILTIN_KINDS = ("zoo", "torchvision")
+#: source kinds that name no code: a model directory may name them without being trusted (an
+#: ``hf:`` config that asks for custom code, ``auto_map``, is refused where it is read)
+BUILTIN_KINDS = ("zoo", "torchvision", "timm", "hf")
 
-_EXPECTED = "expected zoo:NAME, torchvision:NAME or package.module:callable"
+_EXPECTED = "expected zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH_OR_NAME or package.module:callable"
+#: an example of each built-in kind that takes a name, for the message when the name is missing
+_EXAMPLES = {"torchvision": "torchvision:resnet18", "timm": "timm:resnet18", "hf": "hf:path/to/hf_model_dir"}
 
 #: the opt-in a model directory whose manifest names code needs, in every place it can be given
 TRUST_HINT = (
@@ -36,7 +41,7 @@ class ModelSource:
     """A parsed ``model.source``: ``kind`` and ``name`` (the model name, the module of a
     callable, or the directory's path); ``attr`` is the callable's name."""
 
-    kind: Literal["zoo", "torchvision", "callable", "directory"]
+    kind: Literal["zoo", "torchvision", "timm", "hf", "callable", "directory"]
     name: str
     attr: str = ""
 
@@ -46,8 +51,8 @@ def parse_model_source(source: str) -> ModelSource:
     ValueError with a one-line problem when it fits no kind."""
     kind, sep, name = source.partition(":")
     if kind in BUILTIN_KINDS:
-        if kind == "torchvision" and not name:
-            raise ValueError("torchvision: needs a model name, e.g. torchvision:resnet18")
+        if kind in _EXAMPLES and not name.strip():
+            raise ValueError(f"{kind}: needs a model name, e.g. {_EXAMPLES[kind]}")
         return ModelSource(kind, name)  # type: ignore[arg-type]
     if not sep:
         return ModelSource("directory", source)
@@ -65,10 +70,7 @@ def check_model_source(source: str) -> str | None:
     if parsed.kind == "zoo" and parsed.name not in ZOO_NAMES:
         return f"unknown zoo model {parsed.name!r}{did_you_mean(parsed.name, ZOO_NAMES)}"
     if parsed.kind == "directory" and not (Path(source) / "manifest.json").is_file():
-        return (
-            "expected zoo:NAME, torchvision:NAME, package.module:callable or a compressed model directory "
-            f"(got {source!r})"
-        )
+        return f"{_EXPECTED} or a compressed model directory (got {source!r})"
     return None
 
 

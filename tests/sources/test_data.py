@@ -346,8 +346,9 @@ def test_callable_errors(factory_module):
         build_data(DataConfig(source=f"{factory_module}:explodes"), seed=0)
     with pytest.raises(SourceError, match=r"failed: TypeError"):
         build_data(DataConfig(source=f"{factory_module}:as_pair", kwargs={"bogus": 1}), seed=0)
-    with pytest.raises(SourceError, match=r"\(input, label\) pair"):
-        build_data(DataConfig(source=f"{factory_module}:unlabelled"), seed=0)
+    # inputs without labels are unlabelled data (tasks that need labels refuse it), not an error
+    unlabelled = build_data(DataConfig(source=f"{factory_module}:unlabelled"), seed=0)
+    assert not unlabelled.labelled and unlabelled.num_classes is None and unlabelled.input_shape == (3,)
 
 
 # --------------------------------------------------------------------------- imagefolder

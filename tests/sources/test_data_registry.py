@@ -16,6 +16,8 @@ def test_every_source_kind_is_registered_once():
             "mnist",
             "fashion_mnist",
             "imagefolder",
+            "text",
+            "hf_datasets",
             "torchvision:NAME",
             "package.module:callable",
         ]

@@ -32,11 +32,19 @@ def test_synthetic_data_takes_data_num_classes_first():
 
 
 def test_a_callable_source_names_its_own_argument_and_a_stage_model_its_key():
-    got = hint({"source": "timm:create_model"}, {"source": "digits"}, 5, 10, where="stages[1].teacher")
+    got = hint({"source": "mypkg.models:build"}, {"source": "digits"}, 5, 10, where="stages[1].teacher")
     assert got == (
         "set stages[1].teacher.kwargs.num_classes: 10 "
-        "(or the argument timm:create_model takes for its class count)"
+        "(or the argument mypkg.models:build takes for its class count)"
     )
+
+
+def test_timm_takes_num_classes_and_hf_num_labels():
+    assert (
+        hint({"source": "timm:resnet18"}, {"source": "digits"}, 5, 10) == "set model.kwargs.num_classes: 10"
+    )
+    got = hint({"source": "hf:/models/bert"}, {"source": "text"}, 2, 3)
+    assert got == "set model.kwargs.num_labels: 3 (with hf_class: AutoModelForSequenceClassification)"
 
 
 def test_fixed_weights_leave_only_the_data_side(tmp_path):

@@ -26,13 +26,15 @@ class DataBundle:
     (attached by the engine; classification by default) splits batches into model inputs and
     targets: batches may be tensors, tuples or dicts (see :mod:`compress_cli._utils.batches`).
     ``input_shape`` is one sample's shape for single-tensor inputs (``()`` when inputs are
-    structured: ``example_input`` gives a real batch of the real structure).
+    structured: ``example_input`` gives a real batch of the real structure). ``labelled`` is False
+    for data without labels (``num_classes`` None); ``num_classes`` is also None for labels that
+    are not class indices (regression targets).
     """
 
     train_dataset: Dataset
     val_dataset: Dataset | None
     test_dataset: Dataset
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
     batch_size: int
     eval_batch_size: int = 256
@@ -52,15 +54,18 @@ class DataBundle:
         train: Dataset,
         val: Dataset | None,
         test: Dataset,
-        num_classes: int,
+        num_classes: int | None,
         input_shape: Sequence[int],
+        labelled: bool = True,
     ) -> DataBundle:
-        """The bundle over the three splits, with the batch sizes and loader settings of ``cfg``."""
+        """The bundle over the three splits, with the batch sizes and loader settings of ``cfg``
+        (``num_classes`` None: unlabelled data, or labels that are not class indices)."""
         return cls(
             train_dataset=train,
             val_dataset=val,
             test_dataset=test,
-            num_classes=int(num_classes),
+            num_classes=None if num_classes is None else int(num_classes),
+            labelled=labelled,
             input_shape=tuple(int(d) for d in input_shape),
             batch_size=cfg.batch_size,
             eval_batch_size=cfg.eval_batch_size,

@@ -34,6 +34,8 @@ class DataSource:
     check: Callable[[str], str | None] | None = None
     kwargs: bool = True  # whether it takes ``data.kwargs``
     fallback: bool = False  # receives every ``x:y`` source no other registered name claims
+    #: takes ``data.kwargs.tokenizer``, which ``build_data`` fills in from the model's ``hf:`` directory
+    tokenizer: bool = False
 
     @property
     def name(self) -> str:
@@ -55,13 +57,15 @@ def register_source(
     check: Callable[[str], str | None] | None = None,
     kwargs: bool = True,
     fallback: bool = False,
+    tokenizer: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering a builder for the data source written ``usage`` (``"digits"``,
     ``"torchvision:NAME"``); ``check`` validates the argument cheaply (no heavy imports),
-    ``kwargs=False`` refuses ``data.kwargs``, ``fallback`` takes every unclaimed ``x:y``."""
+    ``kwargs=False`` refuses ``data.kwargs``, ``fallback`` takes every unclaimed ``x:y``,
+    ``tokenizer`` gets the model's tokenizer directory as ``data.kwargs.tokenizer`` by default."""
 
     def add(build: Builder) -> Builder:
-        entry = DataSource(usage, build, check, kwargs, fallback)
+        entry = DataSource(usage, build, check, kwargs, fallback, tokenizer)
         if entry.name in _SOURCES:
             raise ValueError(f"data source {entry.name!r} is registered twice")
         if fallback and any(s.fallback for s in _SOURCES.values()):

@@ -14,12 +14,19 @@ move when ``val_fraction`` or ``limit_train`` change. Data that fits in memory (
 Fashion-MNIST, synthetic) is held in ``TensorDataset``s so loaders are fast
 (:func:`tensor_bundle`); other datasets are subset lazily (:func:`dataset_bundle`), their labels
 read without loading inputs when the dataset exposes them.
+
+Samples may be ``(input, label)`` pairs, tuples of several inputs with the label last, dicts of
+tensors (the label under ``labels``/``label``/``target``/``targets``/``y``, as tasks read them), or
+inputs alone: data without labels is ``labelled=False`` with ``num_classes`` None (tasks that need
+labels refuse it). Labels that are not class indices (e.g. regression targets) leave
+``num_classes`` None unless ``data.num_classes`` sets it; splits and limits are then random
+instead of stratified.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -180,7 +187,10 @@ def dataset_labels(ds: Any, scan: bool = False) -> np.ndarray | None:
     if not scan:
         return None
     try:
-        return _as_label_array([int(_split_sample(ds[i], "dataset")[1]) for i in range(len(ds))])
+        found = [target_of(ds[i]) for i in range(len(ds))]
+        if any(t is None for t in found):
+            return None
+        return _as_label_array([int(t) for t in found])
     except (TypeError, ValueError, RuntimeError):
         return None
 
@@ -199,28 +209,49 @@ def _as_label_array(val: Any) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
-def _split_sample(sample: Any, source: str) -> tuple[Any, Any]:
+def target_of(sample: Any) -> Any:
+    """The label of one sample, or None when it has none: the last element of a tuple of two or
+    more, a dict's ``labels``/``label``/``target``/``targets``/``y`` (the keys tasks take)."""
+    from compress_cli.tasks.base import TARGET_KEYS
+
+    if isinstance(sample, Mapping):
+        return next((sample[k] for k in TARGET_KEYS if k in sample), None)
     if isinstance(sample, (tuple, list)) and len(sample) >= 2:
-        return sample[0], sample[1]
-    raise SourceError(f"{source}: each sample must be an (input, label) pair (got {type(sample).__name__})")
+        return sample[-1]
+    return None
 
 
-def sample_shape(ds: Any, source: str) -> tuple[int, ...]:
-    """The shape of the first training sample's input; SourceError when it is not a tensor."""
+def sample_info(ds: Any, source: str) -> tuple[tuple[int, ...], bool]:
+    """(the input shape of the first training sample, whether samples carry a label). The shape is
+    ``()`` for structured inputs (dicts, several tensors): the bundle's example batches describe
+    those. SourceError when the sample cannot be read or a single input is not a tensor."""
     if len(ds) == 0:
         raise SourceError(f"{source}: the training split is empty")
     try:
-        x, _ = _split_sample(ds[0], source)
-    except SourceError:
-        raise
+        sample = ds[0]
     except Exception as e:
         raise SourceError(f"{source}: cannot read the first sample: {type(e).__name__}: {e}") from None
-    shape = getattr(x, "shape", None)
+    if isinstance(sample, Mapping):
+        return (), target_of(sample) is not None
+    labelled = isinstance(sample, (tuple, list)) and len(sample) >= 2
+    inputs = sample[:-1] if labelled else sample
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) != 1:
+            return (), labelled
+        inputs = inputs[0]
+    if isinstance(inputs, Mapping):
+        return (), labelled
+    shape = getattr(inputs, "shape", None)
     if shape is None:
         raise SourceError(
-            f"{source}: samples must be tensors (got {type(x).__name__}; add a ToTensor transform)"
+            f"{source}: samples must be tensors (got {type(inputs).__name__}; add a ToTensor transform)"
         )
-    return tuple(int(d) for d in shape)
+    return tuple(int(d) for d in shape), labelled
+
+
+def sample_shape(ds: Any, source: str) -> tuple[int, ...]:
+    """The shape of the first training sample's input (``()`` for structured inputs)."""
+    return sample_info(ds, source)[0]
 
 
 def dataset_bundle(
@@ -259,19 +290,17 @@ def dataset_bundle(
         labels = y_test if y_test is not None else np.zeros(len(test), dtype=np.int64)
         test = Subset(test, limit_indices(labels, cfg.limit_test, seed).tolist())
     check_sizes(source, len(train), len(test), None if val is None else len(val))
-    shape = sample_shape(train, source)
+    shape, labelled = sample_info(train, source)
+    if not labelled:
+        return DataBundle.from_config(cfg, seed, train, val, test, None, shape, labelled=False)
     if classes is None:
         classes = cfg.num_classes
     if classes is None:
         classes = _classes_attr(train)
     if classes is None:
         ys = [dataset_labels(d, scan=True) for d in (train, test)]
-        max_label = (
-            max(int(y.max(initial=0)) for y in ys if y is not None) if any(y is not None for y in ys) else -1
-        )
-        if max_label < 0:
-            raise SourceError(f"{source}: cannot infer the number of classes; set data.num_classes")
-        classes = class_count(cfg, source, max_label)
+        if all(y is not None for y in ys):  # class indices; else (regression targets, ...) no classes
+            classes = class_count(cfg, source, max(int(y.max(initial=0)) for y in ys if y is not None))
     return DataBundle.from_config(cfg, seed, train, val, test, classes, shape)
 
 
