@@ -178,11 +178,17 @@ def save_snapshot(state: State, directory: Path) -> int:
     from compress_cli.sources.models import build_from_source
 
     spec = state.model_spec.model_dump(mode="json")
+    inputs = None
+    if not state.data.input_shape:  # structured inputs: the manifest says what the model takes
+        from compress_cli.runtime.inputs import InputSpec
+
+        inputs = InputSpec.from_example(state.data.example_input(1), state.model).to_json()
     return save_model(
         state.model,
         directory,
         base=build_from_source(spec),
         model_spec=spec,
+        input_spec=inputs,
         input_shape=list(state.data.input_shape),
         num_classes=state.data.num_classes,
         edits=state.edits.to_json(),

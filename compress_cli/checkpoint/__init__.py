@@ -127,11 +127,14 @@ def save_model(
     transforms: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    input_spec: dict[str, Any] | None = None,
 ) -> int:
     """Write DIR/manifest.json and the weights; returns the total bytes on disk.
 
     ``base`` is the module ``model_spec`` builds (random init): the manifest records how ``model``
-    differs from it, and ``load`` rebuilds ``model`` from the same spec.
+    differs from it, and ``load`` rebuilds ``model`` from the same spec. ``input_shape``: one
+    sample's shape for a single-tensor input, empty for structured inputs, which ``input_spec``
+    (:meth:`compress_cli.runtime.inputs.InputSpec.to_json`) describes: names, dtypes, shapes.
     """
     from compress_cli.checkpoint.codec import encode_state_dict, is_zstd
 
@@ -144,6 +147,7 @@ def save_model(
         "version": FORMAT_VERSION,
         "model": model_spec,
         "input_shape": list(input_shape),
+        **({"input_spec": input_spec} if input_spec is not None else {}),
         "num_classes": num_classes,
         "architecture": diff,
         "transforms": transforms or [],

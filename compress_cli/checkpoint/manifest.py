@@ -94,11 +94,14 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     if type(manifest.get("version")) is not int or manifest["version"] < 1:
         problems.append(f"version: must be a format version from 1 to {FORMAT_VERSION}")
     problems += _model_problems(manifest.get("model"))
-    shape = manifest.get("input_shape")
-    if shape != [] and not _is_shape(shape, min_size=1):  # []: structured inputs (dicts, tuples)
+    if not _is_shape(manifest.get("input_shape"), min_size=1, min_rank=0):
         problems.append(
-            f"input_shape: must be a list of 1 to {MAX_RANK} positive sizes (or [] for structured inputs)"
+            f"input_shape: must be a list of up to {MAX_RANK} positive sizes (empty: structured inputs)"
         )
+    if manifest.get("input_spec") is not None:
+        from compress_cli.runtime.inputs import spec_problems
+
+        problems += [f"input_spec: {p}" for p in spec_problems(manifest["input_spec"])]
     num_classes = manifest.get("num_classes")
     if num_classes is not None and not (type(num_classes) is int and 1 <= num_classes <= MAX_SIZE):
         problems.append(f"num_classes: must be null or a positive int (got {num_classes!r:.60})")
@@ -142,10 +145,10 @@ def _model_problems(model: object) -> list[str]:
     return problems
 
 
-def _is_shape(value: object, min_size: int) -> bool:
+def _is_shape(value: object, min_size: int, min_rank: int = 1) -> bool:
     return (
         isinstance(value, list)
-        and 1 <= len(value) <= MAX_RANK
+        and min_rank <= len(value) <= MAX_RANK
         and all(type(v) is int and min_size <= v <= MAX_SIZE for v in value)
     )
 

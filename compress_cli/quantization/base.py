@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from compress_cli.runtime.inputs import InputSpec
     from compress_cli.runtime.runners import Runner
     from compress_cli.state import State
 
@@ -98,6 +99,16 @@ def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
     return round(min(200.0, 10 * math.log10(signal / noise)), 2)
 
 
+def cpu_inputs(inputs: Any) -> Any:
+    """Model inputs on the CPU, floating-point tensors as float32; integer tensors (token ids,
+    masks) keep their dtype."""
+    from compress_cli._utils.batches import map_tensors
+
+    return map_tensors(
+        inputs, lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
+    )
+
+
 def sqnr_way_out(scheme: str, options: Any) -> str:
     """What may raise a scheme's logit SQNR, naming only the recipe keys that apply to it and its
     mode (dynamic quantization does not calibrate: no calibration hint for it)."""
@@ -133,17 +144,27 @@ class Int8Job:
     exclude: list[str]  # module names kept in floating point
     reduce_range: bool
     reduce_range_reason: str
-    check: tuple[torch.Tensor, torch.Tensor] | None = None  # (val batch, fp32 logits) for the gate
+    #: (val inputs, the fp32 model's task-selected output on them) for the SQNR gate
+    check: tuple[Any, torch.Tensor] | None = None
     #: a preflight's trial conversion: this example batch stands in for the calibration data
-    trial: torch.Tensor | None = None
+    trial: Any = None
+
+    @property
+    def spec(self) -> InputSpec:
+        """What the model is called with (recorded in the entry: load() rebuilds with it)."""
+        from compress_cli.runtime.inputs import InputSpec
+
+        return InputSpec.from_entry(self.entry)
 
     def keep_reference(self, model: nn.Module) -> None:
-        """Take the fp32 logits the int8 result must follow: ``model`` on a validation batch."""
+        """Take the fp32 output the int8 result must follow: ``model``'s task-selected output on
+        the inputs of a validation batch."""
         import torch
 
-        x = next(iter(self.state.data.loader("val")))[0].cpu().float()
+        task = self.state.data.get_task()
+        x = cpu_inputs(task.inputs(next(iter(self.state.data.loader("val")))))
         with torch.inference_mode():
-            self.check = (x, model(x))
+            self.check = (x, task.forward(model, x))
 
     def fold_batchnorm(self, model: nn.Module) -> nn.Module:
         """The static schemes' first step: fold BN into the convolutions of ``model`` (this job's
@@ -158,24 +179,26 @@ class Int8Job:
         self.entry["reduce_range"] = self.reduce_range
         return model
 
-    def calibration(self) -> list[torch.Tensor]:
-        """The calibration inputs: ``calibration_batches`` training batches (CPU, fp32); in a
-        preflight's trial, its one example batch."""
+    def calibration(self) -> list[Any]:
+        """The calibration inputs: the model inputs of ``calibration_batches`` training batches
+        (CPU; floating-point tensors fp32, token ids left as they are); in a preflight's trial,
+        its one example batch."""
         if self.trial is not None:
             return [self.trial]
         data = self.state.data
         n = self.options.calibration_batches or data.calibration_batches
-        batches = [x for x, _ in data.calibration()][:n]
+        batches = data.calibration_inputs()[:n]
         if len(batches) < n:
+            task = data.get_task()
             batches = []
-            for i, (x, _) in enumerate(data.loader("train", shuffle=False)):
+            for i, batch in enumerate(data.loader("train", shuffle=False)):
                 if i >= n:
                     break
-                batches.append(x)
+                batches.append(task.inputs(batch))
         if not batches:
             raise StageError("no calibration data: the training split is empty")
         self.details["calibration_batches"] = len(batches)
-        return [b.cpu().float() for b in batches]
+        return [cpu_inputs(b) for b in batches]
 
 
 class Int8Handler(SchemeHandler):
@@ -193,9 +216,11 @@ class Int8Handler(SchemeHandler):
         """Files written besides the checkpoint (paths, for the report's artifacts)."""
         return []
 
-    def job(self, state: State, options: Any, label: str, trial: torch.Tensor | None = None) -> Int8Job:
-        """A conversion of ``state.model`` with ``options`` (``trial``: a preflight's example batch)."""
+    def job(self, state: State, options: Any, label: str, trial: Any = None) -> Int8Job:
+        """A conversion of ``state.model`` with ``options`` (``trial``: a preflight's example batch).
+        The entry records the input spec of the data's example batch (load() rebuilds with it)."""
         from compress_cli.quantization.cpu import choose_reduce_range
+        from compress_cli.runtime.inputs import InputSpec
 
         scheme = options.scheme
         exclude = [n for n, _ in state.select_modules(options.exclude)] if options.exclude else []
@@ -203,8 +228,9 @@ class Int8Handler(SchemeHandler):
             reduce_range, why = choose_reduce_range()
         else:
             reduce_range, why = bool(options.reduce_range), "set in the recipe"
-        shape = list(state.data.input_shape)
-        entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_shape": shape}
+        example = trial if trial is not None else cpu_inputs(state.data.example_input(2))
+        spec = InputSpec.from_example(example, state.model).to_json()  # floats as fp32, as converted
+        entry = {"type": "quantize", "scheme": scheme, "exclude": exclude, "input_spec": spec}
         details: dict[str, Any] = {"scheme": scheme}
         return Int8Job(state, options, label, entry, details, exclude, reduce_range, why, trial=trial)
 
@@ -223,16 +249,17 @@ class Int8Handler(SchemeHandler):
         the baseline, with the reason and the way out."""
         import torch
 
+        from compress_cli._utils.batches import call
         from compress_cli.pruning import permanent_copy
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed)
-            example = state.data.example_input(2).cpu()
+            example = cpu_inputs(state.data.example_input(2))
             job = self.job(state, options, "preflight", trial=example)
             try:
                 runtime = self.trial(permanent_copy(state.model).cpu().eval(), job)
                 with torch.inference_mode():
-                    runtime(example)
+                    call(runtime, example)
             except StageError as e:
                 raise StageError(f"{options.scheme} cannot convert this model: {e}") from None
             except Exception as e:
@@ -277,7 +304,7 @@ class Int8Handler(SchemeHandler):
         assert runner is not None
         with torch.inference_mode():
             runner.prepare()
-            y = runner(x)
+            y = state.data.get_task().select(runner(x), x)
         sqnr = sqnr_db(y_ref, y)
         details.update(sqnr_db=sqnr, min_sqnr_db=options.min_sqnr_db, runtime=runner.runtime)
         if sqnr < options.min_sqnr_db:
@@ -287,14 +314,14 @@ class Int8Handler(SchemeHandler):
                 else ""
             )
             raise StageError(
-                f"{scheme}: int8 logits are too far from fp32 (SQNR {sqnr:.1f} dB < min_sqnr_db "
+                f"{scheme}: the int8 model's output is too far from fp32's (SQNR {sqnr:.1f} dB < min_sqnr_db "
                 f"{options.min_sqnr_db}){rr}; try {sqnr_way_out(scheme, options)}"
             )
         state.model = model
         state.transforms.append(entry)
         state.runner = runner
         state.edits.record(label, op="quantize", scheme=scheme, reduce_range=entry.get("reduce_range"))
-        notes = f"{scheme} -> {runner.runtime}, logit SQNR {sqnr:.1f} dB"
+        notes = f"{scheme} -> {runner.runtime}, output SQNR {sqnr:.1f} dB"
         if "reduce_range" in entry:
             notes += f", reduce_range={'on' if reduce_range else 'off'}"
         return Quantized(notes=notes, details=details, artifacts=artifacts)

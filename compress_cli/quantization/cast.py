@@ -1,4 +1,5 @@
-"""fp16 / bf16: the module cast to that dtype; hooks cast inputs to it and logits back to fp32."""
+"""fp16 / bf16: the module cast to that dtype; hooks cast floating inputs (positional or keyword)
+to it and every floating output tensor back to fp32 (token ids and masks stay as they are)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,32 @@ if TYPE_CHECKING:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _cast_input(dtype: Any, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        a.to(dtype) if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args
-    )
+def _cast_input(
+    dtype: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from compress_cli._utils.batches import map_tensors
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return map_tensors(args, cast), map_tensors(kwargs, cast)
 
 
 def _cast_output(module: Any, args: Any, output: Any) -> Any:
-    return output.float() if hasattr(output, "is_floating_point") and output.is_floating_point() else output
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    from collections.abc import MutableMapping
+
+    from compress_cli._utils.batches import map_tensors
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.is_floating_point() else t
+
+    if isinstance(output, MutableMapping):  # in place: a ModelOutput keeps its class and attributes
+        for k in list(output.keys()):
+            output[k] = map_tensors(output[k], back)
+        return output
+    return map_tensors(output, back)
 
 
 def cast_(model: nn.Module, dtype: Any, convert: bool = True) -> nn.Module:
@@ -36,7 +55,7 @@ def cast_(model: nn.Module, dtype: Any, convert: bool = True) -> nn.Module:
     for h in model.__dict__.pop("_compress_cast_hooks", []):
         h.remove()
     model.__dict__["_compress_cast_hooks"] = [
-        model.register_forward_pre_hook(functools.partial(_cast_input, dtype)),
+        model.register_forward_pre_hook(functools.partial(_cast_input, dtype), with_kwargs=True),
         model.register_forward_hook(_cast_output),
     ]
     return model
@@ -55,7 +74,8 @@ class Cast(SchemeHandler):
         """Cast ``state.model``; the notes warn where fp16 on CPU is slow."""
         done = super().convert(state, options, label)
         done.notes = (
-            f"weights and activations cast to {options.scheme}; inputs cast on entry, logits returned as fp32"
+            f"weights and activations cast to {options.scheme}; floating inputs cast on entry, "
+            "outputs returned as fp32"
         )
         if options.scheme == "fp16" and state.device.type == "cpu":
             done.notes += (

@@ -48,17 +48,25 @@ def fx_qconfig_mapping(reduce_range: bool, exclude: Iterable[str] = ()) -> Any:
     return mapping
 
 
-def _fx_prepare(
-    model: nn.Module, input_shape: Iterable[int], reduce_range: bool, exclude: Iterable[str]
-) -> Any:
+def _fx_prepare(model: nn.Module, inputs: Any, reduce_range: bool, exclude: Iterable[str]) -> Any:
+    """``prepare_fx`` with the x86 mapping; ``inputs``: the input spec (or a sample shape)."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
+    from compress_cli.runtime.inputs import InputSpec
+
+    spec = InputSpec.coerce(inputs)
+    if spec.kind == "kwargs":
+        raise StageError(
+            "backend: fx traces positional inputs only and this model takes keyword inputs; "
+            "use backend: pt2e, or scheme onnxruntime_int8 / int8_dynamic"
+        )
+    example = spec.example(2)
     try:
         with quiet():
             return prepare_fx(
                 copy.deepcopy(model).eval(),
                 fx_qconfig_mapping(reduce_range, exclude),
-                (torch.zeros(2, *input_shape),),
+                example if isinstance(example, tuple) else (example,),
             )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -69,10 +77,13 @@ def fx_calibrate(
     model: nn.Module, batches: list[torch.Tensor], reduce_range: bool, exclude: Iterable[str] = ()
 ) -> dict[str, dict[str, Any]]:
     """torch.ao FX: ``prepare_fx`` (x86 mapping), run the calibration batches; -> activation qparams."""
-    pm = _fx_prepare(model, batches[0].shape[1:], reduce_range, exclude)
+    from compress_cli._utils.batches import call
+    from compress_cli.runtime.inputs import InputSpec
+
+    pm = _fx_prepare(model, InputSpec.from_example(batches[0], model), reduce_range, exclude)
     with torch.no_grad(), quiet():
         for x in batches:
-            pm(x)
+            call(pm, x)
     return record_qparams(pm)
 
 
@@ -97,13 +108,13 @@ def build_fx(
     qparams: dict[str, dict[str, Any]],
     reduce_range: bool,
     exclude: Iterable[str],
-    input_shape: Iterable[int],
+    inputs: Any,
 ) -> nn.Module:
     """torch.ao FX ``convert_fx`` of ``model`` (weights on the grid) with the recorded activation
     qparams pinned: an eager module of quantized kernels (x86 backend)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    pm = _fx_prepare(model, input_shape, reduce_range, exclude)
+    pm = _fx_prepare(model, inputs, reduce_range, exclude)
     pin_qparams(pm, qparams)
     with quiet():
         return convert_fx(pm)

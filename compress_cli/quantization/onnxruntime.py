@@ -23,7 +23,8 @@ from compress_cli._utils.quiet import quiet
 from compress_cli.errors import SourceError, StageError
 from compress_cli.quantization.base import Int8Handler, Int8Job
 from compress_cli.quantization.schemes import register_scheme
-from compress_cli.runtime.export import ONNX_INPUT, exporter_order, fp32_onnx
+from compress_cli.runtime.export import exporter_order, fp32_onnx
+from compress_cli.runtime.inputs import ONNX_INPUT, InputSpec
 from compress_cli.runtime.ort import OrtModule
 from compress_cli.runtime.runners import OrtRunner, Runner
 
@@ -36,14 +37,13 @@ _AUTO_EXPORTERS = ("legacy", "dynamo")
 
 
 def write_fp32_onnx(
-    model: nn.Module, input_shape: Iterable[int], path: Path, opset: int, exporter: str
+    model: nn.Module, inputs: InputSpec | Iterable[int], path: Path, opset: int, exporter: str
 ) -> str:
     """The fp32 ONNX of ``model`` written to ``path`` (ONNX Runtime's quantizer reads a file; the
-    bytes are not held while it runs: they are the model's size again). Returns the exporter used,
-    as the recipe and the manifest spell it."""
-    data, used = fp32_onnx(
-        model, input_shape, opset=opset, exporters=exporter_order(exporter, _AUTO_EXPORTERS)
-    )
+    bytes are not held while it runs: they are the model's size again). ``inputs``: the model's
+    input spec (or one float tensor's sample shape). Returns the exporter used, as the recipe and
+    the manifest spell it."""
+    data, used = fp32_onnx(model, inputs, opset=opset, exporters=exporter_order(exporter, _AUTO_EXPORTERS))
     Path(path).write_bytes(data)
     return "torchscript" if used == "legacy" else used
 
@@ -90,11 +90,13 @@ def default_op_types(model: nn.Module) -> list[str] | None:
 ONNX_RTOL = 1e-3
 
 
-def check_onnx_follows(model: nn.Module, fp32: bytes | Path, batches: list[Any]) -> None:
+def check_onnx_follows(
+    model: nn.Module, fp32: bytes | Path, batches: list[Any], spec: InputSpec | None = None
+) -> None:
     """Refuse (StageError) an fp32 export whose outputs differ from ``model``'s on ``batches``
-    (tensors, or dicts of named tensors): the exporter traced one path of a forward that branches
-    on its input's values, and the graph would replay it for every input. The refusal names the
-    source line that reads an input-dependent tensor into Python."""
+    (model inputs of ``spec``'s structure; default: each its own): the exporter traced one path of
+    a forward that branches on its input's values, and the graph would replay it for every input.
+    The refusal names the source line that reads an input-dependent tensor into Python."""
     import onnxruntime as ort
 
     from compress_cli._utils.batches import call, float_tensors
@@ -103,8 +105,8 @@ def check_onnx_follows(model: nn.Module, fp32: bytes | Path, batches: list[Any])
     src = fp32 if isinstance(fp32, bytes) else str(fp32)
     session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
     for x in batches:
-        named = x.items() if isinstance(x, dict) else [(ONNX_INPUT, x)]
-        got = session.run(None, {k: v.detach().cpu().numpy() for k, v in named})[0]
+        feeds = (spec or InputSpec.from_example(x, model)).arrays(x)
+        got = session.run(None, feeds)[0]
         with torch.no_grad():
             want = next(iter(float_tensors(call(model, x))), None)
         if want is None or tuple(want.shape) != got.shape:
@@ -394,22 +396,24 @@ def ort_requantize(
     fp32: bytes | Path,
     params: dict[str, Any],
     reduce_range: bool,
-    input_shape: Iterable[int] | None,
+    inputs: InputSpec | Iterable[int] | None,
     exclude_nodes: Iterable[str] = (),
     op_types: Iterable[str] | None = None,
     mode: str = "static",
     dummy: list[Any] | None = None,
 ) -> bytes:
     """The quantized model for ``fp32`` (weights already on the grid) with the recorded scales:
-    the same ONNX Runtime quantization on one dummy batch (``dummy``, else random of
-    ``input_shape``) gives the graph; every scale / zero point is then replaced by the recorded one
-    and every quantized initializer recomputed from the fp32 weights."""
+    the same ONNX Runtime quantization on one dummy batch (``dummy``, else 2 samples of the input
+    spec ``inputs`` (or one float tensor's sample shape): floats drawn from a seeded normal, ids
+    zeros, masks ones) gives the graph; every scale / zero point is then replaced by the recorded
+    one and every quantized initializer recomputed from the fp32 weights."""
     import onnx
     from onnx import numpy_helper
 
     if dummy is None:
-        assert input_shape is not None
-        dummy = [np.random.default_rng(0).standard_normal((2, *input_shape)).astype(np.float32)]
+        assert inputs is not None
+        spec = InputSpec.coerce(inputs)  # type: ignore[arg-type]
+        dummy = [spec.arrays(spec.example(2, rng=np.random.default_rng(0)))]
     q = ort_quantize(fp32, dummy, reduce_range, "minmax", exclude_nodes, op_types, mode)
     model = onnx.load_from_string(q)
     # initializers as protos, each converted when used: all of them as arrays is the model's size again
@@ -486,21 +490,22 @@ class OnnxRuntimeInt8(Int8Handler):
         model = job.fold_batchnorm(model)
         options, details = job.options, job.details
         mode, ops = options.mode, self.op_types(model, options)
-        inputs: list[torch.Tensor]
+        spec = job.spec
+        inputs: list[Any]
         if mode == "dynamic":  # no calibration: the fp32 export is checked on the SQNR batch
             first = job.trial if job.trial is not None else job.check[0] if job.check else None
             inputs = [first] if first is not None else []
             batches: list[Any] = []
         else:
             inputs = job.calibration()
-            batches = [b.detach().cpu().float().numpy() for b in inputs]
+            batches = [spec.arrays(b) for b in inputs]
         with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
             # the fp32 ONNX (the model's size) waits on disk while ONNX Runtime quantizes it
             fp32 = Path(d) / "fp32.onnx"
-            exporter = write_fp32_onnx(model, job.entry["input_shape"], fp32, options.opset, options.exporter)
-            if job.trial is not None and job.trial.is_floating_point():
+            exporter = write_fp32_onnx(model, spec, fp32, options.opset, options.exporter)
+            if isinstance(job.trial, torch.Tensor) and job.trial.is_floating_point():
                 inputs = [job.trial, -job.trial]  # both signs: a branch on the input's sign shows
-            check_onnx_follows(model, fp32, inputs[:2])
+            check_onnx_follows(model, fp32, inputs[:2], spec)
             nodes = onnx_nodes_for_modules(fp32, job.exclude)
             q = ort_quantize(fp32, batches, job.reduce_range, options.calibrate_method, nodes, ops, mode)
             params, snapped = ort_record(q)
@@ -526,20 +531,15 @@ class OnnxRuntimeInt8(Int8Handler):
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
         """Export the stored module again and rebuild the quantized graph with the recorded scales."""
+        spec = InputSpec.from_entry(entry)
         with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
             fp32 = Path(d) / "fp32.onnx"
-            write_fp32_onnx(
-                model,
-                entry["input_shape"],
-                fp32,
-                entry.get("opset", 17),
-                entry.get("exporter", "torchscript"),
-            )
+            write_fp32_onnx(model, spec, fp32, entry.get("opset", 17), entry.get("exporter", "torchscript"))
             q = ort_requantize(
                 fp32,
                 entry["onnx_qparams"],
                 entry["reduce_range"],
-                entry["input_shape"],
+                spec,
                 entry.get("exclude_nodes", []),
                 entry.get("op_types_to_quantize"),
                 entry.get("mode", "static"),

@@ -27,6 +27,7 @@ from compress_cli.quantization.schemes import register_scheme
 from compress_cli.runtime.runners import CompiledRunner, FrozenCompiled, Runner
 
 if TYPE_CHECKING:
+    from compress_cli.runtime.inputs import InputSpec
     from compress_cli.state import State
 
 #: how to load the .pt2 the export stage writes of a PT2E int8 graph
@@ -76,16 +77,22 @@ def pt2e_api() -> Any:
         ) from None
 
 
-def export_graph(model: nn.Module, example: torch.Tensor) -> Any:
-    """``torch.export.export(strict=True)`` with a dynamic batch dimension -> GraphModule.
+def export_graph(model: nn.Module, example: Any) -> Any:
+    """``torch.export.export(strict=True)`` with a dynamic batch dimension (and sequence, for token
+    inputs) -> GraphModule. ``example``: the model's inputs (tensor, tuple, or dict: keywords).
 
     strict: the default non-strict export makes ``prepare_pt2e`` fail with "Input partition has
     more than one output node" on models that reuse a module (e.g. torchvision's BasicBlock.relu).
     """
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    from compress_cli.runtime.inputs import InputSpec
+
+    spec = InputSpec.from_example(example, model)
+    args, kwargs = spec.args_kwargs(example)
     try:
         with quiet():
-            ep = torch.export.export(model.eval(), (example,), strict=True, dynamic_shapes=({0: batch},))
+            ep = torch.export.export(
+                model.eval(), args, kwargs=kwargs, strict=True, dynamic_shapes=spec.dynamic_shapes(1 << 20)
+            )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise StageError(
@@ -130,12 +137,14 @@ def pt2e_calibrate(
 ) -> dict[str, dict[str, Any]]:
     """Export, ``prepare_pt2e`` with X86InductorQuantizer, run the calibration batches; -> qparams."""
     api = pt2e_api()
-    gm = export_graph(model, batches[0][:2] if len(batches[0]) >= 2 else torch.cat([batches[0]] * 2))
+    from compress_cli._utils.batches import call, take
+
+    gm = export_graph(model, take(batches[0], 2))
     with quiet():
         pm = api.prepare(gm, x86_quantizer(reduce_range, False, exclude))
         with torch.no_grad():
             for x in batches:
-                pm(x)
+                call(pm, x)
     return record_qparams(pm)
 
 
@@ -166,12 +175,15 @@ def build_pt2e(
     qparams: dict[str, dict[str, Any]],
     reduce_range: bool,
     exclude: Iterable[str],
-    input_shape: Iterable[int],
+    inputs: InputSpec | Iterable[int],
 ) -> Any:
     """The converted int8 graph for ``model`` (weights already on the grid) with the recorded
-    qparams: export, prepare, pin every observer's qparams, ``convert_pt2e``. No calibration."""
+    qparams: export, prepare, pin every observer's qparams, ``convert_pt2e``. No calibration.
+    ``inputs``: the input spec (or one float tensor's sample shape) the graph is exported with."""
+    from compress_cli.runtime.inputs import InputSpec
+
     api = pt2e_api()
-    gm = export_graph(model, torch.zeros(2, *input_shape))
+    gm = export_graph(model, InputSpec.coerce(inputs).example(2))  # type: ignore[arg-type]
     with quiet():
         pm = api.prepare(gm, x86_quantizer(reduce_range, False, exclude))
     pin_qparams(pm, qparams)
@@ -197,8 +209,8 @@ class QuantizedGraph(nn.Module):
         self.training = mode
         return self
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # no module hooks: ~5% at batch 1
-        return self.forward(x)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # no module hooks: ~5% at batch 1
+        return self.forward(*args, **kwargs)
 
     def _callable(self) -> Any:
         if self.__dict__.get("_fn") is None:
@@ -211,8 +223,14 @@ class QuantizedGraph(nn.Module):
                 self.__dict__["_fn"] = self.graph
         return self.__dict__["_fn"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The graph's logits for ``x`` (no gradients); a batch shape seen before skips all checks."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The graph's output for the inputs (no gradients); one tensor of a batch shape seen
+        before skips all checks."""
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            structure = kwargs if kwargs else args[0] if len(args) == 1 else args
+            with torch.no_grad():
+                return (self.__dict__.get("_fn") or self._callable())(structure)
+        x = args[0]
         if not torch.is_grad_enabled():  # fast path: a batch shape already compiled
             fn = self.__dict__["_ready"].get((x.shape, x.dtype, torch.is_inference_mode_enabled()))
             if fn is not None:
@@ -232,9 +250,11 @@ class QuantizedGraph(nn.Module):
 
 
 def _graph(model: nn.Module, entry: dict[str, Any], build: Any = build_pt2e) -> Any:
-    """``build`` (PT2E or FX) of the stored module with the entry's recorded qparams."""
+    """``build`` (PT2E or FX) of the stored module with the entry's recorded qparams and input spec."""
+    from compress_cli.runtime.inputs import InputSpec
+
     exclude = entry.get("exclude", [])
-    return build(model.cpu(), entry["qparams"], entry["reduce_range"], exclude, entry["input_shape"])
+    return build(model.cpu(), entry["qparams"], entry["reduce_range"], exclude, InputSpec.from_entry(entry))
 
 
 class Pt2eHandler(Int8Handler):
@@ -346,7 +366,11 @@ class Qat(Pt2eHandler):
 
         model = job.fold_batchnorm(model)
         state = job.state
-        example = next(iter(state.data.loader("train", shuffle=False)))[0][:2].cpu().float()
+        from compress_cli._utils.batches import take
+        from compress_cli.quantization.base import cpu_inputs
+
+        batch = next(iter(state.data.loader("train", shuffle=False)))
+        example = cpu_inputs(take(state.data.get_task().inputs(batch), 2))
         graph = prepare_qat(model, example, job.reduce_range, job.exclude)
         res = train(graph, state, job.options, label=job.label)
         graph.eval()

@@ -137,7 +137,7 @@ class CompiledRunner(Runner):
 
 class OrtRunner(Runner):
     """ONNX Runtime (CPU execution provider) over an :class:`~compress_cli.runtime.ort.OrtModule`;
-    tensors in, tensors out."""
+    the model's inputs in (fed by name), its output structure out."""
 
     runtime = "onnxruntime"
 
@@ -166,11 +166,14 @@ class OrtRunner(Runner):
         }
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
-        """The original fp32 model exported to ONNX and run in ONNX Runtime, same threads."""
+        """The original fp32 model exported to ONNX (with the data's input spec: names, dtypes,
+        dynamic batch and sequence axes) and run in ONNX Runtime, same threads."""
         from compress_cli.runtime.export import fp32_onnx
+        from compress_cli.runtime.inputs import InputSpec
         from compress_cli.runtime.ort import OrtModule
 
-        fp32, _ = fp32_onnx(state.original_model(), state.data.input_shape)
+        original = state.original_model()
+        fp32, _ = fp32_onnx(original, InputSpec.from_example(state.data.example_input(2), original))
         return baseline_latency(state, OrtRunner(OrtModule(fp32, self.threads), self.threads))
 
 

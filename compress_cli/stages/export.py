@@ -31,7 +31,10 @@ class ExportConfig(StageConfig):
         description="ONNX exporter: torch's dynamo-based one, the TorchScript-based one, "
         "or dynamo then legacy",
     )
-    dynamic_batch: bool = Field(True, description="let the batch dimension vary in the exported file")
+    dynamic_batch: bool = Field(
+        True,
+        description="let the batch dimension (and token inputs' sequence length) vary in the exported file",
+    )
     tolerance: float = Field(
         1e-3, gt=0, le=1e6, description="max |exported - PyTorch| allowed on a check batch"
     )
@@ -73,9 +76,13 @@ class Export(Stage[ExportConfig]):
         )
 
     def run(self, state: State) -> StageResult:
+        """Write each format, check it against what the report measured on two batch sizes (and,
+        for token inputs, two sequence lengths), time it at batch 1."""
+        from compress_cli._utils.batches import to_device
         from compress_cli.errors import StageError
         from compress_cli.quantization.schemes import unsupported_formats
         from compress_cli.runtime.export import max_abs_diff, median_latency_ms
+        from compress_cli.runtime.inputs import InputSpec
 
         cfg = self.config
         entry = next((t for t in reversed(state.transforms) if t.get("type") == "quantize"), None)
@@ -89,18 +96,25 @@ class Export(Stage[ExportConfig]):
         cpu = state.runner is not None or state.device.type == "cpu"
         folder = state.ctx.output_dir / cfg.directory
         example = state.data.example_input(2)
-        check = state.data.example_input(5)  # another batch size: the dynamic axis works
+        spec = InputSpec.from_example(example, model)
         x1 = state.data.example_input(1)
+        checks = [example]
+        if cfg.dynamic_batch:  # other batch sizes (and sequence lengths): the dynamic axes work
+            checks = [state.data.example_input(5)]
+            seq = spec.sequence_length
+            if seq is not None and seq > 1:
+                checks.append(spec.with_length(state.data.example_input(3), max(1, seq // 2)))
         files: dict[str, dict] = {}
         for fmt in cfg.formats:
             state.ctx.listener.on_message(f"export {fmt}")
             path, fn, info = self._write(
-                fmt, state, model, entry, folder, example if cpu else example.to(state.device)
+                fmt, state, model, entry, folder, example if cpu else to_device(example, state.device)
             )
-            batch = check if cfg.dynamic_batch else example
-            if not cpu and fmt != "onnx":
-                batch = batch.to(state.device)
-            diff, scale = max_abs_diff(fn, reference, batch)
+            on_device = not cpu and fmt != "onnx"
+            diff, scale = 0.0, 0.0
+            for batch in checks:
+                d, s = max_abs_diff(fn, reference, to_device(batch, state.device) if on_device else batch)
+                diff, scale = max(diff, d), max(scale, s)
             limit = cfg.tolerance + (cfg.relative_tolerance * scale if scheme else 0.0)
             if diff > limit:
                 raise StageError(
@@ -111,8 +125,12 @@ class Export(Stage[ExportConfig]):
                 path=str(path),
                 size_bytes=path.stat().st_size,
                 max_abs_diff=diff,
-                latency_ms=median_latency_ms(fn, x1 if cpu or fmt == "onnx" else x1.to(state.device)),
+                latency_ms=median_latency_ms(fn, to_device(x1, state.device) if on_device else x1),
             )
+            if fmt == "onnx":
+                info.update(onnx_interface(fn.session))
+            else:
+                info["inputs"] = spec.describe()
             if scheme:
                 info["quantization"] = scheme
             files[fmt] = info
@@ -129,15 +147,11 @@ class Export(Stage[ExportConfig]):
     ) -> tuple[Path, Any, dict[str, Any]]:
         """Write one format; returns (file, a callable running it, report details). After quantize,
         the scheme's handler may give what to write instead of the plain model (e.g. the int8 graph)."""
+        from compress_cli._utils.batches import to_device
         from compress_cli._utils.io import atomic_write_bytes
         from compress_cli.quantization.schemes import handler
-        from compress_cli.runtime.export import (
-            export_torch,
-            export_torchscript,
-            ort_callable,
-            ort_session,
-            write_onnx,
-        )
+        from compress_cli.runtime.export import export_torch, export_torchscript, write_onnx
+        from compress_cli.runtime.ort import OrtModule
 
         cfg = self.config
         source, extra = handler(entry["scheme"]).export_model(fmt, state, entry) if entry else (None, {})
@@ -149,14 +163,14 @@ class Export(Stage[ExportConfig]):
                 extra = {
                     "exporter": write_onnx(
                         model.cpu(),
-                        example.cpu(),
+                        to_device(example, "cpu"),
                         path,
                         opset=cfg.opset,
                         dynamic_batch=cfg.dynamic_batch,
                         exporter=cfg.exporter,
                     )
                 }
-            return path, ort_callable(ort_session(path)), {**extra, "runtime": "onnxruntime"}
+            return path, OrtModule(path.read_bytes()), {**extra, "runtime": "onnxruntime"}
         if fmt == "torch_export":
             path = folder / "model.pt2"
             ep = export_torch(model if source is None else source, example, path, cfg.dynamic_batch)
@@ -164,6 +178,19 @@ class Export(Stage[ExportConfig]):
         path = folder / "model.ts"
         ts = export_torchscript(model if source is None else source, example, path)
         return path, ts, {"runtime": "torchscript", **extra}
+
+
+def onnx_interface(session: Any) -> dict[str, Any]:
+    """The ONNX file's inputs and outputs as the report shows them: name -> type and shape, the
+    dynamic axes by name (``batch``, ``sequence``)."""
+
+    def one(v: Any) -> dict[str, Any]:
+        return {"type": v.type, "shape": list(v.shape)}
+
+    return {
+        "inputs": {i.name: one(i) for i in session.get_inputs()},
+        "outputs": {o.name: one(o) for o in session.get_outputs()},
+    }
 
 
 def _plain_model(state: State) -> Any:

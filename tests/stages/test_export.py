@@ -177,3 +177,36 @@ def test_export_refuses_at_run_time_too(tmp_path):
     stage = get_stage("export")
     with pytest.raises(StageError, match="format onnx is not available after quantize scheme int8_dynamic"):
         stage(stage.config_class(type="export", formats=["onnx"])).run(state)
+
+
+# --------------------------------------------------------------------------- structured inputs
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_export_of_a_dict_input_model_names_inputs_and_varies_batch_and_sequence(tmp_path, exporter):
+    """tiny BERT on dict batches: ONNX with inputs input_ids / attention_mask, dynamic batch and
+    sequence axes (checked by the stage at two batch sizes and two lengths), torch.export with
+    keyword inputs; the stage reports the file's interface."""
+    from bert_state import bert_state
+
+    from compress_cli.testing import bert_inputs
+
+    state = bert_state(tmp_path)
+    stage = get_stage("export")
+    formats = ["onnx", "torch_export"] if exporter == "legacy" else ["onnx"]
+    res = stage(stage.config_class(type="export", formats=formats, exporter=exporter)).run(state)
+    onnx_info = res.details["files"]["onnx"]
+    assert onnx_info["exporter"] == exporter and onnx_info["max_abs_diff"] < 1e-4
+    assert onnx_info["inputs"] == {
+        "input_ids": {"type": "tensor(int64)", "shape": ["batch", "sequence"]},
+        "attention_mask": {"type": "tensor(int64)", "shape": ["batch", "sequence"]},
+    }
+    assert onnx_info["outputs"] == {"logits": {"type": "tensor(float)", "shape": ["batch", 3]}}
+    sess = ort.InferenceSession(onnx_info["path"], providers=["CPUExecutionProvider"])
+    for batch, length in ((1, 7), (6, 16), (2, 30)):  # two batch sizes x two lengths, beyond the stage's
+        x = bert_inputs(batch, length, seed=length)
+        with torch.no_grad():
+            want = state.model(**x)
+        got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in x.items()})[0])
+        assert torch.allclose(got, want, atol=1e-5)
+        if exporter == "legacy":
+            ep = torch.export.load(res.details["files"]["torch_export"]["path"])
+            assert torch.allclose(ep.module()(**x), want, atol=1e-5)

@@ -567,3 +567,47 @@ def test_onnxruntime_int8_dynamic_mode_measures_in_ort_and_reloads_equal(tmp_pat
     assert "DynamicQuantizeLinear" in ops and res.details["sqnr_db"] >= 25
     assert state.transforms[-1]["mode"] == "dynamic"
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(d)))
+
+
+# --------------------------------------------------------------------------- structured inputs
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"scheme": "int8_dynamic"},
+        {"scheme": "onnxruntime_int8", "calibration_batches": 2},
+        {"scheme": "onnxruntime_int8", "mode": "dynamic"},
+        {"scheme": "fp16"},
+    ],
+    ids=["int8_dynamic", "ort_static", "ort_dynamic", "fp16"],
+)
+def test_quantize_stage_on_a_dict_input_model_reloads_equal(tmp_path, cfg):
+    """tiny BERT fed dict batches (int64 ids and masks: they must stay integers) through the stage:
+    the SQNR gate reads the task-selected output, the entry records the input spec instead of an
+    input shape, and compress_cli.load() rebuilds a model with the same outputs."""
+    from bert_state import SOURCE, bert_state
+
+    from compress_cli.testing import bert_inputs
+
+    state = bert_state(tmp_path)
+    stage = Quantize(QuantizeConfig(type="quantize", **cfg), 1)
+    stage.preflight(state)
+    res = stage.run(state)
+    d = tmp_path / "out" / "model"
+    save_snapshot(state, d)
+    manifest = compress_cli.checkpoint.read_manifest(d)
+    assert manifest["model"]["source"] == SOURCE and manifest["input_shape"] == []
+    assert [t["name"] for t in manifest["input_spec"]["tensors"]] == ["input_ids", "attention_mask"]
+    if cfg["scheme"] != "fp16":
+        entry = state.transforms[-1]
+        assert "input_shape" not in entry and entry["input_spec"]["kind"] == "kwargs"
+        assert res.details["sqnr_db"] >= 25
+    if cfg["scheme"] == "int8_dynamic":
+        assert res.details["embeddings"] and "bert.classifier" in res.details["layers"]
+    runner = state.current_runner()
+    loaded = compress_cli.load(d, trust_source=True)
+    for batch, length in ((2, 16), (5, 9)):
+        x = bert_inputs(batch, length, seed=batch)
+        with torch.inference_mode():
+            got, again = runner(x), loaded(**x)
+        assert got.dtype == torch.float32 and got.shape == (batch, 3)
+        assert torch.equal(got, again)
