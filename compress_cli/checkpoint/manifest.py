@@ -94,8 +94,9 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     if type(manifest.get("version")) is not int or manifest["version"] < 1:
         problems.append(f"version: must be a format version from 1 to {FORMAT_VERSION}")
     problems += _model_problems(manifest.get("model"))
-    if not _is_shape(manifest.get("input_shape"), min_size=1):
-        problems.append(f"input_shape: must be a list of 1 to {MAX_RANK} positive sizes")
+    if manifest.get("input_shape") != [] and not _is_shape(manifest.get("input_shape"), min_size=1):
+        # [] : structured inputs (a dict or tuple), which the input shape does not describe
+        problems.append(f"input_shape: must be a list of 1 to {MAX_RANK} positive sizes (or [])")
     num_classes = manifest.get("num_classes")
     if num_classes is not None and not (type(num_classes) is int and 1 <= num_classes <= MAX_SIZE):
         problems.append(f"num_classes: must be null or a positive int (got {num_classes!r:.60})")

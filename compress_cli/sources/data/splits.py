@@ -205,10 +205,21 @@ def _split_sample(sample: Any, source: str) -> tuple[Any, Any]:
     raise SourceError(f"{source}: each sample must be an (input, label) pair (got {type(sample).__name__})")
 
 
+def _structured(sample: Any) -> bool:
+    """Whether a sample is a dict (keyword inputs, Hugging Face style): its structure, not an
+    ``(input, label)`` pair, says what the model gets (the task splits it)."""
+    from collections.abc import Mapping
+
+    return isinstance(sample, Mapping)
+
+
 def sample_shape(ds: Any, source: str) -> tuple[int, ...]:
-    """The shape of the first training sample's input; SourceError when it is not a tensor."""
+    """The shape of the first training sample's input (``()`` for dict samples: the data bundle's
+    ``example_input`` gives their structure); SourceError when it is not a tensor."""
     if len(ds) == 0:
         raise SourceError(f"{source}: the training split is empty")
+    if _structured(ds[0]):
+        return ()
     try:
         x, _ = _split_sample(ds[0], source)
     except SourceError:
@@ -260,6 +271,11 @@ def dataset_bundle(
         test = Subset(test, limit_indices(labels, cfg.limit_test, seed).tolist())
     check_sizes(source, len(train), len(test), None if val is None else len(val))
     shape = sample_shape(train, source)
+    first = train[0]
+    if _structured(first) and not any(k in first for k in ("labels", "label", "target", "targets", "y")):
+        bundle = DataBundle.from_config(cfg, seed, train, val, test, classes or cfg.num_classes or 0, shape)
+        bundle.labelled = False  # dict samples without a label key: label-free tasks only
+        return bundle
     if classes is None:
         classes = cfg.num_classes
     if classes is None:
