@@ -6,13 +6,16 @@ The ``distill`` stage (``stages/distill.py``) wires these into the shared traini
 - :func:`kd_loss`: ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y)``
   (Hinton et al. 2015). The ``T^2`` keeps the soft term's gradient scale roughly independent of
   ``T``. ``alpha = 1`` never reads the labels (unlabelled data); ``alpha = 0`` never needs a teacher.
+  Outputs that are not logits (embeddings, hidden states: whatever the task selects) are matched
+  by MSE or cosine instead of KL, and the hard term may be the task's own loss.
 - :class:`FeatureMatcher`: forward hooks on named student/teacher layers, MSE between their outputs,
   with a learned 1x1 convolution (4-D outputs) or Linear (other ranks) projecting the student's
   width to the teacher's when they differ. The projections live outside the student, so they are
   trained but never saved with it.
-- :func:`teacher_logit_cache` + :class:`IndexedDataset`: one teacher pass over a fixed training set;
-  the training loader then yields sample indices in place of labels and the loss looks up both the
-  label and the teacher's logits by index. Exact only for data without random augmentation.
+- :func:`teacher_logit_cache` + :class:`IndexedDataset`: one teacher pass over a fixed training set
+  (the task-selected outputs of any batch structure); the training loader then yields each sample
+  with its index and the loss looks up both the target and the teacher's output by index. Exact
+  only for data without random augmentation.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
 
     from compress_cli.state import State
+    from compress_cli.tasks.base import Task
 
 #: the label an unlabelled sample gets, so the training loop's ``(x, y)`` unpacking works
 NO_LABEL = -1
@@ -40,11 +44,18 @@ def kd_loss(
     temperature: float,
     alpha: float,
     label_smoothing: float = 0.0,
+    *,
+    kind: str = "kl",
+    hard_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE``, averaged over the batch.
+    """``alpha * soft + (1 - alpha) * hard``, averaged over the batch.
 
-    ``p = softmax(z / T)``. The KL term is skipped when ``alpha == 0`` (no teacher needed), the CE
-    term when ``alpha == 1`` (no labels needed). Computed in float32 whatever the autocast dtype.
+    ``kind`` ``kl`` (logits): soft = ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` over the
+    last dimension; ``mse``: the mean squared error to the teacher's output; ``cosine``: 1 - the
+    mean per-sample cosine to it (embeddings, hidden states, any output). The hard term is
+    ``hard_loss(student output)`` when given (a task's loss), else cross-entropy on ``targets``.
+    The soft term is skipped when ``alpha == 0`` (no teacher needed), the hard term when
+    ``alpha == 1`` (no labels needed). Computed in float32 whatever the autocast dtype.
     """
     import torch.nn.functional as F
 
@@ -58,18 +69,35 @@ def kd_loss(
             raise StageError(
                 f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape"
             )
-        T = float(temperature)
-        kl = F.kl_div(
-            F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
-        )
-        total = alpha * T * T * kl
-    if alpha < 1:
-        if targets is None:
-            raise StageError(
-                "alpha < 1 needs labels for the cross-entropy term (use alpha: 1 on unlabelled data)"
+        if kind == "kl":
+            T = float(temperature)
+            soft = (
+                F.kl_div(
+                    F.log_softmax(s / T, dim=-1),
+                    F.log_softmax(t / T, dim=-1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * T
+                * T
             )
-        ce = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
-        total = (1 - alpha) * ce if total is None else total + (1 - alpha) * ce
+        elif kind == "cosine":
+            soft = (
+                1 - F.cosine_similarity(s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1), dim=1)
+            ).mean()
+        else:
+            soft = F.mse_loss(s, t)
+        total = alpha * soft
+    if alpha < 1:
+        if hard_loss is not None:
+            hard = hard_loss(student_logits)
+        else:
+            if targets is None:
+                raise StageError(
+                    "alpha < 1 needs labels for the cross-entropy term (use alpha: 1 on unlabelled data)"
+                )
+            hard = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
+        total = (1 - alpha) * hard if total is None else total + (1 - alpha) * hard
     assert total is not None  # alpha is in [0, 1]: one of the terms ran
     return total
 
@@ -151,11 +179,13 @@ class FeatureMatcher:
         student: nn.Module,
         teacher: nn.Module,
         pairs: list[tuple[str, str, float]],
-        example: torch.Tensor,
+        example: Any,
         device: torch.device,
     ):
         import torch
         from torch import nn
+
+        from compress_cli._utils.batches import call
 
         self.pairs = pairs
         self.s_tap = FeatureTap(student, [p[0] for p in pairs], "student")
@@ -168,8 +198,8 @@ class FeatureMatcher:
             was_training = student.training
             student.eval()
             with torch.no_grad():
-                student(example)
-                teacher(example)
+                call(student, example)
+                call(teacher, example)
             student.train(was_training)
             self.projections = nn.ModuleList()
             self.shapes: list[dict[str, Any]] = []
@@ -223,7 +253,8 @@ class FeatureMatcher:
 
 # --------------------------------------------------------------------------- data helpers
 class IndexedDataset:
-    """``(x, index)`` for every sample of ``dataset`` (the label is looked up by index later)."""
+    """``(sample, index)`` for every sample of ``dataset``, the sample whole (a tensor, tuple or
+    dict); the training loop splits it with the task and looks the teacher's output up by index."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -232,8 +263,7 @@ class IndexedDataset:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        item = self.dataset[i]
-        return (item[0] if isinstance(item, (tuple, list)) else item), i
+        return self.dataset[i], i
 
 
 class LabelledView:
@@ -288,35 +318,47 @@ def teacher_logit_cache(
     device: torch.device,
     batch_size: int,
     num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, classes), labels (N,)) of the teacher over ``dataset`` in order, on ``device``.
+    task: Task | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """(the teacher's selected outputs (N, ...), the targets) over ``dataset`` in order, on ``device``.
 
-    Unlabelled items get ``NO_LABEL``. One pass in eval mode without gradients.
+    Each batch is split by ``task`` (classification when None) and the teacher's output selected
+    by it: logits, an embedding, any tensor. The targets are one tensor (N, ...) when the data has
+    them, else None. One pass in eval mode without gradients.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from compress_cli._utils.batches import concat, to_device
+
+    if task is None:
+        from compress_cli.config.recipe import TaskConfig
+        from compress_cli.tasks import build_task
+
+        task = build_task(TaskConfig())
     loader: DataLoader = DataLoader(
-        LabelledView(dataset),  # type: ignore[arg-type]
+        dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
     )
-    logits: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    targets: list[Any] = []
     teacher.eval()
     n = len(dataset)  # type: ignore[arg-type]
     with torch.no_grad():  # not inference_mode: the cached tensors take part in autograd-recorded ops later
-        for x, y in loader:
-            out = teacher(x.to(device)).float()
-            if not logits and out.numel() // max(1, out.shape[0]) * n * 4 > CACHE_LIMIT_BYTES:
+        for batch in loader:
+            x, y = task.split(batch)
+            out = task.forward(teacher, to_device(x, device)).float()
+            if not outputs and out.numel() // max(1, out.shape[0]) * n * 4 > CACHE_LIMIT_BYTES:
                 raise StageError(
-                    f"cache_teacher: {n} samples x {out.shape[1]} logits exceed "
+                    f"cache_teacher: {n} samples x {list(out.shape[1:])} outputs exceed "
                     f"{CACHE_LIMIT_BYTES // 1024**3} GiB; set cache_teacher: false"
                 )
-            logits.append(out)
-            labels.append(torch.as_tensor(y, dtype=torch.long).to(device))
-    return torch.cat(logits), torch.cat(labels)
+            outputs.append(out)
+            targets.append(to_device(y, device) if y is not None else None)
+    labels = None if any(t is None for t in targets) else concat(targets)
+    return torch.cat(outputs), labels
 
 
 def freeze_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:

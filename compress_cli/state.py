@@ -190,7 +190,7 @@ def save_snapshot(state: State, directory: Path) -> int:
         model_spec=spec,
         input_spec=inputs,
         input_shape=list(state.data.input_shape),
-        num_classes=state.data.num_classes,
+        num_classes=state.data.num_classes if state.data.labelled else None,
         edits=state.edits.to_json(),
         transforms=state.transforms,
     )

@@ -11,6 +11,7 @@ Everything here runs on CPU in well under a second::
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -333,3 +334,117 @@ class WithinBins(Task):
 
     def evaluator(self) -> Evaluator:
         return WithinBinsEvaluator(int(self.option("tolerance")))
+
+
+#: vocabulary, embedding width and sequence length of :func:`dict_model` and :func:`token_data`
+DICT_VOCAB, DICT_WIDTH, DICT_SEQ = 50, 16, 12
+
+
+@functools.cache
+def _dict_model_class() -> type:
+    """The :func:`dict_model` class, made once (torch is imported lazily; one class object, so a
+    rebuilt model's modules have the classes of the run's)."""
+    import torch
+    from torch import nn
+
+    class Residual(nn.Module):
+        """``x + fc2(relu(fc1(x)))``."""
+
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(width, 2 * width)
+            self.fc2 = nn.Linear(2 * width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class DictModel(nn.Module):
+        """Token ids and an attention mask in (keywords), a dict of logits and hidden states out."""
+
+        def __init__(self, num_classes: int = 4) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(DICT_VOCAB, DICT_WIDTH)
+            self.blocks = nn.Sequential(Residual(DICT_WIDTH), Residual(DICT_WIDTH))
+            self.head = nn.Linear(DICT_WIDTH, num_classes)
+            self.conv = nn.Conv1d(DICT_WIDTH, DICT_WIDTH, 3, padding=1)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.blocks(self.embed(input_ids))
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+            logits = self.head(pooled)
+            # the conv runs last: it is the output layer whose width channel removal keeps
+            hidden = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            return {"logits": logits, "last_hidden_state": hidden}
+
+    return DictModel
+
+
+def dict_model(seed: int = 0, num_classes: int = 4) -> nn.Module:
+    """A tiny token model with keyword inputs and a dict output, the structured counterpart of
+    ``zoo:digits_cnn`` (about 4k parameters): ``forward(input_ids, attention_mask)`` returns
+    ``{"logits": (batch, num_classes), "last_hidden_state": (batch, tokens, width)}``.
+
+    Embedding -> two residual MLP blocks (Linear-ReLU-Linear plus the input: drop_layers can
+    bypass them) -> masked mean pooling -> a Linear head (the logits); the hidden states are a
+    Conv1d over the blocks' tokens (run last, so channel removal keeps its width). Every stage
+    has something to act on: Linear and Conv1d layers (prune, prune_channels, quantize, codebook),
+    residual blocks (drop_layers). Seeded."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: nn.Module = _dict_model_class()(num_classes)
+        return model.eval()
+
+
+class TokenDataset:
+    """``n`` unlabelled samples ``{"input_ids": (seq,) int64, "attention_mask": (seq,) int64}`` drawn
+    from ``seed`` (the last quarter of every other sample padded), or with ``labelled`` a ``labels``
+    entry too (a class made from the ids, so it can be learnt). A map-style dataset."""
+
+    def __init__(self, n: int, seed: int = 0, seq: int = DICT_SEQ, labelled: bool = False, classes: int = 4):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, DICT_VOCAB, (n, seq), generator=g)
+        self.mask = torch.ones(n, seq, dtype=torch.long)
+        self.mask[1::2, seq - seq // 4 :] = 0
+        self.ids[self.mask == 0] = 0
+        self.labels = (self.ids[:, 0] % classes) if labelled else None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def token_data(
+    n_train: int = 256, n_test: int = 96, seq: int = DICT_SEQ, seed: int = 0, labelled: bool = False
+) -> dict[str, TokenDataset]:
+    """A ``package.module:callable`` data source for :func:`dict_model`: train and test splits of
+    :class:`TokenDataset` (dict samples, unlabelled unless ``labelled``)::
+
+        data: {source: "compress_cli.testing:token_data", kwargs: {n_train: 256}}
+    """
+    return {
+        "train": TokenDataset(n_train, seed, seq, labelled),
+        "test": TokenDataset(n_test, seed + 1, seq, labelled),
+    }
+
+
+def dict_recipe_dict(
+    tmp_path: str | Path, stages: list[dict[str, Any]] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """:func:`tiny_recipe_dict` for :func:`dict_model` on unlabelled :func:`token_data` with
+    ``task: fidelity`` (scored against the original model's logits)."""
+    base = {
+        "model": {"source": "compress_cli.testing:dict_model"},
+        "data": {"source": "compress_cli.testing:token_data", "batch_size": 32, "eval_batch_size": 64},
+        "task": "fidelity",
+    }
+    return tiny_recipe_dict(tmp_path, stages, **_merge(base, overrides))

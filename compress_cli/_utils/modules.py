@@ -95,6 +95,39 @@ def executed_order(model: nn.Module, example: Any, kinds: tuple[type, ...] | Non
 
 
 def output_layers(model: nn.Module, example: Any) -> list[str]:
-    """The layer producing the model's outputs (the last conv/linear a forward pass runs), as a list
-    of at most one name."""
-    return executed_order(model, example)[-1:]
+    """The layers producing the model's outputs: the last conv/linear a forward pass runs, and
+    every conv/linear whose output tensor (or a view of it: a transpose, a reshape) the model
+    returns, e.g. each head of a dict output; in the order they run."""
+    import torch
+    from torch import nn
+
+    from compress_cli._utils.batches import call, float_tensors
+
+    produced: dict[int, str] = {}  # storage of each conv/linear output -> the layer's name
+    order: list[str] = []
+
+    def hook(name: str) -> Any:
+        def record(_m: Any, _i: Any, out: Any) -> None:
+            order.append(name)
+            if isinstance(out, torch.Tensor):
+                produced[out.untyped_storage().data_ptr()] = name
+
+        return record
+
+    hooks = [
+        mod.register_forward_hook(hook(name))
+        for name, mod in model.named_modules()
+        if name and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            outs = float_tensors(call(model, example))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    found = {produced[p] for p in (t.untyped_storage().data_ptr() for t in outs) if p in produced}
+    found.update(order[-1:])
+    return [n for n in dict.fromkeys(order) if n in found]

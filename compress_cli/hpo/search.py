@@ -30,16 +30,17 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from compress_cli.errors import CompressError, StageError
 from compress_cli.hpo.space import (
-    OBJECTIVES,
+    SCORE,
     Distribution,
     Objective,
+    objective_direction,
     resolve_space_key,
     sample_param,
     with_params,
@@ -79,6 +80,11 @@ class SearchSettings(Protocol):
     @property
     def objectives(self) -> list[Objective]:
         """What the trials are scored on (more than one: a Pareto front)."""
+        ...
+
+    @property
+    def directions(self) -> Mapping[str, str]:
+        """Objective -> ``maximize``/``minimize`` where the user gave one (else the task's)."""
         ...
 
     @property
@@ -166,7 +172,17 @@ class Search:
         self.name = name
         self.state = state
         self.build_stage = build_stage
-        self.directions = [OBJECTIVES[o] for o in cfg.objectives]
+        task = state.data.get_task()
+        self.directions = [
+            objective_direction(
+                o,
+                str(task.primary),
+                bool(task.higher_is_better),
+                getattr(task, "direction", _default_direction),
+                dict(getattr(cfg, "directions", {}) or {}),
+            )
+            for o in cfg.objectives
+        ]
         self.paths = {k: resolve_space_key(cfg.stages, k) for k in cfg.space}
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this search
         self.kept: dict[int, Outcome] = {}
@@ -194,7 +210,7 @@ class Search:
             return self._fail(trial, f"parameters {params} rejected: {str(e).splitlines()[0]}")
         folder = self.state.ctx.output_dir / f"hpo-{self.index:02d}-trials" / f"trial-{trial.number:03d}"
         sub = trial_state(self.state, folder, trial.number)
-        pruner = PrunerReport(trial, single=len(cfg.objectives) == 1)
+        pruner = PrunerReport(trial, single=len(cfg.objectives) == 1, metric=_epoch_key(cfg.objectives[0]))
         sub.ctx.epoch_callbacks = [pruner]
         t0 = time.perf_counter()
         try:
@@ -247,7 +263,7 @@ class Search:
             if model_dir is not None:
                 save_snapshot(sub, model_dir)
             m = measure_all(sub.current_runner(), sub.model, sub.data, sub.device, cfg, model_dir=model_dir)
-        values = [getattr(m, o) for o in self.cfg.objectives]
+        values = [objective_value(m, o) for o in self.cfg.objectives]
         return [math.nan if v is None else float(v) for v in values]
 
     def keep(self, number: int, outcome: Outcome) -> None:
@@ -450,3 +466,36 @@ class Search:
             ]
             notes += f"; Pareto front: {len(front)} trial(s)"
         return notes, details
+
+
+def objective_value(m: Any, name: str) -> float | None:
+    """Objective ``name`` of a trial's measured ``Metrics``: one of its fields (accuracy, latency,
+    size, ...), ``score`` (the task's primary metric) or any metric of the task (``m.scores``)."""
+    if name == SCORE:
+        try:
+            return float(m.primary_score()[1])
+        except ValueError:
+            return None
+    value = getattr(m, name, None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    scores = getattr(m, "scores", None) or {}
+    return float(scores[name]) if name in scores else None
+
+
+def _default_direction(metric: str) -> bool:
+    """Whether a higher ``metric`` is better, by name, for a task without ``direction``."""
+    from compress_cli.tasks.base import Task
+
+    return Task.direction(metric)
+
+
+def _epoch_key(objective: str) -> str | None:
+    """The per-epoch validation entry the pruner follows for ``objective`` (None: none)."""
+    from compress_cli.hpo.space import OBJECTIVES
+
+    if objective == "accuracy":
+        return "val_accuracy"
+    if objective == SCORE:
+        return "val_score"
+    return None if objective in OBJECTIVES else f"val_{objective}"

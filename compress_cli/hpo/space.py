@@ -15,16 +15,49 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 if TYPE_CHECKING:
     from compress_cli.stages.base import StageConfig
 
-Objective = Literal["accuracy", "latency_ms", "size_bytes", "nonzero_params", "macs"]
+#: an objective: one of :data:`OBJECTIVES`, ``score`` (the task's primary metric) or the name of
+#: any metric of the task (``cosine``, ``sqnr_db``, ``top5``, ...; checked against the task when
+#: the stage runs)
+Objective = str
 
-#: what each objective means and which way is better
+#: the objectives every task has, and which way is better
 OBJECTIVES = {
-    "accuracy": "maximize",  # top-1 on the validation split
+    "accuracy": "maximize",  # top-1 on the validation split (classification)
     "latency_ms": "minimize",  # median batch-1 latency through the trial's runner
     "size_bytes": "minimize",  # bytes of the trial model's compressed checkpoint
     "nonzero_params": "minimize",
     "macs": "minimize",
 }
+#: the objective that is the task's primary metric, in its direction
+SCORE = "score"
+Direction = Literal["maximize", "minimize"]
+
+
+def objective_direction(
+    name: str, primary: str, higher_is_better: bool, metric_direction: Any, given: dict[str, str]
+) -> str:
+    """``maximize`` or ``minimize`` for objective ``name``: as ``given`` by the user, else fixed
+    for :data:`OBJECTIVES`, else the task's: its primary metric's direction for ``score`` and the
+    primary itself, ``metric_direction(name)`` (True: higher is better) for its other metrics."""
+    if name in given:
+        return given[name]
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    if name in (SCORE, primary):
+        return "maximize" if higher_is_better else "minimize"
+    return "maximize" if metric_direction(name) else "minimize"
+
+
+def objective_problem(name: str, task_metrics: Any) -> str | None:
+    """Why ``name`` is not an objective of a task with metrics ``task_metrics`` (None: it is; a
+    task that lists no metrics accepts any name)."""
+    known = [*OBJECTIVES, SCORE, *task_metrics]
+    if name in known or not task_metrics:
+        return None
+    from compress_cli.errors import did_you_mean
+
+    hint = did_you_mean(name, known)
+    return f"objectives: {name!r} is not a metric of the task (known: {', '.join(known)}){hint}"
 
 
 class Distribution(BaseModel):

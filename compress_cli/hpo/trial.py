@@ -84,21 +84,28 @@ class Pruned(Exception):
 
 
 class PrunerReport:
-    """The epoch callback of one trial: reports validation accuracy to Optuna (single objective)
+    """The epoch callback of one trial: reports the objective's per-epoch validation value
+    (``metric``: ``val_accuracy``, ``val_score``, ``val_cosine``, ...) to Optuna (single objective)
     and stops the trial when the pruner says so."""
 
-    def __init__(self, trial: Any, single: bool):
+    def __init__(self, trial: Any, single: bool, metric: str | None = "val_accuracy"):
         self.trial = trial
         self.single = single
+        self.metric = metric
         self.epochs = 0
         self.pruned: str | None = None  # why the pruner stopped the trial
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
-        acc = metrics.get("val_accuracy")
-        if acc is None or not self.single:
+        if self.metric is None or not self.single:
             return
-        self.trial.report(float(acc), self.epochs)
+        value = metrics.get(self.metric)
+        if value is None and self.metric == "val_score":  # classification's primary is val_accuracy
+            value = metrics.get("val_accuracy")
+        if value is None:
+            return
+        self.trial.report(float(value), self.epochs)
         self.epochs += 1
         if self.trial.should_prune():
-            self.pruned = f"pruned after epoch {self.epochs} (val accuracy {acc:.4f})"
+            what = "val accuracy" if self.metric == "val_accuracy" else self.metric.replace("_", " ", 1)
+            self.pruned = f"pruned after epoch {self.epochs} ({what} {value:.4f})"
             raise Pruned(self.pruned)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from compress_cli._utils.batches import call, to_device
+from compress_cli._utils.batches import batch_size, call, to_device
 from compress_cli._utils.modules import device_of, matches_any, output_layers
 from compress_cli.errors import StageError
 from compress_cli.pruning.common import Batches, check_forward, output_shapes
@@ -37,6 +37,9 @@ from compress_cli.pruning.exactness import (
     zeroed_reference,
 )
 from compress_cli.pruning.unstructured import make_permanent
+
+if TYPE_CHECKING:
+    from compress_cli.tasks.base import Task
 
 IMPORTANCES = ("l1", "l2", "activation", "taylor", "bn_scale")
 
@@ -139,7 +142,7 @@ class ActivationImportance:
         model.eval()
         try:
             for x, _ in batches:
-                model(x.to(dev))
+                call(model, to_device(x, dev))
         finally:
             model.train(was)
             for h in hooks:
@@ -191,9 +194,10 @@ def make_importance(kind: str) -> Any:
     raise StageError(f"importance: unknown criterion {kind!r} (known: {', '.join(IMPORTANCES)})")
 
 
-def accumulate_gradients(model: nn.Module, batches: Batches) -> None:
-    """Sum the cross-entropy gradients of the calibration batches into ``.grad`` (eval mode, so
-    batch-norm statistics stay as they are)."""
+def accumulate_gradients(model: nn.Module, batches: Batches, task: Task | None = None) -> None:
+    """Sum the gradients of the calibration batches' loss into ``.grad`` (eval mode, so batch-norm
+    statistics stay as they are): the task's loss (against the original model's outputs when it
+    compares with them: label-free), or cross-entropy on the logits without a task."""
     import torch.nn.functional as F
 
     dev = device_of(model)
@@ -202,8 +206,21 @@ def accumulate_gradients(model: nn.Module, batches: Batches) -> None:
     model.zero_grad(set_to_none=True)
     try:
         with torch.enable_grad():
-            for x, y in batches:
-                F.cross_entropy(model(x.to(dev)), y.to(dev), reduction="sum").backward()
+            for i, (x, y) in enumerate(batches):
+                x = to_device(x, dev)
+                y = to_device(y, dev) if y is not None else None
+                if task is None:
+                    if y is None:
+                        raise StageError(
+                            "importance 'taylor' without a task needs labelled calibration batches"
+                        )
+                    F.cross_entropy(call(model, x), y, reduction="sum").backward()
+                    continue
+                ref = task.reference_output(x, ("calibration", i)) if task.needs_reference else None
+                (task.loss(task.forward(model, x), y, ref) * batch_size(x)).backward()
+        for p in model.parameters():  # outside the loss (an output the task does not select): no effect
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
     finally:
         model.train(was)
 
@@ -378,6 +395,7 @@ def prune_channels(
     steps: int = 1,
     head_ratio: float = 0.0,
     calibration: Batches = (),
+    task: Task | None = None,
     check_inputs: Any = None,
     between_steps: Callable[[int], None] | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -391,6 +409,8 @@ def prune_channels(
     ``between_steps(step)`` after each step but the last (fine-tuning) and re-scoring each time.
     Attention layers (:func:`attention_heads`) lose ``head_ratio`` of their heads, whole heads (a
     head's own dims are never cut: that would change the attention's scaling); 0 keeps them all.
+    ``calibration`` (``(inputs, target)`` pairs) feeds the ``activation`` and ``taylor`` scores;
+    ``taylor`` back-propagates ``task``'s loss (cross-entropy without a task).
 
     Every step is proven exact before it is kept: the pruned model's output on ``check_inputs``
     (default ``example``; a tensor, tuple or dict of keyword arguments) must equal that of the model
@@ -415,6 +435,7 @@ def prune_channels(
             steps=steps,
             head_ratio=head_ratio,
             calibration=calibration,
+            task=task,
             check_inputs=check_inputs,
             between_steps=between_steps,
             on_step=on_step,
@@ -441,6 +462,7 @@ def _prune_in_place(
     check_inputs: Any,
     between_steps: Callable[[int], None] | None,
     on_step: Callable[[int, dict[str, Any]], None] | None,
+    task: Task | None = None,
 ) -> ChannelPruneResult:
     """:func:`prune_channels` without the restore on failure."""
     import torch_pruning as tp
@@ -463,7 +485,7 @@ def _prune_in_place(
         # a tuple key: ranked together under scope "global", one scope per layer under "layer"
         ratio_dict[mods] = r
     if importance == "taylor" and not calibration:
-        raise StageError("importance 'taylor' needs labelled calibration batches")
+        raise StageError("importance 'taylor' needs calibration batches (it back-propagates the loss)")
     imp = make_importance(importance)
     before = layer_widths(model)
     dims_before = snapshot_widths(model)
@@ -493,7 +515,7 @@ def _prune_in_place(
         ) from None
     result = ChannelPruneResult(before, before, ignored, folded)
     for step in range(steps):
-        res, synced = _one_step(model, pruner, importance, imp, calibration, step, check, dims_before)
+        res, synced = _one_step(model, pruner, importance, imp, calibration, step, check, dims_before, task)
         worst = result.exactness
         if worst is None or res.max_abs_diff / res.tolerance > worst.max_abs_diff / worst.tolerance:
             result.exactness = res
@@ -525,6 +547,7 @@ def _one_step(
     step: int,
     check: Any,
     dims_before: dict[nn.Module, list[int]],
+    task: Task | None = None,
 ) -> tuple[Exactness, list[str]]:
     """Score, choose and remove one step's channels, then prove the removal exact against the
     model before the step with the chosen channels zeroed (:func:`zeroed_reference`). Returns the
@@ -534,7 +557,7 @@ def _one_step(
     if importance == "activation":
         imp.collect(model, calibration)
     elif importance == "taylor":
-        accumulate_gradients(model, calibration)
+        accumulate_gradients(model, calibration, task)
     reference = copy.deepcopy(model)
     try:
         groups = list(pruner.step(interactive=True))

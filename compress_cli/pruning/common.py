@@ -10,8 +10,9 @@ from torch import nn
 
 from compress_cli.errors import StageError
 
-#: calibration batches as the structural algorithms take them: ``(inputs, labels)`` pairs
-Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+#: calibration batches as the structural algorithms take them: ``(inputs, target)`` pairs (inputs a
+#: tensor, tuple or dict; target None for unlabelled data), as ``DataBundle.calibration()`` gives
+Batches = Sequence[tuple[Any, Any]]
 
 
 def output_shapes(model: nn.Module, example: Any) -> list[tuple[int, ...]]:

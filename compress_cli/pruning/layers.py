@@ -17,17 +17,20 @@ import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from compress_cli._utils.batches import call, to_device
+from compress_cli._utils.batches import batch_size, call, to_device
 from compress_cli._utils.modules import device_of, matches_any, output_layers, set_submodule
 from compress_cli.errors import StageError
 from compress_cli.pruning.common import Batches, check_forward, output_shapes
 from compress_cli.pruning.exactness import Exactness, bypassed_reference, compare, restore
 from compress_cli.pruning.unstructured import make_permanent
+
+if TYPE_CHECKING:
+    from compress_cli.tasks.base import Task
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _ACTIVATIONS = (
@@ -225,7 +228,7 @@ def build_bypasses(model: nn.Module, cands: list[Candidate], calib: Batches) -> 
     try:
         with torch.no_grad():
             for x, _ in calib[:1] if need else ():
-                model(x.to(dev))
+                call(model, to_device(x, dev))
     finally:
         for h in hooks:
             h.remove()
@@ -240,33 +243,76 @@ def build_bypasses(model: nn.Module, cands: list[Candidate], calib: Batches) -> 
         c.bypass.to(dev).eval()
 
 
-def _loss(model: nn.Module, calib: Batches) -> float:
+def _loss(model: nn.Module, calib: Batches, task: Task | None) -> float:
+    """The mean loss over the calibration batches: the task's (against the original model's
+    outputs when it compares with them), or cross-entropy on the logits without a task."""
     import torch.nn.functional as F
 
     dev = device_of(model)
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in calib:
-            total += float(F.cross_entropy(model(x.to(dev)).float(), y.to(dev), reduction="sum"))
-            n += len(y)
+        for i, (x, y) in enumerate(calib):
+            x = to_device(x, dev)
+            y = to_device(y, dev) if y is not None else None
+            if task is None:
+                if y is None:
+                    raise StageError("drop_layers: importance 'loss' without a task needs labelled batches")
+                total += float(F.cross_entropy(call(model, x).float(), y, reduction="sum"))
+                n += len(y)
+                continue
+            ref = task.reference_output(x, ("calibration", i)) if task.needs_reference else None
+            k = batch_size(x)
+            total += float(task.loss(task.forward(model, x).float(), y, ref)) * k
+            n += k
     return total / max(1, n)
 
 
-def score_candidates(model: nn.Module, cands: list[Candidate], calib: Batches, criterion: str) -> None:
-    """Fill ``score`` (lower = removed first for activation and loss; for similarity the cosine,
-    higher = removed first)."""
+def _outputs(model: nn.Module, calib: Batches, task: Task | None) -> list[torch.Tensor]:
+    """The model's (task-selected) output on each calibration batch, flattened per sample."""
+    dev = device_of(model)
+    outs = []
+    with torch.no_grad():
+        for x, _ in calib:
+            x = to_device(x, dev)
+            out = task.forward(model, x) if task is not None else call(model, x)
+            if not isinstance(out, torch.Tensor):
+                raise StageError(
+                    "drop_layers: importance 'output' needs a tensor output; set the task's output"
+                )
+            outs.append(out.float().reshape(out.shape[0], -1))
+    return outs
+
+
+def score_candidates(
+    model: nn.Module, cands: list[Candidate], calib: Batches, criterion: str, task: Task | None = None
+) -> None:
+    """Fill ``score`` (lower = removed first for activation, loss and output; for similarity the
+    cosine, higher = removed first). ``loss`` is the task's training loss (cross-entropy without a
+    task) on the calibration batches with the candidate bypassed minus without; ``output`` is
+    1 - the mean cosine between the model's (task-selected) output with the candidate bypassed
+    and without (label-free: how far bypassing moves the model's output)."""
     if not calib:
         raise StageError("drop_layers: no calibration batches to score the candidates on")
     model.eval()
     dev = device_of(model)
     build_bypasses(model, cands, calib)
     bypasses = {c.name: c.replacement_module() for c in cands}
-    if criterion == "loss":
-        base = _loss(model, calib)
+    if criterion in ("loss", "output"):
+        if criterion == "loss":
+            base = _loss(model, calib, task)
+        else:
+            ref_outs = _outputs(model, calib, task)
         for c in cands:
             old = set_submodule(model, c.name, bypasses[c.name])
             try:
-                c.score = _loss(model, calib) - base
+                if criterion == "loss":
+                    c.score = _loss(model, calib, task) - base
+                else:
+                    cos = [
+                        torch.nn.functional.cosine_similarity(o, r, dim=1, eps=1e-12)
+                        for o, r in zip(_outputs(model, calib, task), ref_outs, strict=True)
+                    ]
+                    c.score = 1.0 - float(torch.cat(cos).mean())
             finally:
                 set_submodule(model, c.name, old)
         return
@@ -289,7 +335,7 @@ def score_candidates(model: nn.Module, cands: list[Candidate], calib: Batches, c
     try:
         with torch.no_grad():
             for x, _ in calib:
-                model(x.to(dev))
+                call(model, to_device(x, dev))
     finally:
         for h in hooks:
             h.remove()
@@ -323,8 +369,10 @@ def drop_layers(
     fraction: float | None = None,
     protect: Sequence[str] = (),
     check_inputs: Any = None,
+    task: Task | None = None,
 ) -> tuple[list[Candidate], list[Candidate], Exactness]:
-    """Score the candidates and replace the least important ones in place.
+    """Score the candidates (``task``: whose loss and output selection ``loss``/``output`` scores
+    use, see :func:`score_candidates`) and replace the least important ones in place.
 
     The replacement is proven exact: on ``check_inputs`` (default ``example``) the edited model must
     compute what the model before it computes with each removed module's output replaced by its
@@ -335,7 +383,7 @@ def drop_layers(
 
     backup = copy_model(model)
     try:
-        return _drop_in_place(model, example, calib, criterion, count, fraction, protect, check_inputs)
+        return _drop_in_place(model, example, calib, criterion, count, fraction, protect, check_inputs, task)
     except BaseException:
         restore(model, backup)  # a refused or failed removal leaves the model as it was
         raise
@@ -350,6 +398,7 @@ def _drop_in_place(
     fraction: float | None,
     protect: Sequence[str],
     check_inputs: Any,
+    task: Task | None = None,
 ) -> tuple[list[Candidate], list[Candidate], Exactness]:
     """:func:`drop_layers` without the restore on failure."""
     import copy
@@ -366,7 +415,7 @@ def _drop_in_place(
             "no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
             "outside the protected ones"
         )
-    score_candidates(model, cands, calib, criterion)
+    score_candidates(model, cands, calib, criterion, task)
     n = count if count is not None else int(math.floor((fraction or 0.0) * len(cands) + 1e-9))
     if n <= 0:
         raise StageError(f"fraction {fraction} of {len(cands)} candidate(s) rounds to no layer to remove")

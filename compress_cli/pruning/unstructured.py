@@ -158,9 +158,12 @@ def mask_zeros(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> in
 
 
 # --------------------------------------------------------------------------- selection
-def find_head(model: nn.Module, example: torch.Tensor) -> str | None:
+def find_head(model: nn.Module, example: Any) -> str | None:
     """Name of the prunable module producing the logits: the one whose output *is* the model's
-    output, else the last prunable module called. ``None`` when the model has none."""
+    output (or one of its outputs: a dict, a tuple), else the last prunable module called. ``None``
+    when the model has none. ``example``: the model's inputs (a tensor, tuple or dict)."""
+    from compress_cli._utils.batches import call, tensors
+
     calls: list[tuple[str, Any]] = []
     handles = [
         m.register_forward_hook(lambda mod, args, out, n=name: calls.append((n, out)))
@@ -171,13 +174,13 @@ def find_head(model: nn.Module, example: torch.Tensor) -> str | None:
     try:
         model.eval()
         with torch.no_grad():
-            out = model(example)
+            outs = [id(t) for t in tensors(call(model, example))]
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     for name, o in reversed(calls):
-        if o is out:
+        if id(o) in outs:
             return name
     return calls[-1][0] if calls else None
 

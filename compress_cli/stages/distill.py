@@ -69,7 +69,13 @@ class DistillConfig(StageConfig, TrainOptions):
     )
     cache_teacher: bool = Field(
         False,
-        description="compute the teacher's logits once over the training set (fixed data, no augmentation)",
+        description="compute the teacher's outputs once over the training set (fixed data, no augmentation)",
+    )
+    kd_loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto",
+        description="soft term on the task-selected outputs: kl (softened logits, temperature T), mse or "
+        "cosine (embeddings, hidden states); auto: kl for classification, the loss of task: fidelity "
+        "(task.kwargs.loss), kl for other tasks' (batch, classes) logits, else mse",
     )
 
     _teacher_str = field_validator("teacher", mode="before")(_spec_shorthand("original"))
@@ -126,21 +132,19 @@ class Distill(Stage[DistillConfig]):
         return isinstance(config, DistillConfig) and isinstance(config.student, ModelConfig)
 
     def preflight(self, state: State) -> None:
-        """Refused now: cross-entropy on unlabelled data, and a teacher or new student that does not
-        fit the data or disagrees with the other's output size (each model config is loaded once,
-        on the CPU, and dropped)."""
+        """Refused now: a hard-label term on unlabelled data, and a teacher or new student that does
+        not fit the data or whose selected output differs in shape from the other's (each model
+        config is loaded once, on the CPU, and dropped)."""
         import torch
 
-        from compress_cli.distillation import has_labels
+        from compress_cli._utils.batches import to_device
         from compress_cli.sources.models import load_model
 
         c = self.config
-        if c.alpha < 1 and not (state.data.labelled and has_labels(state.data.train_dataset)):
-            raise StageError(
-                "the training data has no labels: use alpha: 1 (pure distillation) or labelled data"
-            )
+        _check_labels(c, state)
         if c.alpha == 0 and not c.features:
             return
+        task = state.data.get_task()
         shapes = {}
         for field, spec in (("teacher", c.teacher), ("student", c.student)):
             if isinstance(spec, ModelConfig):
@@ -148,15 +152,16 @@ class Distill(Stage[DistillConfig]):
                 state.data.check_model(model, self._hint(state, spec, field))
                 x = state.data.example_input(2)
             else:
-                model, x = state.model, state.data.example_input(2).to(state.device)
+                model, x = state.model, to_device(state.data.example_input(2), state.device)
             with torch.no_grad():
                 was = model.training
-                shapes[field] = tuple(model.eval()(x).shape[1:])
+                shapes[field] = tuple(task.forward(model.eval(), x).shape[1:])
                 model.train(was)
             del model
         if shapes["teacher"] != shapes["student"]:
+            what = _what(task)
             raise StageError(
-                f"teacher outputs {list(shapes['teacher'])} logits, the student {list(shapes['student'])}: "
+                f"teacher outputs {list(shapes['teacher'])} {what}, the student {list(shapes['student'])}: "
                 "they must agree"
             )
 
@@ -222,18 +227,20 @@ class Distill(Stage[DistillConfig]):
     def run(self, state: State) -> StageResult:
         import torch
 
+        from compress_cli._utils.batches import to_device
         from compress_cli.distillation import (
             FeatureMatcher,
             IndexedDataset,
-            LabelledView,
-            has_labels,
             kd_loss,
             teacher_logit_cache,
             train_loader,
         )
+        from compress_cli.tasks.classification import Classification
         from compress_cli.training import train
 
         c = self.config
+        task = state.data.get_task()
+        classify = isinstance(task, Classification)
         details: dict[str, Any] = {"temperature": c.temperature, "alpha": c.alpha}
         if isinstance(c.student, ModelConfig):
             details["student"] = self._replace_student(state, c.student)
@@ -242,66 +249,84 @@ class Distill(Stage[DistillConfig]):
         student = state.model
         need_teacher = c.alpha > 0 or bool(c.features)
         teacher = None
+        x0 = to_device(state.data.example_input(2), state.device)
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            ss = tuple(task.forward(student, x0).shape)
+            student.train(was)
         if need_teacher:
             teacher, details["teacher"] = self._teacher(state)
-            x0 = state.data.example_input(2).to(state.device)
             with torch.no_grad():
-                was = student.training
-                student.eval()
-                ts, ss = tuple(teacher(x0).shape), tuple(student(x0).shape)
-                student.train(was)
+                ts = tuple(task.forward(teacher, x0).shape)
             if ts != ss:
                 raise StageError(
-                    f"teacher outputs {list(ts[1:])} logits, the student {list(ss[1:])}: they must agree"
+                    f"teacher outputs {list(ts[1:])} {_what(task)}, the student {list(ss[1:])}: "
+                    "they must agree"
                 )
-
+        _check_labels(c, state)
+        kind = _soft_kind(c, task, ss)
+        if c.alpha > 0:
+            details["kd_loss"] = kind
         dataset = state.data.train_dataset
-        labelled = state.data.labelled and has_labels(dataset)
-        if c.alpha < 1 and not labelled:
-            raise StageError(
-                "the training data has no labels: use alpha: 1 (pure distillation) or labelled data"
-            )
         bs = state.resolve(c.batch_size, "batch_size") if c.batch_size is not None else None
         T, alpha, smooth = c.temperature, c.alpha, c.label_smoothing
+
+        def hard(x: Any, y: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+            """The task's own loss as the hard term (None: cross-entropy on the labels)."""
+            if classify:
+                return None
+
+            def loss(pred: torch.Tensor) -> torch.Tensor:
+                ref = task.reference_output(x) if task.needs_reference else None
+                return task.loss(pred, y, ref)
+
+            return loss
 
         matcher = None
         if c.features:
             assert teacher is not None
             pairs = [(f.student, f.teacher, f.weight) for f in c.features]
-            matcher = FeatureMatcher(
-                student, teacher, pairs, state.data.example_input(2).to(state.device), state.device
-            )
+            matcher = FeatureMatcher(student, teacher, pairs, x0, state.device)
             details["features"] = matcher.shapes
 
         loader = None
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        split = None
+        loss_fn: Callable[[torch.Tensor, Any, Any], torch.Tensor]
         if c.cache_teacher and c.alpha > 0:
             assert teacher is not None
             n = len(dataset)  # type: ignore[arg-type]
-            state.ctx.listener.on_message(f"{self.name}: caching the teacher's logits over {n} samples")
-            cached_logits, cached_labels = teacher_logit_cache(
-                teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers
+            state.ctx.listener.on_message(f"{self.name}: caching the teacher's outputs over {n} samples")
+            cached_out, cached_targets = teacher_logit_cache(
+                teacher, dataset, state.device, state.data.eval_batch_size, state.data.num_workers, task
             )
-            details["teacher_cache"] = {"samples": int(cached_logits.shape[0])}
+            details["teacher_cache"] = {"samples": int(cached_out.shape[0])}
             loader = train_loader(state, IndexedDataset(dataset), bs)
 
-            def cached_loss(logits: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return kd_loss(
-                    logits, cached_logits[idx], cached_labels[idx] if alpha < 1 else None, T, alpha, smooth
-                )
+            def split(batch: Any) -> tuple[Any, Any]:  # (the samples, their indices)
+                return task.inputs(batch[0]), batch[1]
+
+            def cached_loss(out: torch.Tensor, x: Any, idx: torch.Tensor) -> torch.Tensor:
+                y = cached_targets[idx] if cached_targets is not None and alpha < 1 else None
+                return kd_loss(out, cached_out[idx], y, T, alpha, smooth, kind=kind, hard_loss=hard(x, y))
 
             loss_fn = cached_loss
         else:
-            if not has_labels(dataset):
-                loader = train_loader(state, LabelledView(dataset), bs)
 
-            def live_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                t_logits = None
+            def live_loss(out: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+                t_out = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_out = task.forward(teacher, x)
                 loss = kd_loss(
-                    logits, t_logits if alpha > 0 else None, y if alpha < 1 else None, T, alpha, smooth
+                    out,
+                    t_out if alpha > 0 else None,
+                    y if alpha < 1 else None,
+                    T,
+                    alpha,
+                    smooth,
+                    kind=kind,
+                    hard_loss=hard(x, y),
                 )
                 if matcher is not None:
                     loss = loss + matcher.loss()
@@ -316,6 +341,7 @@ class Distill(Stage[DistillConfig]):
                 c,
                 loss_fn=loss_fn,
                 loader=loader,
+                split=split,
                 extra_params=matcher.parameters() if matcher is not None else None,
                 label=self.name,
             )
@@ -327,3 +353,44 @@ class Distill(Stage[DistillConfig]):
             notes = f"student {c.student.source}: " + notes
         details.update(res.summary())
         return StageResult(notes=notes, details=details)
+
+
+def _check_labels(c: DistillConfig, state: State) -> None:
+    """StageError when the hard term (``alpha < 1``) needs labels the training data lacks."""
+    task = state.data.get_task()
+    if c.alpha < 1 and task.needs_labels and not _labelled(state):
+        raise StageError(
+            f"the training data has no labels for the {task.name} task's term (1 - alpha): use alpha: 1 "
+            "(pure distillation), labelled data, or task: fidelity"
+        )
+
+
+def _labelled(state: State) -> bool:
+    """Whether the training batches carry a target (the first calibration batch says)."""
+    if not state.data.labelled:
+        return False
+    calib = state.data.calibration()
+    return bool(calib) and calib[0][1] is not None
+
+
+def _soft_kind(c: DistillConfig, task: Any, shape: tuple[int, ...]) -> str:
+    """The soft term ``kd_loss: auto`` resolves to for ``task`` and the selected output's shape."""
+    from compress_cli.tasks.classification import Classification
+
+    if c.kd_loss != "auto":
+        return c.kd_loss
+    if isinstance(task, Classification):
+        return "kl"
+    kind = getattr(task, "loss_kind", None)  # fidelity: task.kwargs.loss
+    if kind in ("kl", "mse", "cosine"):
+        return str(kind)
+    return (
+        "kl" if len(shape) == 2 and shape[1] > 1 and getattr(task.cfg, "output", None) == "logits" else "mse"
+    )
+
+
+def _what(task: Any) -> str:
+    """What the compared outputs are called in messages: logits for classification."""
+    from compress_cli.tasks.classification import Classification
+
+    return "logits" if isinstance(task, Classification) else "(task-selected output)"

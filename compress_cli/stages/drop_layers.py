@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 class DropLayersConfig(StageConfig, TrainOptions):
     """Remove whole residual blocks and shape-preserving layers, least important first."""
 
-    importance: Literal["activation", "loss", "similarity"] = Field(
+    importance: Literal["activation", "loss", "similarity", "output"] = Field(
         "loss",
         description="activation: mean |z| a block adds to its bypass, relative to the bypass; loss: increase "
-        "of the calibration loss when the block is bypassed; similarity: cosine of block output and bypass "
-        "(most similar removed first)",
+        "of the task's calibration loss when the block is bypassed; similarity: cosine of block output and "
+        "bypass (most similar removed first); output: 1 - cosine of the model's output with the block "
+        "bypassed to its output without (label-free)",
     )
     count: int | None = Field(None, ge=1, le=100_000, description="number of layers/blocks to remove")
     fraction: float | None = Field(None, gt=0, lt=1, description="share of the candidates to remove")
@@ -66,23 +67,30 @@ class DropLayers(Stage[DropLayersConfig]):
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
     def _candidates(self, state: State) -> list[Candidate]:
+        from compress_cli._utils.batches import to_device
         from compress_cli.pruning import find_candidates, make_permanent, score_candidates
 
         model = state.model
         make_permanent(model)
         model.eval()
-        cands = find_candidates(model, state.data.example_input(1).to(state.device), self.config.protect)
+        cands = find_candidates(
+            model, to_device(state.data.example_input(1), state.device), self.config.protect
+        )
         if cands:
-            score_candidates(model, cands, state.data.calibration(), self.config.importance)
+            score_candidates(
+                model, cands, state.data.calibration(), self.config.importance, state.data.get_task()
+            )
         return cands
 
     def preflight(self, state: State) -> None:
-        """Refuse, before the baseline, a model with no removable layer (unless ``if_none: skip``)."""
+        """Refuse, before the baseline, a loss ranking the data cannot give (no labels for a task
+        that needs them) and a model with no removable layer (unless ``if_none: skip``)."""
         from compress_cli._utils.batches import to_device
         from compress_cli.checkpoint import copy_model
         from compress_cli.pruning import find_candidates, make_permanent
 
         c = self.config
+        _check_labels(c, state)
         if c.if_none == "skip":
             return
         model = copy_model(state.model)
@@ -122,19 +130,20 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
+        from compress_cli._utils.batches import to_device
         from compress_cli.pruning import CHECK_SAMPLES, drop_layers
         from compress_cli.training import train
 
         c = self.config
-        if c.importance == "loss" and not state.data.labelled:
-            raise StageError("importance 'loss' needs labelled data; use activation or similarity")
+        task = state.data.get_task()
+        _check_labels(c, state)
         before = sum(p.numel() for p in state.model.parameters())
         if c.if_none == "skip":
             from compress_cli.pruning import find_candidates, make_permanent
 
             make_permanent(state.model)
             if not find_candidates(
-                state.model.eval(), state.data.example_input(1).to(state.device), c.protect
+                state.model.eval(), to_device(state.data.example_input(1), state.device), c.protect
             ):
                 return StageResult(
                     notes="skipped: no removable layer (residual block or shape-preserving layer)",
@@ -149,6 +158,7 @@ class DropLayers(Stage[DropLayersConfig]):
             fraction=c.fraction,
             protect=c.protect,
             check_inputs=state.data.example_input(CHECK_SAMPLES),
+            task=task,
         )
         after = sum(p.numel() for p in state.model.parameters())
         removed = [x.name for x in chosen]
@@ -190,4 +200,14 @@ class DropLayers(Stage[DropLayersConfig]):
                 "params_after": after,
                 "finetune": finetune,
             },
+        )
+
+
+def _check_labels(c: DropLayersConfig, state: State) -> None:
+    """StageError when ``importance: loss`` needs labels the data does not have."""
+    task = state.data.get_task()
+    if c.importance == "loss" and task.needs_labels and not state.data.labelled:
+        raise StageError(
+            f"importance 'loss' needs labelled data for the {task.name} task; use output, activation "
+            "or similarity, or task: fidelity (its loss compares with the original model)"
         )

@@ -5,14 +5,14 @@ The config and its validation live here; the search itself is ``compress_cli.hpo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from compress_cli.config.bounds import MAX_COUNT, MAX_EPOCHS, MAX_SECONDS
 from compress_cli.config.problems import user_loc
-from compress_cli.hpo.space import Distribution, Objective, resolve_space_key, with_params
+from compress_cli.hpo.space import Direction, Distribution, Objective, resolve_space_key, with_params
 from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
@@ -33,11 +33,17 @@ class HpoConfig(StageConfig):
     timeout_s: float | None = Field(
         None, gt=0, le=MAX_SECONDS, description="stop starting trials after this many seconds"
     )
-    objectives: list[Objective] = Field(
-        default_factory=lambda: ["accuracy"],  # type: ignore[arg-type,return-value]
+    objectives: list[Annotated[Objective, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=lambda: ["accuracy"],
         min_length=1,
-        description="validation accuracy (maximized) and optionally latency_ms/size_bytes/... "
-        "(minimized): Pareto front",
+        description="what trials are scored on (several: a Pareto front): accuracy (classification; "
+        "other tasks: their primary metric), score (the task's primary metric), any metric of the task "
+        "(cosine, sqnr_db, top5, ...), latency_ms, size_bytes, nonzero_params, macs",
+    )
+    directions: dict[str, Direction] = Field(
+        default_factory=dict,
+        description="objective -> maximize | minimize, for a metric whose direction the task does not "
+        "know (default: the task's direction; latency, size, params and MACs are minimized)",
     )
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="how trials pick parameters")
     sampler_startup_trials: int = Field(
@@ -152,6 +158,13 @@ class HpoConfig(StageConfig):
             )
         if len(set(self.objectives)) != len(self.objectives):
             errors.append(_err(("objectives",), "each objective may appear once", self.objectives))
+        for name in self.directions:
+            if name not in self.objectives:
+                errors.append(
+                    _err(
+                        ("directions", name), f"{name!r} is not one of the objectives {self.objectives}", name
+                    )
+                )
         if len(self.objectives) > 1 and self.pruner != "none":
             errors.append(
                 _err(
@@ -234,11 +247,31 @@ class Hpo(Stage[HpoConfig]):
         lines += [f"  {k}: {d.describe()}" for k, d in c.space.items()]
         return lines
 
+    def preflight(self, state: State) -> None:
+        """Refuse an objective that is not a metric of the task (or of every measurement)."""
+        from compress_cli.errors import StageError
+        from compress_cli.hpo.space import objective_problem
+
+        task = state.data.get_task()
+        for name in self._objectives(state):
+            problem = objective_problem(name, getattr(task, "metrics", {}) or {})
+            if problem is not None:
+                raise StageError(problem)
+
+    def _objectives(self, state: State) -> list[str]:
+        """The objectives as configured; the default ``accuracy`` means the task's primary metric
+        (``score``) for a task without an accuracy metric."""
+        task = state.data.get_task()
+        c = self.config
+        metrics = getattr(task, "metrics", {}) or {}
+        if "objectives" not in c.model_fields_set and metrics and "accuracy" not in metrics:
+            return ["score"]
+        return list(c.objectives)
+
     def run(self, state: State) -> StageResult:
         from compress_cli.hpo.search import Search
         from compress_cli.stages.registry import get_stage
 
-        notes, details = Search(
-            self.config, self.index, self.name, state, lambda c, i: get_stage(c.type)(c, i)
-        ).run()
+        cfg = self.config.model_copy(update={"objectives": self._objectives(state)})
+        notes, details = Search(cfg, self.index, self.name, state, lambda c, i: get_stage(c.type)(c, i)).run()
         return StageResult(notes=notes, details=details)

@@ -124,7 +124,9 @@ class Prune(Stage[PruneConfig]):
         from compress_cli.errors import StageError
 
         cfg = self.config
-        head = P.find_head(state.model, state.data.example_input(1).to(state.device))
+        from compress_cli._utils.batches import to_device
+
+        head = P.find_head(state.model, to_device(state.data.example_input(1), state.device))
         targets = P.select_targets(state.model, cfg.include, cfg.exclude, head, cfg.include_head)
         if not targets:
             raise StageError(
@@ -172,8 +174,12 @@ class Prune(Stage[PruneConfig]):
         free = [(n, m) for n, m in targets if n not in overrides]
         details: dict[str, Any] = {"head": head, "head_pruned": bool(head and head in mods)}
         if free and cfg.sensitivity is not None:
-            if not state.data.labelled:
-                raise StageError("sensitivity: needs labelled validation data to measure accuracy drops")
+            task = state.data.get_task()
+            if task.needs_labels and not state.data.labelled:
+                raise StageError(
+                    f"sensitivity: the {task.name} task needs labelled validation data to measure score "
+                    "drops; use task: fidelity (scored against the original model) or drop sensitivity"
+                )
             state.ctx.listener.on_message(f"{self.name}: sensitivity scan of {len(free)} layers")
             scan = P.scan_sensitivity(
                 free,
@@ -214,6 +220,8 @@ class Prune(Stage[PruneConfig]):
                 entry = {"step": k + 1, "sparsity": round(reached, 4), "epochs": res.epochs_run}
                 if res.history and "val_accuracy" in res.history[-1]:
                     entry["val_accuracy"] = res.history[-1]["val_accuracy"]
+                elif res.history and "val_score" in res.history[-1]:
+                    entry["val_score"] = res.history[-1]["val_score"]
                 history.append(entry)
                 if state.ctx.should_stop():
                     break

@@ -85,6 +85,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         from compress_cli.pruning import CHECK_SAMPLES, high_rank_reshapes, prune_channels
 
         c = self.config
+        _check_labels(c.importance, state)
         found = high_rank_reshapes(state.model, _to(state.data.example_input(1), state.device))
         if found:
             raise StageError(
@@ -134,8 +135,8 @@ class PruneChannels(Stage[PruneChannelsConfig]):
         from compress_cli.training import train
 
         c = self.config
-        if c.importance == "taylor" and not state.data.labelled:
-            raise StageError("importance 'taylor' needs labelled data (it back-propagates the loss)")
+        task = state.data.get_task()
+        _check_labels(c.importance, state)
         before = sum(p.numel() for p in state.model.parameters())
         finetunes: list[dict[str, Any]] = []
 
@@ -161,6 +162,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             steps=c.steps,
             head_ratio=c.head_ratio,
             calibration=calib,
+            task=task,
             check_inputs=state.data.example_input(CHECK_SAMPLES),
             between_steps=between if c.epochs > 0 else None,
             on_step=on_step,
@@ -213,3 +215,13 @@ def _to(inputs: Any, device: Any) -> Any:
     from compress_cli._utils.batches import to_device
 
     return to_device(inputs, device)
+
+
+def _check_labels(importance: str, state: State) -> None:
+    """StageError when ``importance: taylor`` needs labels the data does not have."""
+    task = state.data.get_task()
+    if importance == "taylor" and task.needs_labels and not state.data.labelled:
+        raise StageError(
+            f"importance 'taylor' back-propagates the {task.name} task's loss, which needs labelled "
+            "data; use l1, l2 or activation, or task: fidelity (its loss compares with the original)"
+        )

@@ -56,10 +56,21 @@ def train(
     distributed: bool = True,
     label: str = "train",
     validate: bool = True,
+    split: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``state.data``'s training split.
 
-    ``loss_fn(logits, x, y)`` replaces cross-entropy (distillation); ``on_epoch(epoch, metrics)``
+    Each batch goes through the data's task (``state.data.get_task()``): ``task.split`` gives the
+    model inputs and the target (None for unlabelled data), ``task.forward`` the selected output,
+    and the loss is ``task.loss(output, target, reference)``, the reference being the original
+    model's output on the same inputs when the task compares with it (fidelity). Classification
+    keeps cross-entropy with ``label_smoothing``. Validation metrics per epoch are the task's
+    (``val_accuracy``/``val_loss`` for classification; ``val_<metric>`` and ``val_score``, the
+    primary metric, for other tasks); early stopping and the plateau schedule follow the primary
+    metric in its direction.
+
+    ``loss_fn(output, inputs, target)`` replaces the task's loss (distillation); ``split(batch)``
+    replaces ``task.split`` (a loader whose batches carry sample indices); ``on_epoch(epoch, metrics)``
     sees validation metrics after each epoch (HPO pruners raise from it), then each of
     ``state.ctx.epoch_callbacks``; ``after_step`` runs after every optimizer step; ``on_step(step, loss,
     optimizer)`` too, with the step's loss as a float (a device sync, so only when given), and
@@ -74,9 +85,19 @@ def train(
     import torch
     import torch.nn.functional as F
 
+    from compress_cli._utils.batches import to_device
     from compress_cli.runtime import distributed as dist_
+    from compress_cli.tasks.classification import Classification
 
     device = state.device
+    task = state.data.get_task()
+    classify = isinstance(task, Classification)
+    if opts.label_smoothing > 0 and not classify and loss_fn is None:
+        raise StageError(
+            f"{label}: label_smoothing applies to the classification task's cross-entropy; the task is "
+            f"{task.name}: remove label_smoothing"
+        )
+    higher = True if classify else bool(task.higher_is_better)
     ddp = distributed and dist_.active()
     extra = list(extra_params or [])
     # probes (their own loader, a step hook) and torchrun ranks do not checkpoint; nor do hpo trials
@@ -98,13 +119,14 @@ def train(
     opt = make_optimizer(params, opts, lr)
     sched = make_scheduler(opt, opts, lr, steps)
     plateau = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=opts.gamma)
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher else "min", factor=opts.gamma)
         if opts.scheduler == "plateau"
         else None
     )
     autocast, scaler = _amp_context(device, opts.amp)
     check_every = 1 if device.type == "cpu" else 25
-    best_acc, best_state, since_best = -1.0, None, 0
+    best: float | None = None  # the best validation score (primary metric) so far
+    best_state, since_best = None, 0
     t_start = time.perf_counter()
     val_loader = _val_loader(state, ddp) if validate else None
     global_step = 0
@@ -135,7 +157,9 @@ def train(
         if gen is not None and saved["loader_generator"] is not None:
             gen.set_state(saved["loader_generator"])
         start_epoch, skip, global_step = saved["epoch"], saved["consumed"], saved["global_step"]
-        best_acc, since_best, best_state = saved["best_acc"], saved["since_best"], saved["best_state"]
+        best, since_best, best_state = saved["best_acc"], saved["since_best"], saved["best_state"]
+        if best == -1.0 and classify:  # written before scores were task-generic: "none yet"
+            best = None
         result.history, result.epochs_run = list(saved["history"]), saved["epochs_run"]
         t_start -= saved["seconds"]
         if not skip:
@@ -160,7 +184,7 @@ def train(
             "plateau": plateau.state_dict() if plateau is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
-            "best_acc": best_acc,
+            "best_acc": best,
             "since_best": since_best,
             "best_state": best_state,
             "history": result.history,
@@ -185,18 +209,24 @@ def train(
             run_loss, seen = saved["run_loss"].to(device), saved["seen"]
             set_rng(saved["rng"])  # after the skipped batches: a transform drawing numbers did not count
             first, skip = skip, 0
-        for step, (x, y) in enumerate(batches, start=first):
+        for step, batch in enumerate(batches, start=first):
             if step >= steps:
                 break
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+            x, y = split(batch) if split is not None else task.split(batch)
+            x = to_device(x, device, non_blocking=True)
+            if y is not None:
+                y = to_device(y, device, non_blocking=True)
+            ref = None
+            if loss_fn is None and not classify and task.needs_reference:
+                ref = task.reference_output(x)  # the original's output, no grad (shuffled: not cached)
             with autocast():
-                out = net(x)
-                loss = (
-                    loss_fn(out, x, y)
-                    if loss_fn
-                    else F.cross_entropy(out, y, label_smoothing=opts.label_smoothing)
-                )
+                out = task.forward(net, x)
+                if loss_fn is not None:
+                    loss = loss_fn(out, x, y)
+                elif classify:
+                    loss = F.cross_entropy(out, y, label_smoothing=opts.label_smoothing)
+                else:
+                    loss = task.loss(out, y, ref)
                 if opts.l1 > 0:
                     loss = loss + opts.l1 * l1_penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -257,9 +287,7 @@ def train(
             "lr": opt.param_groups[0]["lr"],
         }
         if val_loader is not None:
-            ev = _evaluate(model, device, val_loader, state.data.get_task(), ddp)
-            metrics["val_accuracy"] = ev["accuracy"]
-            metrics["val_loss"] = ev["loss"]
+            metrics.update(val_metrics(_evaluate(model, device, val_loader, task, ddp), task, classify))
         result.history.append(metrics)
         result.epochs_run = epoch + 1
         state.ctx.listener.on_epoch_end(label, metrics)
@@ -269,12 +297,12 @@ def train(
             callback(epoch, metrics)
         if hook_stop:
             break
-        if plateau is not None and "val_accuracy" in metrics:
-            plateau.step(metrics["val_accuracy"])
-        acc = metrics.get("val_accuracy")
-        if acc is not None:
-            if acc > best_acc:
-                best_acc, since_best = acc, 0
+        score = metrics.get("val_accuracy" if classify else "val_score")
+        if plateau is not None and score is not None:
+            plateau.step(score)
+        if score is not None:
+            if best is None or (score > best if higher else score < best):
+                best, since_best = score, 0
                 if opts.early_stopping is not None:
                     best_state = copy.deepcopy(model.state_dict())
             else:
@@ -290,7 +318,9 @@ def train(
             break
     if best_state is not None and opts.early_stopping is not None:
         model.load_state_dict(best_state)
-    result.best_val_accuracy = best_acc if best_acc >= 0 else None
+    result.best_val_score = best
+    result.val_metric = None if classify else str(task.primary)
+    result.best_val_accuracy = best if classify else None
     result.seconds = time.perf_counter() - t_start
     model.eval()
     if ckpt is not None and not interrupted:  # finished: a resumed stage skips this call
@@ -304,6 +334,17 @@ def train(
             }
         )
     return result
+
+
+def val_metrics(ev: dict[str, float], task: Task, classify: bool) -> dict[str, float]:
+    """An epoch's validation entries of the task's metrics ``ev``: ``val_accuracy`` and ``val_loss``
+    for classification (as reports have always had them); ``val_<metric>`` for every metric and
+    ``val_score`` (the primary metric) for any other task."""
+    if classify:
+        return {"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}
+    out = {f"val_{k}": float(v) for k, v in ev.items() if k != "samples"}
+    out["val_score"] = float(ev[task.primary])
+    return out
 
 
 def _val_loader(state: State, ddp: bool) -> Any:

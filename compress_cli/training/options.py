@@ -45,13 +45,16 @@ class TrainOptions(BaseModel):
     warmup_epochs: float = Field(
         0.0, ge=0, le=MAX_EPOCHS, description="linear warm-up from lr/100 (fractions allowed)"
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="cross-entropy label smoothing (classification task only)"
+    )
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm to this value")
     early_stopping: int | None = Field(
         None,
         gt=0,
         le=MAX_EPOCHS,
-        description="stop after N epochs without val-accuracy gain; best weights restored",
+        description="stop after N epochs without a gain in the task's primary validation metric "
+        "(val accuracy for classification); best weights restored",
     )
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(
@@ -68,37 +71,56 @@ class TrainOptions(BaseModel):
 
 @dataclass
 class TrainResult:
-    """What one ``train`` call did: epochs run, per-epoch history, best validation accuracy."""
+    """What one ``train`` call did: epochs run, per-epoch history, the best validation score.
+
+    ``best_val_score`` is the best value of the task's primary metric (in its direction);
+    ``best_val_accuracy`` the same for classification (None for other tasks, whose primary metric
+    ``val_metric`` names)."""
 
     epochs_run: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_val_accuracy: float | None = None
     stopped_early: bool = False
     seconds: float = 0.0
+    best_val_score: float | None = None
+    val_metric: str | None = None
 
     def notes(self, *parts: str) -> str:
         """A training stage's one-line notes: epochs run, then ``parts``, the last validation
-        accuracy and whether early stopping restored the best weights."""
+        score (accuracy in %, another task's primary metric by name) and whether early stopping
+        restored the best weights."""
         last = self.history[-1] if self.history else {}
         notes = ", ".join([f"{self.epochs_run} epoch(s)", *parts])
         if "val_accuracy" in last:
             notes += f", val {last['val_accuracy'] * 100:.2f}%"
+        elif "val_score" in last and self.val_metric:
+            notes += f", val {self.val_metric} {last['val_score']:.4g}"
         if self.stopped_early:
             notes += ", stopped early (best weights restored)"
         return notes
 
     def summary(self) -> dict[str, Any]:
-        """The result as report details (history included)."""
-        return {
+        """The result as report details (history included); tasks other than classification add
+        ``best_val_score`` and ``val_metric``."""
+        out: dict[str, Any] = {
             "epochs_run": self.epochs_run,
             "best_val_accuracy": self.best_val_accuracy,
-            "stopped_early": self.stopped_early,
-            "train_seconds": round(self.seconds, 3),
-            "history": self.history,
         }
+        if self.val_metric is not None:
+            out["best_val_score"] = self.best_val_score
+            out["val_metric"] = self.val_metric
+        out.update(
+            {
+                "stopped_early": self.stopped_early,
+                "train_seconds": round(self.seconds, 3),
+                "history": self.history,
+            }
+        )
+        return out
 
 
-LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (logits, x, y) -> loss
+#: (selected output, model inputs, target or None) -> loss; replaces the task's loss (distillation)
+LossFn = Callable[["torch.Tensor", Any, Any], "torch.Tensor"]
 #: (global step, batch loss, optimizer) -> True to stop training; the loss is averaged over ranks
 StepHook = Callable[[int, float, "torch.optim.Optimizer"], "bool | None"]
 

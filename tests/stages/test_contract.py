@@ -66,3 +66,37 @@ def test_stage_contract(name, tmp_path):
         "throughput",
     ):
         assert key in stage["metrics"]
+
+
+#: stages whose structured-input path is another helper's work (ONNX export, ORT runners and
+#: quantization replays with named inputs); the lead removes these marks when that work is merged
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_contract_on_structured_inputs(name, tmp_path):
+    """Every stage on ``compress_cli.testing.dict_model`` (keyword inputs, a dict output) with
+    unlabelled dict batches and ``task: fidelity``: it runs, is deterministic, reports the task's
+    metrics and its output reloads."""
+    from compress_cli.testing import dict_recipe_dict, token_data
+
+    cls = get_stage(name)
+    batch = torch.utils.data.default_collate([token_data(n_train=8, n_test=8)["test"][i] for i in range(8)])
+
+    def run(tag: str) -> tuple[dict, torch.Tensor]:
+        d = dict_recipe_dict(
+            tmp_path / tag,
+            stages=[{"type": name, **cls.example}],
+            measure={"latency": {"batch_sizes": [1, 16], "warmup": 1, "iterations": 2}, "macs": False},
+        )
+        report = run_recipe(validate(parse_yaml(yaml.safe_dump(d))))
+        model = compress_cli.load(tmp_path / tag / "out" / "model", trust_source=True)
+        with torch.no_grad():
+            return report, model(**batch)["logits"]
+
+    r1, y1 = run("a")
+    r2, y2 = run("b")
+    assert torch.isfinite(y1).all()
+    assert torch.equal(y1, y2), f"{name}: not deterministic under a fixed seed"
+    final = r1["final"]
+    assert final["task"] == "fidelity" and final["primary"] == "cosine"
+    assert final["score"] == r2["final"]["score"] and 0.0 < final["score"] <= 1.0 + 1e-6
+    assert {"cosine", "sqnr_db", "relative_mse"} <= set(final["scores"])
+    assert "input_ids" in final["latency_input"]
