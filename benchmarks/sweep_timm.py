@@ -294,6 +294,8 @@ def one(name: str) -> dict[str, Any]:
 
 def cell(r: dict[str, Any], step: str, timeout: int) -> str:
     first = step == STEPS[0]
+    if "not_run" in r:
+        return "not run" if first else "-"
     if "timeout" in r:
         return f"timeout ({timeout} s)" if first else "-"
     if "crash" in r:
@@ -311,7 +313,9 @@ def cell(r: dict[str, Any], step: str, timeout: int) -> str:
 
 
 def verdict(r: dict[str, Any]) -> str:
-    """passed | refused up front | failed late | timeout | crash."""
+    """passed | refused up front | failed late | timeout | crash | not run."""
+    if "not_run" in r:
+        return "not run"
     if "timeout" in r:
         return "timeout"
     if "crash" in r:
@@ -330,7 +334,8 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
         for st in STEPS
     }
     verdicts = [verdict(r) for r in rows]
-    n = {v: verdicts.count(v) for v in ("passed", "refused up front", "failed late", "timeout", "crash")}
+    kinds = ("passed", "refused up front", "failed late", "timeout", "crash", "not run")
+    n = {v: verdicts.count(v) for v in kinds}
     exact = [
         (r["model"], st, e)
         for r in rows
@@ -355,8 +360,9 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
         "results carry the exactness check.",
         "",
         f"**{n['passed']} passed, {n['refused up front']} refused up front (at least one step), "
-        f"{n['failed late']} failed after the baseline**; {n['timeout']} timed out, {n['crash']} crashed. "
-        f"Exactness check confirmed {len(exact)} structural edits "
+        f"{n['failed late']} failed after the baseline**; {n['timeout']} timed out, {n['crash']} crashed"
+        + (f", {n['not run']} not run yet (rerun the script: it resumes). " if n["not run"] else ". ")
+        + f"Exactness check confirmed {len(exact)} structural edits "
         f"({sum(1 for _, st, _ in exact if st == 'prune_channels')} prune_channels, "
         f"{sum(1 for _, st, _ in exact if st == 'drop_layers')} drop_layers).",
         "",
@@ -417,7 +423,7 @@ def main() -> int:
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row)[:400], flush=True)
-    rows = [done[n] for n in ARCHS if n in done]
+    rows = [done.get(n, {"model": n, "not_run": True}) for n in ARCHS]
     (HERE / "COVERAGE_TIMM.md").write_text(table(rows, args.timeout))
     return 0
 
