@@ -19,6 +19,10 @@ Writes ``benchmarks/coverage.jsonl`` (one row per model, reused on reruns) and
 ``benchmarks/COVERAGE.md``.
 
     python benchmarks/coverage.py [--timeout 2400] [--scheme onnxruntime_int8] [--jobs 2] [NAME ...]
+
+The exactness rerun: ``--only prune_channels [--max-params 60]`` runs prune_channels alone (after the
+preflight) into ``coverage_exact.jsonl`` and replaces the section of COVERAGE.md that says how many
+removals the exactness check confirmed and which it caught (the stage's ``details.exactness``).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def stage_configs(scheme: str) -> list[dict[str, Any]]:
     ]
 
 
-def build(name: str, out: Path, scheme: str) -> Any:
+def build(name: str, out: Path, scheme: str, only: str | None = None) -> Any:
     import torch
     import yaml
 
@@ -104,7 +108,7 @@ def build(name: str, out: Path, scheme: str) -> Any:
                         "kwargs": {"train_size": 32, "test_size": 16},
                     },
                     "measure": {"latency": None, "macs": False},
-                    "stages": stage_configs(scheme),
+                    "stages": [c for c in stage_configs(scheme) if only is None or c["type"] == only],
                     "output": str(out),
                 },
                 sort_keys=False,
@@ -128,8 +132,9 @@ def outputs(state: Any, x: Any) -> Any:
     return y
 
 
-def one(name: str, scheme: str) -> dict[str, Any]:
-    """Run the chain on one model; returns its row (step -> {status, info, s})."""
+def one(name: str, scheme: str, only: str | None = None) -> dict[str, Any]:
+    """Run the chain on one model (or the ``only`` stage, without reload and export); returns its
+    row (step -> {status, info, s})."""
     import torch
 
     from compress_cli import load
@@ -145,7 +150,7 @@ def one(name: str, scheme: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compress-coverage-") as tmp:
         out = Path(tmp)
-        state, recipe, size = build(name, out, scheme)
+        state, recipe, size = build(name, out, scheme, only)
         row["input"] = size
         # torchvision zero-initialises some heads (ViT): all-zero logits would make every check vacuous
         gen = torch.Generator().manual_seed(0)
@@ -200,6 +205,9 @@ def one(name: str, scheme: str) -> dict[str, Any]:
                 finally:
                     (out / "before.pt").unlink(missing_ok=True)
                 note = res.notes or ""
+                ex = (res.details or {}).get("exactness")
+                if ex:  # the stage's proof that the structural edit computes what the masked model does
+                    row.setdefault("exactness", {})[cfg.type] = ex
                 if note.startswith("skipped"):
                     return f"refused: {note}"
                 return note[:160]
@@ -231,8 +239,9 @@ def one(name: str, scheme: str) -> dict[str, Any]:
             info = run_stage(cls(cfg, last), state, seed=recipe.seed + last).details["files"]["onnx"]
             return f"{info['size_bytes'] / 1e6:.2f} MB, max diff {info['max_abs_diff']:.2g}"
 
-        step("reload", reload)
-        step("export", export)
+        if only is None:
+            step("reload", reload)
+            step("export", export)
     row["s"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -288,13 +297,67 @@ def table(rows: list[dict[str, Any]], timeout: int, scheme: str) -> str:
             + " | ".join(cell(r, st, timeout) for st in STEPS)
             + " |"
         )
+    return "\n".join(lines) + "\n" + exactness_section()
+
+
+def exactness_section() -> str:
+    """The prune_channels exactness rerun (``--only prune_channels``, coverage_exact.jsonl), if any."""
+    path = HERE / "coverage_exact.jsonl"
+    if not path.exists():
+        return ""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        rows[r["model"]] = r
+    got = {k: [r for r in rows.values() if _exact_status(r) == k] for k in EXACT_STATUSES}
+    lines = [
+        "",
+        EXACT_HEADING,
+        "",
+        "`python benchmarks/coverage.py --only prune_channels [NAME ...]` (results in "
+        "`coverage_exact.jsonl`): prune_channels 0.3 (l1) alone on the loaded model, after the "
+        "engine-style preflight (which now runs the removal on a copy). Every removal is compared with "
+        "the model whose chosen channels are zeroed at their source, on 4 samples; a mismatch refuses "
+        "the stage naming the first diverging layer. "
+        f"{len(rows)} models run: **{len(got['confirmed'])} confirmed exact**, "
+        f"{len(got['caught'])} caught (refused: not exact), {len(got['refused'])} refused up front for "
+        f"another reason, {len(got['fail'])} failed otherwise, {len(got['timeout'])} timed out.",
+        "",
+        "| model | params (M) | result | max abs diff | tolerance |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(rows):
+        r = rows[name]
+        ex = r.get("exactness", {}).get("prune_channels") or {}
+        st = _exact_status(r)
+        info = (r.get("prune_channels") or {}).get("info", r.get("crash", ""))
+        text = "" if st == "confirmed" else ": " + str(info).replace("|", "\\|")[:200]
+        lines.append(
+            f"| {name} | {r.get('params_m', '')} | {st}{text} | "
+            f"{ex.get('max_abs_diff', ''):.3g} | {ex.get('tolerance', ''):.3g} |"
+            if ex
+            else f"| {name} | {r.get('params_m', '')} | {st}{text} | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_one(name: str, scheme: str, timeout: int) -> dict[str, Any]:
+EXACT_HEADING = "## prune_channels with the exactness check"
+EXACT_STATUSES = ("confirmed", "caught", "refused", "fail", "timeout")
+
+
+def _exact_status(r: dict[str, Any]) -> str:
+    if "timeout" in r or "crash" in r:
+        return "timeout" if "timeout" in r else "fail"
+    s = r.get("prune_channels") or {}
+    if s.get("status") == "pass":
+        return "confirmed" if r.get("exactness", {}).get("prune_channels") else "fail"
+    return "caught" if "not exact" in s.get("info", "") else s.get("status", "fail")
+
+
+def run_one(name: str, scheme: str, timeout: int, only: str | None = None) -> dict[str, Any]:
     try:
         res = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--scheme", scheme],
+            [sys.executable, __file__, "--one", name, "--scheme", scheme]
+            + (["--only", only] if only else []),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -329,15 +392,28 @@ def main() -> int:
     ap.add_argument(
         "--table-only", action="store_true", help="rewrite COVERAGE.md from coverage.jsonl, run nothing"
     )
+    ap.add_argument(
+        "--only",
+        choices=["prune_channels"],
+        help="run this stage alone (no reload/export), into coverage_exact.jsonl: the exactness rerun",
+    )
+    ap.add_argument("--max-params", type=float, default=None, help="skip models above this many M params")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.scheme)), flush=True)
+        print("RESULT " + json.dumps(one(args.one, args.scheme, args.only)), flush=True)
         return 0
     import torchvision
 
     names = args.names or torchvision.models.list_models(module=torchvision.models)
-    jsonl = HERE / "coverage.jsonl"
+    if args.max_params is not None and not args.names:  # sizes from the last full run's table
+        known = {}
+        for ln in (HERE / "COVERAGE.md").read_text().split(EXACT_HEADING)[0].splitlines():
+            cells = [c.strip() for c in ln.split("|")]
+            if len(cells) > 4 and cells[1] in names:
+                known[cells[1]] = float(cells[3] or 0)
+        names = [n for n in names if known.get(n, 0) <= args.max_params]
+    jsonl = HERE / ("coverage_exact.jsonl" if args.only else "coverage.jsonl")
     done: dict[str, dict[str, Any]] = {}
     if jsonl.exists():
         for r in map(json.loads, jsonl.read_text().splitlines()):
@@ -345,11 +421,16 @@ def main() -> int:
                 done[r["model"]] = r
     todo = [] if args.table_only else [n for n in names if args.names or n not in done]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for row in pool.map(lambda n: run_one(n, args.scheme, args.timeout), todo):
+        for row in pool.map(lambda n: run_one(n, args.scheme, args.timeout, args.only), todo):
             done[row["model"]] = row
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+    if args.only:  # the full table stays as its last full run left it; the section is replaced
+        text = (HERE / "COVERAGE.md").read_text()
+        text = text.split(EXACT_HEADING)[0].rstrip("\n").removesuffix("\n") + "\n"
+        (HERE / "COVERAGE.md").write_text(text + exactness_section())
+        return 0
     all_names = torchvision.models.list_models(module=torchvision.models)
     rows = [done.get(n, {"model": n, "scheme": args.scheme, "not_run": True}) for n in all_names]
     (HERE / "COVERAGE.md").write_text(table(rows, args.timeout, args.scheme))

@@ -20,7 +20,14 @@ from compress_cli.pruning.channels import (
     prune_channels,
 )
 from compress_cli.pruning.exactness import ABS_TOL, CHECK_SAMPLES, REL_TOL, Exactness
-from compress_cli.pruning.layers import Candidate, choose, drop_layers, find_candidates, score_candidates
+from compress_cli.pruning.layers import (
+    Candidate,
+    choose,
+    drop_layers,
+    find_candidates,
+    score_candidates,
+    unsaveable_note,
+)
 from compress_cli.pruning.sensitivity import SensitivityScan, allocate, scan_sensitivity
 from compress_cli.pruning.unstructured import (
     PRUNABLE,
@@ -61,6 +68,7 @@ __all__ = [
     "drop_layers",
     "effective_weight",
     "find_candidates",
+    "unsaveable_note",
     "find_head",
     "high_rank_reshapes",
     "is_pruned",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -151,9 +151,24 @@ def residual_structure(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
     return None
 
 
-def find_candidates(model: nn.Module, example: Any, protect: Sequence[str] = ()) -> list[Candidate]:
+#: why a replacement module could not be saved (None: it can): ``(module, path) -> problem``
+Describer = Callable[[nn.Module, str], "str | None"]
+
+
+def find_candidates(
+    model: nn.Module,
+    example: Any,
+    protect: Sequence[str] = (),
+    *,
+    describe: Describer | None = None,
+    left_out: list[tuple[str, str]] | None = None,
+) -> list[Candidate]:
     """Residual blocks (replaceable by identity or their shortcut) and shape-preserving layers with
-    parameters inside ``nn.Sequential`` stacks; never the output layer or ``protect`` globs."""
+    parameters inside ``nn.Sequential`` stacks; never the output layer or ``protect`` globs.
+
+    ``describe`` (e.g. the checkpoint manifest's ``describe_problem``): candidates whose bypass it
+    rejects are left out (a removal the run could not save), and listed in ``left_out`` as
+    ``(name, problem)`` when given."""
     out_layer = set(output_layers(model, example))
     shapes: dict[str, tuple[Any, Any]] = {}
     hooks = []
@@ -195,7 +210,29 @@ def find_candidates(model: nn.Module, example: Any, protect: Sequence[str] = ())
             cands.append(Candidate(name, "residual", res[0], res[1], params=n_params))
         elif name in seq_children and same and not isinstance(mod, _NORMS):
             cands.append(Candidate(name, "layer", "identity", params=n_params))
-    return _dedupe(cands)
+    cands = _dedupe(cands)
+    if describe is None:
+        return cands
+    kept = []
+    for c in cands:
+        problem = describe(c.make(model), c.name)
+        if problem is None:
+            kept.append(c)
+        elif left_out is not None:
+            left_out.append((c.name, problem))
+    return kept
+
+
+def unsaveable_note(left_out: Sequence[tuple[str, str]]) -> str:
+    """``; N candidate(s) left out ...`` for a message about candidates ``describe`` rejected."""
+    if not left_out:
+        return ""
+    name, problem = left_out[0]
+    more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
+    return (
+        f"; {len(left_out)} candidate(s) left out because the checkpoint could not save their "
+        f"replacement ({name!r}{more}: {problem})"
+    )
 
 
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:
@@ -370,6 +407,7 @@ def drop_layers(
     protect: Sequence[str] = (),
     check_inputs: Any = None,
     task: Task | None = None,
+    describe: Describer | None = None,
 ) -> tuple[list[Candidate], list[Candidate], Exactness]:
     """Score the candidates (``task``: whose loss and output selection ``loss``/``output`` scores
     use, see :func:`score_candidates`) and replace the least important ones in place.
@@ -378,12 +416,15 @@ def drop_layers(
     compute what the model before it computes with each removed module's output replaced by its
     bypass of the module's own input (:func:`~compress_cli.pruning.exactness.bypassed_reference`);
     otherwise StageError names the first diverging module and the model is left as it was.
+    ``describe``: as for :func:`find_candidates` (candidates the run could not save are left out).
     Returns (all scored candidates, the ones removed, the check)."""
     from compress_cli.checkpoint import copy_model
 
     backup = copy_model(model)
     try:
-        return _drop_in_place(model, example, calib, criterion, count, fraction, protect, check_inputs, task)
+        return _drop_in_place(
+            model, example, calib, criterion, count, fraction, protect, check_inputs, task, describe
+        )
     except BaseException:
         restore(model, backup)  # a refused or failed removal leaves the model as it was
         raise
@@ -399,6 +440,7 @@ def _drop_in_place(
     protect: Sequence[str],
     check_inputs: Any,
     task: Task | None = None,
+    describe: Describer | None = None,
 ) -> tuple[list[Candidate], list[Candidate], Exactness]:
     """:func:`drop_layers` without the restore on failure."""
     import copy
@@ -409,11 +451,12 @@ def _drop_in_place(
     example = to_device(example, dev)
     check = example if check_inputs is None else to_device(check_inputs, dev)
     out_shape = output_shapes(model, example)
-    cands = find_candidates(model, example, protect)
+    left_out: list[tuple[str, str]] = []
+    cands = find_candidates(model, example, protect, describe=describe, left_out=left_out)
     if not cands:
         raise StageError(
             "no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
-            "outside the protected ones"
+            "outside the protected ones" + unsaveable_note(left_out)
         )
     score_candidates(model, cands, calib, criterion, task)
     n = count if count is not None else int(math.floor((fraction or 0.0) * len(cands) + 1e-9))

@@ -14,7 +14,10 @@ from compress_cli.state import State
 from compress_cli.training import TrainOptions
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compress_cli.pruning import Candidate
+    from compress_cli.pruning.layers import Describer
 
 
 class DropLayersConfig(StageConfig, TrainOptions):
@@ -66,43 +69,64 @@ class DropLayers(Stage[DropLayersConfig]):
     def trains(cls, config: StageConfig) -> bool:
         return isinstance(config, DropLayersConfig) and config.epochs > 0
 
-    def _candidates(self, state: State) -> list[Candidate]:
-        from compress_cli._utils.batches import to_device
-        from compress_cli.pruning import find_candidates, make_permanent, score_candidates
+    def _describe(self, state: State) -> Describer:
+        """The manifest's check of a replacement module (candidates it rejects are left out)."""
+        import functools
 
-        model = state.model
+        from compress_cli.checkpoint.architecture import describe_problem
+
+        return functools.partial(describe_problem, source=state.model_spec.source)
+
+    def _find(
+        self, state: State, model: nn.Module, left_out: list[tuple[str, str]] | None = None
+    ) -> list[Candidate]:
+        """The candidates in ``model`` (made permanent, put in eval mode) the run could save."""
+        from compress_cli._utils.batches import to_device
+        from compress_cli.pruning import find_candidates, make_permanent
+
         make_permanent(model)
-        model.eval()
-        cands = find_candidates(
-            model, to_device(state.data.example_input(1), state.device), self.config.protect
+        example = to_device(state.data.example_input(1), state.device)
+        return find_candidates(
+            model.eval(), example, self.config.protect, describe=self._describe(state), left_out=left_out
         )
+
+    def _candidates(self, state: State) -> list[Candidate]:
+        from compress_cli.pruning import score_candidates
+
+        cands = self._find(state, state.model)
         if cands:
             score_candidates(
-                model, cands, state.data.calibration(), self.config.importance, state.data.get_task()
+                state.model, cands, state.data.calibration(), self.config.importance, state.data.get_task()
             )
         return cands
 
     def preflight(self, state: State) -> None:
         """Refuse, before the baseline, a loss ranking the data cannot give (no labels for a task
         that needs them) and a model with no removable layer (unless ``if_none: skip``)."""
-        from compress_cli._utils.batches import to_device
         from compress_cli.checkpoint import copy_model
-        from compress_cli.pruning import find_candidates, make_permanent
+        from compress_cli.pruning import unsaveable_note
 
         c = self.config
         _check_labels(c, state)
         if c.if_none == "skip":
             return
-        model = copy_model(state.model)
-        make_permanent(model)
-        if not find_candidates(model.eval(), to_device(state.data.example_input(1), state.device), c.protect):
+        left_out: list[tuple[str, str]] = []
+        if not self._find(state, copy_model(state.model), left_out):
             guarded = f" outside protect {c.protect}" if c.protect else ""
             raise StageError(
                 f"no removable layer in this model{guarded}: drop_layers removes residual blocks "
                 "(forward ending in post(main(x) + shortcut(x))) and shape-preserving layers inside an "
                 "nn.Sequential, and this model has neither. Remove the stage, narrow protect, or set "
-                "if_none: skip to go on without it"
+                f"if_none: skip to go on without it{unsaveable_note(left_out)}"
             )
+
+    def new_modules(self, state: State) -> list[tuple[str, nn.Module]]:
+        """Each candidate's bypass, at the candidate's path (the candidates are found on a copy;
+        those whose bypass the manifest could not describe are already left out)."""
+        from compress_cli.checkpoint import copy_model
+
+        model = copy_model(state.model)
+        return [(x.name, x.make(model)) for x in self._find(state, model)]
 
     def preview(self, state: State) -> list[str]:
         import copy
@@ -130,7 +154,6 @@ class DropLayers(Stage[DropLayersConfig]):
         return lines
 
     def run(self, state: State) -> StageResult:
-        from compress_cli._utils.batches import to_device
         from compress_cli.pruning import CHECK_SAMPLES, drop_layers
         from compress_cli.training import train
 
@@ -139,14 +162,13 @@ class DropLayers(Stage[DropLayersConfig]):
         _check_labels(c, state)
         before = sum(p.numel() for p in state.model.parameters())
         if c.if_none == "skip":
-            from compress_cli.pruning import find_candidates, make_permanent
+            from compress_cli.pruning import unsaveable_note
 
-            make_permanent(state.model)
-            if not find_candidates(
-                state.model.eval(), to_device(state.data.example_input(1), state.device), c.protect
-            ):
+            left_out: list[tuple[str, str]] = []
+            if not self._find(state, state.model, left_out):
                 return StageResult(
-                    notes="skipped: no removable layer (residual block or shape-preserving layer)",
+                    notes="skipped: no removable layer (residual block or shape-preserving layer)"
+                    + unsaveable_note(left_out),
                     details={"candidates": [], "removed": []},
                 )
         cands, chosen, exact = drop_layers(
@@ -159,6 +181,7 @@ class DropLayers(Stage[DropLayersConfig]):
             protect=c.protect,
             check_inputs=state.data.example_input(CHECK_SAMPLES),
             task=task,
+            describe=self._describe(state),
         )
         after = sum(p.numel() for p in state.model.parameters())
         removed = [x.name for x in chosen]

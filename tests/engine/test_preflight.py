@@ -50,19 +50,38 @@ def test_a_loaded_model_the_manifest_cannot_save_is_refused(tmp_path):
     )
 
 
-def test_a_module_a_stage_would_put_in_is_checked_before_it_runs(tmp_path, monkeypatch):
+def test_a_module_a_stage_would_put_in_is_checked_before_it_runs(tmp_path):
     """``Stage.new_modules``: what a stage may put into the model is checked by the engine."""
+    from compress_cli.engine.setup import _new_module_problems
+    from compress_cli.stages.evaluate import Evaluate
+
+    class Gating(Evaluate):
+        """A stage that would put a custom Gate into the model."""
+
+        def new_modules(self, state):
+            return [("fc2", nn.Sequential(Gate(64)))]
+
+    state = state_for(tmp_path, [{"type": "evaluate"}])
+    (problem,) = _new_module_problems(Gating(state.recipe.stages[0], 1), state)
+    assert problem.startswith(
+        f"module 'fc2.0' ({GATE}), inside the new Sequential 'fc2', cannot be described in the manifest"
+    )
+    assert "protect" in problem
+
+
+def test_drop_layers_new_modules_are_its_candidates_bypasses(tmp_path):
     from compress_cli.stages.drop_layers import DropLayers
 
-    monkeypatch.setattr(DropLayers, "new_modules", lambda self, state: [("fc2", nn.Sequential(Gate(64)))])
-    state = state_for(tmp_path, [{"type": "drop_layers", "count": 1, "if_none": "skip"}])
-    problems = preflight(state)
-    assert len(problems) == 1
-    assert problems[0].startswith(
-        f"stages[0] (drop_layers): module 'fc2.0' ({GATE}), inside the new Sequential 'fc2', "
-        "cannot be described in the manifest"
-    )
-    assert "protect" in problems[0]
+    state = state_for(tmp_path, [{"type": "drop_layers", "count": 1}], model={"source": "zoo:digits_resnet"})
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    got = dict(DropLayers(state.recipe.stages[0], 1).new_modules(state))
+    assert set(got) == {"layer1.0", "layer2.0", "layer3.0"}
+    # identity or downsample shortcut, then the block's ReLU after the add
+    assert [type(m).__name__ for m in got["layer1.0"]] == ["ReLU"]
+    assert [type(m).__name__ for m in got["layer2.0"]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    sd = state.model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in before.items())  # found on a copy
+    assert preflight(state) == []
 
 
 def test_prune_and_codebook_with_nothing_to_apply_to_are_refused_up_front(tmp_path):

@@ -141,6 +141,37 @@ def test_protect_and_output_layer():
     assert [c.name for c in find_candidates(mlp, X1)] == ["b"]  # same-shape layers, never the output layer
 
 
+class Wrapped(nn.Module):
+    """A custom shortcut of this test module (a package the manifest may not name)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_candidate_whose_bypass_could_not_be_saved_is_left_out(calib):
+    """The run would fail to save a block replaced by a custom shortcut: it is no candidate."""
+    import functools
+
+    from compress_cli.checkpoint.architecture import describe_problem
+
+    model = seeded_zoo("digits_resnet").eval()
+    model.layer2[0].downsample = Wrapped(model.layer2[0].downsample)
+    describe = functools.partial(describe_problem, source="zoo:digits_resnet")
+    assert {c.name for c in find_candidates(model, X1)} == {"layer1.0", "layer2.0", "layer3.0"}
+    left_out: list = []
+    cands = find_candidates(model, X1, describe=describe, left_out=left_out)
+    assert {c.name for c in cands} == {"layer1.0", "layer3.0"}
+    ((name, problem),) = left_out
+    assert name == "layer2.0"
+    assert problem.startswith(f"module 'layer2.0.shortcut' ({Wrapped.__module__}:Wrapped), inside the new")
+    with pytest.raises(StageError, match="1 candidate\\(s\\) left out because the checkpoint could not"):
+        drop_layers(model, X1, calib, count=1, protect=["layer1.*", "layer3.*"], describe=describe)
+
+
 def test_errors(calib):
     with pytest.raises(StageError, match="no removable layer"):
         drop_layers(seeded_zoo("digits_cnn"), X1, calib, count=1)
