@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compress_cli.events import RunListener
@@ -121,7 +122,8 @@ def problems(e: CompressError, debug: bool) -> None:
 
         traceback.print_exception(e)
     for p in e.problems:
-        err.print(f"[red]error:[/red] {p}", markup=True, soft_wrap=True)
+        # the problem is plain text: its brackets (exclude: [module globs]) are not rich markup
+        err.print(f"[red]error:[/red] {escape(p)}", markup=True, soft_wrap=True)
 
 
 def interrupted() -> None:

@@ -100,7 +100,7 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "dynamic",
             freezes=True,
-            options=_INT8,
+            options=_INT8 | {"reduce_range"},
             layers=("Linear", "LSTM", "Embedding"),
             formats=("torchscript",),
             formats_why="torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "

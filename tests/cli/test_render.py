@@ -36,3 +36,13 @@ def test_stage_messages_reach_the_terminal(write_recipe):
         "quantize done in",
     ):
         assert line in res.output, line
+
+
+def test_a_problem_with_brackets_is_printed_as_written(capsys):
+    """Problems are plain text: ``exclude: [module globs]`` must not be eaten as rich markup."""
+    from compress_cli.cli.render import problems
+    from compress_cli.errors import StageError
+
+    problems(StageError("try exclude: [the classifier] or [red]x[/red]"), debug=False)
+    err = capsys.readouterr().err
+    assert "exclude: [the classifier]" in err and "[red]x[/red]" in err
