@@ -448,3 +448,26 @@ def dict_recipe_dict(
         "task": "fidelity",
     }
     return tiny_recipe_dict(tmp_path, stages, **_merge(base, overrides))
+
+
+def segmentation_data(
+    train: int = 64, test: int = 32, size: int = 64, classes: int = 4, seed: int = 0
+) -> dict[str, Any]:
+    """Synthetic segmentation splits for ``data.source: compress_cli.testing:segmentation_data``:
+    each image holds ``classes - 1`` random rectangles (class 1.., painted in order, background 0),
+    each class a random RGB colour plus noise; targets are the ``(size, size)`` int64 masks.
+    Returns ``{'train', 'test'}`` TensorDatasets (set ``data.num_classes`` to ``classes``)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    n = train + test
+    masks = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for c in range(1, classes):
+            x0, y0 = torch.randint(0, size - size // 4, (2,), generator=g).tolist()
+            w, h = torch.randint(size // 8, size // 3, (2,), generator=g).tolist()
+            masks[i, y0 : y0 + h, x0 : x0 + w] = c
+    colours = torch.randn(classes, 3, generator=g)
+    x = colours[masks].permute(0, 3, 1, 2) + 0.3 * torch.randn(n, 3, size, size, generator=g)
+    return {"train": TensorDataset(x[:train], masks[:train]), "test": TensorDataset(x[train:], masks[train:])}
