@@ -18,8 +18,8 @@ shape (N, 10); ``reload`` saves the checkpoint the pipeline writes and compares
 ``compress_cli.load()``'s outputs with the live model's; ``export`` is the export stage, which checks
 the ONNX file in ONNX Runtime against the live model.
 
-The model source is ``benchmarks.timm_models:make`` (a callable; a ``timm:NAME`` source can replace
-it). Writes ``benchmarks/sweep_timm.jsonl`` (one row per architecture, reused on reruns) and
+The model source is ``timm:NAME`` (``pretrained: false``), so timm's own classes are named by the
+manifest. Writes ``benchmarks/sweep_timm.jsonl`` (one row per architecture, reused on reruns) and
 ``benchmarks/COVERAGE_TIMM.md``.
 
     python benchmarks/sweep_timm.py [--timeout 300] [NAME ...]
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from sweep_structured import first_line  # noqa: E402
 
-SOURCE = "benchmarks.timm_models:make"
+SOURCE = "timm:NAME"
 #: architecture -> (extra timm kwargs, input size), chosen for variety: plain and deep-stem ResNets,
 #: squeeze-excite, depthwise/inverted residuals, NAS nets, re-parameterisable nets, dense and
 #: multi-branch nets, normaliser-free, ConvNeXt, ViT/DeiT, Swin, MLP-Mixer, hybrids and pool/attention
@@ -82,6 +82,22 @@ ARCHS: dict[str, tuple[dict[str, Any], int]] = {
     "mnasnet_small": ({}, 64),
     "dla34": ({}, 64),
 }
+#: attention models (token mixing over every patch): their chain takes longer on one thread, so
+#: they get twice the per-architecture timeout
+SLOW = frozenset(
+    {
+        "vit_tiny_patch16_224",
+        "deit_tiny_patch16_224",
+        "swin_tiny_patch4_window7_224",
+        "mixer_s16_224",
+        "levit_128s",
+        "coatnet_nano_rw_224",
+        "pvt_v2_b0",
+        "mobilevit_xxs",
+        "efficientvit_b0",
+        "fastvit_t8",
+    }
+)
 SCHEMES = ("int8_static", "onnxruntime_int8")
 STRUCTURAL = ("prune", "prune_channels", "drop_layers")
 STEPS = (*STRUCTURAL, *(f"{s}/{k}" for s in SCHEMES for k in ("quantize", "reload", "export")))
@@ -118,9 +134,8 @@ def recipe_for(name: str, out: Path, stages: list[dict[str, Any]]) -> Any:
                     "seed": 0,
                     "device": "cpu",
                     "model": {
-                        "source": SOURCE,
-                        "kwargs": {"name": name, "num_classes": 10, **kw},
-                        "trust_source": True,
+                        "source": f"timm:{name}",
+                        "kwargs": {"num_classes": 10, "pretrained": False, **kw},
                     },
                     "data": {
                         "source": "synthetic",
@@ -266,7 +281,7 @@ def one(name: str) -> dict[str, Any]:
                     y = outputs(state, x)
                     size_bytes = save_snapshot(state, out / f"model-{scheme}")
                     with torch.inference_mode():
-                        y2 = load(out / f"model-{scheme}", trust_source=True)(x).float()
+                        y2 = load(out / f"model-{scheme}")(x).float()
                     diff = float((y2 - y).abs().max())
                     if diff > 1e-4 * (1 + float(y.abs().max())):
                         raise RuntimeError(f"load() outputs differ from the live model by {diff:.3g}")
@@ -297,7 +312,7 @@ def cell(r: dict[str, Any], step: str, timeout: int) -> str:
     if "not_run" in r:
         return "not run" if first else "-"
     if "timeout" in r:
-        return f"timeout ({timeout} s)" if first else "-"
+        return f"timeout ({timeout * (2 if r['model'] in SLOW else 1)} s)" if first else "-"
     if "crash" in r:
         return f"crash: {r['crash']}" if first else "-"
     if "model_refused" in r:
@@ -347,8 +362,10 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
         "",
         f"`python benchmarks/sweep_timm.py`. {len(rows)} timm architectures, random init "
         "(`pretrained=False`), 10 classes, a 64x64 input (`img_size=64` for the ViT-style ones), "
-        f"synthetic data, 1 CPU thread, {timeout} s per architecture, model source "
-        f"`{SOURCE}`. Chain: prune 0.5 (global) -> prune_channels 0.3 (l1) -> drop_layers 1 "
+        f"synthetic data, 1 CPU thread, {timeout} s per architecture ({2 * timeout} s for the attention "
+        f"models), model source `{SOURCE}` (rows marked * ran with the earlier callable source "
+        "`benchmarks.timm_models:make`, the same `timm.create_model` call). Chain: prune 0.5 (global) "
+        "-> prune_channels 0.3 (l1) -> drop_layers 1 "
         "(similarity) -> quantize int8_static | onnxruntime_int8 (each from the same pruned model) -> "
         "save + `load()` -> export onnx. Before anything runs, the engine's preflight (what `compress "
         "run` checks before its baseline) refuses what it can know; `refused` = refused there (or a "
@@ -375,7 +392,8 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
     ]
     for r, v in zip(rows, verdicts, strict=True):
         lines.append(
-            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {r.get('s', '')} | {v} | "
+            f"| {r['model']}{' *' if r.get('source') else ''} | {r.get('input', '')} | "
+            f"{r.get('params_m', '')} | {r.get('s', '')} | {v} | "
             + " | ".join(cell(r, st, timeout) for st in STEPS)
             + " |"
         )
@@ -418,7 +436,7 @@ def main() -> int:
             done[r["model"]] = r
     todo = [] if args.table_only else [n for n in (args.names or ARCHS) if args.names or n not in done]
     for name in todo:  # one at a time: the CPU is shared
-        row = run_one(name, args.timeout)
+        row = run_one(name, args.timeout * (2 if name in SLOW else 1))
         done[name] = row
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
