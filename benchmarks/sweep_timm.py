@@ -111,11 +111,19 @@ def structural_configs() -> list[dict[str, Any]]:
     ]
 
 
+#: ``--eager``: int8_static runs its converted graph uncompiled (``compile: false``): the same int8
+#: graph without inductor's compilation, which takes 1-2 minutes per build on one shared thread
+EAGER = os.environ.get("SWEEP_TIMM_EAGER") == "1"
+
+
 def quantize_config(scheme: str) -> dict[str, Any]:
     # random-init networks on Gaussian inputs are not what the 20 dB SQNR gate is tuned for; the
     # sweep checks the mechanics, so its gate only rejects garbage (a wrong scale or layout gives
     # <= 0 dB), as benchmarks/coverage.py does
-    return {"type": "quantize", "scheme": scheme, "calibration_batches": 2, "min_sqnr_db": 5.0}
+    cfg = {"type": "quantize", "scheme": scheme, "calibration_batches": 2, "min_sqnr_db": 5.0}
+    if EAGER and scheme == "int8_static":
+        cfg["compile"] = False
+    return cfg
 
 
 def recipe_for(name: str, out: Path, stages: list[dict[str, Any]]) -> Any:
@@ -183,6 +191,8 @@ def one(name: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name}
+    if EAGER:
+        row["eager"] = True
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compress-timm-") as tmp:
         out = Path(tmp)
@@ -364,8 +374,9 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
         "(`pretrained=False`), 10 classes, a 64x64 input (`img_size=64` for the ViT-style ones), "
         f"synthetic data, 1 CPU thread, {timeout} s per architecture ({2 * timeout} s for the attention "
         f"models), model source `{SOURCE}` (rows marked * ran with the earlier callable source "
-        "`benchmarks.timm_models:make`, the same `timm.create_model` call). Chain: prune 0.5 (global) "
-        "-> prune_channels 0.3 (l1) -> drop_layers 1 "
+        "`benchmarks.timm_models:make`, the same `timm.create_model` call; rows marked (e) ran "
+        "int8_static with `compile: false`, its converted int8 graph in eager, `--eager`). Chain: "
+        "prune 0.5 (global) -> prune_channels 0.3 (l1) -> drop_layers 1 "
         "(similarity) -> quantize int8_static | onnxruntime_int8 (each from the same pruned model) -> "
         "save + `load()` -> export onnx. Before anything runs, the engine's preflight (what `compress "
         "run` checks before its baseline) refuses what it can know; `refused` = refused there (or a "
@@ -392,7 +403,8 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
     ]
     for r, v in zip(rows, verdicts, strict=True):
         lines.append(
-            f"| {r['model']}{' *' if r.get('source') else ''} | {r.get('input', '')} | "
+            f"| {r['model']}{' *' if r.get('source') else ''}{' (e)' if r.get('eager') else ''} | "
+            f"{r.get('input', '')} | "
             f"{r.get('params_m', '')} | {r.get('s', '')} | {v} | "
             + " | ".join(cell(r, st, timeout) for st in STEPS)
             + " |"
@@ -425,7 +437,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the jsonl, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--eager", action="store_true", help="int8_static with compile: false (see EAGER)")
     args = ap.parse_args()
+    if args.eager:
+        os.environ["SWEEP_TIMM_EAGER"] = "1"  # the rows' subprocesses inherit it
     if args.one:
         print("RESULT " + json.dumps(one(args.one)), flush=True)
         return 0
