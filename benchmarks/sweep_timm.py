@@ -353,6 +353,37 @@ def verdict(r: dict[str, Any]) -> str:
     return "refused up front" if "refused" in got else "passed"
 
 
+#: what the rows found and what was fixed, appended under the table
+NOTES = """
+## Notes
+
+- **efficientnet_b0 int8_static (was SQNR 0.0 dB, fixed)**: at random init its last blocks'
+  activations are ~1e-4; torchao's x86 quantizer floors every scale at 2**-12 (`eps`), so they
+  rounded to zero and the int8 logits were all zero. `compress_cli.quantization.pt2e.x86_quantizer`
+  now floors at float32's eps: 16.7 dB on the pruned model (eager), 22.2 dB unpruned (compiled).
+- **lcnet_050 int8_static (fails after the baseline, not fixed)**: the same cause one order further:
+  activations of ~1e-6 at random init, below even float32's eps as a scale. A floor of 1e-12 gives
+  16.8 dB in eager but 3.9 dB through inductor (its int8 kernels lose precision at such scales), so
+  the floor stays at float32 eps. A trained network does not have such activations; the preflight's
+  trial conversion does not measure SQNR, so this is not refused up front. onnxruntime_int8: 15.2 dB.
+- **mobileone_s0 export (was a late failure, fixed, row not rerun)**: at random init its unnormalised
+  branch sums give logits ~1e14; the fp32 ONNX file differed by 1.3e6 (float32 roundoff) and the
+  export check's absolute 1e-3 refused it. The export stage now allows 1e-5 x max |logit| for
+  unquantized models. int8_static on mobileone_s0 is refused up front (torch.export / PT2E
+  AssertionError with no message).
+- **timm: classes in the manifest**: a `timm:NAME` source may name `timm.models` classes (private
+  block modules such as `timm.models._efficientnet_blocks` included).
+- **vit_tiny_patch16_224** timed out at 300 s with the compiled int8 graph; with int8_static in
+  eager the whole row takes 66 s: the time was inductor's compilation, not the exactness check or
+  head pruning. rexnet_100 timed out at 300 s even in eager (not rerun).
+- edgenext_xx_small and poolformer_s12: prune_channels refused up front (the preflight's removal on a
+  copy fails: torch-pruning mis-sizes a reshape in their blocks); the rest of the chain passes.
+- Timeouts: torch.compile (inductor) of the int8 graph takes 1-2 minutes per build on one shared
+  thread (int8_static builds it twice: quantize and reload), which timed rows out at 300 s; the rows
+  marked (e) ran int8_static in eager (`--eager`).
+"""
+
+
 def table(rows: list[dict[str, Any]], timeout: int) -> str:
     counts = {
         st: {k: sum(1 for r in rows if r.get(st, {}).get("status") == k) for k in ("pass", "refused", "fail")}
@@ -409,7 +440,7 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
             + " | ".join(cell(r, st, timeout) for st in STEPS)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def run_one(name: str, timeout: int) -> dict[str, Any]:
