@@ -18,8 +18,8 @@ shape (N, 10); ``reload`` saves the checkpoint the pipeline writes and compares
 ``compress_cli.load()``'s outputs with the live model's; ``export`` is the export stage, which checks
 the ONNX file in ONNX Runtime against the live model.
 
-The model source is ``benchmarks.timm_models:make`` (a callable; a ``timm:NAME`` source can replace
-it). Writes ``benchmarks/sweep_timm.jsonl`` (one row per architecture, reused on reruns) and
+The model source is ``timm:NAME`` (``pretrained: false``), so timm's own classes are named by the
+manifest. Writes ``benchmarks/sweep_timm.jsonl`` (one row per architecture, reused on reruns) and
 ``benchmarks/COVERAGE_TIMM.md``.
 
     python benchmarks/sweep_timm.py [--timeout 300] [NAME ...]
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from sweep_structured import first_line  # noqa: E402
 
-SOURCE = "benchmarks.timm_models:make"
+SOURCE = "timm:NAME"
 #: architecture -> (extra timm kwargs, input size), chosen for variety: plain and deep-stem ResNets,
 #: squeeze-excite, depthwise/inverted residuals, NAS nets, re-parameterisable nets, dense and
 #: multi-branch nets, normaliser-free, ConvNeXt, ViT/DeiT, Swin, MLP-Mixer, hybrids and pool/attention
@@ -82,6 +82,22 @@ ARCHS: dict[str, tuple[dict[str, Any], int]] = {
     "mnasnet_small": ({}, 64),
     "dla34": ({}, 64),
 }
+#: attention models (token mixing over every patch): their chain takes longer on one thread, so
+#: they get twice the per-architecture timeout
+SLOW = frozenset(
+    {
+        "vit_tiny_patch16_224",
+        "deit_tiny_patch16_224",
+        "swin_tiny_patch4_window7_224",
+        "mixer_s16_224",
+        "levit_128s",
+        "coatnet_nano_rw_224",
+        "pvt_v2_b0",
+        "mobilevit_xxs",
+        "efficientvit_b0",
+        "fastvit_t8",
+    }
+)
 SCHEMES = ("int8_static", "onnxruntime_int8")
 STRUCTURAL = ("prune", "prune_channels", "drop_layers")
 STEPS = (*STRUCTURAL, *(f"{s}/{k}" for s in SCHEMES for k in ("quantize", "reload", "export")))
@@ -95,11 +111,19 @@ def structural_configs() -> list[dict[str, Any]]:
     ]
 
 
+#: ``--eager``: int8_static runs its converted graph uncompiled (``compile: false``): the same int8
+#: graph without inductor's compilation, which takes 1-2 minutes per build on one shared thread
+EAGER = os.environ.get("SWEEP_TIMM_EAGER") == "1"
+
+
 def quantize_config(scheme: str) -> dict[str, Any]:
     # random-init networks on Gaussian inputs are not what the 20 dB SQNR gate is tuned for; the
     # sweep checks the mechanics, so its gate only rejects garbage (a wrong scale or layout gives
     # <= 0 dB), as benchmarks/coverage.py does
-    return {"type": "quantize", "scheme": scheme, "calibration_batches": 2, "min_sqnr_db": 5.0}
+    cfg = {"type": "quantize", "scheme": scheme, "calibration_batches": 2, "min_sqnr_db": 5.0}
+    if EAGER and scheme == "int8_static":
+        cfg["compile"] = False
+    return cfg
 
 
 def recipe_for(name: str, out: Path, stages: list[dict[str, Any]]) -> Any:
@@ -118,9 +142,8 @@ def recipe_for(name: str, out: Path, stages: list[dict[str, Any]]) -> Any:
                     "seed": 0,
                     "device": "cpu",
                     "model": {
-                        "source": SOURCE,
-                        "kwargs": {"name": name, "num_classes": 10, **kw},
-                        "trust_source": True,
+                        "source": f"timm:{name}",
+                        "kwargs": {"num_classes": 10, "pretrained": False, **kw},
                     },
                     "data": {
                         "source": "synthetic",
@@ -168,6 +191,8 @@ def one(name: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name}
+    if EAGER:
+        row["eager"] = True
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compress-timm-") as tmp:
         out = Path(tmp)
@@ -266,7 +291,7 @@ def one(name: str) -> dict[str, Any]:
                     y = outputs(state, x)
                     size_bytes = save_snapshot(state, out / f"model-{scheme}")
                     with torch.inference_mode():
-                        y2 = load(out / f"model-{scheme}", trust_source=True)(x).float()
+                        y2 = load(out / f"model-{scheme}")(x).float()
                     diff = float((y2 - y).abs().max())
                     if diff > 1e-4 * (1 + float(y.abs().max())):
                         raise RuntimeError(f"load() outputs differ from the live model by {diff:.3g}")
@@ -297,7 +322,7 @@ def cell(r: dict[str, Any], step: str, timeout: int) -> str:
     if "not_run" in r:
         return "not run" if first else "-"
     if "timeout" in r:
-        return f"timeout ({timeout} s)" if first else "-"
+        return f"timeout ({timeout * (2 if r['model'] in SLOW else 1)} s)" if first else "-"
     if "crash" in r:
         return f"crash: {r['crash']}" if first else "-"
     if "model_refused" in r:
@@ -328,6 +353,37 @@ def verdict(r: dict[str, Any]) -> str:
     return "refused up front" if "refused" in got else "passed"
 
 
+#: what the rows found and what was fixed, appended under the table
+NOTES = """
+## Notes
+
+- **efficientnet_b0 int8_static (was SQNR 0.0 dB, fixed)**: at random init its last blocks'
+  activations are ~1e-4; torchao's x86 quantizer floors every scale at 2**-12 (`eps`), so they
+  rounded to zero and the int8 logits were all zero. `compress_cli.quantization.pt2e.x86_quantizer`
+  now floors at float32's eps: 16.7 dB on the pruned model (eager), 22.2 dB unpruned (compiled).
+- **lcnet_050 int8_static (fails after the baseline, not fixed)**: the same cause one order further:
+  activations of ~1e-6 at random init, below even float32's eps as a scale. A floor of 1e-12 gives
+  16.8 dB in eager but 3.9 dB through inductor (its int8 kernels lose precision at such scales), so
+  the floor stays at float32 eps. A trained network does not have such activations; the preflight's
+  trial conversion does not measure SQNR, so this is not refused up front. onnxruntime_int8: 15.2 dB.
+- **mobileone_s0 export (was a late failure, fixed, row not rerun)**: at random init its unnormalised
+  branch sums give logits ~1e14; the fp32 ONNX file differed by 1.3e6 (float32 roundoff) and the
+  export check's absolute 1e-3 refused it. The export stage now allows 1e-5 x max |logit| for
+  unquantized models. int8_static on mobileone_s0 is refused up front (torch.export / PT2E
+  AssertionError with no message).
+- **timm: classes in the manifest**: a `timm:NAME` source may name `timm.models` classes (private
+  block modules such as `timm.models._efficientnet_blocks` included).
+- **vit_tiny_patch16_224** timed out at 300 s with the compiled int8 graph; with int8_static in
+  eager the whole row takes 66 s: the time was inductor's compilation, not the exactness check or
+  head pruning. rexnet_100 timed out at 300 s even in eager (not rerun).
+- edgenext_xx_small and poolformer_s12: prune_channels refused up front (the preflight's removal on a
+  copy fails: torch-pruning mis-sizes a reshape in their blocks); the rest of the chain passes.
+- Timeouts: torch.compile (inductor) of the int8 graph takes 1-2 minutes per build on one shared
+  thread (int8_static builds it twice: quantize and reload), which timed rows out at 300 s; the rows
+  marked (e) ran int8_static in eager (`--eager`).
+"""
+
+
 def table(rows: list[dict[str, Any]], timeout: int) -> str:
     counts = {
         st: {k: sum(1 for r in rows if r.get(st, {}).get("status") == k) for k in ("pass", "refused", "fail")}
@@ -347,8 +403,11 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
         "",
         f"`python benchmarks/sweep_timm.py`. {len(rows)} timm architectures, random init "
         "(`pretrained=False`), 10 classes, a 64x64 input (`img_size=64` for the ViT-style ones), "
-        f"synthetic data, 1 CPU thread, {timeout} s per architecture, model source "
-        f"`{SOURCE}`. Chain: prune 0.5 (global) -> prune_channels 0.3 (l1) -> drop_layers 1 "
+        f"synthetic data, 1 CPU thread, {timeout} s per architecture ({2 * timeout} s for the attention "
+        f"models), model source `{SOURCE}` (rows marked * ran with the earlier callable source "
+        "`benchmarks.timm_models:make`, the same `timm.create_model` call; rows marked (e) ran "
+        "int8_static with `compile: false`, its converted int8 graph in eager, `--eager`). Chain: "
+        "prune 0.5 (global) -> prune_channels 0.3 (l1) -> drop_layers 1 "
         "(similarity) -> quantize int8_static | onnxruntime_int8 (each from the same pruned model) -> "
         "save + `load()` -> export onnx. Before anything runs, the engine's preflight (what `compress "
         "run` checks before its baseline) refuses what it can know; `refused` = refused there (or a "
@@ -375,11 +434,13 @@ def table(rows: list[dict[str, Any]], timeout: int) -> str:
     ]
     for r, v in zip(rows, verdicts, strict=True):
         lines.append(
-            f"| {r['model']} | {r.get('input', '')} | {r.get('params_m', '')} | {r.get('s', '')} | {v} | "
+            f"| {r['model']}{' *' if r.get('source') else ''}{' (e)' if r.get('eager') else ''} | "
+            f"{r.get('input', '')} | "
+            f"{r.get('params_m', '')} | {r.get('s', '')} | {v} | "
             + " | ".join(cell(r, st, timeout) for st in STEPS)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def run_one(name: str, timeout: int) -> dict[str, Any]:
@@ -407,7 +468,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the jsonl, run nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--eager", action="store_true", help="int8_static with compile: false (see EAGER)")
     args = ap.parse_args()
+    if args.eager:
+        os.environ["SWEEP_TIMM_EAGER"] = "1"  # the rows' subprocesses inherit it
     if args.one:
         print("RESULT " + json.dumps(one(args.one)), flush=True)
         return 0
@@ -418,7 +482,7 @@ def main() -> int:
             done[r["model"]] = r
     todo = [] if args.table_only else [n for n in (args.names or ARCHS) if args.names or n not in done]
     for name in todo:  # one at a time: the CPU is shared
-        row = run_one(name, args.timeout)
+        row = run_one(name, args.timeout * (2 if name in SLOW else 1))
         done[name] = row
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -19,7 +19,12 @@ from torch import nn
 
 import compress_cli
 from compress_cli.checkpoint import apply_architecture_diff, architecture_diff, save_model
-from compress_cli.checkpoint.architecture import build_module, describe, describe_problem
+from compress_cli.checkpoint.architecture import (
+    architecture_problems,
+    build_module,
+    describe,
+    describe_problem,
+)
 from compress_cli.errors import SourceError
 from compress_cli.sources.models import build_from_source
 
@@ -208,6 +213,17 @@ def test_drop_layers_on_a_timm_resnet_d_reloads_its_avgpool_shortcut(tmp_path):
     again = compress_cli.load(d)  # timm: is a built-in source kind (timm:create_model its old spelling)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
+
+
+def test_a_timm_source_manifest_may_name_timm_models_classes_and_no_other_source_may():
+    """Blocks of timm's model packages (``timm.models.efficientnet:...``) are what building a
+    ``timm:NAME`` source imports already; a manifest of another source may not name them."""
+    entry = [{"path": "blocks.0", "class": "timm.models._efficientnet_blocks:SqueezeExcite", "args": {}}]
+    assert architecture_problems(entry, "timm:efficientnet_b0") == []
+    assert architecture_problems(entry, "torchvision:resnet18")
+    assert architecture_problems(entry, "zoo:tiny_cnn")
+    outside = [{"path": "a", "class": "timm.data.loader:Foo", "args": {}}]
+    assert architecture_problems(outside, "timm:efficientnet_b0")
 
 
 # --------------------------------------------------------------------------- the model's own package

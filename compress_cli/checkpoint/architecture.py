@@ -72,11 +72,15 @@ def register_module_spec(
 def source_package(source: str | None) -> str | None:
     """The top-level package of a ``package.module:callable`` model source (None for a built-in
     source): the one package besides ``STANDARD_PACKAGES`` whose classes a manifest may name, and
-    only where the loader trusts that source (it refuses an untrusted one before building)."""
+    only where the loader trusts that source (it refuses an untrusted one before building).
+    ``timm:NAME`` gives ``timm.models``: building the source imports that package already, so its
+    blocks (``timm.models.efficientnet:...``) add no code the model source did not run."""
     if not source:
         return None
     mod, sep, attr = source.partition(":")
-    if not sep or mod in ("zoo", "torchvision", "timm", "hf") or not attr.isidentifier():
+    if mod == "timm" and sep:
+        return "timm.models"
+    if not sep or mod in ("zoo", "torchvision", "hf") or not attr.isidentifier():
         return None
     parts = mod.split(".")
     return parts[0] if all(p.isidentifier() for p in parts) else None
@@ -107,8 +111,10 @@ def _class_problem(name: str, trusted: str | None) -> str | None:
             return None
         return f"module class {name!r} is not one this version can rebuild"
     module, _, qual = name.partition(":")
-    parts = [*module.split("."), *qual.split(".")]
-    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
+    # a class's module may be private (timm.models._efficientnet_blocks), the class may not; no
+    # dunder anywhere
+    ok_module = all(p.isidentifier() and not p.startswith("__") for p in module.split("."))
+    if not ok_module or not all(p.isidentifier() and not p.startswith("_") for p in qual.split(".")):
         return f"module class {name!r} is not one this version can rebuild"
     if not _in_package(module, _packages(trusted)):
         allowed = ", ".join(_packages(trusted))

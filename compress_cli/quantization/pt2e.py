@@ -103,13 +103,40 @@ def export_graph(model: nn.Module, example: Any) -> Any:
     return ep.module()
 
 
+def _small_eps(spec: Any) -> Any:
+    """``spec`` with its observer's smallest scale lowered from 2**-12 to float32's eps."""
+    import dataclasses
+
+    ctr = spec.observer_or_fake_quant_ctr
+    partial = getattr(ctr, "p", None)  # torch.ao's _PartialWrapper over a functools.partial
+    if partial is None or partial.keywords.get("eps") != 2**-12:
+        return spec
+    args = dict(partial.keywords)
+    args["eps"] = torch.finfo(torch.float32).eps
+    return dataclasses.replace(spec, observer_or_fake_quant_ctr=partial.func.with_args(**args))
+
+
 def x86_quantizer(reduce_range: bool, is_qat: bool = False, exclude: Iterable[str] = ()) -> Any:
-    """X86InductorQuantizer: per-channel symmetric int8 weights, affine uint8 activations."""
+    """X86InductorQuantizer: per-channel symmetric int8 weights, affine uint8 activations.
+
+    torchao's default config floors every observer's scale at 2**-12 (``eps``, copied from the
+    fbgemm qconfig): an activation spanning less than ~0.06 then has fewer than 255 levels, and one
+    under 2**-12 rounds to zero (efficientnet_b0 at random init: its last blocks' activations are
+    ~1e-4, int8 logits all zero, SQNR 0 dB, where ONNX Runtime, with no floor, gives 23 dB). The
+    floor is float32's eps here, as torch.ao's MinMax observers use by default; oneDNN's int8
+    kernels take any positive float scale."""
+    import dataclasses
+
     api = pt2e_api()
     q = api.xiq.X86InductorQuantizer()
-    q.set_global(
-        api.xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    cfg = api.xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    cfg = dataclasses.replace(
+        cfg,
+        input_activation=_small_eps(cfg.input_activation),
+        output_activation=_small_eps(cfg.output_activation),
+        weight=_small_eps(cfg.weight),
     )
+    q.set_global(cfg)
     for name in exclude:
         q.set_module_name_qconfig(name, None)
     return q

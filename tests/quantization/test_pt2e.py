@@ -22,3 +22,24 @@ def test_qat_graph_observers_match_the_ptq_graph_with_dropout():
     assert any("dropout" in k for k in qparams)
     graph = build_pt2e(model, qparams, False, [], [1, 8, 8])  # raises if the observers differ
     assert torch.isfinite(graph(x)).all()
+
+
+def test_activations_smaller_than_2_to_the_minus_12_keep_their_levels():
+    # torchao's x86 default floors every scale at 2**-12: activations spanning ~1e-4 (efficientnet_b0
+    # at random init) rounded to zero and the int8 logits were all zero (SQNR 0 dB)
+    from compress_cli.quantization.pt2e import pt2e_calibrate, snap_pt2e_weights_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-4)
+        model[0].bias.zero_()
+        model[3].bias.zero_()  # the logits are the activations' signal only
+    x = torch.randn(4, 1, 8, 8)
+    qparams = pt2e_calibrate(model, [x], reduce_range=False)
+    snap_pt2e_weights_(model, qparams)
+    graph = build_pt2e(model, qparams, False, [], [1, 8, 8])
+    with torch.no_grad():
+        y, y0 = graph(x), model(x)
+    sqnr = 10 * torch.log10(y0.pow(2).mean() / (y - y0).pow(2).mean())
+    assert sqnr > 15, f"SQNR {sqnr:.1f} dB"

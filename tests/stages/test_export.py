@@ -211,3 +211,17 @@ def test_export_of_a_dict_input_model_names_inputs_and_varies_batch_and_sequence
         if exporter == "legacy":
             ep = torch.export.load(res.details["files"]["torch_export"]["path"])
             assert torch.allclose(ep.module()(**x), want, atol=1e-5)
+
+
+def test_fp32_roundoff_on_huge_logits_is_not_an_export_mismatch(tmp_path):
+    # mobileone_s0 at random init has logits ~1e14: its ONNX file differed by ~1e6 through float32
+    # roundoff alone and the absolute tolerance (1e-3) refused a correct export
+    state = tiny_state(tmp_path=tmp_path, model={"source": "zoo:digits_cnn"})
+    with torch.no_grad():
+        for m in state.model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_(1e4)
+    stage = get_stage("export")
+    res = stage(stage.config_class(type="export", formats=["onnx"], exporter="legacy")).run(state)
+    info = res.details["files"]["onnx"]
+    assert 1e-3 < info["max_abs_diff"] < 1e-5 * 1e12
