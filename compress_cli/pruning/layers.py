@@ -497,6 +497,7 @@ def _drop_in_place(
     if not cands:
         raise StageError(
             "no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
+            "or nn.ModuleList stack "
             "outside the protected ones" + unsaveable_note(left_out)
         )
     score_candidates(model, cands, calib, criterion, task)
