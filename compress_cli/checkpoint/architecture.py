@@ -54,8 +54,18 @@ _READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
     },
 }
 
-#: extra module kinds: class name -> (describe(module) -> args, build(args) -> module)
-_EXTRA_SPECS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[dict[str, Any]], Any]]] = {}
+
+def _pass_through(_args: dict[str, Any]) -> Any:
+    from compress_cli.checkpoint.modules import PassThrough
+
+    return PassThrough()
+
+
+#: extra module kinds: class name -> (describe(module) -> args, build(args) -> module); the
+#: compressor's own bypass (``checkpoint/modules.py``) is one, so every manifest may name it
+_EXTRA_SPECS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[dict[str, Any]], Any]]] = {
+    "PassThrough": (lambda _m: {}, _pass_through),
+}
 
 
 def register_module_spec(

@@ -52,7 +52,7 @@ class Candidate:
 
     name: str
     kind: str  # "residual" | "layer"
-    replacement: str  # "identity" | "shortcut:<child>"
+    replacement: str  # "identity" | "passthrough" | "shortcut:<child>"
     post: list[nn.Module] = field(default_factory=list)  # ops after the residual add (e.g. ReLU)
     score: float | None = None
     params: int = 0
@@ -69,6 +69,10 @@ class Candidate:
         followed by copies of the post-add ops unless ``drop_post``."""
         mod = model.get_submodule(self.name)
         post = [] if drop_post else [_fresh(p) for p in self.post]
+        if self.replacement == "passthrough":  # called with more than the tensor it passes on
+            from compress_cli.checkpoint.modules import PassThrough
+
+            return PassThrough()
         if self.replacement == "identity":
             if not post:
                 return nn.Identity()
@@ -166,21 +170,42 @@ def find_candidates(
     """Residual blocks (replaceable by identity or their shortcut) and shape-preserving layers with
     parameters inside ``nn.Sequential`` stacks; never the output layer or ``protect`` globs.
 
+    A layer stack kept in an ``nn.ModuleList`` (a transformer's encoder layers) counts too: a
+    shape-preserving child called once, whose input is its previous sibling's output or whose
+    output is its next sibling's input (the loop ``x = layer(x, mask, ...)``), is a layer
+    candidate. One called with more than that tensor gets a ``PassThrough`` bypass (its first
+    argument, the others ignored) instead of ``nn.Identity``.
+
     ``describe`` (e.g. the checkpoint manifest's ``describe_problem``): candidates whose bypass it
     rejects are left out (a removal the run could not save), and listed in ``left_out`` as
     ``(name, problem)`` when given."""
     out_layer = set(output_layers(model, example))
     shapes: dict[str, tuple[Any, Any]] = {}
+    calls: dict[str, int] = {}
+    extra_args: set[str] = set()  # called with more than one tensor argument
+    io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ModuleList children: (input, output)
     hooks = []
     names = {m: n for n, m in model.named_modules()}
+    in_list = {
+        f"{pn}.{cn}" if pn else cn
+        for pn, pm in model.named_modules()
+        if isinstance(pm, nn.ModuleList)
+        for cn, _ in pm.named_children()
+    }
 
-    def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+    def hook(mod: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        name = names[mod]
+        calls[name] = calls.get(name, 0) + 1
         if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            shapes.setdefault(names[mod], (tuple(inp[0].shape), tuple(out.shape)))
+            shapes.setdefault(name, (tuple(inp[0].shape), tuple(out.shape)))
+            if name in in_list:
+                io.setdefault(name, (inp[0], out))
+        if len(inp) > 1 or kwargs:
+            extra_args.add(name)
 
     for name, mod in model.named_modules():
         if name:
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
         model.eval()
         with torch.no_grad():
@@ -210,6 +235,9 @@ def find_candidates(
             cands.append(Candidate(name, "residual", res[0], res[1], params=n_params))
         elif name in seq_children and same and not isinstance(mod, _NORMS):
             cands.append(Candidate(name, "layer", "identity", params=n_params))
+        elif same and calls.get(name) == 1 and _chained(name, io) and not isinstance(mod, _NORMS):
+            bypass = "passthrough" if name in extra_args else "identity"
+            cands.append(Candidate(name, "layer", bypass, params=n_params))
     cands = _dedupe(cands)
     if describe is None:
         return cands
@@ -221,6 +249,19 @@ def find_candidates(
         elif left_out is not None:
             left_out.append((c.name, problem))
     return kept
+
+
+def _chained(name: str, io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether ModuleList child ``name`` takes its previous sibling's output or feeds its next
+    sibling (the same tensor object: a sequential stack, not parallel branches)."""
+    if name not in io:
+        return False
+    parent, _, idx = name.rpartition(".")
+    if not idx.isdigit():
+        return False
+    prefix = f"{parent}." if parent else ""
+    prev, nxt = io.get(f"{prefix}{int(idx) - 1}"), io.get(f"{prefix}{int(idx) + 1}")
+    return (prev is not None and io[name][0] is prev[1]) or (nxt is not None and nxt[0] is io[name][1])
 
 
 def unsaveable_note(left_out: Sequence[tuple[str, str]]) -> str:
@@ -456,6 +497,7 @@ def _drop_in_place(
     if not cands:
         raise StageError(
             "no removable layer: no residual block or shape-preserving layer in an nn.Sequential "
+            "or nn.ModuleList stack "
             "outside the protected ones" + unsaveable_note(left_out)
         )
     score_candidates(model, cands, calib, criterion, task)

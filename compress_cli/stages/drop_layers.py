@@ -53,8 +53,11 @@ class DropLayers(Stage[DropLayersConfig]):
 
     Candidates: residual blocks (replaced by identity, or by their downsample/shortcut path when
     shapes change) and layers with parameters inside ``nn.Sequential`` stacks whose output shape
-    equals their input shape (replaced by identity). The output layer and ``protect`` globs are
-    never removed. Scores come from the calibration batches. Optional fine-tuning afterwards.
+    equals their input shape (replaced by identity), and the same in an ``nn.ModuleList`` run as a
+    stack (a transformer's encoder layers: each takes the previous one's output; replaced by a
+    pass-through of that tensor, the mask and other arguments ignored). The output layer and
+    ``protect`` globs are never removed. Scores come from the calibration batches. Optional
+    fine-tuning afterwards.
 
     The removal is proven exact (``details.exactness``): the edited model must compute what the
     model computes with the removed modules bypassed in place, or the stage refuses and leaves the
@@ -116,7 +119,8 @@ class DropLayers(Stage[DropLayersConfig]):
             raise StageError(
                 f"no removable layer in this model{guarded}: drop_layers removes residual blocks "
                 "(forward ending in post(main(x) + shortcut(x))) and shape-preserving layers inside an "
-                "nn.Sequential, and this model has neither. Remove the stage, narrow protect, or set "
+                "nn.Sequential or an nn.ModuleList run as a stack, and this model has neither. Remove "
+                "the stage, narrow protect, or set "
                 f"if_none: skip to go on without it{unsaveable_note(left_out)}"
             )
 
@@ -138,7 +142,7 @@ class DropLayers(Stage[DropLayersConfig]):
         work.model = copy.deepcopy(state.model)
         cands = self._candidates(work)
         if not cands:
-            return ["no candidate: no residual block or shape-preserving layer in an nn.Sequential"]
+            return ["no candidate: no residual block or shape-preserving layer in a Sequential or ModuleList"]
         n = c.count if c.count is not None else int(c.fraction * len(cands))  # type: ignore[operator]
         chosen = {x.name for x in choose(cands, n, c.importance)}
         first = "higher" if c.importance == "similarity" else "lower"

@@ -167,3 +167,35 @@ def test_timm_run_prunes_and_reloads_from_the_manifest(write_recipe, tmp_path):
     task = build_task(TaskConfig(), bundle.num_classes)
     scores = evaluate(EagerRunner(loaded, torch.device("cpu")), bundle.loader("test"), task)
     assert scores["accuracy"] == pytest.approx(report["final"]["accuracy"], abs=1e-9)
+
+
+def test_drop_layers_removes_a_bert_encoder_layer_and_it_reloads(hf_dir, tmp_path):
+    """BERT's encoder layers live in an nn.ModuleList, called in a loop with the attention mask and
+    more: each is a candidate, replaced by a PassThrough (nn.Identity takes one argument), proven
+    exact, and the manifest rebuilds the model with it."""
+    from compress_cli.checkpoint.modules import PassThrough
+    from compress_cli.pruning import drop_layers, find_candidates
+
+    model, spec = load_model(ModelConfig(source=f"hf:{hf_dir}"))
+    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    cands = find_candidates(model.eval(), x)
+    got = [(c.name, c.kind, c.replacement) for c in cands]
+    # the last layer may be taken for an output layer (output_layers matches output storage)
+    assert got[0] == ("encoder.layer.0", "layer", "passthrough")
+    assert all(n.startswith("encoder.layer.") and r == "passthrough" for n, _, r in got)
+    with torch.no_grad():
+        after_first = model.encoder.layer[0](model.embeddings(input_ids=ids), None)
+    _, chosen, check = drop_layers(model, x, [(x, None)], criterion="similarity", count=1)
+    assert len(chosen) == 1 and check.exact
+    assert isinstance(model.get_submodule(chosen[0].name), PassThrough)
+    assert torch.equal(PassThrough()(after_first, None, cache=None), after_first)
+    save_model(model, tmp_path / "out", base=build_from_source(spec), model_spec=spec, input_shape=[])
+    (entry,) = read_manifest(tmp_path / "out")["architecture"]
+    assert entry["path"] == chosen[0].name and entry["class"] == "PassThrough"
+    loaded = compress_cli.load(tmp_path / "out")
+    with torch.no_grad():
+        want = model.eval()(**x).last_hidden_state
+        assert torch.equal(loaded(**x).last_hidden_state, want)

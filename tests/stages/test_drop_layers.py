@@ -279,3 +279,25 @@ def test_sequential_subclass_shortcut_becomes_a_describable_sequential(calib):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), again.eval()(x))
+
+
+def test_a_module_list_is_a_layer_stack_only_when_chained():
+    """Children of an nn.ModuleList are candidates when one's output is the next one's input (a
+    stack); parallel branches of the same input are not. One called with one tensor keeps the
+    Identity bypass."""
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.branches = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for b in self.blocks:
+                x = b(x)
+            return self.head(sum(b(x) for b in self.branches))
+
+    torch.manual_seed(0)
+    got = {c.name: c.replacement for c in find_candidates(Stack().eval(), torch.randn(2, 4))}
+    assert got == {"blocks.0": "identity", "blocks.1": "identity", "blocks.2": "identity"}
