@@ -6,7 +6,7 @@ original in this one process (medians over rounds; ratios are what to read on a 
 
 Usage (after ``make minilm`` and the recipes' runs)::
 
-    python benchmarks/minilm.py runs/minilm-int8 runs/minilm-int8-onnx ... [--threads 1] [--rounds 7]
+    python benchmarks/minilm.py runs/minilm-int8 NAME=path/to/model_dir ... [--threads 1] [--rounds 7]
 
 Prints a Markdown table and writes benchmarks/minilm.json.
 """
@@ -61,7 +61,7 @@ def dir_bytes(path: Path) -> int:
 def main() -> None:
     """Measure every run directory given against the original model."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", help="run directories, or NAME=MODEL_DIR")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
@@ -81,16 +81,20 @@ def main() -> None:
     fp32_bytes = sum(t.numel() * 4 for t in original.state_dict().values())
     models: dict[str, Any] = {"original fp32": original}
     rows: dict[str, dict[str, Any]] = {"original fp32": {"size_bytes": fp32_bytes, "params": fp32_bytes // 4}}
-    for run in args.runs:
-        report = json.loads((run / "report.json").read_text())
-        final = report["final"]
-        m = compress_cli.load(run / "model")
-        models[report["recipe"]] = m
-        rows[report["recipe"]] = {
-            "size_bytes": dir_bytes(run / "model"),
-            "params": final["params"],
-            "report_cosine": final["scores"]["cosine"],
-            "stages": " → ".join(s["type"] for s in report["stages"]),
+    for arg in args.runs:
+        if "=" in arg:  # NAME=MODEL_DIR: a model directory (e.g. a stage's snapshot), no report
+            name, _, folder = arg.partition("=")
+            model_dir = Path(folder)
+        else:
+            run = Path(arg)
+            name, model_dir = json.loads((run / "report.json").read_text())["recipe"], run / "model"
+        m = compress_cli.load(model_dir)
+        models[name] = m
+        rows[name] = {
+            "size_bytes": dir_bytes(model_dir),
+            "params": sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())
+            if hasattr(m, "state_dict")
+            else None,
         }
     ref = embed(original, enc)
     for name, m in models.items():
@@ -120,7 +124,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['cosine']:.4f} / {r['cosine_min']:.4f} | {r['params'] / 1e6:.1f}M "
+            f"| {name} | {r['cosine']:.4f} / {r['cosine_min']:.4f} | {(r['params'] or 0) / 1e6:.1f}M "
             f"| {r['size_bytes'] / 2**20:.1f} MiB | {r['size_ratio']:.2f} | {r['latency_b1_ms']:.1f} "
             f"| {r['speedup_b1']:.2f} | {r['latency_b32_ms']:.0f} | {r['speedup_b32']:.2f} |"
         )
