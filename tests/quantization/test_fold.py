@@ -76,3 +76,28 @@ def test_fold_without_batchnorm_runs_nothing():
     m.register_forward_pre_hook(lambda *a: calls.append(1))
     folded, pairs = fold_batchnorm(m)  # no example needed: there is nothing to fold
     assert pairs == [] and calls == []
+
+
+def test_int8_dynamic_activation_range_follows_reduce_range():
+    """torch's dynamic Linear hard-codes 7-bit activations (module version 4); with reduce_range
+    off (a VNNI CPU) the same kernel runs with full 8 bits, which is closer to fp32."""
+    import copy
+
+    from compress_cli.quantization.dynamic import dynamic_quantize, set_activation_range_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(32, 64) * 3
+    ref = model(x)
+    q = dynamic_quantize(model)
+    seven = set_activation_range_(copy.deepcopy(q), reduce_range=True)
+    eight = set_activation_range_(q, reduce_range=False)
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    assert {m.version for m in eight.modules() if isinstance(m, DynamicLinear)} == {3}
+
+    def err(m):
+        with torch.no_grad():
+            return float((m(x) - ref).pow(2).mean())
+
+    assert err(eight) < err(seven)

@@ -500,7 +500,8 @@ def test_sqnr_hints_name_only_the_keys_of_the_scheme_and_mode():
     from compress_cli.quantization.base import sqnr_way_out
 
     dyn = sqnr_way_out("int8_dynamic", QuantizeConfig(type="quantize", scheme="int8_dynamic"))
-    assert "calibration" not in dyn and "reduce_range" not in dyn and "exclude" in dyn
+    # int8_dynamic: reduce_range applies (7-bit activations); it does not calibrate
+    assert "calibration" not in dyn and "reduce_range: true" in dyn and "exclude" in dyn
     ort_dyn = QuantizeConfig(type="quantize", scheme="onnxruntime_int8", mode="dynamic")
     hint = sqnr_way_out("onnxruntime_int8", ort_dyn)
     assert "calibration" not in hint and "op_types_to_quantize" in hint
