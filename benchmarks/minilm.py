@@ -8,7 +8,7 @@ Usage (after ``make minilm`` and the recipes' runs)::
 
     python benchmarks/minilm.py runs/minilm-int8 NAME=path/to/model_dir ... [--threads 1] [--rounds 7]
 
-Prints a Markdown table and writes benchmarks/minilm.json.
+Prints a Markdown table and writes benchmarks/minilm_tTHREADS.json.
 """
 
 from __future__ import annotations
@@ -82,20 +82,18 @@ def main() -> None:
     models: dict[str, Any] = {"original fp32": original}
     rows: dict[str, dict[str, Any]] = {"original fp32": {"size_bytes": fp32_bytes, "params": fp32_bytes // 4}}
     for arg in args.runs:
-        if "=" in arg:  # NAME=MODEL_DIR: a model directory (e.g. a stage's snapshot), no report
+        if "=" in arg:  # NAME=MODEL_DIR: an fp32 model directory (e.g. a stage's snapshot), no report
             name, _, folder = arg.partition("=")
             model_dir = Path(folder)
+            m = compress_cli.load(model_dir)
+            params = sum(t.numel() for t in m.state_dict().values() if isinstance(t, torch.Tensor))
         else:
             run = Path(arg)
-            name, model_dir = json.loads((run / "report.json").read_text())["recipe"], run / "model"
-        m = compress_cli.load(model_dir)
+            report = json.loads((run / "report.json").read_text())
+            name, model_dir, params = report["recipe"], run / "model", report["final"]["params"]
+            m = compress_cli.load(model_dir)
         models[name] = m
-        rows[name] = {
-            "size_bytes": dir_bytes(model_dir),
-            "params": sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())
-            if hasattr(m, "state_dict")
-            else None,
-        }
+        rows[name] = {"size_bytes": dir_bytes(model_dir), "params": params}
     ref = embed(original, enc)
     for name, m in models.items():
         cos = (embed(m, enc) * ref).sum(1)
@@ -113,7 +111,7 @@ def main() -> None:
             rows[name][f"speedup_b{b}"] = base[b] / med
         rows[name]["size_ratio"] = fp32_bytes / rows[name]["size_bytes"]
     out = {"threads": args.threads, "rounds": args.rounds, "sequence_length": SEQ, "rows": rows}
-    (HERE / "minilm.json").write_text(json.dumps(out, indent=1) + "\n")
+    (HERE / f"minilm_t{args.threads}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(
         f"threads {args.threads}, sequence length {SEQ}, {args.rounds} interleaved rounds, "
         f"{len(texts)} sentences"
