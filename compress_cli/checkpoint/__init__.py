@@ -77,17 +77,23 @@ __all__ = [
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also works on modules with torch.nn.utils.prune masks after a forward
-    pass (their recomputed ``weight`` is a non-leaf tensor, which deepcopy refuses)."""
+    pass (their recomputed ``weight`` is a non-leaf tensor, which deepcopy refuses), and on modules
+    caching computed tensors in a dict attribute (the copy gets them detached)."""
     import copy
 
     import torch
 
-    swapped = []
+    swapped: list[tuple[nn.Module, str, Any]] = []
     for m in model.modules():
         for k, v in list(vars(m).items()):
             if isinstance(v, torch.Tensor) and v.grad_fn is not None:
                 swapped.append((m, k, v))
                 setattr(m, k, v.detach())
+            elif isinstance(v, dict) and any(
+                isinstance(t, torch.Tensor) and t.grad_fn is not None for t in v.values()
+            ):  # a cache of computed tensors (timm LeViT's attention_bias_cache)
+                swapped.append((m, k, v))
+                setattr(m, k, {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in v.items()})
     try:
         return copy.deepcopy(model)
     finally:

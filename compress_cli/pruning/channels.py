@@ -552,13 +552,14 @@ def _one_step(
     """Score, choose and remove one step's channels, then prove the removal exact against the
     model before the step with the chosen channels zeroed (:func:`zeroed_reference`). Returns the
     check and the stored widths and head counts updated."""
-    import copy
 
     if importance == "activation":
         imp.collect(model, calibration)
     elif importance == "taylor":
         accumulate_gradients(model, calibration, task)
-    reference = copy.deepcopy(model)
+    from compress_cli.checkpoint import copy_model
+
+    reference = copy_model(model)  # deepcopy that survives cached non-leaf tensors
     try:
         groups = list(pruner.step(interactive=True))
         plan = plan_of(model, groups, pruner.DG)

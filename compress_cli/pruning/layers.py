@@ -505,7 +505,9 @@ def _drop_in_place(
     if n <= 0:
         raise StageError(f"fraction {fraction} of {len(cands)} candidate(s) rounds to no layer to remove")
     chosen = choose(cands, n, criterion)
-    reference = copy.deepcopy(model)
+    from compress_cli.checkpoint import copy_model
+
+    reference = copy_model(model)  # deepcopy that survives cached non-leaf tensors
     bypasses = {c.name: copy.deepcopy(c.replacement_module()) for c in chosen}
     for c in chosen:
         set_submodule(model, c.name, c.replacement_module())
