@@ -33,7 +33,7 @@ from compress_cli.pruning.exactness import (
     Removal,
     compare,
     plan_of,
-    restore,
+    restored_on_failure,
     zeroed_reference,
 )
 from compress_cli.pruning.unstructured import make_permanent
@@ -418,10 +418,7 @@ def prune_channels(
     zeroed_reference`). Otherwise StageError names the first diverging layer and the model is left
     as it was before the call.
     """
-    from compress_cli.checkpoint import copy_model
-
-    backup = copy_model(model)  # deepcopy, which masked (torch.nn.utils.prune) weights break
-    try:
+    with restored_on_failure(model):
         return _prune_in_place(
             model,
             example,
@@ -440,9 +437,6 @@ def prune_channels(
             between_steps=between_steps,
             on_step=on_step,
         )
-    except BaseException:
-        restore(model, backup)  # a refused or failed removal leaves the model as it was
-        raise
 
 
 def _prune_in_place(

@@ -309,6 +309,19 @@ def bypassed_reference(model: nn.Module, bypasses: Mapping[str, nn.Module]) -> I
             h.remove()
 
 
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """Inside, an edit of ``model`` that raises (a refused or failed removal) leaves it as it was."""
+    from compress_cli.checkpoint import copy_model
+
+    backup = copy_model(model)  # deepcopy, which masked (torch.nn.utils.prune) weights break
+    try:
+        yield
+    except BaseException:
+        restore(model, backup)
+        raise
+
+
 def restore(model: nn.Module, backup: nn.Module) -> None:
     """Make ``model`` (the same object) the ``backup`` copy again after a refused edit."""
     model.__dict__.clear()

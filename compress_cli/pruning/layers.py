@@ -26,7 +26,7 @@ from compress_cli._utils.batches import batch_size, call, to_device
 from compress_cli._utils.modules import device_of, matches_any, output_layers, set_submodule
 from compress_cli.errors import StageError
 from compress_cli.pruning.common import Batches, check_forward, output_shapes
-from compress_cli.pruning.exactness import Exactness, bypassed_reference, compare, restore
+from compress_cli.pruning.exactness import Exactness, bypassed_reference, compare, restored_on_failure
 from compress_cli.pruning.unstructured import make_permanent
 
 if TYPE_CHECKING:
@@ -459,16 +459,10 @@ def drop_layers(
     otherwise StageError names the first diverging module and the model is left as it was.
     ``describe``: as for :func:`find_candidates` (candidates the run could not save are left out).
     Returns (all scored candidates, the ones removed, the check)."""
-    from compress_cli.checkpoint import copy_model
-
-    backup = copy_model(model)
-    try:
+    with restored_on_failure(model):
         return _drop_in_place(
             model, example, calib, criterion, count, fraction, protect, check_inputs, task, describe
         )
-    except BaseException:
-        restore(model, backup)  # a refused or failed removal leaves the model as it was
-        raise
 
 
 def _drop_in_place(

@@ -100,13 +100,7 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             copy_model(state.model),
             _to(state.data.example_input(1), state.device),
             importance=c.importance if c.importance in ("l1", "l2") else "l1",
-            ratio=c.ratio,
-            scope=c.scope,
-            layer_ratios=dict(c.layer_ratios),
-            max_ratio=c.max_ratio,
-            round_to=c.round_to,
-            ignore=c.ignore,
-            head_ratio=c.head_ratio,
+            **_removal(c),
             check_inputs=_to(state.data.example_input(CHECK_SAMPLES), state.device),
         )
 
@@ -153,14 +147,8 @@ class PruneChannels(Stage[PruneChannelsConfig]):
             state.model,
             state.data.example_input(1),
             importance=c.importance,
-            ratio=c.ratio,
-            scope=c.scope,
-            layer_ratios=dict(c.layer_ratios),
-            max_ratio=c.max_ratio,
-            round_to=c.round_to,
-            ignore=c.ignore,
+            **_removal(c),
             steps=c.steps,
-            head_ratio=c.head_ratio,
             calibration=calib,
             task=task,
             check_inputs=state.data.example_input(CHECK_SAMPLES),
@@ -225,3 +213,16 @@ def _check_labels(importance: str, state: State) -> None:
             f"importance 'taylor' back-propagates the {task.name} task's loss, which needs labelled "
             "data; use l1, l2 or activation, or task: fidelity (its loss compares with the original)"
         )
+
+
+def _removal(c: PruneChannelsConfig) -> dict[str, Any]:
+    """What to remove, as ``pruning.prune_channels`` takes it (the preflight's trial and the run)."""
+    return {
+        "ratio": c.ratio,
+        "scope": c.scope,
+        "layer_ratios": dict(c.layer_ratios),
+        "max_ratio": c.max_ratio,
+        "round_to": c.round_to,
+        "ignore": c.ignore,
+        "head_ratio": c.head_ratio,
+    }
