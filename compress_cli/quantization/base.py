@@ -87,6 +87,10 @@ class SchemeHandler:
         return Quantized(notes="", details={"scheme": entry["scheme"], "runtime": measured})
 
 
+#: how far below ``min_sqnr_db`` the preflight's two-sample trial must fall to be refused up front
+PREFLIGHT_SQNR_SLACK_DB = 6.0
+
+
 def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB (capped at 200)."""
     ref = reference.detach().float().cpu()
@@ -238,6 +242,9 @@ class Int8Handler(SchemeHandler):
         """What a recipe can change when this scheme cannot convert the model."""
         return "try another scheme, or exclude the layers involved (exclude: [module globs])"
 
+    #: whether :meth:`trial` returns the int8 runtime itself (its output SQNR then means something)
+    trial_is_runtime = True
+
     def trial(self, model: nn.Module, job: Int8Job) -> nn.Module:
         """The conversion path on ``model`` (a throwaway copy) for a preflight: snap with the trial
         batch as calibration, build the runtime as load() would (uncompiled). Returns the runtime."""
@@ -245,21 +252,28 @@ class Int8Handler(SchemeHandler):
 
     def preflight(self, state: State, options: Any) -> None:
         """Try the conversion on a throwaway copy of the model with one small example batch (no
-        calibration over the data, no SQNR check): whatever would fail there fails here, before
-        the baseline, with the reason and the way out."""
+        calibration over the data): whatever would fail there fails here, before the baseline,
+        with the reason and the way out. A trial output SQNR more than
+        ``PREFLIGHT_SQNR_SLACK_DB`` below ``min_sqnr_db`` is refused too (two samples are a noisy
+        estimate, calibrated on themselves: only a clearly broken conversion, e.g. activations
+        below the quantizer's smallest scale, is refused here; the run's gate decides the rest)."""
         import torch
 
         from compress_cli._utils.batches import call
         from compress_cli.pruning import permanent_copy
 
+        task = state.data.get_task()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed)
             example = cpu_inputs(state.data.example_input(2))
             job = self.job(state, options, "preflight", trial=example)
             try:
-                runtime = self.trial(permanent_copy(state.model).cpu().eval(), job)
+                model = permanent_copy(state.model).cpu().eval()
                 with torch.inference_mode():
-                    call(runtime, example)
+                    reference = task.select(call(model, example), example).float()
+                runtime = self.trial(model, job)
+                with torch.inference_mode():
+                    output = task.select(call(runtime, example), example).float()
             except StageError as e:
                 raise StageError(f"{options.scheme} cannot convert this model: {e}") from None
             except Exception as e:
@@ -268,6 +282,13 @@ class Int8Handler(SchemeHandler):
                     f"{options.scheme} cannot convert this model ({type(e).__name__}: {first[:300]}); "
                     f"{self.way_out(options)}"
                 ) from None
+        sqnr = sqnr_db(reference, output)
+        if self.trial_is_runtime and sqnr < options.min_sqnr_db - PREFLIGHT_SQNR_SLACK_DB:
+            raise StageError(
+                f"{options.scheme}: a trial conversion on 2 samples gives output SQNR {sqnr:.1f} dB, far "
+                f"below min_sqnr_db {options.min_sqnr_db} (e.g. activations too small for int8 scales); "
+                f"try {sqnr_way_out(options.scheme, options)}"
+            )
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
         """Eager on CPU (the int8 kernels are CPU kernels)."""

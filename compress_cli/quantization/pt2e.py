@@ -380,6 +380,8 @@ class StaticInt8(Pt2eHandler):
 class Qat(Pt2eHandler):
     """Quantization-aware training: fake-quant fine-tuning through the shared training loop."""
 
+    trial_is_runtime = False  # the trial is the untrained fake-quant graph
+
     def trial(self, model: nn.Module, job: Int8Job) -> nn.Module:
         """Fold BN and prepare the fake-quantized graph (no training): the graph QAT would train."""
         model = job.fold_batchnorm(model)

@@ -612,3 +612,26 @@ def test_quantize_stage_on_a_dict_input_model_reloads_equal(tmp_path, cfg):
             got, again = runner(x), loaded(**x)
         assert got.dtype == torch.float32 and got.shape == (batch, 3)
         assert torch.equal(got, again)
+
+
+def test_a_conversion_far_below_the_sqnr_gate_is_refused_by_the_preflight(tmp_path, monkeypatch):
+    """A trial conversion whose output is far from fp32's (lcnet_050 at random init: activations
+    ~1e-6 round to zero, -0.1 dB) is refused before the baseline; here the trial runtime returns
+    zeros, as that model's did."""
+    from compress_cli.engine.setup import preflight
+    from compress_cli.quantization import handler
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "compile": False}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    h = type(handler("int8_static"))
+    real = h.trial
+
+    def zeros(self, model, job):
+        runtime = real(self, model, job)
+        return lambda x: torch.zeros_like(runtime(x))
+
+    monkeypatch.setattr(h, "trial", zeros)
+    problems = [p for p in preflight(state) if p.startswith("stages[0]")]
+    assert len(problems) == 1 and "trial conversion on 2 samples gives output SQNR" in problems[0]
+    monkeypatch.setattr(h, "trial", real)
+    assert not [p for p in preflight(state) if p.startswith("stages[0]")]  # the real trial passes
