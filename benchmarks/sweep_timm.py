@@ -43,6 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from coverage import outputs  # noqa: E402  (the torchvision sweep's output check)
 from sweep_structured import first_line  # noqa: E402
 
 SOURCE = "timm:NAME"
@@ -163,19 +164,6 @@ def recipe_for(name: str, out: Path, stages: list[dict[str, Any]]) -> Any:
             "sweep_timm.yaml",
         )
     )
-
-
-def outputs(state: Any, x: Any) -> Any:
-    import torch
-
-    runner = state.current_runner()
-    runner.prepare()
-    y = runner(x).float().cpu()
-    if tuple(y.shape) != (x.shape[0], 10):
-        raise RuntimeError(f"output shape {tuple(y.shape)}, expected {(x.shape[0], 10)}")
-    if not torch.isfinite(y).all():
-        raise RuntimeError("outputs not finite")
-    return y
 
 
 def one(name: str) -> dict[str, Any]:
