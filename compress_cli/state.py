@@ -183,7 +183,7 @@ def save_snapshot(state: State, directory: Path) -> int:
         from compress_cli.runtime.inputs import InputSpec
 
         inputs = InputSpec.from_example(state.data.example_input(1), state.model).to_json()
-    return save_model(
+    size = save_model(
         state.model,
         directory,
         base=build_from_source(spec),
@@ -194,3 +194,9 @@ def save_snapshot(state: State, directory: Path) -> int:
         edits=state.edits.to_json(),
         transforms=state.transforms,
     )
+    from compress_cli.sources.hf import copy_tokenizer, tokenizer_dir
+
+    tokenizer = tokenizer_dir(spec.get("source"))
+    if tokenizer is not None:  # a transformer's directory is deployable with its tokenizer
+        copy_tokenizer(tokenizer, Path(directory))
+    return size

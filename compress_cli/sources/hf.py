@@ -200,10 +200,49 @@ def load_tokenizer(path: str, where: str) -> Any:
         ) from None
 
 
+#: the files a Hugging Face tokenizer is saved as (``save_pretrained``), whichever its kind has
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def has_tokenizer(directory: Path | str) -> bool:
+    """Whether ``directory`` holds a saved tokenizer (its ``tokenizer_config.json``)."""
+    return (Path(directory) / "tokenizer_config.json").is_file()
+
+
+def copy_tokenizer(source_dir: str | Path, directory: Path) -> list[str]:
+    """Copy the tokenizer files of ``source_dir`` into the model directory ``directory`` (beside the
+    manifest; the size on disk counts only the manifest and the weights), so the compressed model
+    directory is deployable on its own: ``AutoTokenizer.from_pretrained(directory)`` reads them.
+    Returns the names copied (none when ``source_dir`` holds no tokenizer)."""
+    from compress_cli._utils.io import atomic_write_bytes
+
+    src = Path(source_dir).expanduser()
+    if not has_tokenizer(src):
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src / name
+        if f.is_file() and f.resolve() != (directory / name).resolve():
+            atomic_write_bytes(directory / name, f.read_bytes())
+            copied.append(name)
+    return copied
+
+
 def tokenizer_dir(model_source: str | None) -> str | None:
-    """The directory a model's tokenizer is read from by default: ``PATH`` of ``hf:PATH``, also
-    when the model is a compressed model directory made from one (its manifest's source); None
-    for other sources (text data then needs ``data.kwargs.tokenizer``)."""
+    """The directory a model's tokenizer is read from by default: ``PATH`` of ``hf:PATH``; for a
+    compressed model directory, the directory itself when the tokenizer was saved into it, else its
+    manifest's source; None for other sources (text data then needs ``data.kwargs.tokenizer``)."""
     from compress_cli.sources.spec import parse_model_source
 
     if not model_source:
@@ -211,6 +250,8 @@ def tokenizer_dir(model_source: str | None) -> str | None:
     try:
         parsed = parse_model_source(model_source)
         if parsed.kind == "directory":
+            if has_tokenizer(parsed.name):
+                return parsed.name
             from compress_cli.checkpoint import read_manifest
 
             parsed = parse_model_source(read_manifest(model_source)["model"]["source"])

@@ -179,6 +179,26 @@ def test_unlabelled_text_runs_with_fidelity_and_is_refused_by_classification(
     assert type(loaded).__name__ == "BertModel"
 
 
+def test_the_model_directory_carries_its_tokenizer(write_recipe, hf_dir, corpus, tmp_path):
+    """A model from ``hf:DIR`` is saved with DIR's tokenizer beside the manifest (not counted in the
+    size on disk): the compressed directory is deployable, and text data finds the tokenizer there
+    first when the model source is the compressed directory."""
+    from transformers import AutoTokenizer
+
+    from compress_cli.checkpoint import checkpoint_size
+    from compress_cli.sources.hf import tokenizer_dir
+
+    report = compress_cli.run(
+        text_recipe(write_recipe, hf_dir, corpus, "texts.txt", task={"type": "fidelity"}), force=True
+    )
+    out = tmp_path / "out" / "model"
+    assert (out / "tokenizer_config.json").is_file() and tokenizer_dir(str(out)) == str(out)
+    assert report["final"]["size_bytes"] == checkpoint_size(out)
+    text = "the quick brown fox jumps"
+    want = AutoTokenizer.from_pretrained(str(hf_dir))(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == want
+
+
 def test_labelled_text_classifier_reloads_with_the_reported_accuracy(write_recipe, hf_dir, corpus, tmp_path):
     """A sequence classifier built on the tiny BERT (hf_class, num_labels) scored on labelled text;
     compress_cli.load() of the run's model gives the accuracy the report measured."""
