@@ -54,6 +54,63 @@ def test_encodings_are_bit_exact_and_chosen_by_content():
     assert index["sp"]["enc"] == "sparse+palette"
 
 
+@pytest.mark.parametrize("compression", ["lzma", "zstd", "none"])
+def test_a_shape_bomb_in_the_index_is_refused_before_allocating(compression):
+    """A sparse tensor's shape comes from the file: a few bytes may claim a terabyte once decoded."""
+    import json
+
+    from compress_cli.checkpoint.codec import TooLarge, _decompress
+
+    blob, index = encode_state_dict(
+        {"w": torch.zeros(64, 64).index_fill_(0, torch.tensor([3]), 1.0)}, compression
+    )
+    assert index["w"]["enc"].startswith(("sparse", "gaps"))
+    payload = _decompress(blob)
+    n = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["index"])
+    meta["w"]["shape"] = [2**20, 2**20]
+    header["__metadata__"]["index"] = json.dumps(meta)
+    new = json.dumps(header).encode()
+    bomb = len(new).to_bytes(8, "little") + new + payload[8 + n :]
+    with pytest.raises(TooLarge, match=r"the decoded tensors declare 4096\.0 GiB"):
+        decode_state_dict(bomb)
+
+
+@pytest.mark.parametrize("kind", ["xz", "zstd-sized", "zstd-streamed"])
+def test_a_decompression_bomb_is_refused_before_allocating(tmp_path, monkeypatch, kind):
+    """A weights file that decompresses to more than the memory available (here: 8 MiB of zeros with
+    4 MiB available) is a located SourceError, not a run into the OOM killer."""
+    import json
+    import lzma
+
+    import zstandard
+
+    from compress_cli.checkpoint import codec
+
+    spec = {"source": "zoo:digits_mlp"}
+    d = tmp_path / "m"
+    save_model(
+        seeded_zoo("digits_mlp"), d, base=load_source_model(spec), model_spec=spec, input_shape=[1, 8, 8]
+    )
+    zeros = bytes(8 << 20)
+    blob = {
+        "xz": lambda: lzma.compress(zeros, format=lzma.FORMAT_XZ),
+        "zstd-sized": lambda: zstandard.ZstdCompressor().compress(zeros),
+        "zstd-streamed": lambda: (c := zstandard.ZstdCompressor().compressobj()).compress(zeros) + c.flush(),
+    }[kind]()
+    for f in d.glob("weights*"):
+        f.unlink()
+    name = "weights.safetensors.zst" if kind.startswith("zstd") else "weights.safetensors.xz"
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "weights": name}))
+    (d / name).write_bytes(blob)
+    monkeypatch.setattr(codec, "memory_available", lambda: 4 << 20)
+    claim = "declare 8.0 MiB" if kind == "zstd-sized" else "decompress to more than 3.2 MiB"
+    with pytest.raises(SourceError, match=rf"{name}: the weights {claim}, more than 80% of the 4\.0 MiB"):
+        load(d)
+
+
 def test_sparse_and_palette_shrink_the_file():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(256, 256, generator=g)

@@ -169,7 +169,7 @@ def save_model(
 
 
 def _read_weights(d: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from compress_cli.checkpoint.codec import decode_state_dict
+    from compress_cli.checkpoint.codec import TooLarge, decode_state_dict
 
     name = manifest.get("weights", WEIGHTS)
     if name not in (WEIGHTS, WEIGHTS_ZSTD):
@@ -178,6 +178,8 @@ def _read_weights(d: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
         return decode_state_dict((d / name).read_bytes())
     except FileNotFoundError:
         raise SourceError(f"{d}: weights file {name} missing") from None
+    except TooLarge as e:
+        raise SourceError(f"{d / name}: {e}") from None
     except Exception as e:  # lzma/zstd/safetensors/json errors on a damaged file
         raise SourceError(f"{d / name}: corrupt or truncated weights ({type(e).__name__}: {e})") from None
 

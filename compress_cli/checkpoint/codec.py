@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -382,12 +383,85 @@ def is_zstd(blob: bytes) -> bool:
     return blob[:4] == ZSTD_MAGIC
 
 
+class TooLarge(ValueError):
+    """A weights file that declares more memory than the machine has (a damaged or hostile file,
+    e.g. a few kilobytes that decompress to terabytes, or a model too large for this machine)."""
+
+
+#: a weights file may claim at most this fraction of the memory available when it is read
+MEMORY_FRACTION = 0.8
+
+
+def memory_available() -> int:
+    """Bytes of memory available now (``MemAvailable`` on Linux, free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _within_memory(nbytes: int, what: str, more_than: bool = False) -> None:
+    avail = memory_available()
+    if more_than or nbytes > MEMORY_FRACTION * avail:
+        claim = f"decompress to more than {_size(nbytes)}" if more_than else f"declare {_size(nbytes)}"
+        raise TooLarge(
+            f"{what} {claim}, more than {MEMORY_FRACTION:.0%} of the {_size(avail)} of memory "
+            "available: refused before allocating (a damaged or hostile file, or a model too large "
+            "for this machine)"
+        )
+
+
+def _memory_limit() -> int:
+    return int(MEMORY_FRACTION * memory_available())
+
+
 def _decompress(blob: bytes) -> bytes:
+    """The safetensors payload of an encoded blob, decompressed no further than the memory available
+    allows (a decompression bomb is refused, not run into the OOM killer)."""
     if blob[:6] == XZ_MAGIC:
-        return lzma.decompress(blob)
+        d = lzma.LZMADecompressor()
+        limit = _memory_limit()
+        out = d.decompress(blob, max_length=limit)
+        if not d.eof and len(out) >= limit:
+            _within_memory(len(out), "the weights", more_than=True)
+        if not d.eof:
+            raise EOFError("the xz stream ends early")
+        return out
     if is_zstd(blob):
-        return zstandard.ZstdDecompressor().decompress(blob)
+        size = zstandard.frame_content_size(blob)
+        if size >= 0:  # what the writers here make: the frame says its size
+            _within_memory(size, "the weights")
+            return zstandard.ZstdDecompressor().decompress(blob)
+        limit = _memory_limit()
+        with zstandard.ZstdDecompressor().stream_reader(blob) as r:
+            out = r.read(limit + 1)
+        if len(out) > limit:
+            _within_memory(len(out), "the weights", more_than=True)
+        return out
     return blob
+
+
+def _decoded_bytes(index: dict[str, Any]) -> int:
+    """Bytes the tensors of an encoding index take once decoded (their shapes are read from the file)."""
+    total = 0
+    for meta in index.values():
+        if meta.get("enc") == "raw":
+            continue  # raw tensors are the payload itself, already counted
+        dtype = _FLOAT_DTYPES.get(meta.get("dtype", ""))
+        item = torch.empty((), dtype=dtype).element_size() if dtype is not None else 8
+        total += math.prod(int(d) for d in meta.get("shape", [])) * item
+    return total
 
 
 def _index(payload: bytes) -> dict[str, Any]:
@@ -405,8 +479,9 @@ def encoding_index(blob: bytes) -> dict[str, Any]:
 def decode_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
     """The state dict an ``encode_state_dict`` payload holds, bit for bit."""
     blob = _decompress(blob)
-    tensors = load_safetensors(blob)
     index = _index(blob)
+    _within_memory(len(blob) + _decoded_bytes(index), "the decoded tensors")
+    tensors = load_safetensors(blob)
     out = {}
     for name, meta in index.items():
         prefix = f"{name}::"
