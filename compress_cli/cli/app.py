@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from compress_cli.cli import render
 from compress_cli.errors import CompressError, StageError
+from compress_cli.events import Listeners
+
+if TYPE_CHECKING:
+    from compress_cli.config.recipe import Recipe
+    from compress_cli.config.yaml import RawRecipe
+    from compress_cli.tracking import MlflowTracker
 
 app = typer.Typer(
     add_completion=False,
@@ -46,6 +52,12 @@ def run(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    track: str | None = typer.Option(
+        None,
+        "--track",
+        help="log the run to MLflow: mlflow://HOST:PORT, http(s)://..., file:DIR, sqlite:///FILE "
+        "(sets tracking.mlflow.uri)",
+    ),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
     from compress_cli.engine.run import execute_recipe
@@ -55,11 +67,22 @@ def run(
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
     ) + (["model.trust_source=true"] if trust_source else [])
+    overrides += [f"tracking.mlflow.uri={track}"] if track else []
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = render.Renderer(render.err, quiet or secondary or as_json and not sys.stderr.isatty())
+    tracker = None
     try:
-        r, _ = load_recipe(recipe, overrides)
-        report = execute_recipe(r, force=force, listener=renderer, resume=resume)
+        r, raw = load_recipe(recipe, overrides)
+        tracker = None if secondary else _tracker(r, raw, track, resume, renderer)
+        listener = renderer if tracker is None else Listeners(renderer, tracker)
+        try:
+            report = execute_recipe(r, force=force, listener=listener, resume=resume)
+        except BaseException as e:
+            if tracker is not None:
+                tracker.finish(e)
+            raise
+        if tracker is not None:
+            tracker.finish()
     except CompressError as e:
         renderer.stop()
         if e.exit_code == 130:
@@ -79,6 +102,21 @@ def run(
         return
     if not quiet:
         render.run_result(report)
+        if tracker is not None and tracker.run_url:
+            render.tracked(tracker.run_url)
+
+
+def _tracker(
+    recipe: Recipe, raw: RawRecipe, track: str | None, resume: bool, renderer: render.Renderer
+) -> MlflowTracker | None:
+    """The MLflow tracker of ``tracking.mlflow`` (or ``--track``), or None when the recipe has none."""
+    from compress_cli.tracking import MlflowTracker
+
+    cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
+    if cfg is None:
+        return None
+    where = f"--track {track}" if track else raw.where(("tracking", "mlflow"))
+    return MlflowTracker(cfg, recipe, resume=resume, notify=renderer.on_message, where=where)
 
 
 @app.command()
@@ -87,14 +125,19 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value"),
     model: bool = typer.Option(False, "--model", help="also load the model and show what each stage touches"),
     trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
+    show: bool = typer.Option(
+        False, "--show", help="print the recipe as merged (extends: bases, --set) on stdout"
+    ),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
     from compress_cli.stages.registry import load_recipe
 
     try:
-        r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
-        render.validated(recipe, r.name, [s.type for s in r.stages])
+        r, raw = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
+        if show:
+            render.merged_recipe(raw.data)
+        render.validated(recipe, r.name, [s.type for s in r.stages], stderr=show)
         if model:
             from compress_cli.cli.dryrun import dry_run
 
