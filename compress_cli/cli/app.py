@@ -213,6 +213,26 @@ def inspect(
     render.inspection(path, info)
 
 
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (each with a report.json)"),
+    out_dir: Path = typer.Option(Path("."), "--out", help="where compare.md and compare.png go"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON on stdout (nothing else)"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Compare runs: one table of their final results and one Pareto plot (metric vs size, latency)."""
+    from compress_cli.cli.compare import public_rows, write_compare
+
+    try:
+        rows, files = write_compare(run_dirs, out_dir)
+    except CompressError as e:
+        _fail(e, debug)
+    if as_json:
+        render.json_document({"runs": public_rows(rows), "files": [str(f) for f in files]})
+        return
+    render.compare_table(rows, files)
+
+
 def _first_line(doc: str | None) -> str:
     return doc.strip().splitlines()[0] if doc else ""
 

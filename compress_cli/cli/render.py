@@ -149,6 +149,21 @@ def run_result(report: Report) -> None:
     out.print(f"model: {report.output}/model · report: {report.output}/report.md")
 
 
+def compare_table(rows: list[dict[str, Any]], files: list[Path]) -> None:
+    """``compress compare``: the runs' final results, and where the table and plot were written."""
+    from compress_cli.cli.compare import COLUMNS
+
+    t = Table(title="compare: final result per run")
+    for heading, _ in COLUMNS:
+        t.add_column(
+            heading, justify="left" if heading in ("run", "metric", "runtime", "Pareto") else "right"
+        )
+    for r in rows:
+        t.add_row(*(escape(str(r[k])) for _, k in COLUMNS))
+    out.print(t)
+    out.print("wrote " + " · ".join(str(f) for f in files))
+
+
 def merged_recipe(data: Any) -> None:
     """A recipe's data (``extends:`` merged) as YAML on stdout."""
     import yaml
