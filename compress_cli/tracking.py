@@ -133,6 +133,31 @@ def _env(uri: str) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def tracker_for(
+    recipe: Recipe, where: str, *, resume: bool = False, notify: Callable[[str], None] | None = None
+) -> MlflowTracker | None:
+    """The tracker of ``recipe.tracking`` (``where`` locates it for the not-installed error), or
+    None when the recipe tracks nothing."""
+    cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
+    if cfg is None:
+        return None
+    return MlflowTracker(cfg, recipe, resume=resume, notify=notify, where=where)
+
+
+@contextlib.contextmanager
+def finishing(tracker: MlflowTracker | None) -> Iterator[None]:
+    """Run the block, then end the tracker's MLflow run as the block ended (FINISHED, FAILED, KILLED)."""
+    if tracker is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        tracker.finish(e)
+        raise
+    tracker.finish()
+
+
 class MlflowTracker(RunListener):
     """Logs one run to MLflow as its events arrive; on any failure, one warning and no more tracking.
 

@@ -145,3 +145,12 @@ def test_params_are_flat_and_within_mlflow_limit(tmp_path):
     params = recipe_params(r)
     assert params["stages.1.type"] == "evaluate" and all(len(v) <= PARAM_LIMIT for v in params.values())
     assert tracking_uri("mlflow://h:5000") == "http://h:5000"
+
+
+def test_python_api_tracks_too_and_warns_when_the_server_is_down(tmp_path):
+    import compress_cli
+
+    path = _recipe(tmp_path, {"mlflow": {"uri": f"http://127.0.0.1:{_closed_port()}"}})
+    with pytest.warns(RuntimeWarning, match="MLflow tracking at http://127.0.0.1:.*goes on untracked"):
+        report = compress_cli.run(path)
+    assert report["final"]["accuracy"] is not None and (tmp_path / "out" / "model").is_dir()

@@ -14,8 +14,6 @@ from compress_cli.errors import CompressError, StageError
 from compress_cli.events import Listeners
 
 if TYPE_CHECKING:
-    from compress_cli.config.recipe import Recipe
-    from compress_cli.config.yaml import RawRecipe
     from compress_cli.tracking import MlflowTracker
 
 app = typer.Typer(
@@ -63,6 +61,7 @@ def run(
     from compress_cli.engine.run import execute_recipe
     from compress_cli.runtime.distributed import env_rank
     from compress_cli.stages.registry import load_recipe
+    from compress_cli.tracking import finishing, tracker_for
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
@@ -70,19 +69,14 @@ def run(
     overrides += [f"tracking.mlflow.uri={track}"] if track else []
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = render.Renderer(render.err, quiet or secondary or as_json and not sys.stderr.isatty())
-    tracker = None
+    tracker: MlflowTracker | None = None
     try:
         r, raw = load_recipe(recipe, overrides)
-        tracker = None if secondary else _tracker(r, raw, track, resume, renderer)
-        listener = renderer if tracker is None else Listeners(renderer, tracker)
-        try:
+        where = f"--track {track}" if track else raw.where(("tracking", "mlflow"))
+        tracker = None if secondary else tracker_for(r, where, resume=resume, notify=renderer.on_message)
+        with finishing(tracker):
+            listener = renderer if tracker is None else Listeners(renderer, tracker)
             report = execute_recipe(r, force=force, listener=listener, resume=resume)
-        except BaseException as e:
-            if tracker is not None:
-                tracker.finish(e)
-            raise
-        if tracker is not None:
-            tracker.finish()
     except CompressError as e:
         renderer.stop()
         if e.exit_code == 130:
@@ -104,19 +98,6 @@ def run(
         render.run_result(report)
         if tracker is not None and tracker.run_url:
             render.tracked(tracker.run_url)
-
-
-def _tracker(
-    recipe: Recipe, raw: RawRecipe, track: str | None, resume: bool, renderer: render.Renderer
-) -> MlflowTracker | None:
-    """The MLflow tracker of ``tracking.mlflow`` (or ``--track``), or None when the recipe has none."""
-    from compress_cli.tracking import MlflowTracker
-
-    cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
-    if cfg is None:
-        return None
-    where = f"--track {track}" if track else raw.where(("tracking", "mlflow"))
-    return MlflowTracker(cfg, recipe, resume=resume, notify=renderer.on_message, where=where)
 
 
 @app.command()
