@@ -13,7 +13,7 @@ import it; it imports only the report models.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from compress_cli.report import Metrics, Report, StageEntry
@@ -62,67 +62,22 @@ class RunListener:
 
 class Listeners(RunListener):
     """Several listeners as one: every hook goes to each of them, in order (the CLI's renderer and a
-    tracker both follow a run)."""
+    tracker both follow a run). The hooks are made from :class:`RunListener`'s below, so a hook added
+    there is forwarded too."""
 
     def __init__(self, *listeners: RunListener) -> None:
         self.listeners = listeners
 
-    def on_setup(self, recipe: str, device: str, output: Path) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_setup(recipe, device, output)
 
-    def on_message(self, text: str) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_message(text)
+def _forward(name: str) -> Any:
+    def hook(self: Listeners, *args: Any, **kwargs: Any) -> None:
+        for listener in self.listeners:
+            getattr(listener, name)(*args, **kwargs)
 
-    def on_baseline(self, metrics: Metrics) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_baseline(metrics)
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"``{name}`` of every listener, in order."
+    return hook
 
-    def on_stage_start(self, index: int, total: int, name: str, type_name: str) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_stage_start(index, total, name, type_name)
 
-    def on_stage_end(self, entry: StageEntry) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_stage_end(entry)
-
-    def on_epoch_start(self, label: str, epoch: int, epochs: int, steps: int) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_epoch_start(label, epoch, epochs, steps)
-
-    def on_step(self, label: str) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_step(label)
-
-    def on_epoch_end(self, label: str, metrics: dict[str, float]) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_epoch_end(label, metrics)
-
-    def on_measure_start(self, samples: int) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_measure_start(samples)
-
-    def on_eval_step(self, samples: int) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_eval_step(samples)
-
-    def on_measure_end(self, metrics: Metrics) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_measure_end(metrics)
-
-    def on_done(self, report: Report) -> None:
-        """Forwarded to every listener."""
-        for x in self.listeners:
-            x.on_done(report)
+for _name in [n for n in vars(RunListener) if n.startswith("on_")]:
+    setattr(Listeners, _name, _forward(_name))

@@ -12,25 +12,11 @@ from typer.testing import CliRunner
 from compress_cli.cli import app
 from compress_cli.cli.compare import compare_figure, compare_rows, pareto
 from compress_cli.report import Metrics, Report, StageEntry
-
-
-def _m(acc: float, size: int, latency: float, **kw) -> Metrics:
-    return Metrics(
-        accuracy=acc,
-        samples=100,
-        params=1000,
-        nonzero_params=1000,
-        sparsity=0.0,
-        size_bytes=size,
-        latency_ms=latency,
-        runtime=kw.pop("runtime", "torch-eager"),
-        device="cpu",
-        **kw,
-    )
+from compress_cli.testing import fake_metrics
 
 
 def _run(tmp_path: Path, name: str, final: Metrics, recipe: str | None = None) -> Path:
-    base = _m(0.90, 80_000, 0.10)
+    base = fake_metrics(0.90, 80_000, 0.10)
     entry = StageEntry(
         index=1, name="q", type="quantize", duration_s=1, metrics=final, notes="", details={}, artifacts=[]
     )
@@ -52,12 +38,12 @@ def _run(tmp_path: Path, name: str, final: Metrics, recipe: str | None = None) -
 
 def _runs(tmp_path: Path) -> list[Path]:
     return [
-        _run(tmp_path, "int8", _m(0.895, 20_000, 0.05, accuracy_drop=0.5, size_ratio=4.0, speedup=2.0)),
+        _run(tmp_path, "int8", fake_metrics(0.895, 20_000, 0.05, accuracy_drop=0.5, size_ratio=4, speedup=2)),
         _run(
-            tmp_path, "ort", _m(0.895, 20_000, 0.05, runtime="onnxruntime", accuracy_drop=0.5)
+            tmp_path, "ort", fake_metrics(0.895, 20_000, 0.05, runtime="onnxruntime", accuracy_drop=0.5)
         ),  # same point
-        _run(tmp_path, "pruned", _m(0.899, 40_000, 0.07, accuracy_drop=0.1)),
-        _run(tmp_path, "worse", _m(0.85, 50_000, 0.08, accuracy_drop=5.0)),
+        _run(tmp_path, "pruned", fake_metrics(0.899, 40_000, 0.07, accuracy_drop=0.1)),
+        _run(tmp_path, "worse", fake_metrics(0.85, 50_000, 0.08, accuracy_drop=5.0)),
     ]
 
 
@@ -105,8 +91,8 @@ def test_compare_plot_labels_do_not_overlap(tmp_path):
 
 
 def test_same_recipe_twice_is_told_apart_and_missing_report_is_refused(tmp_path):
-    a = _run(tmp_path, "a", _m(0.9, 1000, 0.1), recipe="r")
-    b = _run(tmp_path, "b", _m(0.9, 1000, 0.1), recipe="r")
+    a = _run(tmp_path, "a", fake_metrics(0.9, 1000, 0.1), recipe="r")
+    b = _run(tmp_path, "b", fake_metrics(0.9, 1000, 0.1), recipe="r")
     assert [r["run"] for r in compare_rows([a, b])] == ["r (a)", "r (b)"]
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["compare", str(a), str(tmp_path / "empty"), "--out", str(tmp_path / "c")])

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import itertools
 
-from compress_cli.report import Metrics, Report, StageEntry, place_labels, report_figure
-
-
-def _metrics(acc: float, size: int, latency: float) -> Metrics:
-    return Metrics(
-        accuracy=acc,
-        samples=100,
-        params=1000,
-        nonzero_params=1000,
-        sparsity=0.0,
-        size_bytes=size,
-        latency_ms=latency,
-        runtime="torch-eager",
-        device="cpu",
-    )
+from compress_cli.report import Report, StageEntry, place_labels, report_figure
+from compress_cli.testing import fake_metrics
 
 
 def _report() -> Report:
-    same = _metrics(0.91, 15_000, 0.05)
+    same = fake_metrics(0.91, 15_000, 0.05)
     stages = [
-        ("finetune", _metrics(0.93, 60_000, 0.09)),
-        ("prune", _metrics(0.92, 30_000, 0.088)),
+        ("finetune", fake_metrics(0.93, 60_000, 0.09)),
+        ("prune", fake_metrics(0.92, 30_000, 0.088)),
         ("quantize", same),
         ("evaluate", same.model_copy()),  # the same point as quantize
-        ("export", _metrics(0.9101, 15_100, 0.0501)),  # next to it
+        ("export", fake_metrics(0.9101, 15_100, 0.0501)),  # next to it
     ]
     return Report(
         recipe="labels",
@@ -37,7 +24,7 @@ def _report() -> Report:
         device="cpu",
         seed=0,
         output="out",
-        baseline=_metrics(0.93, 60_000, 0.09),  # the same point as finetune
+        baseline=fake_metrics(0.93, 60_000, 0.09),  # the same point as finetune
         stages=[
             StageEntry(index=i, name=t, type=t, duration_s=0, metrics=m, notes="", details={}, artifacts=[])
             for i, (t, m) in enumerate(stages, start=1)
