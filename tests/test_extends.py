@@ -131,3 +131,13 @@ def test_shipped_variants_extend_the_fashion_base():
     assert [s.type for s in appended.stages] == [s.type for s in base.stages] + ["quantize"]
     assert [s.type for s in replaced.stages] == ["quantize"] and replaced.data.calibration_batches == 16
     assert replaced.model == base.model and replaced.measure == base.measure
+
+
+def test_json_schema_knows_extends_and_lets_a_variant_leave_out_required_keys():
+    from compress_cli.stages.registry import json_schema
+
+    s = json_schema()
+    assert {"extends", "stages+"} <= set(s["properties"])
+    assert s["properties"]["stages+"]["items"] == s["properties"]["stages"]["items"]
+    assert "required" not in s and s["if"] == {"required": ["extends"]}
+    assert {"name", "model"} <= set(s["else"]["required"])
