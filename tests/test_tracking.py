@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from compress_cli.cli import app
 from compress_cli.testing import tiny_recipe_dict
-from compress_cli.tracking import PARAM_LIMIT, flatten, recipe_params, tracking_uri, truncate
+from compress_cli.tracking import PARAM_LIMIT, flatten, git_commit, recipe_params, tracking_uri, truncate
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -53,6 +53,7 @@ def _check_logged(uri: str, run_id: str) -> None:
     tags = run.data.tags
     assert tags["guard"] == "passed" and tags["compress.version"] and tags["final.runtime"] == "torch-eager"
     assert run.info.status == "FINISHED"
+    assert tags.get("mlflow.source.git.commit") == git_commit()  # the tests run in a checkout, or not
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"report.json", "report.md", "report.png", "recipe.yaml", "model"} <= top
     assert any(a.path.endswith("manifest.json") for a in client.list_artifacts(run_id, "model"))
