@@ -33,8 +33,14 @@ PY
 if [ "${1:-start}" = "stop" ]; then
   if [ -f "$DIR/server.pid" ]; then
     pid="$(cat "$DIR/server.pid")"
-    # the server was started in its own process group (setsid): stop the group (gunicorn/uvicorn workers too)
-    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    # the server runs in its own process group (setsid) with its web and job workers: stop the
+    # group, and kill what is left after 15 s (a first SIGTERM may only start a graceful shutdown)
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 15); do
+      kill -0 -- "-$pid" 2>/dev/null || break
+      sleep 1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
     rm -f "$DIR/server.pid"
   fi
   exit 0
