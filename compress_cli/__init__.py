@@ -44,6 +44,17 @@ def run(
     """Validate and run a recipe file; returns the report (as written to report.json)."""
     from compress_cli.engine.run import run_recipe
     from compress_cli.stages.registry import load_recipe
+    from compress_cli.tracking import finishing, tracker_for
 
-    r, _ = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
-    return run_recipe(r, force=force, device=device)
+    r, raw = load_recipe(recipe, (overrides or []) + ([f"output={output}"] if output else []))
+    tracker = tracker_for(r, raw.where(("tracking", "mlflow")), notify=_warn_only)
+    with finishing(tracker):
+        return run_recipe(r, force=force, device=device, listener=tracker)
+
+
+def _warn_only(text: str) -> None:
+    """A tracker's warning (server down, ...) as a Python warning; its other lines are not shown."""
+    if text.startswith("warning:"):
+        import warnings
+
+        warnings.warn(text, RuntimeWarning, stacklevel=3)

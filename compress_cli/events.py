@@ -13,7 +13,7 @@ import it; it imports only the report models.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from compress_cli.report import Metrics, Report, StageEntry
@@ -58,3 +58,26 @@ class RunListener:
 
     def on_done(self, report: Report) -> None:
         """The run finished and wrote ``report``."""
+
+
+class Listeners(RunListener):
+    """Several listeners as one: every hook goes to each of them, in order (the CLI's renderer and a
+    tracker both follow a run). The hooks are made from :class:`RunListener`'s below, so a hook added
+    there is forwarded too."""
+
+    def __init__(self, *listeners: RunListener) -> None:
+        self.listeners = listeners
+
+
+def _forward(name: str) -> Any:
+    def hook(self: Listeners, *args: Any, **kwargs: Any) -> None:
+        for listener in self.listeners:
+            getattr(listener, name)(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"``{name}`` of every listener, in order."
+    return hook
+
+
+for _name in [n for n in vars(RunListener) if n.startswith("on_")]:
+    setattr(Listeners, _name, _forward(_name))

@@ -246,6 +246,17 @@ def to_markdown(report: Report) -> str:
 
 def write_plot(report: Report, path: Path) -> None:
     """report.png: accuracy against checkpoint size and against latency, one point per row."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=fig.dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report_figure(report: Report) -> Any:
+    """The figure of report.png (Agg backend; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,29 +264,106 @@ def write_plot(report: Report, path: Path) -> None:
 
     assert report.baseline is not None
     items = [("baseline", report.baseline)] + [(f"{s.index}.{s.type}", s.metrics) for s in report.stages]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    labels: list[list[tuple[float, float, str]]] = [[], []]
     for label, m in items:
         acc = m.primary_score()[1] * (100 if m.primary is None else 1)
         kib = (m.size_bytes or 0) / 1024
         axes[0].scatter(kib, acc, s=40)
-        axes[0].annotate(label, (kib, acc), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        labels[0].append((kib, acc, label))
         if m.latency_ms:
             axes[1].scatter(m.latency_ms, acc, s=40)
-            axes[1].annotate(
-                label, (m.latency_ms, acc), fontsize=8, xytext=(3, 3), textcoords="offset points"
-            )
-    axes[0].set_xscale("log")
+            labels[1].append((m.latency_ms, acc, label))
+    log_axis(axes[0], "x")
     axes[0].set_xlabel("checkpoint size on disk (KiB, log)")
-    axes[1].set_xlabel("latency, batch 1 (ms)")
+    log_axis(axes[1], "x")
+    axes[1].set_xlabel("latency, batch 1 (ms, log)")
     for ax in axes:
         ax.set_ylabel("top-1 accuracy (%)" if report.baseline.primary is None else report.baseline.primary)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report.recipe}: accuracy vs size and latency per stage")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    for ax, points in zip(axes, labels, strict=True):
+        place_labels(ax, points)
+    return fig
+
+
+def log_axis(ax: Any, which: str) -> None:
+    """A log scale on ``ax``'s ``which`` axis ("x"/"y") with plain-number ticks at 1-2-5 steps
+    (``0.05``, ``20``, ``500``: no ``10^x`` notation), and a few more when the data spans little."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(base=10, subs=(1.5, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0)))
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    # within a factor of 4 a 1-2-5 grid may put one tick on the axis: label the minor ticks too
+    axis.set_minor_formatter(plain if hi / max(lo, 1e-30) < 4 else NullFormatter())
+
+
+#: candidate label offsets from a point, in typographic points: near first, then in rings further out
+_OFFSETS = [
+    (r * dx, r * dy)
+    for r in (5, 14, 24, 36, 50, 66, 84)
+    for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+]
+
+
+def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: float = 8) -> list[Any]:
+    """Annotate ``(x, y, text)`` points on ``ax`` so that no two labels overlap (nor cover a point's
+    marker): each label takes the nearest free spot of :data:`_OFFSETS`, inside the axes if one is
+    free there, measured with the figure's renderer, with a thin line back to its point when it sits
+    away from it. Call it once the layout is final (after ``tight_layout``): the offsets are in
+    points on the drawn figure. Returns the annotations."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    ax.set_xlim(ax.get_xlim())  # freeze the limits: an annotation must not rescale the axes
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pad = fontsize * fig.dpi / 72 * 0.6  # about a marker's half-size, in pixels
+    taken = []
+    for x, y in {(x, y) for x, y, _ in points}:
+        px, py = ax.transData.transform((x, y))
+        taken.append(Bbox.from_extents(px - pad, py - pad, px + pad, py + pad))
+
+    def inside(b: Any) -> bool:
+        return bool(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1)
+
+    out = []
+    for x, y, text in points:
+        for need_inside in (True, False):
+            for dx, dy in _OFFSETS:
+                far = abs(dx) + abs(dy) > 12
+                ann = ax.annotate(
+                    text,
+                    (x, y),
+                    xytext=(dx, dy),
+                    textcoords="offset points",
+                    fontsize=fontsize,
+                    ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                    va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                    annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 3}
+                    if far
+                    else None,
+                )
+                ann.update_positions(renderer)
+                box = Text.get_window_extent(ann, renderer)  # the text alone, not its line
+                if (inside(box) or not need_inside) and not any(box.overlaps(t) for t in taken):
+                    taken.append(box)
+                    out.append(ann)
+                    break
+                ann.remove()
+            else:
+                continue
+            break
+    return out
 
 
 def write_report(report: Report, out: Path) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from compress_cli.report import Metrics
     from compress_cli.sources.data import DataBundle
 
 
@@ -33,6 +34,18 @@ def seeded_zoo(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_zoo(name, **kwargs)
+
+
+def fake_metrics(accuracy: float, size_bytes: int, latency_ms: float, **kwargs: Any) -> Metrics:
+    """A measurement as the pipeline reports it (for report, plot and compare tests): ``accuracy``
+    (0..1), checkpoint bytes and batch-1 latency, on the CPU in torch eager unless ``kwargs`` say
+    otherwise (any other :class:`~compress_cli.report.Metrics` field)."""
+    from compress_cli.report import Metrics
+
+    fields: dict[str, Any] = {"samples": 100, "params": 1000, "nonzero_params": 1000, "sparsity": 0.0}
+    fields.update(runtime="torch-eager", device="cpu")
+    fields.update(kwargs)
+    return Metrics(accuracy=accuracy, size_bytes=size_bytes, latency_ms=latency_ms, **fields)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

@@ -4,7 +4,7 @@ Layers, top to bottom (a module may import its own layer and the layers below; p
 a layer may import each other, as long as no import cycle forms)::
 
     cli > engine > stages > {quantization, pruning, codebook, distillation, tuning, hpo, training}
-        > {state, events} > {runtime, checkpoint, sources, report, tasks}
+        > {state, events, tracking} > {runtime, checkpoint, sources, report, tasks}
         > {config, _utils, errors, _version}
 
 The package root (``__init__``, ``__main__``) and ``testing`` sit above everything: they may import
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, ...]] = [  # bottom first
     ("config", "_utils", "errors", "_version"),
     ("runtime", "checkpoint", "sources", "report", "tasks"),
-    ("state", "events"),
+    ("state", "events", "tracking"),
     ("quantization", "pruning", "codebook", "distillation", "tuning", "hpo", "training"),
     ("stages",),
     ("engine",),

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from compress_cli.cli import render
 from compress_cli.errors import CompressError, StageError
+from compress_cli.events import Listeners
+
+if TYPE_CHECKING:
+    from compress_cli.tracking import MlflowTracker
 
 app = typer.Typer(
     add_completion=False,
@@ -46,20 +50,33 @@ def run(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    track: str | None = typer.Option(
+        None,
+        "--track",
+        help="log the run to MLflow: mlflow://HOST:PORT, http(s)://..., file:DIR, sqlite:///FILE "
+        "(sets tracking.mlflow.uri)",
+    ),
 ) -> None:
     """Run a recipe: compress and tune the model, write the checkpoint and the report."""
     from compress_cli.engine.run import execute_recipe
     from compress_cli.runtime.distributed import env_rank
     from compress_cli.stages.registry import load_recipe
+    from compress_cli.tracking import finishing, tracker_for
 
     overrides = (
         list(set_) + ([f"device={device}"] if device else []) + ([f"output={output}"] if output else [])
     ) + (["model.trust_source=true"] if trust_source else [])
+    overrides += [f"tracking.mlflow.uri={track}"] if track else []
     secondary = env_rank() != 0  # under torchrun only rank 0 shows progress and results (errors: every rank)
     renderer = render.Renderer(render.err, quiet or secondary or as_json and not sys.stderr.isatty())
+    tracker: MlflowTracker | None = None
     try:
-        r, _ = load_recipe(recipe, overrides)
-        report = execute_recipe(r, force=force, listener=renderer, resume=resume)
+        r, raw = load_recipe(recipe, overrides)
+        where = f"--track {track}" if track else raw.where(("tracking", "mlflow"))
+        tracker = None if secondary else tracker_for(r, where, resume=resume, notify=renderer.on_message)
+        with finishing(tracker):
+            listener = renderer if tracker is None else Listeners(renderer, tracker)
+            report = execute_recipe(r, force=force, listener=listener, resume=resume)
     except CompressError as e:
         renderer.stop()
         if e.exit_code == 130:
@@ -79,6 +96,8 @@ def run(
         return
     if not quiet:
         render.run_result(report)
+        if tracker is not None and tracker.run_url:
+            render.tracked(tracker.run_url)
 
 
 @app.command()
@@ -87,14 +106,19 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: key.path=value"),
     model: bool = typer.Option(False, "--model", help="also load the model and show what each stage touches"),
     trust_source: bool = typer.Option(False, "--trust-source", help=TRUST_HELP),
+    show: bool = typer.Option(
+        False, "--show", help="print the recipe as merged (extends: bases, --set) on stdout"
+    ),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check a recipe without running it (no model is loaded unless --model)."""
     from compress_cli.stages.registry import load_recipe
 
     try:
-        r, _ = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
-        render.validated(recipe, r.name, [s.type for s in r.stages])
+        r, raw = load_recipe(recipe, list(set_) + (["model.trust_source=true"] if trust_source else []))
+        if show:
+            render.merged_recipe(raw.data)
+        render.validated(recipe, r.name, [s.type for s in r.stages], stderr=show)
         if model:
             from compress_cli.cli.dryrun import dry_run
 
@@ -168,6 +192,26 @@ def inspect(
     except CompressError as e:
         _fail(e, debug)
     render.inspection(path, info)
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (each with a report.json)"),
+    out_dir: Path = typer.Option(Path("."), "--out", help="where compare.md and compare.png go"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON on stdout (nothing else)"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Compare runs: one table of their final results and one Pareto plot (metric vs size, latency)."""
+    from compress_cli.cli.compare import public_rows, write_compare
+
+    try:
+        rows, files = write_compare(run_dirs, out_dir)
+    except CompressError as e:
+        _fail(e, debug)
+    if as_json:
+        render.json_document({"runs": public_rows(rows), "files": [str(f) for f in files]})
+        return
+    render.compare_table(rows, files)
 
 
 def _first_line(doc: str | None) -> str:

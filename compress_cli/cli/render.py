@@ -149,6 +149,33 @@ def run_result(report: Report) -> None:
     out.print(f"model: {report.output}/model · report: {report.output}/report.md")
 
 
+def compare_table(rows: list[dict[str, Any]], files: list[Path]) -> None:
+    """``compress compare``: the runs' final results, and where the table and plot were written."""
+    from compress_cli.cli.compare import COLUMNS
+
+    t = Table(title="compare: final result per run")
+    for heading, _ in COLUMNS:
+        t.add_column(
+            heading, justify="left" if heading in ("run", "metric", "runtime", "Pareto") else "right"
+        )
+    for r in rows:
+        t.add_row(*(escape(str(r[k])) for _, k in COLUMNS))
+    out.print(t)
+    out.print("wrote " + " · ".join(str(f) for f in files))
+
+
+def merged_recipe(data: Any) -> None:
+    """A recipe's data (``extends:`` merged) as YAML on stdout."""
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+def tracked(url: str) -> None:
+    """Where the run was logged (its MLflow run's URL)."""
+    out.print(f"tracked: {escape(url)}")
+
+
 def json_document(document: Any) -> None:
     """``document`` as one JSON line on stdout (nothing else goes there)."""
     sys.stdout.write(json.dumps(document, default=str) + "\n")
@@ -159,9 +186,10 @@ def schema(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
-def validated(path: Path, name: str, stage_types: list[str]) -> None:
-    """``ok`` for a valid recipe, with its stages."""
-    out.print(f"[green]ok[/green] {path}: {name}, {len(stage_types)} stage(s): " + ", ".join(stage_types))
+def validated(path: Path, name: str, stage_types: list[str], stderr: bool = False) -> None:
+    """``ok`` for a valid recipe, with its stages (on stderr when stdout carries the recipe)."""
+    text = f"[green]ok[/green] {path}: {name}, {len(stage_types)} stage(s): " + ", ".join(stage_types)
+    (err if stderr else out).print(text)
 
 
 def lines(items: list[str]) -> None:

@@ -218,6 +218,42 @@ class GuardConfig(_Strict):
     on_violation: Literal["fail", "revert", "warn"] = "fail"
 
 
+#: URI schemes ``tracking.mlflow.uri`` accepts (``mlflow://HOST:PORT`` is short for ``http://HOST:PORT``)
+TRACKING_SCHEMES = ("http", "https", "mlflow", "file", "sqlite", "postgresql", "mysql", "databricks")
+
+
+class MlflowConfig(_Strict):
+    """``tracking.mlflow:``: the MLflow tracking server (or store) a run is logged to."""
+
+    uri: str = Field(
+        description="tracking URI: mlflow://HOST:PORT (= http://), http(s)://HOST:PORT, file:DIR, "
+        "sqlite:///FILE, postgresql://..., databricks"
+    )
+    experiment: str = Field("compress", min_length=1, description="experiment name (created if missing)")
+    run_name: str | None = Field(None, description="the MLflow run's name (default: the recipe's name)")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0].lower() if ":" in v else ""
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"must be a tracking URI starting with one of {', '.join(s + ':' for s in TRACKING_SCHEMES)} "
+                f"(got {v!r}; a server is mlflow://HOST:PORT)"
+            )
+        if scheme == "mlflow" and not v[len("mlflow://") :].strip("/"):
+            raise ValueError(f"mlflow://HOST:PORT needs a host (got {v!r})")
+        return v
+
+
+class TrackingConfig(_Strict):
+    """``tracking:``: where a run's parameters, metrics and artifacts are logged besides the run dir."""
+
+    mlflow: MlflowConfig | None = Field(
+        None, description="log to MLflow (pip install 'compress-cli[mlflow]')"
+    )
+
+
 class Recipe(_Strict):
     """A whole recipe (version 1); ``stages`` holds each stage's own validated config."""
 
@@ -236,6 +272,9 @@ class Recipe(_Strict):
     )
     stages: list[StageConfig] = Field(default_factory=list)
     output: str | None = Field(None, description="output directory (default runs/NAME)")
+    tracking: TrackingConfig | None = Field(
+        None, description="experiment tracking (MLflow): params, metrics per stage, report and model"
+    )
 
     @field_validator("task", mode="before")
     @classmethod

@@ -26,4 +26,17 @@ def recipe_schema(stages: Mapping[str, StageSpec]) -> dict[str, Any]:
         variants.append(sub)
     schema["properties"]["stages"] = {"type": "array", "items": {"oneOf": variants}}
     defs.pop("StageConfig", None)
+    # composition (config/yaml.py): a recipe that extends others may leave out what they set
+    schema["properties"]["extends"] = {
+        "description": "base recipe file(s), relative to this one, deep-merged under it (later ones win)",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+    }
+    schema["properties"]["stages+"] = {
+        "description": "stages appended after the base recipe's (stages: replaces them)",
+        **schema["properties"]["stages"],
+    }
+    required = schema.pop("required", [])
+    if required:
+        schema["if"] = {"required": ["extends"]}
+        schema["else"] = {"required": required}
     return schema

@@ -1,7 +1,14 @@
-"""Recipe YAML in and out: parsing with a line number for every key path, and ``--set`` overrides.
+"""Recipe YAML in and out: parsing with a line number for every key path, ``extends:`` composition,
+and ``--set`` overrides.
 
 Problems name ``FILE:LINE`` (or the ``--set key=value`` that put a value there), so every
-validation message points at what the user has to edit.
+validation message points at what the user has to edit; in a composed recipe that is the file
+that holds the key.
+
+``extends: base.yaml`` (or a list, relative to the recipe's folder; later ones win) starts from the
+named recipes, deep-merged: mappings merge key by key, any other value (lists included) replaces,
+``stages`` too; ``KEY+:`` appends to the list ``KEY`` instead (``stages+:`` adds stages after the
+base's). Bases may extend others; a cycle is refused.
 
 A recipe is bounded input: a file over :data:`MAX_RECIPE_BYTES`, aliases that expand to more than
 :data:`MAX_ALIAS_NODES` nodes (the "billion laughs" shape), an alias inside its own anchor and nesting
@@ -133,10 +140,18 @@ def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], in
 class RawRecipe:
     """The parsed YAML plus a map from key path to line number."""
 
-    def __init__(self, data: Any, lines: dict[tuple[Any, ...], int], filename: str):
+    def __init__(
+        self,
+        data: Any,
+        lines: dict[tuple[Any, ...], int],
+        filename: str,
+        files: dict[tuple[Any, ...], str] | None = None,
+    ):
         self.data = data
         self.lines = lines
         self.filename = filename
+        #: key path -> the file that holds it, where that is not ``filename`` (from an ``extends:`` base)
+        self.files = files or {}
         self.overridden: dict[tuple[Any, ...], str] = {}
 
     def where(self, path: tuple[Any, ...]) -> str:
@@ -148,7 +163,8 @@ class RawRecipe:
         while p and p not in self.lines:
             p = p[:-1]
         line = self.lines.get(p)
-        return f"{self.filename}:{line}" if line else self.filename
+        filename = self.files.get(p, self.filename)
+        return f"{filename}:{line}" if line else filename
 
 
 def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
@@ -173,8 +189,109 @@ def parse_yaml(text: str, filename: str = "<recipe>") -> RawRecipe:
 
 
 def read_recipe_file(path: str | Path) -> RawRecipe:
-    """Read and parse a recipe file; an unreadable path raises :class:`RecipeError`."""
-    p = Path(path)
+    """Read and parse a recipe file, composing its ``extends:`` bases; an unreadable path, a missing
+    base or a cycle raises :class:`RecipeError`."""
+    return _compose(Path(path), ())
+
+
+#: where each key path comes from in a composed recipe: path -> (file, line)
+_Located = dict[tuple[Any, ...], tuple[str, int]]
+
+
+def _compose(path: Path, chain: tuple[Path, ...]) -> RawRecipe:
+    """``path`` parsed, over its ``extends:`` bases merged in order (``chain``: the files that
+    extend it, to refuse a cycle)."""
+    raw = _read_one(path)
+    if not isinstance(raw.data, dict):
+        return raw
+    own = {p: (raw.filename, line) for p, line in raw.lines.items()}
+    data: dict[str, Any] = {}
+    located: _Located = {(): (raw.filename, raw.lines.get((), 1))}
+    bases = raw.data.pop("extends", None)
+    if "extends" in raw.lines or bases is not None:
+        where = raw.where(("extends",))
+        names = [bases] if isinstance(bases, str) else bases
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise RecipeError(f"{where}: extends: must be a recipe file or a list of them (got {bases!r})")
+        me = path.resolve()
+        for name in names:
+            base = path.parent / name
+            if base.resolve() in (*chain, me):
+                cycle = " -> ".join(str(p) for p in (*chain, me, base.resolve()))
+                raise RecipeError(
+                    f"{where}: extends: {name}: a cycle ({cycle}); a recipe cannot extend itself"
+                )
+            if not base.is_file():
+                raise RecipeError(
+                    f"{where}: extends: {name}: recipe file not found (relative to {path.parent or '.'})"
+                )
+            braw = _compose(base, (*chain, me))
+            if not isinstance(braw.data, dict):
+                raise RecipeError(f"{braw.filename}:1: extends: a base recipe must be a mapping of keys")
+            blocated = {p: (braw.files.get(p, braw.filename), line) for p, line in braw.lines.items()}
+            _merge(data, located, braw.data, blocated, ())
+        own.pop(("extends",), None)
+    _merge(data, located, raw.data, own, ())
+    lines = {p: line for p, (_, line) in located.items()}
+    files = {p: f for p, (f, _) in located.items() if f != raw.filename}
+    return RawRecipe(data, lines, raw.filename, files)
+
+
+def _merge(
+    base: dict[Any, Any], located: _Located, over: dict[Any, Any], olocated: _Located, at: tuple[Any, ...]
+) -> None:
+    """Merge ``over`` into ``base`` (and where its keys come from into ``located``): mappings key by
+    key, anything else replaces, ``KEY+`` appends to the list ``KEY``."""
+
+    def moved(src: tuple[Any, ...], dst: tuple[Any, ...], shift: int = 0) -> None:
+        n = len(src)
+        for p, loc in olocated.items():
+            if p[:n] == src:
+                rest = p[n:]
+                if shift and rest:
+                    rest = (rest[0] + shift, *rest[1:])
+                located[dst + rest] = loc
+
+    def loc(p: tuple[Any, ...]) -> tuple[str, int]:  # a key from a merge key (<<) has no line of its own
+        while p not in olocated and p:
+            p = p[:-1]
+        return olocated.get(p, ("<recipe>", 1))
+
+    def dropped(prefix: tuple[Any, ...]) -> None:
+        for p in [p for p in located if p[: len(prefix)] == prefix]:
+            del located[p]
+
+    for k, v in over.items():
+        if isinstance(k, str) and len(k) > 1 and k.endswith("+"):
+            key = k[:-1]
+            old = base.get(key, [])
+            if not isinstance(v, list) or not isinstance(old, list):
+                where = "{}:{}".format(*loc((*at, k)))
+                what = "the value" if not isinstance(v, list) else f"the base's {key}"
+                raise RecipeError(
+                    f"{where}: {'.'.join(map(str, (*at, k)))}: appends to a list, but {what} is not a list"
+                )
+            base[key] = [*old, *v]
+            here, there = at + (k,), at + (key,)
+            moved(here, there, shift=len(old))
+            if there not in located or not old:
+                located[there] = loc(here)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            here = at + (k,)
+            located[here] = loc(here)
+            _merge(base[k], located, v, olocated, here)
+        else:
+            here = at + (k,)
+            base[k] = v
+            dropped(here)
+            moved(here, here)
+            if here not in located:
+                located[here] = loc(here)
+
+
+def _read_one(path: Path) -> RawRecipe:
+    """Read and parse one recipe file, as written (``extends:`` not resolved)."""
+    p = path
     try:
         with p.open("rb") as f:
             head = f.read(MAX_RECIPE_BYTES + 1)  # never more: a huge file is refused unread

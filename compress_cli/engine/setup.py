@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from compress_cli.engine.lock import LOCK_NAME
 from compress_cli.errors import CompressError, StageError, UsageError
 from compress_cli.events import RunListener
+from compress_cli.tracking import TRACKING_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 #: what a run writes in its output directory (a run killed before its first snapshot leaves some)
-RUN_FILES = frozenset({"recipe.yaml", "report.json", "report.md", "report.png", "model", "stages", LOCK_NAME})
+RUN_FILES = frozenset(
+    {"recipe.yaml", "report.json", "report.md", "report.png", "model", "stages", LOCK_NAME, TRACKING_FILE}
+)
 
 
 def _contents(out: Path) -> list[Path]:
