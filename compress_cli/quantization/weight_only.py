@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     from compress_cli.state import State
 
 
+def tinygemm_layout(config_class: Any) -> dict[str, Any]:
+    """Int4WeightOnlyConfig arguments for tinygemm's tile-packed int4 layout (CUDA kernels built into
+    PyTorch, sm80+). torchao 0.15+ defaults to the "plain" layout, whose kernels need the separate
+    ``mslk`` package; an older torchao has no such field and defaults to tinygemm already."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    return {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
+
+
 def weight_only(model: nn.Module, bits: int, group_size: int, device: Any) -> nn.Module:
     """torchao ``quantize_`` with Int8WeightOnlyConfig / Int4WeightOnlyConfig on a CUDA copy."""
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
@@ -49,7 +57,7 @@ def quantized_copy(model: nn.Module, bits: int, group_size: int, device: Any) ->
             quantize_(m, Int8WeightOnlyConfig())
         else:
             m = m.to(torch.bfloat16)
-            quantize_(m, Int4WeightOnlyConfig(group_size=group_size))
+            quantize_(m, Int4WeightOnlyConfig(group_size=group_size, **tinygemm_layout(Int4WeightOnlyConfig)))
             cast_(m, torch.bfloat16, convert=False)
     return m
 
