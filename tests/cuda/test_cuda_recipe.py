@@ -18,8 +18,9 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "cuda_e2e.yaml"
 
 
 def plain(w: torch.Tensor) -> torch.Tensor:
-    """A weight as floats (torchao's quantized tensors dequantized)."""
-    return w.dequantize() if type(w).__module__.startswith("torchao") else w
+    """A weight as fp32 values (torchao's quantized tensors dequantized)."""
+    with torch.no_grad():
+        return (w.dequantize() if type(w).__module__.startswith("torchao") else w.detach()).float()
 
 
 def test_prune_finetune_amp_export_quantize_reload(device, tmp_path):
@@ -47,7 +48,7 @@ def test_prune_finetune_amp_export_quantize_reload(device, tmp_path):
     assert final["accuracy"] > 0.8 and final["sparsity"] > 0.45
 
     model = compress_cli.load(tmp_path / "out" / "model")
-    weights = [plain(m.weight.detach()).float() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [plain(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if cuda:
         assert all(type(m.weight).__module__.startswith("torchao") for m in (model.fc1, model.fc2, model.fc3))
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
