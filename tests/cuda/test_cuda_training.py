@@ -53,7 +53,7 @@ def test_amp_training_autocasts_scales_and_learns(device, half, make_state, monk
     rec = Recorder()
     state.model.fc1.register_forward_hook(rec)
     before = state.model.fc1.weight.detach().clone()
-    res = train(state.model, state, TrainOptions(epochs=2, lr=0.003, batch_size=32), label="t")
+    res = train(state.model, state, TrainOptions(epochs=2, lr=0.003, batch_size=64), label="t")
 
     assert state.model.fc1.weight.dtype == torch.float32  # master weights stay fp32
     assert state.model.fc1.weight.device.type == device.type
@@ -71,7 +71,7 @@ def test_amp_training_autocasts_scales_and_learns(device, half, make_state, monk
         assert scalers == [] and res.amp == "amp bf16"
     else:
         assert len(scalers) == 1 and res.amp == "amp fp16 with GradScaler"
-        assert steps[0] == 2 * len(state.data.loader("train", batch_size=32))  # every step through it
+        assert steps[0] == 2 * len(state.data.loader("train", batch_size=64))  # every step through it
         assert scalers[0].get_scale() > 0
 
 
