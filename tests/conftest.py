@@ -24,3 +24,20 @@ def write_recipe(tmp_path: Path):
         return p
 
     return _write
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, on a machine without a CUDA device
+    (``pytest -m cuda`` on a GPU machine runs them: scripts/gpu_check.sh)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA device (none here): scripts/gpu_check.sh runs these on a GPU"
+    )
+    for item in marked:
+        item.add_marker(skip)

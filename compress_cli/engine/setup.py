@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else is checked to exist here."""
+    """``auto`` -> cuda when available, else cpu; anything else is checked to exist here, before
+    anything loads (a UsageError naming the ``device`` key and what this machine has)."""
     import torch
 
     if spec == "auto":
@@ -38,12 +39,18 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(
-                f"device {spec!r}: CUDA was requested but no CUDA device is available here (use cpu or auto)"
+                f"device: {spec!r}: CUDA was requested but no CUDA device is available here "
+                "(set device: cpu or auto, or --device cpu)"
             )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            have = "cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"
+            raise UsageError(
+                f"device: {spec!r}: this machine has {n} CUDA device(s) ({have}, as CUDA_VISIBLE_DEVICES "
+                f"numbers them); set device: cuda:{n - 1}, cuda or auto"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {spec!r}: MPS is not available here (use cpu or auto)")
+        raise UsageError(f"device: {spec!r}: MPS is not available here (set device: cpu or auto)")
     return dev
 
 

@@ -6,7 +6,6 @@ The checkpoint keeps the fp32 weights; load() quantizes them again with the same
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,23 +21,43 @@ if TYPE_CHECKING:
     from compress_cli.state import State
 
 
+def tinygemm_layout(config_class: Any) -> dict[str, Any]:
+    """Int4WeightOnlyConfig arguments for tinygemm's tile-packed int4 layout (CUDA kernels built into
+    PyTorch, sm80+). torchao 0.15+ defaults to the "plain" layout, whose kernels need the separate
+    ``mslk`` package; an older torchao has no such field and defaults to tinygemm already."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    return {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
+
+
 def weight_only(model: nn.Module, bits: int, group_size: int, device: Any) -> nn.Module:
     """torchao ``quantize_`` with Int8WeightOnlyConfig / Int4WeightOnlyConfig on a CUDA copy."""
-    try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise StageError(f"int{bits}_weight_only needs torchao: pip install torchao") from None
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         raise StageError(
             f"int{bits}_weight_only needs a CUDA device (torchao's weight-only kernels are CUDA kernels)"
         )
-    m = copy.deepcopy(model).to(device).eval()
+    return quantized_copy(model, bits, group_size, device)
+
+
+def quantized_copy(model: nn.Module, bits: int, group_size: int, device: Any) -> nn.Module:
+    """The torchao conversion itself, on ``device`` as given (:func:`weight_only` checks it is CUDA).
+
+    The copy has its pruning made permanent first: torchao swaps each Linear's ``weight`` for a
+    quantized Parameter, which the pruning hook (recomputing ``weight`` from ``weight_orig`` and
+    the mask before every forward) would then fail to overwrite; a pruned model's computed weight
+    cannot even be deep-copied after a training step. Pruned zeros stay zero on the int8 grid."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise StageError(f"int{bits}_weight_only needs torchao: pip install torchao") from None
+    from compress_cli.pruning import permanent_copy
+
+    m = permanent_copy(model).to(device).eval()
     with quiet():
         if bits == 8:
             quantize_(m, Int8WeightOnlyConfig())
         else:
             m = m.to(torch.bfloat16)
-            quantize_(m, Int4WeightOnlyConfig(group_size=group_size))
+            quantize_(m, Int4WeightOnlyConfig(group_size=group_size, **tinygemm_layout(Int4WeightOnlyConfig)))
             cast_(m, torch.bfloat16, convert=False)
     return m
 

@@ -423,13 +423,13 @@ def max_abs_diff(fn: Any, reference: Any, x: Any) -> tuple[float, float]:
 
 
 def median_latency_ms(fn: Any, x: Any, warmup: int = 3, iterations: int = 10) -> float:
-    """Median wall time of ``fn(x)`` (see :func:`run_on`) on CPU in milliseconds, after ``warmup`` calls."""
+    """Median wall time of ``fn(x)`` (see :func:`run_on`) in milliseconds, after ``warmup`` calls;
+    synchronised around each call when ``x`` is on a CUDA device (else only the launches count)."""
     import torch
 
+    from compress_cli._utils.batches import tensors
     from compress_cli.runtime.measure import time_calls
 
+    device = next(tensors(x), torch.empty(0)).device
     with torch.inference_mode():
-        return (
-            statistics.median(time_calls(lambda v: run_on(fn, v), x, torch.device("cpu"), warmup, iterations))
-            * 1e3
-        )
+        return statistics.median(time_calls(lambda v: run_on(fn, v), x, device, warmup, iterations)) * 1e3

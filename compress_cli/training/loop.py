@@ -30,16 +30,19 @@ if TYPE_CHECKING:
     from compress_cli.tasks.base import Task
 
 
-def _amp_context(device: torch.device, enabled: bool) -> tuple[Any, Any]:
+def _amp_context(device: torch.device, enabled: bool) -> tuple[Any, Any, str]:
+    """(autocast context factory, GradScaler or None, what it does for the notes). On CUDA: bf16
+    autocast where the device supports bf16, else fp16 autocast with a GradScaler; elsewhere none."""
     import contextlib
 
     import torch
 
     if not enabled or device.type != "cuda":
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext, None, ""
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    how = "amp bf16" if scaler is None else "amp fp16 with GradScaler"
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, how
 
 
 def train(
@@ -123,7 +126,11 @@ def train(
         if opts.scheduler == "plateau"
         else None
     )
-    autocast, scaler = _amp_context(device, opts.amp)
+    autocast, scaler, result.amp = _amp_context(device, opts.amp)
+    if opts.amp and device.type != "cuda" and "amp" in opts.model_fields_set:
+        result.amp = f"amp ignored on {device.type} (mixed precision runs on CUDA only; trained in fp32)"
+        if on_step is None:  # probes (lr_find, batch_size_find) stay quiet
+            state.ctx.listener.on_message(f"{label}: {result.amp}")
     check_every = 1 if device.type == "cpu" else 25
     best: float | None = None  # the best validation score (primary metric) so far
     best_state, since_best = None, 0

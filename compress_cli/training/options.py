@@ -84,13 +84,15 @@ class TrainResult:
     seconds: float = 0.0
     best_val_score: float | None = None
     val_metric: str | None = None
+    #: mixed precision: "amp bf16", "amp fp16 with GradScaler" (CUDA), why it was ignored, or ""
+    amp: str = ""
 
     def notes(self, *parts: str) -> str:
-        """A training stage's one-line notes: epochs run, then ``parts``, the last validation
-        score (accuracy in %, another task's primary metric by name) and whether early stopping
-        restored the best weights."""
+        """A training stage's one-line notes: epochs run, then ``parts``, the mixed precision used
+        (or why it was ignored), the last validation score (accuracy in %, another task's primary
+        metric by name) and whether early stopping restored the best weights."""
         last = self.history[-1] if self.history else {}
-        notes = ", ".join([f"{self.epochs_run} epoch(s)", *parts])
+        notes = ", ".join([f"{self.epochs_run} epoch(s)", *parts, *([self.amp] if self.amp else [])])
         if "val_accuracy" in last:
             notes += f", val {last['val_accuracy'] * 100:.2f}%"
         elif "val_score" in last and self.val_metric:

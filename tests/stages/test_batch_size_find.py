@@ -158,3 +158,49 @@ def test_batch_size_auto_needs_a_finder():
         RecipeError, match=r"stages\[0\] \(finetune\).batch_size: 'auto' needs batch_size_find"
     ):
         validate(parse_yaml(text([{"type": "finetune", "batch_size": "auto"}])))
+
+
+def test_fake_out_of_memory_drives_the_bisection_cache_emptying_and_margin(tmp_path, monkeypatch):
+    """torch.OutOfMemoryError above batch 100, injected on CPU: the doubling and bisection probe
+    exactly the sizes the search should, the CUDA cache is emptied (``_free_cuda``) once per failed
+    probe, after the failed step's tensors are gone (the traceback no longer holds them), and the margin
+    and rounding give the final batch."""
+    import weakref
+
+    freed_when_emptied: list[bool] = []
+    last: list[weakref.ref] = []
+    tried: list[int] = []
+
+    class Oom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+        def forward(self, x):
+            if not tried or tried[-1] != x.shape[0]:
+                tried.append(x.shape[0])
+            held = torch.empty(x.shape[0], 1024)  # what a failed CUDA step would hold
+            last[:] = [weakref.ref(held)]
+            if x.shape[0] > 100:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.net(x)
+
+    from compress_cli.tuning import batch_size as bsf
+
+    real_free = bsf._free_cuda
+
+    def free_cuda() -> None:  # gc, then torch.cuda.empty_cache() where there is CUDA
+        real_free()
+        freed_when_emptied.append(last[0]() is None)
+
+    state = make_state(tmp_path)
+    state.model = Oom()
+    monkeypatch.setattr(bsf, "_free_cuda", free_cuda)
+    res = run_stage(state, mode="max", max_memory_gb=1.0, start=16, margin=0.1, multiple_of=8, steps=2)
+    assert tried == [16, 32, 64, 128, 96, 112, 104, 100, 102, 101]  # doubling, then bisection
+    failed = [r["batch_size"] for r in res.details["probes"] if not r["fits"]]
+    assert failed == [101, 102, 104, 112, 128]
+    assert all(r["reason"] == "out of memory" for r in res.details["probes"] if not r["fits"])
+    assert freed_when_emptied == [True] * len(failed)
+    assert res.details["largest_fitting"] == 100 and res.details["search"] == "limit between 100 and 101"
+    assert state.hparams["batch_size"] == 88  # 100 less 10 % = 90, rounded down to a multiple of 8

@@ -205,7 +205,7 @@ def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao weight-only kernels need CUDA")
+@pytest.mark.cuda  # torchao weight-only kernels need CUDA
 def test_int8_weight_only_on_cuda_reloads_equal(tmp_path):
     r = recipe(
         tmp_path, [{"type": "quantize", "scheme": "int8_weight_only"}], device="cuda", model="zoo:digits_mlp"
