@@ -170,6 +170,27 @@ def inspect(
     render.inspection(path, info)
 
 
+@app.command()
+def bench(
+    run_dir: Path = typer.Argument(..., help="output directory of a finished run"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
+    no_write: bool = typer.Option(False, "--no-write", help="only print; leave report.json/md as they are"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout (nothing else)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Re-measure a finished run's speedup (original vs final, paired) on this machine, now."""
+    from compress_cli.engine.bench import bench_run
+
+    try:
+        result = bench_run(run_dir, write=not no_write, device=device)
+    except CompressError as e:
+        _fail(e, debug)
+    if as_json:
+        render.json_document(result)
+        return
+    render.bench_result(result, written=not no_write)
+
+
 def _first_line(doc: str | None) -> str:
     return doc.strip().splitlines()[0] if doc else ""
 
