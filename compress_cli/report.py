@@ -207,14 +207,20 @@ def headings(report: Report) -> list[str]:
     return ["stage", score_label(report.baseline)] + HEADINGS[2:]
 
 
+def ratio_text(ratio: float, ci: list[float] | None, unstable: str | None) -> str:
+    """A paired ratio for people: ``3.21× [2.90-3.50]`` (median and 95% interval); an unstable one
+    shows only its interval, ``0.90-412× unstable``, so no point value is printed that the timings
+    do not support."""
+    if unstable and ci:
+        return f"{ci[0]:.2f}-{ci[1]:.2f}× unstable"
+    if ci:
+        return f"{ratio:.2f}× [{ci[0]:.2f}-{ci[1]:.2f}]"
+    return f"{ratio:.2f}×"
+
+
 def speedup_text(m: Metrics) -> str:
-    """The speedup cell: ``3.21×``, ``3.21× [2.9-3.5]`` with its interval, ``unstable`` when flagged."""
-    if not m.speedup:
-        return ""
-    text = f"{m.speedup:.2f}×"
-    if m.speedup_ci:
-        text += f" [{m.speedup_ci[0]:.2f}-{m.speedup_ci[1]:.2f}]"
-    return text + (" unstable" if m.unstable else "")
+    """The speedup cell (:func:`ratio_text`; empty for the baseline)."""
+    return ratio_text(m.speedup, m.speedup_ci, m.unstable) if m.speedup else ""
 
 
 def human_bytes(n: int | None) -> str:
@@ -288,7 +294,7 @@ def paired_lines(final: Metrics | None) -> list[str]:
         flag = f"**unstable**: {p['unstable']}" if p.get("unstable") else "stable"
         out.append(
             f"| {p['batch']} | {p['a_ms_p50']:.3f} / {p['a_ms_p90']:.3f} | {p['b_ms_p50']:.3f} / "
-            f"{p['b_ms_p90']:.3f} | {p['ratio']:.2f}× [{ci[0]:.2f}-{ci[1]:.2f}] | "
+            f"{p['b_ms_p90']:.3f} | {ratio_text(p['ratio'], ci, p.get('unstable'))} | "
             f"{p['rounds']} × {p['calls']} | {flag} |"
         )
     if final.speedup_unpaired:

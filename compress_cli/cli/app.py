@@ -3,14 +3,23 @@ line of output to ``compress_cli.cli.render``. The only module that calls exit."
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-import typer
+#: OpenMP threads that finish their work sleep at once instead of spinning: on a machine where
+#: other work runs, spinning threads take the cores from the ones with work and a 0.4 ms forward
+#: pass takes hundreds of ms (benchmarks/RESULTS.md, "Overhead"). OpenMP reads it when torch loads,
+#: so it is set here, before anything imports torch, and only when the user has not chosen one.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["COMPRESS_SET_OMP_WAIT_POLICY"] = "1"  # the report says who chose it
 
-from compress_cli.cli import render
-from compress_cli.errors import CompressError, StageError
+import typer  # noqa: E402
+
+from compress_cli.cli import render  # noqa: E402
+from compress_cli.errors import CompressError, StageError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,

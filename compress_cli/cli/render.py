@@ -154,6 +154,8 @@ def run_result(report: Report) -> None:
 
 def bench_result(result: dict[str, Any], written: bool) -> None:
     """``compress bench``: each batch size's paired numbers, any instability, the machine."""
+    from compress_cli.report import ratio_text
+
     t = Table(title=f"{result['run']}: original vs final, paired ({result['runtime']})")
     for c in ("batch", "original ms p50/p90", "final ms p50/p90", "speedup [95%]", "rounds×calls", ""):
         t.add_column(c, justify="right" if c else "left")
@@ -162,7 +164,7 @@ def bench_result(result: dict[str, Any], written: bool) -> None:
             str(p["batch"]),
             f"{p['a_ms_p50']:.3f} / {p['a_ms_p90']:.3f}",
             f"{p['b_ms_p50']:.3f} / {p['b_ms_p90']:.3f}",
-            f"{p['ratio']:.2f}× [{p['ci'][0]:.2f}-{p['ci'][1]:.2f}]",
+            ratio_text(p["ratio"], p["ci"], p.get("unstable")),
             f"{p['rounds']}×{p['calls']}",
             "unstable" if p.get("unstable") else "stable",
         )

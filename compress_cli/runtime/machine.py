@@ -56,6 +56,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def wait_policy() -> str:
+    """OMP_WAIT_POLICY as this process's OpenMP read it, and who chose it."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if policy is None:
+        return "unset (OpenMP default: spin a while, then sleep)"
+    if os.environ.get("COMPRESS_SET_OMP_WAIT_POLICY") == "1":
+        return f"{policy} (compress's default; set OMP_WAIT_POLICY to choose)"
+    return f"{policy} (set by the user)"
+
+
 def machine_facts(device: torch.device | None = None, threads: int | None = None) -> dict[str, Any]:
     """What the report says about the machine at the start of a run (``load_end`` is added at
     the end): ``threads`` is the measurement's thread setting (None: torch's current one)."""
@@ -71,7 +81,7 @@ def machine_facts(device: torch.device | None = None, threads: int | None = None
         "cores_usable": usable_cores(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin, then sleep)"),
+        "omp_wait_policy": wait_policy(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_start": load_average(),
         "versions": versions(),

@@ -165,3 +165,11 @@ def test_machine_facts_name_cpu_threads_and_versions():
     m = machine_facts()
     assert m["cpu"] and m["threads"] >= 1 and "torch" in m["versions"]
     assert "omp_wait_policy" in m
+
+
+def test_an_unstable_speedup_is_shown_as_its_interval_only():
+    from compress_cli.report import speedup_text
+
+    assert speedup_text(_metrics(speedup=3.0, speedup_ci=[2.9, 3.1])) == "3.00× [2.90-3.10]"
+    shown = speedup_text(_metrics(speedup=249.0, speedup_ci=[0.9, 412.0], unstable="machine busy"))
+    assert shown == "0.90-412.00× unstable" and "249" not in shown
