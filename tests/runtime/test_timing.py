@@ -173,3 +173,19 @@ def test_an_unstable_speedup_is_shown_as_its_interval_only():
     assert speedup_text(_metrics(speedup=3.0, speedup_ci=[2.9, 3.1])) == "3.00× [2.90-3.10]"
     shown = speedup_text(_metrics(speedup=249.0, speedup_ci=[0.9, 412.0], unstable="machine busy"))
     assert shown == "0.90-412.00× unstable" and "249" not in shown
+
+
+def test_the_cli_sleeps_openmp_threads_unless_the_user_chose_a_policy():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os; from compress_cli.cli import app; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "COMPRESS_SET_OMP_WAIT_POLICY")
+    }
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "ACTIVE"
