@@ -66,7 +66,11 @@ class Metrics(_Model):
     fp32_bytes: int | None = None
     size_ratio: float | None = None
     speedup: float | None = None
+    speedup_ci: list[float] | None = None
+    speedup_unpaired: float | None = None
     throughput_ratio: float | None = None
+    paired: list[dict[str, Any]] | None = None
+    unstable: str | None = None
     guard_violations: list[str] | None = None
     result_from_stage: int | None = None
     same_runtime_baseline: dict[str, Any] | None = None
@@ -124,6 +128,7 @@ class Report(_Model):
     edits: list[dict[str, Any]] | None = None
     guard: dict[str, Any] | None = None
     duration_s: float | None = None
+    machine: dict[str, Any] | None = None
     error: str | None = None  # an incomplete run: why it stopped
     incomplete: bool | None = None
 
@@ -146,7 +151,14 @@ DEFINITIONS = {
     "in the named runtime",
     "latency_p90_ms": "90th percentile of the same",
     "throughput": "samples per second at throughput_batch (median over repeats)",
-    "speedup": "baseline latency_ms / this latency_ms",
+    "speedup": "original / this model's time per call at latency_batch, measured paired: both timed "
+    "alternately in the same window (rounds of calls), the median of the per-round ratios; "
+    "speedup_ci is its bootstrap 95% interval, paired has each batch size's numbers",
+    "speedup_unpaired": "baseline latency_ms / this latency_ms (measured apart: information only)",
+    "throughput_ratio": "the paired ratio at throughput_batch",
+    "unstable": "why a paired speedup is not to be trusted: its rounds spread too wide (p90/p50 over "
+    "1.5), its interval wider than ±20%, or other processes kept the cores busy; guard.min_speedup "
+    "then judges the interval's lower bound",
     "accuracy_drop": "baseline accuracy - this accuracy, in percentage points",
     "score": "other tasks: the value of the task's primary metric (named in the table's heading)",
     "metric_drop": "other tasks: how much worse the primary metric is than the baseline's, in its units",
@@ -183,7 +195,7 @@ COLUMNS: list[tuple[str, Callable[[Metrics], str]]] = [
     ("size ×", lambda m: f"{m.size_ratio:.1f}" if m.size_ratio else ""),
     ("MACs", lambda m: f"{m.macs / 1e6:.2f}M" if m.macs else "n/a"),
     ("latency ms", lambda m: f"{m.latency_ms:.3f}" if m.latency_ms else "n/a"),
-    ("speedup", lambda m: f"{m.speedup:.2f}×" if m.speedup else ""),
+    ("speedup", lambda m: speedup_text(m)),
     ("samples/s", lambda m: f"{m.throughput:,.0f}" if m.throughput else "n/a"),
     ("runtime", lambda m: m.runtime),
 ]
@@ -193,6 +205,22 @@ HEADINGS = ["stage"] + [name for name, _ in COLUMNS]
 def headings(report: Report) -> list[str]:
     """The table's headings: ``HEADINGS`` with the primary metric named (top-1 % for classification)."""
     return ["stage", score_label(report.baseline)] + HEADINGS[2:]
+
+
+def ratio_text(ratio: float, ci: list[float] | None, unstable: str | None) -> str:
+    """A paired ratio for people: ``3.21× [2.90-3.50]`` (median and 95% interval); an unstable one
+    shows only its interval, ``0.90-412× unstable``, so no point value is printed that the timings
+    do not support."""
+    if unstable and ci:
+        return f"{ci[0]:.2f}-{ci[1]:.2f}× unstable"
+    if ci:
+        return f"{ratio:.2f}× [{ci[0]:.2f}-{ci[1]:.2f}]"
+    return f"{ratio:.2f}×"
+
+
+def speedup_text(m: Metrics) -> str:
+    """The speedup cell (:func:`ratio_text`; empty for the baseline)."""
+    return ratio_text(m.speedup, m.speedup_ci, m.unstable) if m.speedup else ""
 
 
 def human_bytes(n: int | None) -> str:
@@ -239,9 +267,55 @@ def to_markdown(report: Report) -> str:
             f"Original model in the final runtime ({report.final.runtime}): "
             f"latency {srb.get('latency_ms', 0):.3f} ms, throughput {srb.get('throughput', 0):,.0f}/s.",
         ]
+    lines += paired_lines(report.final)
+    lines += machine_lines(report.machine)
     lines += ["", "## What the numbers mean", ""]
     lines += [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(final: Metrics | None) -> list[str]:
+    """report.md's paired-speedup section: each batch size's original and final times, the ratio
+    with its interval, and why a number is unstable."""
+    if final is None or not final.paired:
+        return []
+    out = [
+        "",
+        "## Speedup, measured paired",
+        "",
+        "Original and final model timed alternately in the same window; the ratio is the median of "
+        "the per-round ratios, with its bootstrap 95% interval.",
+        "",
+        "| batch | original ms p50 / p90 | final ms p50 / p90 | speedup [95% interval] | rounds × calls | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in final.paired:
+        ci = p["ci"]
+        flag = f"**unstable**: {p['unstable']}" if p.get("unstable") else "stable"
+        out.append(
+            f"| {p['batch']} | {p['a_ms_p50']:.3f} / {p['a_ms_p90']:.3f} | {p['b_ms_p50']:.3f} / "
+            f"{p['b_ms_p90']:.3f} | {ratio_text(p['ratio'], ci, p.get('unstable'))} | "
+            f"{p['rounds']} × {p['calls']} | {flag} |"
+        )
+    if final.speedup_unpaired:
+        out += ["", f"Unpaired (baseline and final measured apart): {final.speedup_unpaired:.2f}×."]
+    return out
+
+
+def machine_lines(machine: dict[str, Any] | None) -> list[str]:
+    """report.md's machine section: CPU, flags, cores and threads, load, GPU, library versions."""
+    if not machine:
+        return []
+    out = ["", "## Machine", ""]
+    for k, v in machine.items():
+        if v is None or v == [] or v == {}:
+            continue
+        if isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        elif isinstance(v, list):
+            v = " ".join(str(x) for x in v)
+        out.append(f"- {k.replace('_', ' ')}: {v}")
+    return out
 
 
 def write_plot(report: Report, path: Path) -> None:
@@ -272,12 +346,14 @@ def report_figure(report: Report) -> Any:
         axes[0].scatter(kib, acc, s=40)
         labels[0].append((kib, acc, label))
         if m.latency_ms:
-            axes[1].scatter(m.latency_ms, acc, s=40)
+            # an unstable speedup: a hollow marker (its timings are not to be trusted)
+            hollow = {"facecolors": "none", "edgecolors": "C3"} if m.unstable else {}
+            axes[1].scatter(m.latency_ms, acc, s=40, **hollow)
             labels[1].append((m.latency_ms, acc, label))
     log_axis(axes[0], "x")
     axes[0].set_xlabel("checkpoint size on disk (KiB, log)")
     log_axis(axes[1], "x")
-    axes[1].set_xlabel("latency, batch 1 (ms, log)")
+    axes[1].set_xlabel("latency, batch 1 (ms, log); hollow: unstable timing")
     for ax in axes:
         ax.set_ylabel("top-1 accuracy (%)" if report.baseline.primary is None else report.baseline.primary)
         ax.grid(alpha=0.3)

@@ -144,7 +144,7 @@ def tiny_recipe_dict(
         "device": "cpu",
         "model": {"source": "zoo:digits_mlp"},
         "data": {"source": "digits"},
-        "measure": {"latency": {"batch_sizes": [1, 32], "warmup": 1, "iterations": 3}},
+        "measure": {"latency": {"batch_sizes": [1, 32], "warmup": 1, "iterations": 3, "remeasure_s": 0}},
         "output": str(Path(tmp_path) / "out"),
         "stages": copy.deepcopy(list(stages or [])),
     }

@@ -3,15 +3,24 @@ line of output to ``compress_cli.cli.render``. The only module that calls exit."
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-import typer
+#: OpenMP threads that finish their work sleep at once instead of spinning: on a machine where
+#: other work runs, spinning threads take the cores from the ones with work and a 0.4 ms forward
+#: pass takes hundreds of ms (benchmarks/RESULTS.md, "Overhead"). OpenMP reads it when torch loads,
+#: so it is set here, before anything imports torch, and only when the user has not chosen one.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["COMPRESS_SET_OMP_WAIT_POLICY"] = "1"  # the report says who chose it
 
-from compress_cli.cli import render
-from compress_cli.errors import CompressError, StageError
-from compress_cli.events import Listeners
+import typer  # noqa: E402
+
+from compress_cli.cli import render  # noqa: E402
+from compress_cli.errors import CompressError, StageError  # noqa: E402
+from compress_cli.events import Listeners  # noqa: E402
 
 if TYPE_CHECKING:
     from compress_cli.tracking import MlflowTracker
@@ -212,6 +221,27 @@ def compare(
         render.json_document({"runs": public_rows(rows), "files": [str(f) for f in files]})
         return
     render.compare_table(rows, files)
+
+
+@app.command()
+def bench(
+    run_dir: Path = typer.Argument(..., help="output directory of a finished run"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (overrides the recipe)"),
+    no_write: bool = typer.Option(False, "--no-write", help="only print; leave report.json/md as they are"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout (nothing else)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Re-measure a finished run's speedup (original vs final, paired) on this machine, now."""
+    from compress_cli.engine.bench import bench_run
+
+    try:
+        result = bench_run(run_dir, write=not no_write, device=device)
+    except CompressError as e:
+        _fail(e, debug)
+    if as_json:
+        render.json_document(result)
+        return
+    render.bench_result(result, written=not no_write)
 
 
 def _first_line(doc: str | None) -> str:

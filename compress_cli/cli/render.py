@@ -144,8 +144,11 @@ def report_table(report: Report) -> Table:
 
 
 def run_result(report: Report) -> None:
-    """A finished run: the report table and where the model and report are."""
+    """A finished run: the report table, any unstable speedup and why, where the model and report are."""
     out.print(report_table(report))
+    for label, m in report.measured():
+        if m.unstable:
+            out.print(f"[yellow]unstable speedup[/yellow] ({label}): {escape(m.unstable)}")
     out.print(f"model: {report.output}/model · report: {report.output}/report.md")
 
 
@@ -174,6 +177,34 @@ def merged_recipe(data: Any) -> None:
 def tracked(url: str) -> None:
     """Where the run was logged (its MLflow run's URL)."""
     out.print(f"tracked: {escape(url)}")
+
+
+def bench_result(result: dict[str, Any], written: bool) -> None:
+    """``compress bench``: each batch size's paired numbers, any instability, the machine."""
+    from compress_cli.report import ratio_text
+
+    t = Table(title=f"{result['run']}: original vs final, paired ({result['runtime']})")
+    for c in ("batch", "original ms p50/p90", "final ms p50/p90", "speedup [95%]", "rounds×calls", ""):
+        t.add_column(c, justify="right" if c else "left")
+    for p in result["paired"]:
+        t.add_row(
+            str(p["batch"]),
+            f"{p['a_ms_p50']:.3f} / {p['a_ms_p90']:.3f}",
+            f"{p['b_ms_p50']:.3f} / {p['b_ms_p90']:.3f}",
+            ratio_text(p["ratio"], p["ci"], p.get("unstable")),
+            f"{p['rounds']}×{p['calls']}",
+            "unstable" if p.get("unstable") else "stable",
+        )
+    out.print(t)
+    if result.get("unstable"):
+        out.print(f"[yellow]unstable:[/yellow] {escape(result['unstable'])}")
+    m = result["machine"]
+    out.print(
+        f"{m['cpu']} · {m['cores_usable']} cores · {m['threads']} threads · "
+        f"OMP_WAIT_POLICY {m['omp_wait_policy']} · load {m['load_start']} → {m['load_end']}"
+    )
+    if written:
+        out.print(f"updated {result['run']}/report.json, report.md and report.png")
 
 
 def json_document(document: Any) -> None:

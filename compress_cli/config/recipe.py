@@ -189,6 +189,20 @@ class LatencyConfig(_Strict):
     threads: int | None = Field(
         None, gt=0, le=4096, description="CPU threads (default: torch's current setting)"
     )
+    rounds: int = Field(
+        10,
+        ge=2,
+        le=100_000,
+        description="speedups: rounds of the paired measurement (original and current model timed "
+        "alternately), iterations // rounds calls of each per round",
+    )
+    remeasure_s: float = Field(
+        3.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="speedups: seconds a paired measurement that looks unstable may be repeated "
+        "(with longer rounds) before it is reported as unstable; one budget for all batch sizes",
+    )
 
 
 class MeasureConfig(_Strict):

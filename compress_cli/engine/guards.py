@@ -36,9 +36,20 @@ def violations(guard: GuardConfig, m: Metrics, base: Metrics) -> list[str]:
         out.append(f"guard.max_latency_ms: latency {m.latency_ms:.3f} ms (limit {guard.max_latency_ms})")
     if guard.max_size_bytes is not None and (m.size_bytes or 0) > guard.max_size_bytes:
         out.append(f"guard.max_size_bytes: checkpoint {m.size_bytes} bytes (limit {guard.max_size_bytes})")
-    if guard.min_speedup is not None and (m.speedup or 0) < guard.min_speedup:
-        out.append(f"guard.min_speedup: speedup {m.speedup or 0:.2f}x (limit {guard.min_speedup}x)")
+    if guard.min_speedup is not None:
+        speedup, how = judged_speedup(m)
+        if speedup < guard.min_speedup:
+            out.append(f"guard.min_speedup: speedup {speedup:.2f}x{how} (limit {guard.min_speedup}x)")
     return out
+
+
+def judged_speedup(m: Metrics) -> tuple[float, str]:
+    """(the speedup ``guard.min_speedup`` judges, how it was chosen): the paired median, or, when the
+    measurement was unstable, its 95% interval's lower bound (a noisy number passes only when even
+    its pessimistic end does)."""
+    if m.unstable and m.speedup_ci:
+        return m.speedup_ci[0], f" (the lower end of its 95% interval: the timing was unstable: {m.unstable})"
+    return m.speedup or 0.0, ""
 
 
 class GuardPolicy:

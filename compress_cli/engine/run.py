@@ -162,6 +162,11 @@ class Run:
             output=str(out),
             stages=[],
         )
+        if main:
+            from compress_cli.runtime.machine import machine_facts
+
+            lat = recipe.measure.latency
+            report.machine = machine_facts(dev, lat.threads if lat is not None else None)
         if not main:
             distributed.barrier()
             return run_stages_secondary(state, report)
@@ -209,6 +214,8 @@ class Run:
             reference=reference,
             on_batch=self.listener.on_eval_step,
         )
+        if reference is not None and cfg.latency is not None and metrics.latency_ms:
+            self._pair(state, metrics, reference)
         self.listener.on_measure_end(metrics)
         if not metrics.size_bytes:  # it was just saved: someone else deleted or emptied the directory
             raise StageError(
@@ -216,6 +223,23 @@ class Run:
                 "did another process delete the output directory?"
             )
         return metrics
+
+    def _pair(self, state: State, metrics: Metrics, reference: Metrics) -> None:
+        """Replace the speedup (taken from two measurements minutes apart) by the paired one: the
+        original model and the current runner timed alternately now (runtime.timing); the unpaired
+        ratio stays as ``speedup_unpaired``."""
+        from compress_cli.runtime.runners import EagerRunner
+        from compress_cli.runtime.timing import paired_latency, speedup_fields
+
+        cfg = self.recipe.measure.latency
+        assert cfg is not None and metrics.latency_ms and reference.latency_ms
+        metrics.speedup_unpaired = reference.latency_ms / metrics.latency_ms
+        original = EagerRunner(state.original_model(), state.device)
+        pairs = paired_latency(
+            original, state.current_runner(), state.data.example_input, cfg, self.recipe.seed
+        )
+        for k, v in speedup_fields(pairs).items():
+            setattr(metrics, k, v)
 
     def _measure_baseline(self, state: State) -> Metrics:
         from compress_cli.engine.guards import violations
@@ -383,6 +407,10 @@ class Run:
         report.edits = state.edits.to_json()
         report.guard = {"violations": violations, **self.recipe.guard.model_dump()}
         report.duration_s = round(time.perf_counter() - self.t0, 3)
+        if report.machine is not None:
+            from compress_cli.runtime.machine import load_average
+
+            report.machine["load_end"] = load_average()
         with self._writing(self.out / "report.json"):
             write_report(report, self.out)
         self.listener.on_done(report)
