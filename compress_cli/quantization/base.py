@@ -280,7 +280,8 @@ class Int8Handler(SchemeHandler):
         with the reason and the way out. The trial calibrates on ``PREFLIGHT_SAMPLES`` samples of
         the example batch and is scored on as many others (the run's gate, too, scores on data it
         did not calibrate on; an evaluation split with fewer samples repeats them). A trial output
-        SQNR more than ``PREFLIGHT_SQNR_SLACK_DB`` below ``min_sqnr_db`` is refused (a few samples
+        SQNR at or below 0 dB, or more than ``PREFLIGHT_SQNR_SLACK_DB`` below ``min_sqnr_db``, is
+        refused (a few samples
         are a noisy estimate: only a clearly broken conversion, e.g. activations below the
         quantizer's smallest scale, is refused here; the run's gate decides the rest)."""
         import torch
@@ -317,7 +318,10 @@ class Int8Handler(SchemeHandler):
         # the slack absorbs what a few calibration samples get wrong; activations below the
         # smallest scale stay there whatever the calibration data, so then no slack is given
         limit = options.min_sqnr_db - (0.0 if floored else PREFLIGHT_SQNR_SLACK_DB)
-        if self.trial_is_runtime and sqnr < limit:
+        # at or below 0 dB the output is no closer to fp32's than zeros are: broken, not noisy
+        # (mobileone_s0 at a 5 dB gate: the slack's -1 dB let a 0.0 dB conversion through)
+        garbage = sqnr <= 0.0 < options.min_sqnr_db
+        if self.trial_is_runtime and (sqnr < limit or garbage):
             why = (
                 f"below min_sqnr_db {options.min_sqnr_db}, and {floored_reason(floored)}"
                 if floored

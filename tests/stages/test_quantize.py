@@ -633,6 +633,10 @@ def test_a_conversion_far_below_the_sqnr_gate_is_refused_by_the_preflight(tmp_pa
     monkeypatch.setattr(h, "trial", zeros)
     problems = [p for p in preflight(state) if p.startswith("stages[0]")]
     assert len(problems) == 1 and "trial conversion calibrated on 8 samples gives output SQNR" in problems[0]
+    # an all-zero output is 0 dB: refused even where the gate minus the slack is below 0 dB
+    cfg = {"type": "quantize", "scheme": "int8_static", "compile": False, "min_sqnr_db": 5.0}
+    low = recipe(tmp_path, [cfg])
+    assert [p for p in preflight(build_state(low, torch.device("cpu"), tmp_path / "o2")) if "SQNR 0.0" in p]
     monkeypatch.setattr(h, "trial", real)
     assert not [p for p in preflight(state) if p.startswith("stages[0]")]  # the real trial passes
 
