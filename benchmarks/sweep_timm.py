@@ -362,12 +362,20 @@ NOTES = """
   unquantized models. **int8_static on mobileone_s0** was refused up front with a bare
   `AssertionError`: torchao's x86 quantizer asserts on a convolution added to the number 0 (its
   blocks start their branch sums at `out = 0`); the graph is now prepared again with `x + 0`
-  removed (load() does the same).
+  removed (load() does the same). The conversion then runs but gives 0.0 dB (logits ~1e14 at
+  random init; all-zero int8 output, cause not examined), in the preflight's trial and in the real
+  conversion alike, so a trial at or below 0 dB is now refused whatever the slack. The row shown
+  is the earlier one: its rerun timed out at 900 s on the loaded shared CPU (the trial alone took
+  427 s).
 - **rexnet_100 (timeout) and coatnet_nano_rw_224 (killed, exit -9)**: both spent their time in
   torch-pruning's dependency search (`get_all_groups`, from the prune_channels preflight's removal
-  on a copy): it revisits a layer whenever it arrives with another index list, so a group grows
-  without bound (coatnet's memory with it). Groups past 20 entries per module are now stopped and
-  refused (rexnet_100: 14 s; the largest real group measured, vit_tiny, has 180 entries).
+  on a copy; faulthandler dumps): it revisits a layer whenever it arrives with another index list,
+  so a group grows without bound (coatnet's memory with it: 2.5 GB at 1:45). Groups past 20 entries
+  per module are now stopped and refused (rexnet_100: 14 s; the largest real group measured,
+  vit_tiny, has 180 entries). coatnet_nano_rw_224 was still killed (exit -9) in its rerun, on a
+  machine shared with 3.6-7 GB jobs: not established whether the bound stops it in time.
+- nf_resnet26 and the reruns of lcnet_050 and rexnet_100 ran with `--timeout 900` (rexnet: 600) on the loaded
+  shared CPU (nf_resnet26: 394 s).
 - **timm: classes in the manifest**: a `timm:NAME` source may name `timm.models` classes (private
   block modules such as `timm.models._efficientnet_blocks` included).
 - **vit_tiny_patch16_224** timed out at 300 s with the compiled int8 graph; with int8_static in

@@ -325,8 +325,13 @@ class Int8Handler(SchemeHandler):
             why = (
                 f"below min_sqnr_db {options.min_sqnr_db}, and {floored_reason(floored)}"
                 if floored
-                else f"far below min_sqnr_db {options.min_sqnr_db} (e.g. activations too small for "
-                "int8 scales)"
+                else f"far below min_sqnr_db {options.min_sqnr_db} ("
+                + (
+                    "no closer to fp32's output than zeros"
+                    if garbage
+                    else "e.g. activations too small for int8 scales"
+                )
+                + ")"
             )
             raise StageError(
                 f"{options.scheme}: a trial conversion calibrated on {n} samples gives output SQNR "
