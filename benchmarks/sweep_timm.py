@@ -372,8 +372,9 @@ NOTES = """
   on a copy; faulthandler dumps): it revisits a layer whenever it arrives with another index list,
   so a group grows without bound (coatnet's memory with it: 2.5 GB at 1:45). Groups past 20 entries
   per module are now stopped and refused (rexnet_100: 14 s; the largest real group measured,
-  vit_tiny, has 180 entries). coatnet_nano_rw_224 was still killed (exit -9) in its rerun, on a
-  machine shared with 3.6-7 GB jobs: not established whether the bound stops it in time.
+  vit_tiny, has 180 entries). coatnet_nano_rw_224 was still killed (exit -9) in its rerun: run
+  alone with the bound it grew to 13 GB in 2 minutes inside an index mapping's list comprehension
+  (`index_mapping.py:42`): its index lists grow, not the number of group entries. Not fixed.
 - nf_resnet26 and the reruns of lcnet_050 and rexnet_100 ran with `--timeout 900` (rexnet: 600) on the loaded
   shared CPU (nf_resnet26: 394 s).
 - **timm: classes in the manifest**: a `timm:NAME` source may name `timm.models` classes (private
