@@ -266,9 +266,9 @@ def test_timm_vit_stage_run_saves_and_reloads(tmp_path):
 
 
 def test_a_runaway_dependency_search_is_refused_located_and_the_model_kept(monkeypatch):
-    """torch-pruning's group search ran for over 5 minutes on timm's rexnet_100 and was killed for
-    memory on coatnet_nano_rw_224; a group past GROUP_ENTRIES_PER_MODULE entries per module now
-    stops it (rexnet_100: refused in 14 s; real groups measured at most 180 entries, vit_tiny)."""
+    """torch-pruning's group search ran for over 5 minutes on timm's rexnet_100; a group past
+    GROUP_ENTRIES_PER_MODULE entries per module now stops it (rexnet_100: refused in 14 s; real
+    groups measured at most 180 entries, vit_tiny)."""
     import torch_pruning as tp
 
     import compress_cli.pruning.channels as channels
