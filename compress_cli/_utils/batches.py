@@ -88,6 +88,12 @@ def take(obj: Any, n: int) -> Any:
     return map_tensors(obj, cut)
 
 
+def samples(obj: Any, start: int, stop: int) -> Any:
+    """Samples ``start`` to ``stop`` (exclusive) of a batch, every tensor cut along dimension 0
+    (scalar tensors kept as they are)."""
+    return map_tensors(obj, lambda t: t[start:stop] if t.dim() else t)
+
+
 def concat(batches: list[Any]) -> Any:
     """One batch made of several of the same structure, concatenated along dimension 0."""
     import torch

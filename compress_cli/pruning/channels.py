@@ -16,8 +16,9 @@ reloads without pickles or per-stage code.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -418,7 +419,7 @@ def prune_channels(
     zeroed_reference`). Otherwise StageError names the first diverging layer and the model is left
     as it was before the call.
     """
-    with restored_on_failure(model):
+    with restored_on_failure(model), bounded_group_search(model):
         return _prune_in_place(
             model,
             example,
@@ -437,6 +438,42 @@ def prune_channels(
             between_steps=between_steps,
             on_step=on_step,
         )
+
+
+#: a group of coupled layers larger than this many entries per module of the model is a runaway
+#: dependency search (see :func:`bounded_group_search`); real groups hold a few entries per module
+GROUP_ENTRIES_PER_MODULE = 20
+
+
+@contextlib.contextmanager
+def bounded_group_search(model: nn.Module) -> Iterator[None]:
+    """Stop torch-pruning's dependency search with a StageError when one group of coupled layers
+    grows past ``GROUP_ENTRIES_PER_MODULE`` entries per module of ``model``. Its search revisits a
+    layer whenever it arrives with another index list, so on some architectures (timm's rexnet_100)
+    it ran for more than 5 minutes in ``get_all_groups`` before anything was removed. Not caught:
+    index lists that grow inside one entry (coatnet_nano_rw_224 reached 13 GB that way)."""
+    from torch_pruning.dependency.group import Group
+
+    limit = GROUP_ENTRIES_PER_MODULE * max(1, sum(1 for _ in model.modules()))
+    add_dep = Group.add_dep
+
+    def bounded(self: Any, dep: Any, idxs: Any) -> None:
+        if len(self._group) >= limit:
+            root = self._group[0].dep.target.name if self._group else "?"
+            raise StageError(
+                f"torch-pruning's dependency search ran away on this model: the group of layers "
+                f"coupled to {root} grew past {limit} entries ({GROUP_ENTRIES_PER_MODULE} per module; "
+                "it revisits layers through every path of index-remapping ops such as partial-channel "
+                "residuals, taking minutes and gigabytes). Add the layers of that group to ignore: "
+                "[module globs], or use prune (unstructured), drop_layers, codebook or quantize"
+            )
+        add_dep(self, dep, idxs)
+
+    Group.add_dep = bounded  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Group.add_dep = add_dep  # type: ignore[method-assign]
 
 
 def _prune_in_place(
@@ -502,6 +539,8 @@ def _prune_in_place(
             prune_head_dims=False,
             head_pruning_ratio=head_ratio,
         )
+    except StageError:
+        raise
     except Exception as e:
         raise StageError(
             f"torch-pruning could not trace the model: {_first_line(e)}; use prune (unstructured) or "

@@ -87,7 +87,12 @@ class SchemeHandler:
         return Quantized(notes="", details={"scheme": entry["scheme"], "runtime": measured})
 
 
-#: how far below ``min_sqnr_db`` the preflight's two-sample trial must fall to be refused up front
+#: the preflight's trial conversion calibrates on this many samples of the example batch and is
+#: scored on as many others (in batches of ``PREFLIGHT_BATCH``): scored on the samples it was
+#: calibrated on, a conversion whose ranges do not generalise looks better than it is
+PREFLIGHT_SAMPLES = 8
+PREFLIGHT_BATCH = 2
+#: how far below ``min_sqnr_db`` the preflight's trial SQNR must fall to be refused up front
 PREFLIGHT_SQNR_SLACK_DB = 6.0
 
 
@@ -113,13 +118,30 @@ def cpu_inputs(inputs: Any) -> Any:
     )
 
 
-def sqnr_way_out(scheme: str, options: Any) -> str:
+def floored_reason(floored: list[str]) -> str:
+    """Why an SQNR is low when activations sit at the quantizer's smallest scale (``floored``:
+    their observed edges, see ``pt2e.activations_at_min_scale``)."""
+    span = f"from {floored[0]} to {floored[-1]}" if len(floored) > 1 else floored[0]
+    return (
+        f"{len(floored)} activation tensor(s) span fewer than 255 steps of the smallest int8 scale "
+        f"({span}), which no calibration data can change"
+    )
+
+
+def sqnr_way_out(scheme: str, options: Any, floored: list[str] | None = None) -> str:
     """What may raise a scheme's logit SQNR, naming only the recipe keys that apply to it and its
-    mode (dynamic quantization does not calibrate: no calibration hint for it)."""
+    mode (dynamic quantization does not calibrate: no calibration hint for it). ``floored``:
+    activations at the smallest scale, where more calibration cannot help but keeping the layers
+    after them in float, or ONNX Runtime (whose scales have no floor), can."""
     from compress_cli.quantization.schemes import get_scheme
 
     opts = get_scheme(scheme).options
     dynamic = scheme == "int8_dynamic" or getattr(options, "mode", "static") == "dynamic"
+    if floored:
+        return (
+            "exclude: [the layers those activations feed, e.g. the classifier], scheme "
+            "onnxruntime_int8 (no smallest scale) or a lower min_sqnr_db"
+        )
     tips = []
     if "reduce_range" in opts:
         tips.append("reduce_range: true")
@@ -150,8 +172,10 @@ class Int8Job:
     reduce_range_reason: str
     #: (val inputs, the fp32 model's task-selected output on them) for the SQNR gate
     check: tuple[Any, torch.Tensor] | None = None
-    #: a preflight's trial conversion: this example batch stands in for the calibration data
+    #: a preflight's trial conversion: this example batch stands in for the data (tracing, folding)
     trial: Any = None
+    #: a preflight's calibration batches (None: ``trial`` alone)
+    trial_calibration: list[Any] | None = None
 
     @property
     def spec(self) -> InputSpec:
@@ -186,9 +210,9 @@ class Int8Job:
     def calibration(self) -> list[Any]:
         """The calibration inputs: the model inputs of ``calibration_batches`` training batches
         (CPU; floating-point tensors fp32, token ids left as they are); in a preflight's trial,
-        its one example batch."""
+        its calibration batches."""
         if self.trial is not None:
-            return [self.trial]
+            return list(self.trial_calibration or [self.trial])
         data = self.state.data
         n = self.options.calibration_batches or data.calibration_batches
         batches = data.calibration_inputs()[:n]
@@ -251,29 +275,36 @@ class Int8Handler(SchemeHandler):
         return self.build_runtime(self.snap(model, job), job.entry)
 
     def preflight(self, state: State, options: Any) -> None:
-        """Try the conversion on a throwaway copy of the model with one small example batch (no
+        """Try the conversion on a throwaway copy of the model with a few example samples (no
         calibration over the data): whatever would fail there fails here, before the baseline,
-        with the reason and the way out. A trial output SQNR more than
-        ``PREFLIGHT_SQNR_SLACK_DB`` below ``min_sqnr_db`` is refused too (two samples are a noisy
-        estimate, calibrated on themselves: only a clearly broken conversion, e.g. activations
-        below the quantizer's smallest scale, is refused here; the run's gate decides the rest)."""
+        with the reason and the way out. The trial calibrates on ``PREFLIGHT_SAMPLES`` samples of
+        the example batch and is scored on as many others (the run's gate, too, scores on data it
+        did not calibrate on; an evaluation split with fewer samples repeats them). A trial output
+        SQNR at or below 0 dB, or more than ``PREFLIGHT_SQNR_SLACK_DB`` below ``min_sqnr_db``, is
+        refused (a few samples
+        are a noisy estimate: only a clearly broken conversion, e.g. activations below the
+        quantizer's smallest scale, is refused here; the run's gate decides the rest)."""
         import torch
 
-        from compress_cli._utils.batches import call
+        from compress_cli._utils.batches import call, samples
         from compress_cli.pruning import permanent_copy
 
         task = state.data.get_task()
+        n, b = PREFLIGHT_SAMPLES, PREFLIGHT_BATCH
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed)
-            example = cpu_inputs(state.data.example_input(2))
-            job = self.job(state, options, "preflight", trial=example)
+            example = cpu_inputs(state.data.example_input(2 * n))
+            chunks = [samples(example, i, i + b) for i in range(0, 2 * n, b)]
+            calibrate, scored = chunks[: n // b], chunks[n // b :]
+            job = self.job(state, options, "preflight", trial=calibrate[0])
+            job.trial_calibration = calibrate
             try:
                 model = permanent_copy(state.model).cpu().eval()
                 with torch.inference_mode():
-                    reference = task.select(call(model, example), example).float()
+                    reference = [task.select(call(model, x), x).float().flatten() for x in scored]
                 runtime = self.trial(model, job)
                 with torch.inference_mode():
-                    output = task.select(call(runtime, example), example).float()
+                    output = [task.select(call(runtime, x), x).float().flatten() for x in scored]
             except StageError as e:
                 raise StageError(f"{options.scheme} cannot convert this model: {e}") from None
             except Exception as e:
@@ -282,12 +313,29 @@ class Int8Handler(SchemeHandler):
                     f"{options.scheme} cannot convert this model ({type(e).__name__}: {first[:300]}); "
                     f"{self.way_out(options)}"
                 ) from None
-        sqnr = sqnr_db(reference, output)
-        if self.trial_is_runtime and sqnr < options.min_sqnr_db - PREFLIGHT_SQNR_SLACK_DB:
+        sqnr = sqnr_db(torch.cat(reference), torch.cat(output))
+        floored = job.details.get("activations_at_min_scale") or []
+        # the slack absorbs what a few calibration samples get wrong; activations below the
+        # smallest scale stay there whatever the calibration data, so then no slack is given
+        limit = options.min_sqnr_db - (0.0 if floored else PREFLIGHT_SQNR_SLACK_DB)
+        # at or below 0 dB the output is no closer to fp32's than zeros are: broken, not noisy
+        # (mobileone_s0 at a 5 dB gate: the slack's -1 dB let a 0.0 dB conversion through)
+        garbage = sqnr <= 0.0 < options.min_sqnr_db
+        if self.trial_is_runtime and (sqnr < limit or garbage):
+            why = (
+                f"below min_sqnr_db {options.min_sqnr_db}, and {floored_reason(floored)}"
+                if floored
+                else f"far below min_sqnr_db {options.min_sqnr_db} ("
+                + (
+                    "no closer to fp32's output than zeros"
+                    if garbage
+                    else "e.g. activations too small for int8 scales"
+                )
+                + ")"
+            )
             raise StageError(
-                f"{options.scheme}: a trial conversion on 2 samples gives output SQNR {sqnr:.1f} dB, far "
-                f"below min_sqnr_db {options.min_sqnr_db} (e.g. activations too small for int8 scales); "
-                f"try {sqnr_way_out(options.scheme, options)}"
+                f"{options.scheme}: a trial conversion calibrated on {n} samples gives output SQNR "
+                f"{sqnr:.1f} dB on {n} others, {why}; try {sqnr_way_out(options.scheme, options, floored)}"
             )
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
@@ -334,9 +382,11 @@ class Int8Handler(SchemeHandler):
                 if "reduce_range" in get_scheme(scheme).options
                 else ""
             )
+            floored = details.get("activations_at_min_scale") or []
+            low = f"; {floored_reason(floored)}" if floored else ""
             raise StageError(
                 f"{scheme}: the int8 model's output is too far from fp32's (SQNR {sqnr:.1f} dB < min_sqnr_db "
-                f"{options.min_sqnr_db}){rr}; try {sqnr_way_out(scheme, options)}"
+                f"{options.min_sqnr_db}){rr}{low}; try {sqnr_way_out(scheme, options, floored)}"
             )
         state.model = model
         state.transforms.append(entry)

@@ -103,6 +103,73 @@ def export_graph(model: nn.Module, example: Any) -> Any:
     return ep.module()
 
 
+def elide_zero_adds(gm: Any) -> int:
+    """Remove from an exported graph every ``x + 0`` (``aten.add`` / ``add_`` of a tensor and the
+    number 0, as ``out = 0; out += conv(x)`` gives; exact); returns how many."""
+    n = 0
+    adds = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.add.Scalar}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in adds or node.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = node.args[:2]
+        keep = (
+            a
+            if isinstance(b, (int, float)) and b == 0
+            else b
+            if isinstance(a, (int, float)) and a == 0
+            else None
+        )
+        if isinstance(keep, torch.fx.Node):
+            node.replace_all_uses_with(keep)
+            gm.graph.erase_node(node)
+            n += 1
+    if n:
+        gm.graph.lint()
+        gm.recompile()
+    return n
+
+
+def _raised_at(e: BaseException) -> str:
+    """Where an exception was raised: ``file.py:LINE in function`` of its innermost frame."""
+    import traceback
+    from pathlib import Path
+
+    tb = traceback.extract_tb(e.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno} in {tb[-1].name}" if tb else "?"
+
+
+def prepare_graph(model: nn.Module, example: Any, quantizer: Any, qat: bool = False) -> Any:
+    """Export ``model`` and prepare it with ``quantizer`` (``qat``: for quantization-aware
+    training). torchao's X86InductorQuantizer asserts (no message) on a convolution added to a
+    Python number (timm's MobileOne: ``out = 0; out += conv(x)``): then the graph is exported again
+    with its ``x + 0`` removed, and prepared. Graphs that prepare as they are stay as they are
+    (load() follows the same steps, so a stored model's observers match). Any other failure of the
+    quantizer is a StageError naming where it was raised."""
+    api = pt2e_api()
+    prepare = api.prepare_qat if qat else api.prepare
+    gm = export_graph(model, example)
+    try:
+        with quiet():
+            return prepare(gm, quantizer)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"{type(e).__name__}{': ' + first[:200] if first else ''} at {_raised_at(e)}"
+        gm = export_graph(model, example)
+        zeros = elide_zero_adds(gm) if isinstance(e, AssertionError) else 0
+        if zeros:
+            try:
+                with quiet():
+                    return prepare(gm, quantizer)
+            except Exception as e2:
+                first = str(e2).strip().splitlines()[0] if str(e2).strip() else ""
+                why += f"; again with {zeros} 'x + 0' removed: {type(e2).__name__} at {_raised_at(e2)}"
+        raise StageError(
+            f"torchao's X86InductorQuantizer could not annotate this model's exported graph ({why}); "
+            "use scheme onnxruntime_int8 or int8_dynamic, backend: fx, or keep the layers involved in "
+            "float (exclude: [module globs])"
+        ) from None
+
+
 def _small_eps(spec: Any) -> Any:
     """``spec`` with its observer's smallest scale lowered from 2**-12 to float32's eps."""
     import dataclasses
@@ -142,6 +209,17 @@ def x86_quantizer(reduce_range: bool, is_qat: bool = False, exclude: Iterable[st
     return q
 
 
+def activations_at_min_scale(qparams: dict[str, dict[str, Any]]) -> list[str]:
+    """The observed activations (weights left out) whose scale is the quantizer's floor, float32's
+    eps (see :func:`x86_quantizer`): their calibrated range spans fewer than 255 int8 steps (max
+    |x| below ~3e-5), so they keep only a few levels or round to zero, whatever the calibration
+    data (lcnet_050 at random init: its pooled features, ~1e-6, keep ~8 levels)."""
+    floor = torch.finfo(torch.float32).eps * (1 + 1e-6)
+    return [
+        k for k, p in qparams.items() if p["param"] is None and float(unpack_array(p["scale"]).max()) <= floor
+    ]
+
+
 def snap_pt2e_weights_(model: nn.Module, qparams: dict[str, dict[str, Any]]) -> int:
     """Snap every weight a PT2E observer quantizes; returns how many tensors."""
     params = dict(model.named_parameters())
@@ -163,15 +241,12 @@ def pt2e_calibrate(
     model: nn.Module, batches: list[torch.Tensor], reduce_range: bool, exclude: Iterable[str] = ()
 ) -> dict[str, dict[str, Any]]:
     """Export, ``prepare_pt2e`` with X86InductorQuantizer, run the calibration batches; -> qparams."""
-    api = pt2e_api()
     from compress_cli._utils.batches import call, take
 
-    gm = export_graph(model, take(batches[0], 2))
-    with quiet():
-        pm = api.prepare(gm, x86_quantizer(reduce_range, False, exclude))
-        with torch.no_grad():
-            for x in batches:
-                call(pm, x)
+    pm = prepare_graph(model, take(batches[0], 2), x86_quantizer(reduce_range, False, exclude))
+    with quiet(), torch.no_grad():
+        for x in batches:
+            call(pm, x)
     return record_qparams(pm)
 
 
@@ -181,9 +256,7 @@ def prepare_qat(
     """A QAT-prepared exported graph (fake quantization) that ``training.train`` can train:
     ``.train()`` / ``.eval()`` switch dropout/BN through torchao's move_exported_model_to_*."""
     api = pt2e_api()
-    gm = export_graph(model, example)
-    with quiet():
-        pm = api.prepare_qat(gm, x86_quantizer(reduce_range, True, exclude))
+    pm = prepare_graph(model, example, x86_quantizer(reduce_range, True, exclude), qat=True)
     api.allow_train_eval(pm)
     return pm
 
@@ -210,9 +283,8 @@ def build_pt2e(
     from compress_cli.runtime.inputs import InputSpec
 
     api = pt2e_api()
-    gm = export_graph(model, InputSpec.coerce(inputs).example(2))  # type: ignore[arg-type]
-    with quiet():
-        pm = api.prepare(gm, x86_quantizer(reduce_range, False, exclude))
+    example = InputSpec.coerce(inputs).example(2)  # type: ignore[arg-type]
+    pm = prepare_graph(model, example, x86_quantizer(reduce_range, False, exclude))
     pin_qparams(pm, qparams)
     with quiet():
         return api.convert(pm)
@@ -355,6 +427,9 @@ class StaticInt8(Pt2eHandler):
             job.details["quantized_weights"] = snap_pt2e_weights_(model, job.entry["qparams"])
             job.details["backend"] = pt2e_api().where
             job.entry["compile"] = job.options.compile
+            floored = activations_at_min_scale(job.entry["qparams"])
+            if floored:
+                job.details["activations_at_min_scale"] = floored
         return model
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:

@@ -263,3 +263,24 @@ def test_timm_vit_stage_run_saves_and_reloads(tmp_path):
     assert st["details"]["exactness"]["max_abs_diff"] <= st["details"]["exactness"]["tolerance"]
     model = compress_cli.load(tmp_path / "out" / "model", trust_source=True)
     assert model.blocks[0].attn.num_heads == 2
+
+
+def test_a_runaway_dependency_search_is_refused_located_and_the_model_kept(monkeypatch):
+    """torch-pruning's group search ran for over 5 minutes on timm's rexnet_100; a group past
+    GROUP_ENTRIES_PER_MODULE entries per module now stops it (rexnet_100: refused in 14 s; real
+    groups measured at most 180 entries, vit_tiny)."""
+    import torch_pruning as tp
+
+    import compress_cli.pruning.channels as channels
+
+    model = seeded_zoo("digits_cnn")
+    before = copy.deepcopy(model)
+    add_dep = tp.dependency.group.Group.add_dep
+    monkeypatch.setattr(channels, "GROUP_ENTRIES_PER_MODULE", 0)  # every group is a runaway
+    with pytest.raises(StageError, match="dependency search ran away on this model") as e:
+        prune_channels(model, X[:1], importance="l1", ratio=0.3)
+    assert "ignore: [module globs]" in str(e.value)
+    assert tp.dependency.group.Group.add_dep is add_dep  # the library is left as it was
+    assert same_weights(model, before)
+    monkeypatch.setattr(channels, "GROUP_ENTRIES_PER_MODULE", 20)
+    prune_channels(model, X[:1], importance="l1", ratio=0.3)  # the real bound passes a real model

@@ -632,6 +632,66 @@ def test_a_conversion_far_below_the_sqnr_gate_is_refused_by_the_preflight(tmp_pa
 
     monkeypatch.setattr(h, "trial", zeros)
     problems = [p for p in preflight(state) if p.startswith("stages[0]")]
-    assert len(problems) == 1 and "trial conversion on 2 samples gives output SQNR" in problems[0]
+    assert len(problems) == 1 and "trial conversion calibrated on 8 samples gives output SQNR" in problems[0]
+    # an all-zero output is 0 dB: refused even where the gate minus the slack is below 0 dB
+    cfg = {"type": "quantize", "scheme": "int8_static", "compile": False, "min_sqnr_db": 5.0}
+    low = recipe(tmp_path, [cfg])
+    assert [p for p in preflight(build_state(low, torch.device("cpu"), tmp_path / "o2")) if "SQNR 0.0" in p]
     monkeypatch.setattr(h, "trial", real)
     assert not [p for p in preflight(state) if p.startswith("stages[0]")]  # the real trial passes
+
+
+def test_the_preflight_trial_is_scored_on_samples_it_was_not_calibrated_on(tmp_path, monkeypatch):
+    """lcnet_050: scored on its own two calibration samples the trial said 8.1 dB, on others 2.5 dB;
+    the run's gate, too, scores on data the conversion was not calibrated on."""
+    from compress_cli.quantization import handler
+    from compress_cli.quantization.base import PREFLIGHT_SAMPLES
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "compile": False}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    h = type(handler("int8_static"))
+    real, seen = h.trial, {"scored": []}
+
+    def spy(self, model, job):
+        seen["calibrated"] = torch.cat(job.calibration())
+        runtime = real(self, model, job)
+
+        def run(x):
+            seen["scored"].append(x)
+            return runtime(x)
+
+        return run
+
+    monkeypatch.setattr(h, "trial", spy)
+    Quantize(QuantizeConfig(type="quantize", scheme="int8_static", compile=False), 1).preflight(state)
+    calibrated, scored = seen["calibrated"], torch.cat(seen["scored"])
+    assert len(calibrated) == len(scored) == PREFLIGHT_SAMPLES
+    assert not any(torch.equal(a, b) for a in calibrated for b in scored)
+
+
+def test_activations_below_the_smallest_int8_scale_are_refused_without_slack(tmp_path, monkeypatch):
+    """The classifier's input scaled to ~1e-7 (its weights scaled up to keep the logits): those
+    activations sit at the quantizer's smallest scale whatever the calibration, so a trial below
+    min_sqnr_db is refused up front even where the noise slack would let it through (lcnet_050)."""
+    import compress_cli.quantization.base as base
+    from compress_cli.quantization.pt2e import activations_at_min_scale
+
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "int8_static", "compile": False}])
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    with torch.no_grad():
+        state.model.bn2.weight.mul_(1e-7)
+        state.model.bn2.bias.mul_(1e-7)
+        state.model.fc.weight.mul_(1e7)
+    monkeypatch.setattr(base, "PREFLIGHT_SQNR_SLACK_DB", 1000.0)  # the slack alone refuses nothing
+    cfg = QuantizeConfig(type="quantize", scheme="int8_static", compile=False, min_sqnr_db=40.0)
+    with pytest.raises(StageError) as e:
+        Quantize(cfg, 1).preflight(state)
+    msg = str(e.value)
+    assert "below min_sqnr_db 40.0, and" in msg and "span fewer than 255 steps of the smallest int8" in msg
+    assert "scheme onnxruntime_int8" in msg and "more calibration_batches" not in msg
+    qparams = {
+        "000 x": {"param": None, "scale": pack_array(np.array([1e-3], np.float32))},
+        "001 y": {"param": None, "scale": pack_array(np.array([np.finfo(np.float32).eps], np.float32))},
+        "002 w": {"param": "fc.weight", "scale": pack_array(np.array([1e-9], np.float32))},
+    }
+    assert activations_at_min_scale(qparams) == ["001 y"]
