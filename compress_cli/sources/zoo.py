@@ -59,6 +59,40 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     )
 
 
+def digits_outlier_cnn(num_classes: int = 10, in_channels: int = 1, outlier: float = 100.0) -> nn.Module:
+    """8x8 images, a model with an outlier activation channel (the accuracy-budget demonstration):
+    conv-BN-ReLU (16), ``gain`` (a depthwise 1x1 convolution, weights 1 except channel 0 at
+    ``outlier``, trained like the rest: a learned per-channel scale such as the large LayerNorm
+    and LayerScale gains behind transformers' outlier features), conv-BN-ReLU (32), 2x2 max pool,
+    Linear 512 -> 64 -> classes. ``conv2``'s weights on that channel start divided by ``outlier``
+    (the same function as without the gain, as a trained network that learned to damp the channel),
+    so its input spans ``outlier`` times the range of the channels that carry the signal: one
+    per-tensor int8 scale leaves them a few levels."""
+    gain = nn.Conv2d(16, 16, 1, groups=16, bias=False)
+    block2 = _conv_bn_relu("2", 16, 32)
+    model = nn.Sequential(
+        OrderedDict(
+            [
+                *_conv_bn_relu("1", in_channels, 16),
+                ("gain", gain),
+                *block2,
+                ("pool", nn.MaxPool2d(2)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(32 * 4 * 4, 64)),
+                ("relu3", nn.ReLU()),
+                ("fc2", nn.Linear(64, num_classes)),
+            ]
+        )
+    )
+    with torch.no_grad():
+        gain.weight.fill_(1.0)
+        gain.weight[0] = outlier
+        conv2 = block2[0][1]
+        assert isinstance(conv2, nn.Conv2d)
+        conv2.weight[:, 0] /= outlier
+    return model
+
+
 def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
     """LeNet-5 (ReLU, max pool) for 28x28 (first conv padded by 2) or 32x32 inputs."""
     if input_size not in (28, 32):
@@ -184,6 +218,7 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "lenet5": (1, 28, 28),
     "fashion_cnn": (1, 28, 28),
     "fashion_cnn_small": (1, 28, 28),
+    "digits_outlier_cnn": (1, 8, 8),
 }
 
 
