@@ -26,7 +26,7 @@ ZOO_NAMES = (
     "lenet5",
     "fashion_cnn",
     "fashion_cnn_small",
-    "digits_outlier_cnn",
+    "outlier_cnn",
 )
 
 #: source kinds that name no code: a model directory may name them without being trusted (an
