@@ -10,6 +10,7 @@ import torch
 
 from compress_cli.errors import StageError
 from compress_cli.quantization import Quantized, SchemeHandler, budget
+from compress_cli.report import budget_lines
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
 from compress_cli.testing import seeded_zoo, tiny_state
 
@@ -58,6 +59,9 @@ def test_falls_back_in_ranking_order_and_stops_within_budget(monkeypatch):
     assert [s["accepted"] for s in b["steps"]] == [False, False, True]
     assert b["steps"][0]["drop"] > 1.0 and b["steps"][0]["latency_ms"] > 0
     assert not done.violations and "within max_accuracy_drop 1.0" in done.notes
+    md = "\n".join(budget_lines(b))  # report.md
+    assert "met with 2 layer(s) in float; float: fc3, fc1" in md
+    assert "step 0, float [none]: drop" in md and "step 2, float [fc3, fc1]: drop 0.00" in md
     # the state holds that one conversion: one transform, one edit
     assert state.transforms == [{"type": "quantize", "scheme": "int8_dynamic", "exclude": ["fc3", "fc1"]}]
     assert len(state.edits.items) == 1
