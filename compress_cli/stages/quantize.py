@@ -177,6 +177,11 @@ class Quantize(Stage[QuantizeConfig]):
     real int8 conversion. The checkpoint stores the weights snapped to the int8 grid (8 bits each
     after the palette encoding) plus the quantization parameters; ``compress_cli.load()`` rebuilds
     the same runtime module (see compress_cli/quantization/ for what each scheme returns).
+
+    ``max_accuracy_drop`` (the post-training int8 schemes): an accuracy budget on the validation
+    split; over it, the most sensitive layers return to float one at a time, each step re-converted
+    and re-measured, up to ``max_float_layers``; the best result is kept and a budget not met is a
+    violation of the stage, handled like a guard's (compress_cli/quantization/budget.py).
     """
 
     example = {"scheme": "int8_dynamic"}
