@@ -194,3 +194,24 @@ def test_onnxruntime_int8_needs_both_sides_of_the_outlier_tensor_in_float():
     b = res.details["budget"]
     assert b["steps"][0]["drop"] > 5 and b["met"] and set(b["float_layers"]) == {"gain", "conv2"}
     assert len(b["steps"]) == 3 and not res.violations
+
+
+def test_with_a_budget_the_preflight_leaves_a_low_sqnr_to_the_fallback(tmp_path, monkeypatch):
+    """A trial far below min_sqnr_db is refused up front without a budget (see
+    tests/stages/test_quantize.py); with one, the fallback may recover it: only a conversion that
+    fails outright is refused."""
+    from compress_cli.quantization import handler
+
+    state = tiny_state("zoo:digits_cnn", tmp_path)
+    h = type(handler("onnxruntime_int8"))
+    real = h.trial
+
+    def zeros(self, model, job):
+        runtime = real(self, model, job)
+        return lambda x: torch.zeros_like(runtime(x))
+
+    monkeypatch.setattr(h, "trial", zeros)
+    plain = QuantizeConfig(type="quantize", scheme="onnxruntime_int8")
+    with pytest.raises(StageError, match="trial conversion on 2 samples gives output SQNR"):
+        Quantize(plain, 1).preflight(state)
+    Quantize(plain.model_copy(update={"max_accuracy_drop": 0.5}), 1).preflight(state)
