@@ -81,10 +81,15 @@ def run_one(scheme: str, budget: bool, seed: int) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> None:
     """The pipeline runs, one JSON line each."""
     OUT.mkdir(parents=True, exist_ok=True)
-    with (OUT / "results.jsonl").open("a") as f:
+    results = OUT / "results.jsonl"
+    lines = results.read_text().splitlines() if results.exists() else []
+    done = {json.loads(line)["name"] for line in lines}
+    with results.open("a") as f:
         for scheme in args.schemes:
             jobs = [(False, args.seeds[0])] + [(True, s) for s in args.seeds]
             for budget, seed in jobs:
+                if f"{scheme}-{'budget' if budget else 'plain'}-s{seed}" in done:
+                    continue  # measured by an earlier call
                 row = run_one(scheme, budget, seed)
                 f.write(json.dumps(row) + "\n")
                 f.flush()

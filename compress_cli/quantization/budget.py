@@ -192,7 +192,7 @@ def layer_sensitivity(
 
 
 def drop_points(fp32: dict[str, Any], quantized: dict[str, Any]) -> float:
-    """Points the primary metric fell from ``fp32`` to ``quantized`` (the task's report fields):
+    """Points the primary metric fell from ``fp32`` to ``quantized`` (``score``, ``higher_is_better``):
     100 x the fall, direction-aware (classification: top-1 percentage points)."""
     fall = fp32["score"] - quantized["score"]
     return round(100 * (fall if fp32["higher_is_better"] else -fall), 4)
@@ -213,13 +213,24 @@ class _Budget:
         self.n_edits = len(state.edits.items)
 
     def score(self, runner: Any) -> dict[str, Any]:
-        """The task's report fields of ``runner`` on the (capped) evaluation split."""
+        """The task's primary metric of ``runner`` on the (capped) evaluation split: its name,
+        ``score``, ``higher_is_better`` and ``samples``."""
         from compress_cli.runtime.measure import evaluate
 
         loader = self.state.data.loader(self.split)
         n = self.options.budget_batches
         batches = loader if n is None else itertools.islice(loader, n)
-        return self.task.report_fields(evaluate(runner, batches, self.task, split=self.split))  # type: ignore[arg-type]
+        scores = evaluate(runner, batches, self.task, split=self.split)  # type: ignore[arg-type]
+        primary = self.task.primary
+        if primary not in scores:
+            self.task.report_fields(scores)  # the task's own message naming what it measured
+            raise StageError(f"max_accuracy_drop: the task measured no {primary!r}")
+        return {
+            "primary": primary,
+            "score": scores[primary],
+            "higher_is_better": self.task.higher_is_better,
+            "samples": int(scores["samples"]),
+        }
 
     def latency_ms(self, runner: Any) -> float:
         """A rough batch-1 latency (median of a few calls; the pipeline times the kept result)."""

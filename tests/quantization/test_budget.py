@@ -18,10 +18,11 @@ FIDELITY = {"type": "fidelity", "primary": "agreement"}
 
 
 class Fake(SchemeHandler):
-    """Stands in for a scheme: perturbs fc3's weights by ``noise[exclude]`` (0: exact), or refuses."""
+    """Stands in for a scheme: perturbs ``layer``'s weights by ``noise[exclude]`` (0: exact), or
+    refuses."""
 
-    def __init__(self, noise, refuse=()):
-        self.noise, self.refuse, self.calls = noise, set(refuse), []
+    def __init__(self, noise, refuse=(), layer="fc3"):
+        self.noise, self.refuse, self.calls, self.layer = noise, set(refuse), [], layer
 
     def convert(self, state, options, label):
         key = tuple(options.exclude)
@@ -31,7 +32,7 @@ class Fake(SchemeHandler):
         model = copy.deepcopy(state.model)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            w = model.fc3.weight
+            w = model.get_submodule(self.layer).weight
             w.add_(torch.randn(w.shape, generator=g) * self.noise[key] * w.abs().max())
         state.model = model
         state.transforms.append({"type": "quantize", "scheme": options.scheme, "exclude": list(key)})
@@ -98,6 +99,16 @@ def test_nothing_converted_is_a_stage_error_and_the_state_is_untouched(monkeypat
     with pytest.raises(StageError, match="no conversion within max_accuracy_drop succeeded"):
         budget.convert_within_budget(Fake({}, refuse=[(), ("fc3",)]), state, cfg, "quantize")
     assert state.model is fp32 and state.transforms == [] and state.edits.items == []
+
+
+def test_classification_budget_is_top1_points(monkeypatch):
+    state = tiny_state({"source": "zoo:digits_cnn", "checkpoint": "models/digits_cnn.safetensors"})
+    monkeypatch.setattr(budget._Budget, "ranking", lambda self: [("fc", 1.0), ("conv2", 2.0)])
+    cfg = QuantizeConfig(type="quantize", scheme="int8_static", max_accuracy_drop=0.5)
+    fake = Fake({(): 2.0, ("fc",): 0.0}, layer="fc")
+    b = budget.convert_within_budget(fake, state, cfg, "quantize").details["budget"]
+    assert b["metric"] == "accuracy" and b["fp32_score"] > 0.9 and b["steps"][0]["drop"] > 5
+    assert b["met"] and b["float_layers"] == ["fc"] and fake.calls == [[], ["fc"]]
 
 
 def test_sensitivity_ranks_the_layer_that_reads_the_outlier_channel_first():
