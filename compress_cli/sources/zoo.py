@@ -72,7 +72,7 @@ def outlier_cnn(
     so its input spans ``outlier`` times the range of the channels that carry the signal: one
     per-tensor int8 scale leaves them a few levels."""
     if input_size not in (8, 28):
-        raise ValueError(f"input_size must be 8 or 28 (got {input_size})")
+        raise SourceError(f"zoo:outlier_cnn: model.kwargs.input_size must be 8 or 28 (got {input_size})")
     gain = nn.Conv2d(16, 16, 1, groups=16, bias=False)
     block2 = _conv_bn_relu("2", 16, 32)
     pool1 = [("pool1", nn.MaxPool2d(2))] if input_size == 28 else []
