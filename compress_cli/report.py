@@ -240,6 +240,27 @@ def rows(report: Report) -> list[list[str]]:
     return [[label] + [cell(m) for _, cell in COLUMNS] for label, m in report.measured()]
 
 
+def budget_lines(b: dict[str, Any]) -> list[str]:
+    """report.md lines of a quantize stage's accuracy budget (``details.budget``): the budget, the
+    layers kept in float and every step's measurement and verdict."""
+    out = [
+        f"  - accuracy budget {b['max_accuracy_drop']} points of {b['metric']} on {b['samples']} "
+        f"{b['split']} samples (fp32 {b['fp32_score']:.4f}): {b.get('why', '')}; "
+        f"float: {', '.join(b.get('float_layers') or []) or 'none'}"
+    ]
+    for i, st in enumerate(b.get("steps", [])):
+        fl = ", ".join(st["float_layers"]) or "none"
+        if "drop" in st:
+            verdict = "accepted" if st["accepted"] else "not accepted"
+            out.append(
+                f"    - step {i}, float [{fl}]: drop {st['drop']:.2f}, ~{st['latency_ms']:.3f} ms "
+                f"at batch 1; {verdict} ({st['why']})"
+            )
+        else:
+            out.append(f"    - step {i}, float [{fl}]: {st['why']}")
+    return out
+
+
 def to_markdown(report: Report) -> str:
     """report.md: the table, each stage's notes and guard violations, and what the numbers mean."""
     lines = [f"# compress report: {report.recipe}", ""]
@@ -259,6 +280,8 @@ def to_markdown(report: Report) -> str:
             lines.append(f"- **{s.index}. {s.name}** ({s.duration_s:.1f} s): {s.notes}")
             for v in s.guard_violations or []:
                 lines.append(f"  - guard violated: {v}")
+            if isinstance(s.details.get("budget"), dict):
+                lines += budget_lines(s.details["budget"])
     srb = report.final.same_runtime_baseline if report.final is not None else None
     if srb:
         assert report.final is not None

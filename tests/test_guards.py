@@ -29,11 +29,23 @@ class Scramble(Stage[ScrambleConfig]):
         return StageResult(notes="scrambled")
 
 
+class OverBudget(Scramble):
+    """Test-only stage: scrambles, and reports that it missed a limit of its own (as quantize's
+    max_accuracy_drop does when the fallback cannot meet it)."""
+
+    def run(self, state):
+        res = super().run(state)
+        res.violations = ["quantize.max_accuracy_drop: missed"]
+        return res
+
+
 @pytest.fixture
 def scramble():
     register_stage("test_scramble")(Scramble)
+    register_stage("test_over_budget")(OverBudget)
     yield
     _REGISTRY.pop("test_scramble", None)
+    _REGISTRY.pop("test_over_budget", None)
 
 
 def run(tmp_path, stages, **over):
@@ -94,6 +106,19 @@ def test_stage_fail_stops_at_once(tmp_path, scramble):
 def test_warn_keeps_going_and_exits_ok(tmp_path, scramble):
     out = run(tmp_path, [{"type": "test_scramble"}], guard={"max_accuracy_drop": 1.0, "on_violation": "warn"})
     assert out["guard"]["violations"] and out["stages"][0]["guard_violations"]
+
+
+def test_a_stage_own_violation_fails_like_the_guard_and_its_result_is_saved(tmp_path, scramble):
+    with pytest.raises(GuardError, match=r"(?s)quantize.max_accuracy_drop: missed.*\(the baseline\)"):
+        run(tmp_path, [{"type": "test_over_budget"}, {"type": "evaluate"}])
+    r = report(tmp_path)
+    assert [s["type"] for s in r["stages"]] == ["test_over_budget"]
+    assert r["stages"][0]["guard_violations"] == ["quantize.max_accuracy_drop: missed"]
+    assert (tmp_path / "out" / "stages" / "01-test_over_budget" / "model" / "manifest.json").is_file()
+    # the stage's on_violation decides for it: warn keeps its result and goes on
+    out = run(tmp_path, [{"type": "test_over_budget", "on_violation": "warn"}, {"type": "evaluate"}])
+    assert out["stages"][0]["on_violation"] == "warn" and len(out["stages"]) == 2
+    assert out["final"].get("result_from_stage") is None and out["guard"]["violations"] == []
 
 
 def test_final_revert_uses_the_last_good_snapshot(tmp_path, scramble):

@@ -290,6 +290,8 @@ class Run:
             self.listener.on_stage_end(entry)
             if entry.guard_violations:
                 action = guard.stage_action(cfg)
+                if result.violations and cfg.on_violation is None:  # the stage's own limit: as a guard
+                    action = guard.final_action
                 entry.on_violation = action
                 if action == "fail":
                     return self._fail(state, report, guard, entry.guard_violations)
@@ -334,7 +336,7 @@ class Run:
             details=result.details,
             artifacts=result.artifacts,
         )
-        v = guard.check(metrics)
+        v = [*result.violations, *guard.check(metrics)]
         if v:
             entry.guard_violations = v
         with self._writing(sdir):

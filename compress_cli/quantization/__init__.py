@@ -50,9 +50,14 @@ __all__ = [
 def quantize(state: State, options: Any, label: str = "quantize") -> Quantized:
     """Apply ``options.scheme`` to ``state.model``, seeded by ``state.seed`` (the same result for the
     same seed; the caller's RNG streams are left as they were). ``options``: the ``quantize`` stage's
-    config; ``label`` names the stage in the edit log."""
+    config; ``label`` names the stage in the edit log. With ``max_accuracy_drop`` set: the accuracy
+    budget with per-layer fallback of :mod:`compress_cli.quantization.budget`."""
     import torch
 
+    if getattr(options, "max_accuracy_drop", None) is not None:
+        from compress_cli.quantization.budget import convert_within_budget
+
+        return convert_within_budget(handler(options.scheme), state, options, label)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(state.seed)
         return handler(options.scheme).convert(state, options, label)

@@ -40,6 +40,8 @@ class Quantized:
     notes: str
     details: dict[str, Any]
     artifacts: list[str] = field(default_factory=list)
+    #: limits of the stage's own options the result does not meet (handled like guard violations)
+    violations: list[str] = field(default_factory=list)
 
 
 class SchemeHandler:

@@ -462,6 +462,11 @@ class OnnxRuntimeInt8(Int8Handler):
     """Static (or, with ``mode: dynamic``, dynamic) int8 by ONNX Runtime on the model's ONNX export;
     runs in ONNX Runtime on CPU."""
 
+    def quantizes_outputs(self, options: Any) -> bool:
+        """Static QDQ quantizes a quantized node's output tensor too (the accuracy budget's
+        sensitivity ranking then charges a layer for its output as well as its input)."""
+        return options.mode == "static"
+
     def op_types(self, model: nn.Module, options: Any) -> list[str] | None:
         """The recipe's ``op_types_to_quantize`` (checked against what ONNX Runtime can quantize in
         the recipe's ``mode``), else the default for this model's family."""

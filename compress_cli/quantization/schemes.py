@@ -41,6 +41,9 @@ _WHY_CUDA = (
     "On CPU use int8_static, onnxruntime_int8 or int8_dynamic"
 )
 _INT8 = frozenset({"min_sqnr_db", "exclude"})  # every CPU int8 scheme is SQNR-gated and can skip layers
+#: the accuracy budget with per-layer fallback (quantization/budget.py): the post-training int8
+#: schemes (qat would retrain for every step)
+_BUDGET = frozenset({"max_accuracy_drop", "max_float_layers", "budget_batches"})
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "dynamic",
             freezes=True,
-            options=_INT8 | {"reduce_range"},
+            options=_INT8 | _BUDGET | {"reduce_range"},
             layers=("Linear", "LSTM", "Embedding"),
             formats=("torchscript",),
             formats_why="torch.ao's dynamic int8 ops (quantized::linear_dynamic) have no ONNX "
@@ -111,7 +114,7 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "pt2e",
             freezes=True,
-            options=_INT8 | {"calibration_batches", "reduce_range", "compile", "backend"},
+            options=_INT8 | _BUDGET | {"calibration_batches", "reduce_range", "compile", "backend"},
             formats=_PT2E_FORMATS[0],
             formats_why=_PT2E_FORMATS[1],
             backend_formats={
@@ -134,6 +137,7 @@ SCHEMES: dict[str, Scheme] = {
             "onnxruntime",
             freezes=True,
             options=_INT8
+            | _BUDGET
             | {
                 "calibration_batches",
                 "reduce_range",

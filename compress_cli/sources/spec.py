@@ -19,7 +19,15 @@ from typing import Literal
 from compress_cli.errors import did_you_mean
 
 #: the built-in zoo networks (``sources.zoo`` builds each from the function of the same name)
-ZOO_NAMES = ("digits_mlp", "digits_cnn", "digits_resnet", "lenet5", "fashion_cnn", "fashion_cnn_small")
+ZOO_NAMES = (
+    "digits_mlp",
+    "digits_cnn",
+    "digits_resnet",
+    "lenet5",
+    "fashion_cnn",
+    "fashion_cnn_small",
+    "outlier_cnn",
+)
 
 #: source kinds that name no code: a model directory may name them without being trusted (an
 #: ``hf:`` config that asks for custom code, ``auto_map``, is refused where it is read)

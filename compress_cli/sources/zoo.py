@@ -59,6 +59,48 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     )
 
 
+def outlier_cnn(
+    num_classes: int = 10, in_channels: int = 1, input_size: int = 8, outlier: float = 100.0
+) -> nn.Module:
+    """A CNN with an outlier activation channel (the accuracy-budget demonstration), for 8x8
+    (digits) or 28x28 (``input_size: 28``, Fashion-MNIST) images: conv-BN-ReLU (16; a 2x2 max pool
+    after it at 28x28), ``gain`` (a depthwise 1x1 convolution, weights 1 except channel 0 at
+    ``outlier``, trained like the rest: a learned per-channel scale such as the large LayerNorm
+    and LayerScale gains behind transformers' outlier features), conv-BN-ReLU (32), 2x2 max pool,
+    Linear -> 64 -> classes. ``conv2``'s weights on that channel start divided by ``outlier``
+    (the same function as without the gain, as a trained network that learned to damp the channel),
+    so its input spans ``outlier`` times the range of the channels that carry the signal: one
+    per-tensor int8 scale leaves them a few levels."""
+    if input_size not in (8, 28):
+        raise SourceError(f"zoo:outlier_cnn: model.kwargs.input_size must be 8 or 28 (got {input_size})")
+    gain = nn.Conv2d(16, 16, 1, groups=16, bias=False)
+    block2 = _conv_bn_relu("2", 16, 32)
+    pool1 = [("pool1", nn.MaxPool2d(2))] if input_size == 28 else []
+    side = input_size // (4 if pool1 else 2)
+    model = nn.Sequential(
+        OrderedDict(
+            [
+                *_conv_bn_relu("1", in_channels, 16),
+                *pool1,
+                ("gain", gain),
+                *block2,
+                ("pool", nn.MaxPool2d(2)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(32 * side * side, 64)),
+                ("relu3", nn.ReLU()),
+                ("fc2", nn.Linear(64, num_classes)),
+            ]
+        )
+    )
+    with torch.no_grad():
+        gain.weight.fill_(1.0)
+        gain.weight[0] = outlier
+        conv2 = block2[0][1]
+        assert isinstance(conv2, nn.Conv2d)
+        conv2.weight[:, 0] /= outlier
+    return model
+
+
 def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
     """LeNet-5 (ReLU, max pool) for 28x28 (first conv padded by 2) or 32x32 inputs."""
     if input_size not in (28, 32):
@@ -184,6 +226,7 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "lenet5": (1, 28, 28),
     "fashion_cnn": (1, 28, 28),
     "fashion_cnn_small": (1, 28, 28),
+    "outlier_cnn": (1, 8, 8),
 }
 
 
@@ -192,7 +235,7 @@ def input_shape(name: str, **kwargs: Any) -> tuple[int, int, int]:
     if name not in INPUT_SHAPES:
         raise SourceError(f"zoo:{name}: unknown zoo model{did_you_mean(name, ZOO)}")
     c, h, w = INPUT_SHAPES[name]
-    if name == "lenet5" and "input_size" in kwargs:
+    if name in ("lenet5", "outlier_cnn") and "input_size" in kwargs:
         h = w = int(kwargs["input_size"])
     return (int(kwargs.get("in_channels", c)), h, w)
 

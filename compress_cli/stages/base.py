@@ -30,6 +30,10 @@ class StageResult:
     notes: str = ""
     details: dict[str, Any] = field(default_factory=dict)  # goes into report.json under the stage
     artifacts: list[str] = field(default_factory=list)  # files written into the output dir
+    #: limits of the stage's own config its result does not meet (e.g. quantize's
+    #: max_accuracy_drop): the pipeline handles them as guard violations after the stage, the
+    #: stage's on_violation else the guard's (the result is saved either way)
+    violations: list[str] = field(default_factory=list)
 
 
 class Stage(Generic[C]):

@@ -87,6 +87,26 @@ class QuantizeConfig(StageConfig, TrainOptions):
     group_size: int = Field(
         128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension"
     )
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="accuracy budget: the most the task's primary metric may fall, in points (100 x "
+        "its fall: top-1 percentage points), on the validation split against the stage's input model; "
+        "when exceeded, the most sensitive layers return to float one at a time (max_float_layers)",
+    )
+    max_float_layers: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="max_accuracy_drop: the most layers returned to floating point (one conversion each)",
+    )
+    budget_batches: int | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        description="max_accuracy_drop: validation batches evaluated per step (default: the whole split)",
+    )
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -131,6 +151,13 @@ class QuantizeConfig(StageConfig, TrainOptions):
                 )
         if self.op_types_to_quantize is not None and not self.op_types_to_quantize:
             raise ValueError("op_types_to_quantize is empty: list the ONNX op types, or leave it unset")
+        budgeting = [k for k in ("max_float_layers", "budget_batches") if k in self.model_fields_set]
+        budgeting = [k for k in budgeting if getattr(self, k) != fields[k].get_default()]
+        if budgeting and self.max_accuracy_drop is None:
+            raise ValueError(
+                f"{', '.join(budgeting)}: only with max_accuracy_drop (the accuracy budget they bound); "
+                "set max_accuracy_drop or remove them"
+            )
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two (got {self.group_size})")
         return self
@@ -150,6 +177,11 @@ class Quantize(Stage[QuantizeConfig]):
     real int8 conversion. The checkpoint stores the weights snapped to the int8 grid (8 bits each
     after the palette encoding) plus the quantization parameters; ``compress_cli.load()`` rebuilds
     the same runtime module (see compress_cli/quantization/ for what each scheme returns).
+
+    ``max_accuracy_drop`` (the post-training int8 schemes): an accuracy budget on the validation
+    split; over it, the most sensitive layers return to float one at a time, each step re-converted
+    and re-measured, up to ``max_float_layers``; the best result is kept and a budget not met is a
+    violation of the stage, handled like a guard's (compress_cli/quantization/budget.py).
     """
 
     example = {"scheme": "int8_dynamic"}
@@ -182,7 +214,10 @@ class Quantize(Stage[QuantizeConfig]):
         problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
         if problem:
             raise StageError(problem)
-        handler(self.config.scheme).preflight(state, self.config)
+        options = self.config
+        if options.max_accuracy_drop is not None:  # a low SQNR may be what the fallback recovers
+            options = options.model_copy(update={"min_sqnr_db": 0.0})
+        handler(self.config.scheme).preflight(state, options)
 
     def preview(self, state: State) -> list[str]:
         """The layers the scheme would convert."""
@@ -203,4 +238,6 @@ class Quantize(Stage[QuantizeConfig]):
             raise StageError(problem)
         state.ctx.listener.on_message(f"quantize: {self.config.scheme}")
         done = quantize(state, self.config, self.name)
-        return StageResult(notes=done.notes, details=done.details, artifacts=done.artifacts)
+        return StageResult(
+            notes=done.notes, details=done.details, artifacts=done.artifacts, violations=done.violations
+        )

@@ -27,6 +27,7 @@ PARAMS = {
     "lenet5": 61_706,
     "fashion_cnn": 186_410,
     "fashion_cnn_small": 47_130,
+    "outlier_cnn": 38_346,
 }
 ALLOWED = (
     nn.Conv2d,
@@ -53,6 +54,24 @@ def test_forward_shape_and_parameter_count(name):
     assert out.shape == (4, 10)
     assert n_params(m) == PARAMS[name]
     assert all(isinstance(mod, ALLOWED) for mod in m.modules())
+
+
+def test_outlier_cnn_has_the_same_function_as_without_its_outlier_and_a_28x28_variant():
+    plain = build_zoo("outlier_cnn", outlier=1.0).eval()
+    big = build_zoo("outlier_cnn", outlier=1000.0).eval()
+    big.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        big.gain.weight[0] *= 1000.0
+        big.conv2.weight[:, 0] /= 1000.0
+    fresh = build_zoo("outlier_cnn", outlier=1000.0)
+    assert fresh.gain.weight[0].item() == 1000.0  # what the builder itself makes
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(big(x), plain(x), atol=1e-5)
+    m = build_zoo("outlier_cnn", input_size=28).eval()
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10) and n_params(m) == 105_930
+    with pytest.raises(SourceError, match="model.kwargs.input_size must be 8 or 28"):
+        build_zoo("outlier_cnn", input_size=32)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
