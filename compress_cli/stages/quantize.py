@@ -250,9 +250,10 @@ class Quantize(Stage[QuantizeConfig]):
         for r in target.runtimes:
             lack = missing_runtime(r)
             if lack:
+                how = "pip install 'compress-cli[openvino]'" if r == "openvino" else f"pip install {lack}"
                 raise StageError(
-                    f"target.runtimes: {r} needs {lack}, which is not installed "
-                    f"(pip install 'compress-cli[{r}]'), or drop {r} from target.runtimes"
+                    f"target.runtimes: {r} needs {lack}, which is not installed ({how}), "
+                    f"or drop {r} from target.runtimes"
                 )
         return list(dict.fromkeys(target.runtimes))
 
