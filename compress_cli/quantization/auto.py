@@ -26,6 +26,7 @@ from compress_cli.quantization.base import Quantized
 if TYPE_CHECKING:
     from torch import nn
 
+    from compress_cli.runtime.runners import Runner
     from compress_cli.state import State
 
 #: every runtime ``target.runtimes`` may name, and the candidate schemes of each
@@ -162,6 +163,61 @@ def drop_points(task: Any, ref: float, value: float) -> float:
     return round(worse * (100.0 if task.name == "classification" else 1.0), 4)
 
 
+def decide(cands: list[Candidate], base: float, budget: float) -> Candidate | None:
+    """The fastest of ``cands`` (each with ``row["latency"]`` and ``row["drop"]``) within ``budget``
+    and faster than ``base`` (the fp32 model's latency); an int8 candidate slower than the fp32
+    candidate of its own runtime is flagged too. Each candidate's ``row["why"]`` says why it was
+    not eligible ("" when it was). None: no candidate is."""
+    same_fp32 = {c.runtime: c.row["latency"] for c in cands if c.scheme.endswith("_fp32")}
+    eligible = []
+    for c in cands:
+        why = []
+        lat = c.row["latency"]
+        if lat >= base:
+            why.append(f"slower than fp32 ({lat * 1e3:.3f} ms vs {base * 1e3:.3f} ms)")
+        elif not c.scheme.endswith("_fp32") and lat >= same_fp32.get(c.runtime, float("inf")):
+            why.append(f"slower than {c.runtime} fp32")
+        if c.row["drop"] > budget:
+            why.append(f"drop {c.row['drop']:.2f} > budget {budget:g}")
+        c.row["why"] = "; ".join(why)
+        if not why:
+            eligible.append(c)
+    return min(eligible, key=lambda c: c.row["latency"]) if eligible else None
+
+
+def convert_all(
+    state: State, options: Any, label: str, runtimes: list[str]
+) -> tuple[Runner, float, list[Candidate]]:
+    """Every candidate of ``runtimes`` converted and scored on the evaluation split -> (the fp32
+    model's eager runner, its primary metric, the candidates: ``row["score"]`` or ``error``).
+    StageError when none converts."""
+    import torch
+
+    from compress_cli.runtime.measure import evaluate
+    from compress_cli.runtime.runners import EagerRunner
+
+    data, task = state.data, state.data.get_task()
+    split = state.recipe.measure.split
+    fp32_runner = EagerRunner(copy.deepcopy(state.model).cpu().eval(), torch.device("cpu"))
+    ref = float(evaluate(fp32_runner, data.loader(split), task, split=split)[task.primary])
+    cands = []
+    for scheme, runtime in candidate_schemes(state.model, runtimes):
+        state.ctx.listener.on_message(f"quantize auto: {scheme}")
+        cands.append(convert_candidate(state, options, scheme, runtime, label))
+    if all(c.error is not None for c in cands):
+        raise StageError(
+            "scheme auto: no candidate converted (" + "; ".join(f"{c.scheme}: {c.error}" for c in cands) + ")"
+        )
+    for c in cands:
+        if c.error is not None:
+            continue
+        try:
+            c.row["score"] = float(evaluate(c.runner, data.loader(split), task, split=split)[task.primary])
+        except Exception as e:
+            c.error = f"evaluation failed: {type(e).__name__}: {str(e).strip()[:200]}"
+    return fp32_runner, ref, cands
+
+
 def choose(
     state: State,
     options: Any,
@@ -176,28 +232,9 @@ def choose(
     """Convert every candidate, measure all on one harness, keep the fastest within ``budget``
     (points of the primary metric) that is faster than the fp32 model; leave it in the state.
     ``timer`` replaces :func:`interleaved_latency` (tests make the timings deterministic)."""
-    from compress_cli.runtime.measure import evaluate
-    from compress_cli.runtime.runners import EagerRunner
-
     data, task = state.data, state.data.get_task()
-    split = state.recipe.measure.split
-    fp32_runner = EagerRunner(copy.deepcopy(state.model).cpu().eval(), __import__("torch").device("cpu"))
-    ref = float(evaluate(fp32_runner, data.loader(split), task, split=split)[task.primary])
-    cands = []
-    for scheme, runtime in candidate_schemes(state.model, runtimes):
-        state.ctx.listener.on_message(f"quantize auto: {scheme}")
-        cands.append(convert_candidate(state, options, scheme, runtime, label))
+    fp32_runner, ref, cands = convert_all(state, options, label, runtimes)
     ok = [c for c in cands if c.error is None]
-    if not ok:
-        raise StageError(
-            "scheme auto: no candidate converted (" + "; ".join(f"{c.scheme}: {c.error}" for c in cands) + ")"
-        )
-    for c in ok:
-        try:
-            c.row["score"] = float(evaluate(c.runner, data.loader(split), task, split=split)[task.primary])
-        except Exception as e:
-            c.error = f"evaluation failed: {type(e).__name__}: {str(e).strip()[:200]}"
-    ok = [c for c in ok if c.error is None]
     x = data.example_input(batch)
     runners = {FP32: fp32_runner, **{c.scheme: c.runner for c in ok}}
     lat = (timer or (lambda rs, xb: interleaved_latency(rs, xb, threads)))(runners, x)
@@ -205,24 +242,7 @@ def choose(
     for c in ok:
         c.row["drop"] = drop_points(task, ref, c.row["score"])
         c.row["latency"] = lat[c.scheme]
-    same_fp32 = {c.runtime: c.row["latency"] for c in ok if c.scheme.endswith("_fp32")}
-    eligible = []
-    for c in ok:
-        why = []
-        if c.row["latency"] >= base:
-            why.append(f"slower than fp32 ({c.row['latency'] * 1e3:.3f} ms vs {base * 1e3:.3f} ms)")
-        elif (
-            c.runtime in same_fp32
-            and not c.scheme.endswith("_fp32")
-            and c.row["latency"] >= same_fp32[c.runtime]
-        ):
-            why.append(f"slower than {c.runtime} fp32")
-        if c.row["drop"] > budget:
-            why.append(f"drop {c.row['drop']:.2f} > budget {budget:g}")
-        c.row["why"] = "; ".join(why)
-        if not why:
-            eligible.append(c)
-    winner = min(eligible, key=lambda c: c.row["latency"]) if eligible else None
+    winner = decide(ok, base, budget)
     rows = [_row(FP32, "torch", ref, 0.0, base, batch, None, 0.0, "the model received (baseline)")]
     for c in cands:
         if c.error is not None:
