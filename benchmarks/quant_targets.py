@@ -49,15 +49,21 @@ from compress_cli.stages.registry import validate
 LOCK = "/tmp/quiet.lock"
 
 
-@contextlib.contextmanager
-def lock(exclusive: bool) -> Iterator[None]:
-    """The shared CPU etiquette lock: exclusive while timing, shared while converting."""
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+class Lock:
+    """The shared CPU etiquette lock, held shared while converting and switched to exclusive (on the
+    same open file: a second open would wait on our own shared hold) while timing."""
+
+    def __init__(self) -> None:
+        self.f = open(LOCK, "a")  # noqa: SIM115 - held for the whole run
+        fcntl.flock(self.f, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fcntl.flock(self.f, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(self.f, fcntl.LOCK_SH)
 
 
 def recipe(model: str, fashion_model: str | None, out: Path) -> dict[str, Any]:
@@ -187,7 +193,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/quant_targets.jsonl")
     args = ap.parse_args()
     budget = 1.0 if args.model == "fashion" else 100.0
-    with tempfile.TemporaryDirectory(prefix="quant-targets-") as d, lock(exclusive=False):
+    held = Lock()
+    with tempfile.TemporaryDirectory(prefix="quant-targets-") as d:
         tmp = Path(d)
         r = validate(parse_yaml(yaml.safe_dump(recipe(args.model, args.fashion_model, tmp / "out"))))
         state = build_state(r, torch.device("cpu"), tmp / "out")
@@ -227,7 +234,7 @@ def main() -> None:
             runners = {auto.FP32: fp32, **{c.scheme: c.runner for c in ok}, **peers}
             x = state.data.example_input(batch)
             iters = 20 if batch == 1 else 3
-            with lock(exclusive=True):
+            with held.exclusive():
                 lat = auto.interleaved_latency(runners, x, threads, rounds=args.rounds, iterations=iters)
             for c in ok:
                 c.row["latency"] = lat[c.scheme]

@@ -183,11 +183,11 @@ class OpenVinoInt8(Int8Handler):
         job.details.pop("reduce_range_reason", None)
         transformer = is_transformer_like(model)
         calibrated = nncf_quantize(om, spec, batches, job.exclude, transformer)
-        rebuilt = self._rebuild(model, spec, job.exclude, transformer)
-        job.entry.update(
-            ov_constants=constant_diff(calibrated, rebuilt),
-            transformer=transformer,
+        # a preflight's trial builds the runtime on its own dummy-batch rebuild: nothing to record
+        rebuilt = (
+            calibrated if job.trial is not None else self._rebuild(model, spec, job.exclude, transformer)
         )
+        job.entry.update(ov_constants=constant_diff(calibrated, rebuilt), transformer=transformer)
         job.details.update(
             model_type="transformer" if transformer else "default",
             ignored_nodes=sum(len(v) for v in found.values()),

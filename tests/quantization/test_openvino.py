@@ -23,6 +23,7 @@ from compress_cli.runtime.inputs import InputSpec  # noqa: E402
 from compress_cli.runtime.openvino import OvModule, ov_convert  # noqa: E402
 from compress_cli.runtime.runners import OpenVinoRunner  # noqa: E402
 from compress_cli.sources.zoo import digits_cnn  # noqa: E402
+from compress_cli.stages.quantize import Quantize, QuantizeConfig  # noqa: E402
 from compress_cli.stages.registry import get_stage  # noqa: E402
 from compress_cli.testing import (  # noqa: E402
     dict_model,
@@ -33,15 +34,12 @@ from compress_cli.testing import (  # noqa: E402
 X = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(3))
 
 
-def run_stage(tmp_path, model: str = "zoo:digits_cnn", **cfg):
-    """Build a state, run one quantize stage on it, save the checkpoint; -> (state, result, dir)."""
+def state_for(tmp_path, model: str = "zoo:digits_cnn", **cfg):
     import yaml
 
     from compress_cli.config.yaml import parse_yaml
     from compress_cli.engine.setup import build_state
-    from compress_cli.stages.quantize import Quantize, QuantizeConfig
     from compress_cli.stages.registry import validate
-    from compress_cli.state import save_snapshot
 
     d = tiny_recipe_dict(
         tmp_path,
@@ -50,7 +48,14 @@ def run_stage(tmp_path, model: str = "zoo:digits_cnn", **cfg):
         model={"source": model},
         data={"limit_train": 256},
     )
-    state = build_state(validate(parse_yaml(yaml.safe_dump(d))), torch.device("cpu"), tmp_path / "out")
+    return build_state(validate(parse_yaml(yaml.safe_dump(d))), torch.device("cpu"), tmp_path / "out")
+
+
+def run_stage(tmp_path, model: str = "zoo:digits_cnn", **cfg):
+    """Build a state, run one quantize stage on it, save the checkpoint; -> (state, result, dir)."""
+    from compress_cli.state import save_snapshot
+
+    state = state_for(tmp_path, model, **cfg)
     result = Quantize(QuantizeConfig(type="quantize", **cfg), 1).run(state)
     save_snapshot(state, tmp_path / "out" / "model")
     return state, result, tmp_path / "out" / "model"
@@ -118,9 +123,15 @@ def test_exclude_reaches_the_ignored_scope():
     assert any(n.startswith("__module.relu1/") for n in every - fewer)
 
 
-def test_exclude_of_a_module_without_nodes_is_refused(tmp_path):
+def test_preflight_refuses_an_exclude_without_nodes_and_leaves_the_state(tmp_path):
+    state = state_for(tmp_path, scheme="openvino_int8")
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    Quantize(QuantizeConfig(type="quantize", scheme="openvino_int8"), 1).preflight(state)
+    assert state.transforms == [] and state.runner is None
+    assert all(torch.equal(v, state.model.state_dict()[k]) for k, v in before.items())
+    bad = QuantizeConfig(type="quantize", scheme="openvino_int8", exclude=["bn1"])  # folded into conv1
     with pytest.raises(StageError, match="exclude: module bn1 has no OpenVINO node"):
-        run_stage(tmp_path, scheme="openvino_int8", calibration_batches=1, exclude=["bn1"])
+        Quantize(bad, 1).preflight(state)
 
 
 def test_export_writes_an_ir_that_loads(tmp_path):
