@@ -49,21 +49,16 @@ from compress_cli.stages.registry import validate
 LOCK = "/tmp/quiet.lock"
 
 
-class Lock:
-    """The shared CPU etiquette lock, held shared while converting and switched to exclusive (on the
-    same open file: a second open would wait on our own shared hold) while timing."""
-
-    def __init__(self) -> None:
-        self.f = open(LOCK, "a")  # noqa: SIM115 - held for the whole run
-        fcntl.flock(self.f, fcntl.LOCK_SH)
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        fcntl.flock(self.f, fcntl.LOCK_EX)
+@contextlib.contextmanager
+def lock(exclusive: bool) -> Iterator[None]:
+    """The shared CPU etiquette lock: shared while converting, exclusive while timing, nothing held
+    in between (a run holding it shared throughout would keep every other timing job waiting)."""
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
-            fcntl.flock(self.f, fcntl.LOCK_SH)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def recipe(model: str, fashion_model: str | None, out: Path) -> dict[str, Any]:
@@ -184,17 +179,46 @@ def set_threads(runner: Any, threads: int) -> None:
         runner.threads = threads
 
 
+def table(path: str) -> str:
+    """The RESULTS.md table of the lines in ``path``: ours vs the best peer within 0.5 points more drop."""
+    out = [
+        "| model | batch | threads | fp32 eager ms | ours (auto's choice) | ours ms | ours drop | "
+        "nncf+ov defaults ms (drop) | nncf+ov f32 ms (drop) | ort quantize_static ms (drop) | "
+        "best peer within +0.5 drop | ours vs it |",
+        "|" + "---|" * 12,
+    ]
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        peers = d["peers"]
+        ok = {k: v for k, v in peers.items() if v["drop"] <= d["ours_drop"] + 0.5}
+        best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
+        cells = [f"{peers[k]['ms']:.3f} ({peers[k]['drop']:+.2f})" for k in peers]
+        ratio = f"{ok[best]['ms'] / d['ours_ms']:.2f}x" if best else "-"
+        out.append(
+            f"| {d['model']} | {d['batch']} | {d['threads']} | {d['fp32_ms']:.3f} | {d['ours']} | "
+            f"{d['ours_ms']:.3f} | {d['ours_drop']:+.2f} | {' | '.join(cells)} | {best or '-'} | {ratio} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["fashion", "resnet18", "mobilenet_v3_large"], required=True)
+    ap.add_argument("--table", default=None, help="print the markdown table of a --out file and exit")
+    ap.add_argument("--model", choices=["fashion", "resnet18", "mobilenet_v3_large"])
     ap.add_argument("--fashion-model", default=None, help="trained fashion_cnn model directory")
     ap.add_argument("--settings", default="1x1,64x1,1x2,64x2", help="BATCHxTHREADS,...")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/quant_targets.jsonl")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.model is None:
+        ap.error("--model is required")
     budget = 1.0 if args.model == "fashion" else 100.0
-    held = Lock()
     with tempfile.TemporaryDirectory(prefix="quant-targets-") as d:
+        converting = lock(exclusive=False)
+        converting.__enter__()
         tmp = Path(d)
         r = validate(parse_yaml(yaml.safe_dump(recipe(args.model, args.fashion_model, tmp / "out"))))
         state = build_state(r, torch.device("cpu"), tmp / "out")
@@ -214,11 +238,19 @@ def main() -> None:
         def score(fn: Any) -> float:
             return float(evaluate(fn, state.data.loader(split), task, split=split)[task.primary])
 
-        peer_scores = {
-            "nncf+openvino (defaults)": score(ov_runner(nncf_model, 2, f32=False)),
-            "nncf+openvino (f32)": score(ov_runner(nncf_model, 2, f32=True)),
-            "ort quantize_static": score(ort_runner(ort_bytes, 2)),
+        makers = {
+            "nncf+openvino (defaults)": lambda t: ov_runner(nncf_model, t, f32=False),
+            "nncf+openvino (f32)": lambda t: ov_runner(nncf_model, t, f32=True),
+            "ort quantize_static": lambda t: ort_runner(ort_bytes, t),
         }
+        peer_scores, peers_failed = {}, {}
+        for k, make in makers.items():
+            try:
+                peer_scores[k] = score(make(2))
+            except RuntimeError as e:  # e.g. OpenVINO's bf16 CPU path: "No suitable implementations"
+                peers_failed[k] = f"{type(e).__name__}: {' '.join(str(e).split())[-200:]}"
+        makers = {k: v for k, v in makers.items() if k in peer_scores}
+        converting.__exit__(None, None, None)
         ok = [c for c in cands if c.error is None]
         for c in ok:
             c.row["drop"] = auto.drop_points(task, ref, c.row["score"])
@@ -226,15 +258,11 @@ def main() -> None:
             batch, threads = (int(v) for v in setting.split("x"))
             for c in ok:
                 set_threads(c.runner, threads)
-            peers = {
-                "nncf+openvino (defaults)": ov_runner(nncf_model, threads, f32=False),
-                "nncf+openvino (f32)": ov_runner(nncf_model, threads, f32=True),
-                "ort quantize_static": ort_runner(ort_bytes, threads),
-            }
+            peers = {k: make(threads) for k, make in makers.items()}
             runners = {auto.FP32: fp32, **{c.scheme: c.runner for c in ok}, **peers}
             x = state.data.example_input(batch)
             iters = 20 if batch == 1 else 3
-            with held.exclusive():
+            with lock(exclusive=True):
                 lat = auto.interleaved_latency(runners, x, threads, rounds=args.rounds, iterations=iters)
             for c in ok:
                 c.row["latency"] = lat[c.scheme]
@@ -257,6 +285,7 @@ def main() -> None:
                     k: {"ms": lat[k] * 1e3, "drop": auto.drop_points(task, ref, peer_scores[k])}
                     for k in peers
                 },
+                "peers_failed": peers_failed,
                 "convert_s": {"ours (all candidates)": ours_s, "peers": peers_s},
                 "rounds": args.rounds,
                 "iterations": iters,
