@@ -261,6 +261,26 @@ def budget_lines(b: dict[str, Any]) -> list[str]:
     return out
 
 
+def candidate_table(rows: list[dict[str, Any]], primary: str) -> list[str]:
+    """A stage's candidate table (``quantize`` with ``scheme: auto``) as markdown lines."""
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    out = [
+        f"| scheme | runtime | {primary} | drop | latency ms | throughput/s | size | convert s | result |",
+        "|" + "---|" * 9,
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.get('scheme')} | {r.get('runtime')} | {f(r.get('score'), '.4f')} | "
+            f"{f(r.get('drop'), '.2f')} | "
+            f"{f(r.get('latency_ms'), '.3f')} | {f(r.get('throughput'), ',.0f')} | "
+            f"{human_bytes(r.get('size_bytes'))} | {f(r.get('convert_s'), '.1f')} | {r.get('status', '')} |"
+        )
+    return out
+
+
 def to_markdown(report: Report) -> str:
     """report.md: the table, each stage's notes and guard violations, and what the numbers mean."""
     lines = [f"# compress report: {report.recipe}", ""]
@@ -282,6 +302,12 @@ def to_markdown(report: Report) -> str:
                 lines.append(f"  - guard violated: {v}")
             if isinstance(s.details.get("budget"), dict):
                 lines += budget_lines(s.details["budget"])
+        if isinstance(s.details.get("candidates"), list) and s.details["candidates"]:
+            lines += [
+                "",
+                *candidate_table(s.details["candidates"], str(s.details.get("primary", "score"))),
+                "",
+            ]
     srb = report.final.same_runtime_baseline if report.final is not None else None
     if srb:
         assert report.final is not None

@@ -9,12 +9,16 @@ int8_static, qat  pt2e.py               :class:`~compress_cli.quantization.pt2e.
                                         ``compile: false``)
 int8_static (fx)  fx.py                 torch.ao FX ``convert_fx`` module (eager), ``backend: fx``
 onnxruntime_int8  onnxruntime.py        :class:`~compress_cli.runtime.ort.OrtModule` over the QDQ graph
+openvino_int8     openvino.py           :class:`~compress_cli.runtime.openvino.OvModule` over NNCF's int8
+                                        OpenVINO model (``openvino_fp32``: the converted fp32 model)
+onnxruntime_fp32  onnxruntime.py        :class:`~compress_cli.runtime.ort.OrtModule` over the fp32 export
 int8/int4_weight  weight_only.py        torchao weight-only quantized Linear weights (CUDA only)
 fp16, bf16        cast.py               the module in that dtype, fp32 in and out
 ================  ====================  ==========================================================
 
 Shared pieces: ``schemes.py`` (the torch-free table: devices, options, export formats),
-``base.py`` (the handler protocol and the SQNR-gated int8 conversion), ``qparams.py`` (record and
+``base.py`` (the handler protocol and the SQNR-gated int8 conversion), ``auto.py`` (``scheme: auto``:
+every candidate measured, the fastest within the budget kept), ``qparams.py`` (record and
 pin observer qparams), ``fold.py`` (batch-norm folding), ``cpu.py`` (``reduce_range`` from the CPU
 flags), ``transforms.py`` (the load transform). ``torch.ao.quantization`` is deprecated upstream and
 PT2E moved to torchao: every call into them is in this package.

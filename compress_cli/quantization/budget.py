@@ -6,7 +6,8 @@ the handler's ``convert`` when the budget is set (any scheme whose handler honou
 
 * The drop is measured on the **validation** split (the split the pipeline does not report on, so
   the loop does not select on the test numbers), against the stage's input model run the same way,
-  in points: 100 x the fall of the task's primary metric (classification: top-1 percentage points).
+  in points of the task's primary metric: top-1 percentage points for classification, the metric's
+  own units for other tasks (the units of ``guard.max_accuracy_drop`` / ``guard.max_metric_drop``).
   ``budget_batches`` caps the batches evaluated per step; the pipeline then measures the kept
   result on its own (full) split as for every stage.
 * Layers are ranked once, on the fp32 model, by the **output SQNR when that layer alone is
@@ -191,11 +192,12 @@ def layer_sensitivity(
     return sorted(out, key=lambda t: t[1])
 
 
-def drop_points(fp32: dict[str, Any], quantized: dict[str, Any]) -> float:
-    """Points the primary metric fell from ``fp32`` to ``quantized`` (``score``, ``higher_is_better``):
-    100 x the fall, direction-aware (classification: top-1 percentage points)."""
-    fall = fp32["score"] - quantized["score"]
-    return round(100 * (fall if fp32["higher_is_better"] else -fall), 4)
+def drop_points(task: Any, ref: float, value: float) -> float:
+    """How much worse ``value`` is than ``ref`` in the task's primary metric, in points: x100 for
+    classification accuracy (top-1 percentage points, as ``guard.max_accuracy_drop``), the metric's
+    own units otherwise (as ``guard.max_metric_drop``); direction-aware."""
+    worse = (ref - value) if task.higher_is_better else (value - ref)
+    return round(worse * (100.0 if task.name == "classification" else 1.0), 4)
 
 
 class _Budget:
@@ -348,7 +350,7 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
             runner = state.current_runner()
             with torch.inference_mode():
                 scores = b.score(runner)
-            drop = drop_points(fp32, scores)
+            drop = drop_points(b.task, fp32["score"], scores["score"])
             step.update(score=scores["score"], drop=drop, latency_ms=b.latency_ms(runner))
             met = drop <= budget
             step["accepted"] = met

@@ -21,7 +21,7 @@ from torch import nn
 from compress_cli._utils.arrays import pack_array, unpack_array
 from compress_cli._utils.quiet import quiet
 from compress_cli.errors import SourceError, StageError
-from compress_cli.quantization.base import Int8Handler, Int8Job
+from compress_cli.quantization.base import Int8Handler, Int8Job, SchemeHandler
 from compress_cli.quantization.schemes import register_scheme
 from compress_cli.runtime.export import exporter_order, fp32_onnx
 from compress_cli.runtime.inputs import ONNX_INPUT, InputSpec
@@ -572,3 +572,33 @@ class OnnxRuntimeInt8(Int8Handler):
         if fmt != "onnx":
             return None, {}
         return state.runner.model.onnx_bytes, {"exporter": "onnxruntime_int8 (QDQ graph as quantized)"}
+
+
+@register_scheme("onnxruntime_fp32")
+class OnnxRuntimeFp32(SchemeHandler):
+    """The fp32 model exported to ONNX and run in ONNX Runtime (a deployment choice of its own)."""
+
+    def entry(self, state: State, options: Any) -> dict[str, Any]:
+        """The scheme and the input spec (load() exports with it)."""
+        from compress_cli.quantization.base import cpu_inputs
+
+        spec = InputSpec.from_example(cpu_inputs(state.data.example_input(2)), state.model)
+        return {"type": "quantize", "scheme": options.scheme, "input_spec": spec.to_json()}
+
+    def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """The fp32 ONNX export of the stored module (as the same-runtime baseline exports it)."""
+        data, _ = fp32_onnx(model, InputSpec.from_entry(entry))
+        return OrtModule(data)
+
+    def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """ONNX Runtime with the measurement's threads."""
+        assert isinstance(runtime, OrtModule)
+        lat = state.recipe.measure.latency
+        runtime.threads = lat.threads if lat is not None and lat.threads else torch.get_num_threads()
+        return OrtRunner(runtime, runtime.threads)
+
+    def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """onnx: the graph the runner measured."""
+        if fmt != "onnx":
+            return None, {}
+        return state.runner.model.onnx_bytes, {"exporter": "onnxruntime_fp32 (the graph measured)"}

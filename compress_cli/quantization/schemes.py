@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from compress_cli.quantization.base import SchemeHandler
 
 #: every export format of the ``export`` stage
-FORMATS = ("onnx", "torch_export", "torchscript")
+FORMATS = ("onnx", "torch_export", "torchscript", "openvino")
 _PT2E_FORMATS = (
     ("torch_export",),
     "the PT2E int8 graph is a torch.export program: ONNX has no mapping for its "
@@ -149,6 +149,32 @@ SCHEMES: dict[str, Scheme] = {
             },
             formats=("onnx",),
             formats_why="the model is an ONNX Runtime int8 graph (QDQ): it exists only as ONNX",
+        ),
+        _builtin(
+            "openvino_int8",
+            "cpu",
+            "openvino",
+            freezes=True,
+            options=_INT8 | {"calibration_batches"},
+            formats=("openvino",),
+            formats_why="the model is an OpenVINO int8 graph (NNCF FakeQuantize): it exists only as "
+            "OpenVINO IR (.xml/.bin)",
+        ),
+        _builtin(
+            "openvino_fp32",
+            "cpu",
+            "openvino",
+            freezes=True,
+            formats=("openvino",),
+            formats_why="the model runs as OpenVINO IR: export it as openvino",
+        ),
+        _builtin(
+            "onnxruntime_fp32",
+            "cpu",
+            "onnxruntime",
+            freezes=True,
+            formats=("onnx",),
+            formats_why="the model runs as an fp32 ONNX graph in ONNX Runtime: export it as onnx",
         ),
         _builtin(
             "int8_weight_only",

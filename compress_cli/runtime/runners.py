@@ -186,3 +186,37 @@ def baseline_latency(state: Any, runner: Runner) -> dict[str, Any] | None:
         return None
     out = latency(runner, state.data.example_input, cfg)
     return {**out, **runner.describe(), "model": "original fp32"}
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO (CPU plugin, ``PERFORMANCE_HINT: LATENCY``) over an
+    :class:`~compress_cli.runtime.openvino.OvModule`; the model's inputs in, its output structure out."""
+
+    runtime = "openvino"
+
+    def __init__(self, model: nn.Module, threads: int | None = None):
+        import torch
+
+        super().__init__(model, torch.device("cpu"))
+        self.threads = threads
+
+    def prepare(self) -> None:
+        self.model.compile()  # type: ignore[operator]  # compile outside the timed region
+
+    def __call__(self, x: Any) -> Any:
+        from compress_cli._utils.batches import call
+
+        return call(self.model, x)
+
+    def describe(self) -> dict[str, Any]:
+        import openvino as ov
+
+        return {"runtime": self.runtime, "device": "cpu", "openvino": ov.get_version().split("-")[0]}
+
+    def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
+        """The original fp32 model converted to OpenVINO on the data's example input, same threads."""
+        from compress_cli.runtime.openvino import OvModule, ov_convert
+
+        original = state.original_model()
+        om, _, _ = ov_convert(original, state.data.example_input(2))
+        return baseline_latency(state, OpenVinoRunner(OvModule(om, self.threads), self.threads))

@@ -12,7 +12,7 @@ from compress_cli.stages.base import Stage, StageConfig, StageResult
 from compress_cli.stages.registry import register_stage
 from compress_cli.state import State
 
-Format = Literal["onnx", "torch_export", "torchscript"]
+Format = Literal["onnx", "torch_export", "torchscript", "openvino"]
 
 
 def _onnx() -> list[Format]:
@@ -55,10 +55,12 @@ FP32_RELATIVE = 1e-5
 @register_stage("export")
 class Export(Stage[ExportConfig]):
     """
-    Write ONNX / torch.export / TorchScript files, check them against what the report measured, time them.
+    Write ONNX / torch.export / TorchScript / OpenVINO IR files, check them against what the report
+    measured, time them.
 
     After a quantize stage the quantized model is exported, in the formats its runtime has: ONNX
-    Runtime int8 -> onnx, PT2E int8 -> torch_export, torch.ao dynamic int8 -> torchscript,
+    Runtime int8 -> onnx, OpenVINO int8 / fp32 -> openvino, PT2E int8 -> torch_export, torch.ao
+    dynamic int8 -> torchscript,
     fp16/bf16 -> all. Other combinations are refused at validation (``compress validate``), with
     the reason."""
 
@@ -137,6 +139,9 @@ class Export(Stage[ExportConfig]):
             )
             if fmt == "onnx":
                 info.update(onnx_interface(fn.session))
+            elif fmt == "openvino":
+                info["inputs"] = spec.describe()
+                info["size_bytes"] += path.with_suffix(".bin").stat().st_size
             else:
                 info["inputs"] = spec.describe()
             if scheme:
@@ -147,7 +152,9 @@ class Export(Stage[ExportConfig]):
             f"{k} {v['size_bytes'] / 1024:.0f} KB {v['latency_ms']:.2f} ms" for k, v in files.items()
         )
         return StageResult(
-            notes=notes, details={"files": files}, artifacts=[v["path"] for v in files.values()]
+            notes=notes,
+            details={"files": files},
+            artifacts=[p for v in files.values() for p in (v["path"], v.get("bin")) if p],
         )
 
     def _write(
@@ -179,6 +186,19 @@ class Export(Stage[ExportConfig]):
                     )
                 }
             return path, OrtModule(path.read_bytes()), {**extra, "runtime": "onnxruntime"}
+        if fmt == "openvino":
+            from compress_cli.runtime.openvino import OvModule, ov_convert
+
+            path = folder / "model.xml"
+            if source is None:  # the plain model, converted on the example
+                source = OvModule(ov_convert(model.cpu(), to_device(example, "cpu"))[0])
+                extra = {"converter": "openvino.convert_model"}
+            source.save(path)
+            return (
+                path,
+                OvModule.from_file(path),
+                {**extra, "runtime": "openvino", "bin": str(path.with_suffix(".bin"))},
+            )
         if fmt == "torch_export":
             path = folder / "model.pt2"
             ep = export_torch(model if source is None else source, example, path, cfg.dynamic_batch)

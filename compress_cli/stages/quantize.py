@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from compress_cli.errors import StageError
@@ -22,8 +22,35 @@ from compress_cli.training import TrainOptions
 _TRAINING = frozenset(TrainOptions.model_fields)
 
 
+#: ``scheme: auto``: every candidate scheme of the target's runtimes, measured, the fastest kept
+AUTO = "auto"
+#: the options of ``scheme: auto`` (each candidate gets them)
+_AUTO_OPTIONS = frozenset({"target", "max_accuracy_drop", "exclude", "min_sqnr_db", "calibration_batches"})
+
+
 def _scheme_enum(schema: dict[str, Any]) -> None:
-    schema["enum"] = list(SCHEMES)  # at schema time: plugin schemes included
+    schema["enum"] = [*SCHEMES, AUTO]  # at schema time: plugin schemes included
+
+
+class TargetConfig(BaseModel):
+    """``scheme: auto``'s deployment target: the batch it is timed at and the runtimes it may use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="batch size the candidates are timed at (default: the first "
+        "of measure.latency.batch_sizes, else 1)",
+    )
+    runtimes: list[Literal["torch", "onnxruntime", "openvino"]] | None = Field(
+        None,
+        min_length=1,
+        description="runtimes whose schemes are candidates (torch: int8_static [+ int8_dynamic for "
+        "Linear-dominated models]; onnxruntime: onnxruntime_int8, onnxruntime_fp32; openvino: "
+        "openvino_int8, openvino_fp32); default: the installed ones",
+    )
 
 
 class QuantizeConfig(StageConfig, TrainOptions):
@@ -31,7 +58,21 @@ class QuantizeConfig(StageConfig, TrainOptions):
 
     The training options (epochs, lr, ...) apply to ``qat`` only; its default is one short epoch."""
 
-    scheme: str = Field(description=" | ".join(SCHEMES), json_schema_extra=_scheme_enum)
+    scheme: str = Field(description=" | ".join([*SCHEMES, AUTO]), json_schema_extra=_scheme_enum)
+    target: TargetConfig | None = Field(
+        None,
+        description="scheme auto: the deployment target (batch, runtimes) the candidates are measured for",
+    )
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="accuracy budget: how much the task's primary metric may fall on the validation "
+        "split against the model the stage receives (classification: top-1 points; other tasks: the "
+        "metric's units); a fixed int8 scheme returns its most sensitive layers to float one at a "
+        "time until it holds (max_float_layers); scheme auto keeps the fastest candidate within it "
+        "(unset: 1.0)",
+    )
     calibration_batches: int | None = Field(
         None,
         gt=0,
@@ -87,14 +128,6 @@ class QuantizeConfig(StageConfig, TrainOptions):
     group_size: int = Field(
         128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension"
     )
-    max_accuracy_drop: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="accuracy budget: the most the task's primary metric may fall, in points (100 x "
-        "its fall: top-1 percentage points), on the validation split against the stage's input model; "
-        "when exceeded, the most sensitive layers return to float one at a time (max_float_layers)",
-    )
     max_float_layers: int = Field(
         8,
         ge=1,
@@ -111,10 +144,10 @@ class QuantizeConfig(StageConfig, TrainOptions):
     @field_validator("scheme", mode="before")
     @classmethod
     def _known_scheme(cls, value: Any) -> Any:
-        if (
-            not isinstance(value, str) or value not in SCHEMES
+        if not isinstance(value, str) or (
+            value not in SCHEMES and value != AUTO
         ):  # reported like a Literal: "must be one of ..."
-            names = [repr(n) for n in SCHEMES]
+            names = [repr(n) for n in [*SCHEMES, AUTO]]
             expected = f"{', '.join(names[:-1])} or {names[-1]}"
             ctx = {"expected": expected}
             raise PydanticCustomError("literal_error", "Input should be {expected}", ctx)
@@ -123,6 +156,22 @@ class QuantizeConfig(StageConfig, TrainOptions):
     @model_validator(mode="after")
     def _options_match_scheme(self) -> QuantizeConfig:
         fields = type(self).model_fields
+        if self.scheme == AUTO:
+            extra = [
+                k
+                for k in sorted(self.model_fields_set)
+                if k not in StageConfig.model_fields
+                and k not in _AUTO_OPTIONS | {"scheme"}
+                and getattr(self, k) != fields[k].get_default(call_default_factory=True)
+            ]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)}: not an option of scheme auto (it takes "
+                    f"{', '.join(sorted(_AUTO_OPTIONS))}; the candidates use their defaults)"
+                )
+            return self
+        if self.target is not None:
+            raise ValueError("target: only with scheme: auto (a fixed scheme runs where it runs)")
         scheme = SCHEMES[self.scheme]
         wrong = [  # a default value written back (recipe.yaml as run) is not an error
             k
@@ -164,7 +213,8 @@ class QuantizeConfig(StageConfig, TrainOptions):
 
 
 def _scheme(config: StageConfig) -> Scheme | None:
-    return SCHEMES.get(getattr(config, "scheme", ""))
+    name = getattr(config, "scheme", "")
+    return SCHEMES["int8_static"] if name == AUTO else SCHEMES.get(name)  # auto: CPU, freezes
 
 
 @register_stage("quantize")
@@ -203,26 +253,61 @@ class Quantize(Stage[QuantizeConfig]):
         """A scheme not available on the recipe's device."""
         scheme = _scheme(config)
         problem = scheme.device_problem(device) if scheme is not None else None
+        if problem and getattr(config, "scheme", "") == AUTO:
+            problem = f"scheme auto chooses among CPU runtimes; set device: cpu (recipe device: {device})"
         return [problem] if problem else []
+
+    def _device_problem(self, state: State) -> None:
+        problem = _scheme(self.config).device_problem(str(state.device), at_run=True)  # type: ignore[union-attr]
+        if problem and self.config.scheme == AUTO:
+            problem = (
+                f"scheme auto chooses among CPU runtimes; run with --device cpu (running on {state.device})"
+            )
+        if problem:
+            raise StageError(problem)
+
+    def _auto_runtimes(self) -> list[str]:
+        """``target.runtimes``, each installed, or the installed ones."""
+        from compress_cli.quantization.auto import installed_runtimes, missing_runtime
+
+        target = self.config.target
+        if target is None or target.runtimes is None:
+            return installed_runtimes()
+        for r in target.runtimes:
+            lack = missing_runtime(r)
+            if lack:
+                how = "pip install 'compress-cli[openvino]'" if r == "openvino" else f"pip install {lack}"
+                raise StageError(
+                    f"target.runtimes: {r} needs {lack}, which is not installed ({how}), "
+                    f"or drop {r} from target.runtimes"
+                )
+        return list(dict.fromkeys(target.runtimes))
 
     def preflight(self, state: State) -> None:
         """The scheme's trial conversion of a throwaway copy of the model on one small example
         batch (export, prepare, convert, build the runtime as load() would): what would fail after
-        the baseline fails here, with the reason and the recipe keys that change it."""
+        the baseline fails here, with the reason and the recipe keys that change it. ``auto``:
+        the target's runtimes are installed (a failing candidate is a row of its table)."""
         from compress_cli.quantization import handler
 
-        problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
-        if problem:
-            raise StageError(problem)
+        self._device_problem(state)
+        if self.config.scheme == AUTO:
+            self._auto_runtimes()
+            return
         options = self.config
         if options.max_accuracy_drop is not None:  # a low SQNR may be what the fallback recovers
             options = options.model_copy(update={"min_sqnr_db": 0.0})
         handler(self.config.scheme).preflight(state, options)
 
     def preview(self, state: State) -> list[str]:
-        """The layers the scheme would convert."""
+        """The layers the scheme would convert (auto: the candidates)."""
         from torch import nn
 
+        if self.config.scheme == AUTO:
+            from compress_cli.quantization.auto import candidate_schemes
+
+            names = [s for s, _ in candidate_schemes(state.model, self._auto_runtimes())]
+            return [f"auto: candidates {', '.join(names)}"]
         kinds = tuple(getattr(nn, name) for name in SCHEMES[self.config.scheme].layers)
         skip = {n for n, _ in state.select_modules(self.config.exclude)} if self.config.exclude else set()
         mods = [n for n, _ in state.select_modules(kinds=kinds) if n not in skip]
@@ -230,13 +315,31 @@ class Quantize(Stage[QuantizeConfig]):
         return [f"{self.config.scheme}: {len(mods)} layer(s): {', '.join(mods[:8])}{more}"]
 
     def run(self, state: State) -> StageResult:
-        """Check the device, then :func:`compress_cli.quantization.quantize`."""
+        """Check the device, then :func:`compress_cli.quantization.quantize` (``auto``:
+        :func:`compress_cli.quantization.auto.choose`)."""
         from compress_cli.quantization import quantize
 
-        problem = SCHEMES[self.config.scheme].device_problem(str(state.device), at_run=True)
-        if problem:
-            raise StageError(problem)
+        self._device_problem(state)
         state.ctx.listener.on_message(f"quantize: {self.config.scheme}")
+        if self.config.scheme == AUTO:
+            from compress_cli.quantization.auto import DEFAULT_BUDGET, choose
+
+            lat = state.recipe.measure.latency
+            target = self.config.target
+            batch = (
+                target.batch if target is not None and target.batch else (lat.batch_sizes[0] if lat else 1)
+            )
+            budget = self.config.max_accuracy_drop
+            done = choose(
+                state,
+                self.config,
+                self.name,
+                runtimes=self._auto_runtimes(),
+                batch=batch,
+                budget=DEFAULT_BUDGET if budget is None else budget,
+                threads=lat.threads if lat is not None else None,
+            )
+            return StageResult(notes=done.notes, details=done.details, artifacts=done.artifacts)
         done = quantize(state, self.config, self.name)
         return StageResult(
             notes=done.notes, details=done.details, artifacts=done.artifacts, violations=done.violations

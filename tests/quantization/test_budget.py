@@ -132,8 +132,14 @@ def test_fake_quant_helpers_follow_the_int8_grid():
     assert torch.allclose(q[0], w[0], atol=1 / 127) and q[1, 0] == 100.0  # per output channel
     x = torch.linspace(0, 10, 101)
     assert (budget.fake_quant_activation(x, 0.0, 10.0) - x).abs().max() <= 10 / 255 / 2 + 1e-6
-    assert budget.drop_points({"score": 0.9, "higher_is_better": True}, {"score": 0.88}) == 2.0
-    assert budget.drop_points({"score": 0.1, "higher_is_better": False}, {"score": 0.12}) == 2.0
+    from types import SimpleNamespace as NS
+
+    top1, mse = (
+        NS(name="classification", higher_is_better=True),
+        NS(name="regression", higher_is_better=False),
+    )
+    assert budget.drop_points(top1, 0.9, 0.88) == 2.0  # top-1 points
+    assert budget.drop_points(mse, 0.1, 0.12) == 0.02  # the metric's own units
 
 
 # ------------------------------------------------------------------------------ config rules

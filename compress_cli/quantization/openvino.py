@@ -1,0 +1,277 @@
+"""openvino_int8 and openvino_fp32: the model converted to OpenVINO, NNCF post-training int8 on it.
+
+``openvino_int8`` folds batch norm into the convolutions (OpenVINO's converter fuses conv + BN
+into nodes named ``Multiply_N``, which loses the module names that ``exclude`` matches), converts
+the model with ``openvino.convert_model`` and quantizes the OpenVINO model with NNCF's
+``nncf.quantize`` (its OpenVINO backend: the one NNCF documents for deployment; its torch backend
+does not run on torch 2.14), fast bias correction on, ``subset_size`` = the calibration batches,
+``ModelType.TRANSFORMER`` for models with attention or embeddings. ``exclude`` becomes an
+``nncf.IgnoredScope`` over the OpenVINO node names, which carry the module path
+(``__module.layer1.0.conv1/aten::_convolution/Convolution``).
+
+What load() rebuilds: the stored module (BN folded, weights as they were: NNCF derives the int8
+weights from them alone) converted again and quantized again on one dummy batch, then every
+constant that differs from the calibrated model's (activation ranges, bias corrections) is put
+back from the entry, where the stage recorded it. The stage runs that same rebuild before it
+records, so what it records is exactly what load() needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress_cli._utils.arrays import pack_array, unpack_array
+from compress_cli._utils.quiet import quiet
+from compress_cli.errors import SourceError, StageError
+from compress_cli.quantization.base import Int8Handler, Int8Job, Quantized, SchemeHandler
+from compress_cli.quantization.schemes import register_scheme
+from compress_cli.runtime.inputs import InputSpec
+from compress_cli.runtime.openvino import INSTALL, OvModule, ir_bytes, ov_convert
+from compress_cli.runtime.runners import OpenVinoRunner, Runner
+
+if TYPE_CHECKING:
+    from compress_cli.state import State
+
+
+def require_nncf() -> Any:
+    """``import nncf``, or a located error saying how to install it."""
+    try:
+        import nncf
+    except ImportError:
+        raise StageError(f"scheme openvino_int8 needs NNCF, which is not installed: {INSTALL}") from None
+    return nncf
+
+
+def node_patterns(modules: list[str]) -> list[str]:
+    """``nncf.IgnoredScope`` patterns (regexes over OpenVINO node names) for the ops of ``modules``
+    and of everything inside them."""
+    return [rf"__module\.{re.escape(m)}[/.].*" for m in modules]
+
+
+def ignored_nodes(ov_model: Any, modules: list[str]) -> dict[str, list[str]]:
+    """module -> the OpenVINO node names its pattern matches (what NNCF will keep in float)."""
+    names = [op.get_friendly_name() for op in ov_model.get_ordered_ops()]
+    return {
+        m: [n for n in names if re.fullmatch(p, n)]
+        for m, p in zip(modules, node_patterns(modules), strict=True)
+    }
+
+
+def _feed(spec: InputSpec) -> Any:
+    def transform(x: Any) -> Any:
+        values = list(spec.arrays(x).values())
+        return values[0] if len(values) == 1 else values
+
+    return transform
+
+
+def nncf_quantize(
+    ov_model: Any, spec: InputSpec, batches: list[Any], exclude: list[str], transformer: bool
+) -> Any:
+    """NNCF post-training int8 of ``ov_model`` calibrated on ``batches`` (model inputs of ``spec``'s
+    structure); ``exclude``: module names kept in float."""
+    nncf = require_nncf()
+    kw: dict[str, Any] = {}
+    if exclude:
+        kw["ignored_scope"] = nncf.IgnoredScope(patterns=node_patterns(exclude), validate=False)
+    if transformer:
+        kw["model_type"] = nncf.ModelType.TRANSFORMER
+    with quiet():
+        return nncf.quantize(
+            ov_model,
+            nncf.Dataset(batches, _feed(spec)),
+            subset_size=len(batches),
+            fast_bias_correction=True,
+            **kw,
+        )
+
+
+def _constants(ov_model: Any) -> list[Any]:
+    return [op for op in ov_model.get_ordered_ops() if op.get_type_name() == "Constant"]
+
+
+def _key(node: Any) -> str:
+    """A constant's name with OpenVINO's per-process counters (``Constant_14257``) taken out."""
+    return re.sub(r"_\d+$", "_N", node.get_friendly_name())
+
+
+def constant_diff(calibrated: Any, rebuilt: Any) -> dict[str, Any]:
+    """The constants of ``calibrated`` that differ from ``rebuilt``'s (the same graph quantized on a
+    dummy batch), by position: ``{index: {"name", "value"}}`` (values packed)."""
+    a, b = _constants(calibrated), _constants(rebuilt)
+    if [(_key(c), c.get_output_shape(0)) for c in a] != [(_key(c), c.get_output_shape(0)) for c in b]:
+        raise StageError(
+            "openvino_int8: NNCF quantizes this model into a different graph on a dummy batch than on "
+            "the calibration data, so load() could not rebuild it; use scheme onnxruntime_int8 or int8_static"
+        )
+    out = {}
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        va, vb = x.get_data(), y.get_data()
+        if va.shape != vb.shape or va.dtype != vb.dtype or not np.array_equal(va, vb):
+            out[str(i)] = {"name": _key(x), "value": pack_array(np.array(va))}
+    return out
+
+
+def put_constants(ov_model: Any, recorded: dict[str, Any]) -> Any:
+    """``ov_model`` with the recorded constants put back (SourceError when the graph differs)."""
+    import openvino as ov
+
+    consts = _constants(ov_model)
+    for key, rec in recorded.items():
+        i = int(key)
+        if i >= len(consts) or _key(consts[i]) != rec["name"]:
+            raise SourceError(
+                f"the OpenVINO int8 graph differs from the recorded one at constant {rec['name']!r} "
+                "(openvino or nncf version change?)"
+            )
+        new = ov.op.Constant(unpack_array(rec["value"]))
+        new.set_friendly_name(consts[i].get_friendly_name())
+        for target in list(consts[i].output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    ov_model.validate_nodes_and_infer_types()
+    return ov_model
+
+
+def _dummy(spec: InputSpec) -> list[Any]:
+    return [spec.example(2, rng=np.random.default_rng(0))]
+
+
+def _convert_example(spec: InputSpec) -> Any:
+    """What the model is traced on, at the stage and at load(): the same deterministic inputs."""
+    return spec.example(2, rng=np.random.default_rng(0))
+
+
+def _threads(state: State) -> int:
+    lat = state.recipe.measure.latency
+    return lat.threads if lat is not None and lat.threads else torch.get_num_threads()
+
+
+@register_scheme("openvino_int8")
+class OpenVinoInt8(Int8Handler):
+    """NNCF post-training int8 on the OpenVINO model; runs in OpenVINO on CPU."""
+
+    def way_out(self, options: Any) -> str:
+        """Excluded layers, or the other CPU int8 schemes."""
+        return (
+            "keep the layers involved in float (exclude: [module globs]), "
+            "or use scheme onnxruntime_int8 or int8_static"
+        )
+
+    def snap(self, model: nn.Module, job: Int8Job) -> nn.Module:
+        """Fold BN, convert, quantize with NNCF, and record what a dummy-batch rebuild gets wrong."""
+        from compress_cli.quantization.onnxruntime import is_transformer_like
+
+        require_nncf()
+        model = job.fold_batchnorm(model)
+        spec = job.spec
+        batches = job.calibration()
+        om, _, _ = ov_convert(model, _convert_example(spec))
+        found = ignored_nodes(om, job.exclude)
+        empty = [m for m, nodes in found.items() if not nodes]
+        if empty:
+            raise StageError(
+                f"exclude: module {empty[0]} has no OpenVINO node named after it (the converter fused "
+                "or renamed its ops); exclude the module that contains it"
+            )
+        job.entry.pop("reduce_range", None)  # OpenVINO's int8 kernels choose for themselves
+        job.details.pop("reduce_range", None)
+        job.details.pop("reduce_range_reason", None)
+        transformer = is_transformer_like(model)
+        calibrated = nncf_quantize(om, spec, batches, job.exclude, transformer)
+        # a preflight's trial builds the runtime on its own dummy-batch rebuild: nothing to record
+        rebuilt = (
+            calibrated if job.trial is not None else self._rebuild(model, spec, job.exclude, transformer)
+        )
+        job.entry.update(ov_constants=constant_diff(calibrated, rebuilt), transformer=transformer)
+        job.details.update(
+            model_type="transformer" if transformer else "default",
+            ignored_nodes=sum(len(v) for v in found.values()),
+            fake_quantize=sum(
+                1 for op in calibrated.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+            ),
+            recorded_constants=len(job.entry["ov_constants"]),
+        )
+        return model
+
+    def _rebuild(self, model: nn.Module, spec: InputSpec, exclude: list[str], transformer: bool) -> Any:
+        om, _, _ = ov_convert(model, _convert_example(spec))
+        return nncf_quantize(om, spec, _dummy(spec), exclude, transformer)
+
+    def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """Convert and quantize the stored module on a dummy batch, then put the recorded constants back."""
+        spec = InputSpec.from_entry(entry)
+        rebuilt = self._rebuild(model, spec, list(entry.get("exclude", [])), bool(entry.get("transformer")))
+        return OvModule(put_constants(rebuilt, entry.get("ov_constants", {})))
+
+    def save(self, runtime: nn.Module, state: State, details: dict[str, Any]) -> list[str]:
+        """The int8 IR as ``OUTPUT/model.xml`` + ``model.bin``, the files to deploy."""
+        assert isinstance(runtime, OvModule)
+        paths = runtime.save(state.ctx.output_dir / "openvino" / "model.xml")
+        details["openvino_file"] = str(paths[0])
+        details["openvino_bytes"] = sum(p.stat().st_size for p in paths)
+        return [str(p) for p in paths]
+
+    def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """OpenVINO with the measurement's threads."""
+        assert isinstance(runtime, OvModule)
+        runtime.threads = _threads(state)
+        return OpenVinoRunner(runtime, runtime.threads)
+
+    def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """openvino: the int8 model the runner measured, as it is."""
+        if fmt != "openvino":
+            return None, {}
+        return state.runner.model, {"converter": "openvino_int8 (NNCF FakeQuantize graph as quantized)"}
+
+
+@register_scheme("openvino_fp32")
+class OpenVinoFp32(SchemeHandler):
+    """The fp32 model converted to OpenVINO (a deployment choice of its own: no quantization)."""
+
+    def entry(self, state: State, options: Any) -> dict[str, Any]:
+        """The scheme and the input spec (load() converts with it)."""
+        from compress_cli.quantization.base import cpu_inputs
+
+        spec = InputSpec.from_example(cpu_inputs(state.data.example_input(2)), state.model)
+        return {"type": "quantize", "scheme": options.scheme, "input_spec": spec.to_json()}
+
+    def preflight(self, state: State, options: Any) -> None:
+        """OpenVINO installed."""
+        from compress_cli.runtime.openvino import require_openvino
+
+        require_openvino(f"scheme {options.scheme}")
+
+    def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
+        """``openvino.convert_model`` of the stored module (CPU fp32 copy when it is elsewhere)."""
+        import copy
+
+        spec = InputSpec.from_entry(entry)
+        ready = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in model.parameters())
+        work = model if ready else copy.deepcopy(model).cpu().float()
+        om, _, _ = ov_convert(work, _convert_example(spec))
+        return OvModule(om)
+
+    def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
+        """OpenVINO with the measurement's threads."""
+        assert isinstance(runtime, OvModule)
+        runtime.threads = _threads(state)
+        return OpenVinoRunner(runtime, runtime.threads)
+
+    def convert(self, state: State, options: Any, label: str) -> Quantized:
+        """Convert; the model stays as it is (the checkpoint is the fp32 module)."""
+        done = super().convert(state, options, label)
+        assert state.runner is not None
+        done.notes = f"{options.scheme} -> openvino (fp32, converted, not quantized)"
+        done.details["openvino_bytes"] = ir_bytes(state.runner.model)
+        return done
+
+    def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """openvino: the converted model the runner measured."""
+        if fmt != "openvino":
+            return None, {}
+        return state.runner.model, {"converter": "openvino.convert_model"}

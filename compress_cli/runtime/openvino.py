@@ -1,0 +1,204 @@
+"""OpenVINO as a module: what ``openvino_int8`` / ``openvino_fp32`` models run in, the same-runtime
+baseline, and the ``export`` stage's ``openvino`` format (``.xml`` + ``.bin``).
+
+:func:`ov_convert` turns a PyTorch module into an ``openvino.Model`` (``openvino.convert_model``
+with a real example of the model's inputs: a tensor, tuple or dict; see
+:mod:`compress_cli.runtime.inputs`); :class:`OvModule` runs one on the CPU plugin, called like the
+model it came from and returning what it returns (a tensor, or a dict / tuple of tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress_cli.errors import SourceError, StageError
+from compress_cli.runtime.inputs import InputSpec
+
+#: rt_info keys of a saved IR: the input spec and the output structure (what OvModule rebuilds)
+RT_INPUTS, RT_OUTPUTS = "compress_inputs", "compress_outputs"
+#: the pip extra that installs OpenVINO and NNCF
+INSTALL = "pip install 'compress-cli[openvino]'"
+
+
+def require_openvino(what: str = "the openvino runtime") -> Any:
+    """``import openvino``, or a located error saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise StageError(f"{what} needs OpenVINO, which is not installed: {INSTALL}") from None
+    return ov
+
+
+def ov_convert(model: nn.Module, example: Any) -> tuple[Any, InputSpec, Any]:
+    """``model`` (eval, CPU fp32) as an ``openvino.Model`` traced on ``example`` (the model's inputs)
+    -> (ov model, input spec, output structure). The batch axis (and token inputs' sequence axis)
+    are dynamic. ``model``'s train/eval modes come back as they were."""
+    ov = require_openvino()
+    from compress_cli._utils.quiet import quiet
+    from compress_cli.runtime.export import output_layout
+
+    spec = InputSpec.from_example(example, model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        model.eval()
+        layout = output_layout(model, spec, example)
+        arg = spec.ordered(example)
+        arg = tuple(arg) if isinstance(arg, list) else arg
+        try:
+            with torch.no_grad(), quiet():
+                om = ov.convert_model(model, example_input=arg)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise StageError(f"OpenVINO conversion failed ({type(e).__name__}: {first[:300]})") from None
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+    if len(om.inputs) == len(spec.tensors):
+        shapes = {
+            i: ov.PartialShape([-1 if a in t.dynamic else d for a, d in enumerate((0, *t.shape))])
+            for i, t in enumerate(spec.tensors)
+        }
+        with contextlib.suppress(Exception):  # else the converted shapes stay (dynamic where it could tell)
+            om.reshape(shapes)
+    structure = layout.structure if len(om.outputs) == len(layout.names) else None
+    om.set_rt_info(json.dumps(spec.to_json()), RT_INPUTS)
+    om.set_rt_info(json.dumps(structure), RT_OUTPUTS)
+    return om, spec, structure
+
+
+def _rebuild(structure: Any, leaves: list[torch.Tensor], names: list[str]) -> Any:
+    """The model's output from the OV outputs (in the exporters' flattening order)."""
+    by_name = dict(zip(names, leaves, strict=True))
+
+    def walk(s: Any) -> Any:
+        if isinstance(s, str):
+            return by_name[s]
+        if "dict" in s:
+            return {k: walk(v) for k, v in s["dict"]}
+        return tuple(walk(v) for v in s["list"])
+
+    return walk(structure)
+
+
+def _leaf_names(structure: Any) -> list[str]:
+    if isinstance(structure, str):
+        return [structure]
+    if isinstance(structure, dict) and "dict" in structure:
+        return [n for _, v in structure["dict"] for n in _leaf_names(v)]
+    if isinstance(structure, dict) and "list" in structure:
+        return [n for v in structure["list"] for n in _leaf_names(v)]
+    return []
+
+
+class OvModule(nn.Module):
+    """An OpenVINO model compiled for the CPU plugin, as an ``nn.Module`` called like the model it
+    was converted from: ``m(x)``, ``m(*xs)``, ``m(**named)`` or ``m(named_dict)``; returns a tensor,
+    or the model's dict / tuple of tensors.
+
+    ``ov_model`` is the ``openvino.Model`` (``save(path)`` writes ``.xml`` + ``.bin``); ``threads``
+    sets ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default), with ``PERFORMANCE_HINT: LATENCY`` and
+    ``INFERENCE_PRECISION_HINT: f32`` (not the bf16 default on CPUs with bf16 units).
+    Compiled on first use, not pickled. Inference only."""
+
+    def __init__(self, ov_model: Any, threads: int | None = None):
+        super().__init__()
+        self.__dict__["ov_model"] = ov_model
+        self.threads = threads
+        self.__dict__["_request"] = None
+        spec = ov_model.get_rt_info(RT_INPUTS).astype(str) if ov_model.has_rt_info(RT_INPUTS) else None
+        out = ov_model.get_rt_info(RT_OUTPUTS).astype(str) if ov_model.has_rt_info(RT_OUTPUTS) else "null"
+        self.spec = InputSpec.from_json(json.loads(spec)) if spec else None
+        self.structure = json.loads(out)
+
+    @classmethod
+    def from_file(cls, path: str | Path, threads: int | None = None) -> OvModule:
+        """Read an IR written by :meth:`save` (``model.xml`` next to its ``model.bin``)."""
+        ov = require_openvino()
+        try:
+            return cls(ov.Core().read_model(str(path)), threads)
+        except RuntimeError as e:
+            raise SourceError(
+                f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})"
+            ) from None
+
+    def compile(self) -> Any:
+        """The infer request over the compiled model (created once, outside any timed region)."""
+        if self.__dict__.get("_request") is None:
+            ov = require_openvino()
+            # f32: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO's default is bf16 inference,
+            # which is neither the fp32 model nor what a quantized model's float parts were checked in
+            config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = int(self.threads)
+            compiled = ov.Core().compile_model(self.__dict__["ov_model"], "CPU", config)
+            self.__dict__["_compiled"] = compiled
+            self.__dict__["_request"] = compiled.create_infer_request()
+        return self.__dict__["_request"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # no module hooks
+        return self.forward(*args, **kwargs)
+
+    def _values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if len(args) == 1 and not kwargs and isinstance(args[0], dict):
+            kwargs, args = args[0], ()
+        elif len(args) == 1 and not kwargs and isinstance(args[0], (tuple, list)):
+            args = tuple(args[0])
+        n = len(self.__dict__["ov_model"].inputs)
+        if kwargs:
+            names = self.spec.names if self.spec is not None else list(kwargs)
+            missing = [k for k in names if k not in kwargs]
+            if missing or args:
+                raise StageError(
+                    f"OpenVINO model inputs: {', '.join(names)}; got {', '.join(map(str, kwargs))}"
+                )
+            values = [kwargs[k] for k in names]
+        else:
+            values = list(args)
+        if len(values) != n:
+            raise StageError(f"the OpenVINO model takes {n} input(s), got {len(values)}")
+        return values
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The compiled model's outputs for the inputs, in the model's output structure."""
+        request = self.__dict__.get("_request") or self.compile()
+        feeds = {}
+        for i, v in enumerate(self._values(args, kwargs)):
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+                v = (v.float() if v.is_floating_point() else v).contiguous().numpy()
+            feeds[i] = np.asarray(v)
+        request.infer(feeds)
+        n = len(self.__dict__["ov_model"].outputs)
+        outs = [torch.from_numpy(np.array(request.get_output_tensor(i).data)) for i in range(n)]
+        if self.structure is None or isinstance(self.structure, str):
+            return outs[0]
+        return _rebuild(self.structure, outs, _leaf_names(self.structure))
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write ``path`` (``.xml``) and its ``.bin``; returns both paths."""
+        ov = require_openvino()
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(self.__dict__["ov_model"], str(p), compress_to_fp16=False)
+        return [p, p.with_suffix(".bin")]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_request"] = None
+        state.pop("_compiled", None)
+        return state
+
+
+def ir_bytes(module: OvModule) -> int:
+    """Bytes of ``module``'s IR on disk (``.xml`` + ``.bin``), the file one deploys."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="compress-ov-") as d:
+        return sum(p.stat().st_size for p in module.save(Path(d) / "model.xml"))

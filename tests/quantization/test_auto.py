@@ -1,0 +1,137 @@
+"""quantize scheme: auto: candidates by runtime, the choice by measurement (timings injected through
+the ``timer`` seam, so the choice is deterministic), never a candidate slower than fp32, a failing
+candidate as a row, the recipe's ``target`` checked with file and line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+
+import compress_cli
+from compress_cli.config.yaml import parse_yaml
+from compress_cli.engine.setup import build_state
+from compress_cli.errors import RecipeError
+from compress_cli.quantization import auto
+from compress_cli.report import candidate_table
+from compress_cli.runtime.ort import OrtModule
+from compress_cli.stages.quantize import QuantizeConfig
+from compress_cli.stages.registry import validate
+from compress_cli.state import save_snapshot
+from compress_cli.testing import tiny_mlp, tiny_recipe_dict
+
+ORT = ["onnxruntime"]  # the two ONNX Runtime candidates convert in seconds; torch.compile does not
+
+
+def state_for(tmp_path, model: str = "zoo:digits_mlp"):
+    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", "scheme": "auto"}], model={"source": model})
+    return build_state(validate(parse_yaml(yaml.safe_dump(d))), torch.device("cpu"), tmp_path / "out")
+
+
+def timer(ms: dict[str, float]):
+    def fake(runners, x):
+        assert set(runners) == {auto.FP32, *ms}  # every candidate timed against the fp32 model
+        return {k: ms.get(k, 1.0) / 1e3 for k in runners}
+
+    return fake
+
+
+def choose(state, budget=100.0, **ms):
+    opts = QuantizeConfig(type="quantize", scheme="auto")
+    return auto.choose(
+        state, opts, "quantize", runtimes=ORT, batch=1, budget=budget, threads=1, timer=timer(ms)
+    )
+
+
+def test_candidates_by_runtime_and_model_family():
+    both = ["torch", "onnxruntime", "openvino"]
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert [s for s, _ in auto.candidate_schemes(convnet, both)] == [
+        "int8_static",
+        "onnxruntime_int8",
+        "onnxruntime_fp32",
+        "openvino_int8",
+        "openvino_fp32",
+    ]
+    assert ("int8_dynamic", "torch") in auto.candidate_schemes(tiny_mlp(), ["torch"])  # Linear-dominated
+    ov = [("openvino_int8", "openvino"), ("openvino_fp32", "openvino")]
+    assert auto.candidate_schemes(tiny_mlp(), ["openvino"]) == ov
+    assert "torch" in auto.installed_runtimes()
+
+
+def test_auto_keeps_the_fastest_within_budget_and_it_reloads(tmp_path):
+    state = state_for(tmp_path)
+    done = choose(state, onnxruntime_int8=0.5, onnxruntime_fp32=0.8)
+    rows = {r["scheme"]: r for r in done.details["candidates"]}
+    assert done.details["chosen"] == "onnxruntime_int8" and rows["onnxruntime_int8"]["status"] == "chosen"
+    assert rows["onnxruntime_fp32"]["status"] == "slower than the chosen one"
+    assert rows[auto.FP32]["latency_ms"] == 1.0 and rows["onnxruntime_int8"]["throughput"] == 2000.0
+    assert all(r["size_bytes"] and r["convert_s"] > 0 for k, r in rows.items() if k != auto.FP32)
+    assert [t["scheme"] for t in state.transforms] == ["onnxruntime_int8"]
+    assert [e.details["scheme"] for e in state.edits.items] == ["onnxruntime_int8"]  # losers left no edit
+    assert "chosen" in "\n".join(candidate_table(done.details["candidates"], done.details["primary"]))
+    save_snapshot(state, tmp_path / "model")
+    loaded = compress_cli.load(tmp_path / "model")
+    x = state.data.example_input(3)
+    assert isinstance(loaded, OrtModule) and torch.equal(loaded(x), state.runner(x))
+
+
+def test_auto_never_picks_a_candidate_slower_than_fp32(tmp_path):
+    state = state_for(tmp_path)
+    before = state.model
+    done = choose(state, onnxruntime_int8=1.2, onnxruntime_fp32=1.5)  # fp32 eager: 1.0 ms
+    assert done.details["chosen"] is None and "the fp32 model stays" in done.notes
+    assert state.model is before and state.transforms == [] and state.runner is None
+    for r in done.details["candidates"][1:]:
+        assert r["status"].startswith("slower than fp32")
+
+
+def test_an_int8_candidate_slower_than_its_runtime_fp32_is_flagged_and_a_fp32_runtime_may_win(tmp_path):
+    state = state_for(tmp_path)
+    done = choose(state, onnxruntime_int8=0.6, onnxruntime_fp32=0.5)
+    rows = {r["scheme"]: r for r in done.details["candidates"]}
+    assert done.details["chosen"] == "onnxruntime_fp32"
+    assert rows["onnxruntime_int8"]["status"] == "slower than onnxruntime fp32"
+
+
+def test_a_candidate_over_the_budget_is_not_chosen(tmp_path, monkeypatch):
+    state = state_for(tmp_path)
+    monkeypatch.setattr(auto, "drop_points", lambda task, ref, v: 0.0)
+    done = choose(state, budget=0.0, onnxruntime_int8=0.5, onnxruntime_fp32=0.8)
+    assert done.details["chosen"] == "onnxruntime_int8"
+    monkeypatch.setattr(auto, "drop_points", lambda task, ref, v: 2.5)
+    done = choose(state_for(tmp_path / "b"), budget=1.0, onnxruntime_int8=0.5, onnxruntime_fp32=0.8)
+    assert done.details["chosen"] is None
+    assert all("drop 2.50 > budget 1" in r["status"] for r in done.details["candidates"][1:])
+
+
+def test_a_failing_candidate_is_a_row_not_a_failed_stage(tmp_path, monkeypatch):
+    state = state_for(tmp_path)
+    real = auto.candidate_schemes
+    monkeypatch.setattr(auto, "candidate_schemes", lambda m, r: [*real(m, r), ("no_such_scheme", "torch")])
+    done = choose(state, onnxruntime_int8=0.5, onnxruntime_fp32=0.8)
+    row = done.details["candidates"][-1]
+    assert row["scheme"] == "no_such_scheme" and row["status"].startswith("failed: ")
+    assert done.details["chosen"] == "onnxruntime_int8"
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"scheme": "auto", "target": {"batch": 1, "runtime": ["torch"]}}, "target.runtime"),
+        ({"scheme": "auto", "target": {"runtimes": ["openvno"]}}, "openvno"),
+        ({"scheme": "auto", "target": {"batch": 0}}, "target.batch"),
+        ({"scheme": "int8_static", "target": {"batch": 1}}, "target: only with scheme: auto"),
+        ({"scheme": "auto", "calibrate_method": "entropy"}, "not an option of scheme auto"),
+    ],
+)
+def test_target_mistakes_are_located_recipe_errors(tmp_path, stage, message):
+    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", **stage}])
+    text = yaml.safe_dump(d, sort_keys=False)
+    with pytest.raises(RecipeError) as e:
+        validate(parse_yaml(text))
+    first = next(i for i, t in enumerate(text.splitlines(), 1) if "type: quantize" in t)
+    found = re.match(r"<recipe>:(\d+): stages\[0\] \(quantize\)", str(e.value))
+    assert message in str(e.value) and found and int(found[1]) >= first  # the stage's line, or the key's
