@@ -206,6 +206,8 @@ class _Budget:
     def __init__(self, handler: SchemeHandler, state: State, options: Any, label: str):
         self.handler, self.state, self.options, self.label = handler, state, options, label
         self.task = state.data.get_task()
+        #: what a drop is counted in (see drop_points)
+        self.unit = " points" if self.task.name == "classification" else ""
         self.split = "val"
         if len(state.data.loader("val").dataset) == 0:  # type: ignore[arg-type]
             self.split = state.recipe.measure.split  # no validation split (val_fraction: 0)
@@ -355,7 +357,7 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
             met = drop <= budget
             step["accepted"] = met
             step["why"] = (
-                f"drop {drop:.2f} <= {budget} points" if met else f"drop {drop:.2f} > {budget} points"
+                f"drop {drop:.4g} <= {budget}{b.unit}" if met else f"drop {drop:.4g} > {budget}{b.unit}"
             )
             if best is None or drop < best.drop:
                 best = _Kept(
@@ -396,17 +398,17 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
     kept = ", ".join(best.float_layers) or "none"
     if met:
         done.notes += (
-            f"; within max_accuracy_drop {budget}: drop {best.drop:.2f} points on {where}, float: {kept}"
+            f"; within max_accuracy_drop {budget}: drop {best.drop:.4g}{b.unit} on {where}, float: {kept}"
         )
         info["why"] = f"met with {len(best.float_layers)} layer(s) in float"
     else:
         stage_dir = getattr(state.ctx, "stage_dir", None)
         saved = f" ({stage_dir}/model)" if stage_dir is not None else ""
         n = len(best.float_layers)
-        info["why"] = f"not met: the best drop is {best.drop:.2f} points with {n} layer(s) in float"
-        done.notes += f"; max_accuracy_drop {budget} NOT met: best drop {best.drop:.2f} points on {where}"
+        info["why"] = f"not met: the best drop is {best.drop:.4g}{b.unit} with {n} layer(s) in float"
+        done.notes += f"; max_accuracy_drop {budget} NOT met: best drop {best.drop:.4g}{b.unit} on {where}"
         done.violations.append(
-            f"quantize.max_accuracy_drop: {options.scheme} drops {best.drop:.2f} points of "
+            f"quantize.max_accuracy_drop: {options.scheme} drops {best.drop:.4g}{b.unit} of "
             f"{fp32['primary']} on {where} with {len(best.float_layers)} layer(s) in float ({kept}); "
             f"budget {budget}, max_float_layers {cap}. The best result found is this stage's result{saved}; "
             "raise max_float_layers or max_accuracy_drop, or try another scheme"
