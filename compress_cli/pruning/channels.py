@@ -443,6 +443,9 @@ def prune_channels(
 #: a group of coupled layers larger than this many entries per module of the model is a runaway
 #: dependency search (see :func:`bounded_group_search`); real groups hold a few entries per module
 GROUP_ENTRIES_PER_MODULE = 20
+#: the most channel indices one index mapping through a flatten/reshape may produce (each index of a
+#: 512-channel 7x7 map flattened for a Linear is 49 indices: 25 088; coatnet's chains reached 10^8)
+INDEX_MAPPING_LIMIT = 1 << 21
 
 
 @contextlib.contextmanager
@@ -450,12 +453,28 @@ def bounded_group_search(model: nn.Module) -> Iterator[None]:
     """Stop torch-pruning's dependency search with a StageError when one group of coupled layers
     grows past ``GROUP_ENTRIES_PER_MODULE`` entries per module of ``model``. Its search revisits a
     layer whenever it arrives with another index list, so on some architectures (timm's rexnet_100)
-    it ran for more than 5 minutes in ``get_all_groups`` before anything was removed. Not caught:
-    index lists that grow inside one entry (coatnet_nano_rw_224 reached 13 GB that way)."""
+    it ran for more than 5 minutes in ``get_all_groups`` before anything was removed. Likewise an
+    index list mapped through a flatten/reshape past ``INDEX_MAPPING_LIMIT`` indices (each channel
+    index becomes one per spatial position, and chains of them multiply: timm's coatnet_nano_rw_224
+    reached 13 GB that way) is refused before it is built."""
     from torch_pruning.dependency.group import Group
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
     limit = GROUP_ENTRIES_PER_MODULE * max(1, sum(1 for _ in model.modules()))
     add_dep = Group.add_dep
+    flatten = _FlattenIndexMapping.__call__
+
+    def bounded_flatten(self: Any, idxs: Any) -> Any:
+        n = len(idxs) * (1 if self.reverse else self._stride)
+        if n > INDEX_MAPPING_LIMIT:
+            raise StageError(
+                f"torch-pruning's dependency search ran away on this model: mapping channels through a "
+                f"flatten/reshape would make {n:,} channel indices (limit {INDEX_MAPPING_LIMIT:,}; each "
+                "channel becomes one index per spatial position, and chained reshapes multiply them, "
+                "taking gigabytes). Add the layers before that reshape to ignore: [module globs], or use "
+                "prune (unstructured), drop_layers, codebook or quantize"
+            )
+        return flatten(self, idxs)
 
     def bounded(self: Any, dep: Any, idxs: Any) -> None:
         if len(self._group) >= limit:
@@ -470,10 +489,12 @@ def bounded_group_search(model: nn.Module) -> Iterator[None]:
         add_dep(self, dep, idxs)
 
     Group.add_dep = bounded  # type: ignore[method-assign]
+    _FlattenIndexMapping.__call__ = bounded_flatten  # type: ignore[method-assign]
     try:
         yield
     finally:
         Group.add_dep = add_dep  # type: ignore[method-assign]
+        _FlattenIndexMapping.__call__ = flatten  # type: ignore[method-assign]
 
 
 def _prune_in_place(

@@ -284,3 +284,23 @@ def test_a_runaway_dependency_search_is_refused_located_and_the_model_kept(monke
     assert same_weights(model, before)
     monkeypatch.setattr(channels, "GROUP_ENTRIES_PER_MODULE", 20)
     prune_channels(model, X[:1], importance="l1", ratio=0.3)  # the real bound passes a real model
+
+
+def test_an_index_mapping_blowup_through_a_flatten_is_refused_before_it_is_built(monkeypatch):
+    """Each channel index mapped through a flatten becomes one per spatial position; chained
+    reshapes multiply them (timm's coatnet_nano_rw_224 reached 13 GB). Past INDEX_MAPPING_LIMIT the
+    search stops with the way out, the model and torch-pruning left as they were."""
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    import compress_cli.pruning.channels as channels
+
+    model = seeded_zoo("digits_cnn")  # its classifier reads a flattened conv map
+    before = copy.deepcopy(model)
+    call = _FlattenIndexMapping.__call__
+    monkeypatch.setattr(channels, "INDEX_MAPPING_LIMIT", 8)
+    with pytest.raises(StageError, match=r"flatten/reshape would make [\d,]+ channel indices") as e:
+        prune_channels(model, X[:1], importance="l1", ratio=0.3)
+    assert "ignore: [module globs]" in str(e.value)
+    assert _FlattenIndexMapping.__call__ is call and same_weights(model, before)
+    monkeypatch.setattr(channels, "INDEX_MAPPING_LIMIT", 1 << 21)
+    prune_channels(model, X[:1], importance="l1", ratio=0.3)  # the real limit passes it
