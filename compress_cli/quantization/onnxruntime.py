@@ -457,6 +457,14 @@ def ort_requantize(
     return model.SerializeToString()
 
 
+def ort_runner(runtime: nn.Module, state: State) -> Runner:
+    """The runner of an ONNX Runtime scheme: its session with the measurement's threads."""
+    assert isinstance(runtime, OrtModule)
+    lat = state.recipe.measure.latency
+    runtime.threads = lat.threads if lat is not None and lat.threads else torch.get_num_threads()
+    return OrtRunner(runtime, runtime.threads)
+
+
 @register_scheme("onnxruntime_int8")
 class OnnxRuntimeInt8(Int8Handler):
     """Static (or, with ``mode: dynamic``, dynamic) int8 by ONNX Runtime on the model's ONNX export;
@@ -562,10 +570,7 @@ class OnnxRuntimeInt8(Int8Handler):
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
         """ONNX Runtime with the measurement's threads (load() leaves ONNX Runtime's default)."""
-        assert isinstance(runtime, OrtModule)
-        lat = state.recipe.measure.latency
-        runtime.threads = lat.threads if lat is not None and lat.threads else torch.get_num_threads()
-        return OrtRunner(runtime, runtime.threads)
+        return ort_runner(runtime, state)
 
     def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """onnx: the quantized graph the runner measured, as it is."""
@@ -592,10 +597,7 @@ class OnnxRuntimeFp32(SchemeHandler):
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
         """ONNX Runtime with the measurement's threads."""
-        assert isinstance(runtime, OrtModule)
-        lat = state.recipe.measure.latency
-        runtime.threads = lat.threads if lat is not None and lat.threads else torch.get_num_threads()
-        return OrtRunner(runtime, runtime.threads)
+        return ort_runner(runtime, state)
 
     def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """onnx: the graph the runner measured."""

@@ -126,23 +126,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _sync(device: torch.device | None) -> None:
-    if device is not None and device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
-def _round(fn: Callable[[Any], Any], x: Any, calls: int, device: torch.device | None) -> list[float]:
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn(x)
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def time_pair(
     a: Callable[[Any], Any],
     b: Callable[[Any], Any],
@@ -160,10 +143,18 @@ def time_pair(
     first in even rounds and B first in odd ones, after ``warmup`` calls of each. Each round's
     ratio is A's mean call time / B's; the result is the median ratio, its bootstrap interval, each
     side's median/p90 per call and the spread of the rounds (judged by :func:`instability`)."""
+    import torch
+
+    from compress_cli.runtime.measure import time_calls
+
+    dev = device if device is not None else torch.device("cpu")
+
+    def _round(fn: Callable[[Any], Any]) -> list[float]:
+        return time_calls(fn, x, dev, 0, calls)
+
     for _ in range(warmup):
         a(x)
         b(x)
-    _sync(device)
     watch = CpuWatch()
     t0 = time.perf_counter()
     ta: list[float] = []
@@ -171,11 +162,11 @@ def time_pair(
     ratios = []
     for r in range(rounds):
         if r % 2 == 0:
-            ra = _round(a, x, calls, device)
-            rb = _round(b, x, calls, device)
+            ra = _round(a)
+            rb = _round(b)
         else:
-            rb = _round(b, x, calls, device)
-            ra = _round(a, x, calls, device)
+            rb = _round(b)
+            ra = _round(a)
         ta += ra
         tb += rb
         ratios.append(sum(ra) / max(sum(rb), 1e-12))
