@@ -31,7 +31,7 @@ from compress_cli.errors import SourceError, StageError
 from compress_cli.quantization.base import Int8Handler, Int8Job, Quantized, SchemeHandler
 from compress_cli.quantization.schemes import register_scheme
 from compress_cli.runtime.inputs import InputSpec
-from compress_cli.runtime.openvino import INSTALL, OvModule, ir_bytes, ov_convert
+from compress_cli.runtime.openvino import INSTALL, OvModule, ir_bytes, ov_convert, signal_stack_kept
 from compress_cli.runtime.runners import OpenVinoRunner, Runner
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def nncf_quantize(
         kw["ignored_scope"] = nncf.IgnoredScope(patterns=node_patterns(exclude), validate=False)
     if transformer:
         kw["model_type"] = nncf.ModelType.TRANSFORMER
-    with quiet():
+    with quiet(), signal_stack_kept():  # NNCF makes and destroys Cores of its own
         return nncf.quantize(
             ov_model,
             nncf.Dataset(batches, _feed(spec)),

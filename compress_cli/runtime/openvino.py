@@ -5,12 +5,25 @@ baseline, and the ``export`` stage's ``openvino`` format (``.xml`` + ``.bin``).
 with a real example of the model's inputs: a tensor, tuple or dict; see
 :mod:`compress_cli.runtime.inputs`); :class:`OvModule` runs one on the CPU plugin, called like the
 model it came from and returning what it returns (a tensor, or a dict / tuple of tensors).
+
+Signals: each ``openvino.Core`` installs its own alternate signal stack on the thread that first
+compiles with it and, when destroyed, puts back the one it found and unmaps its own; Cores
+destroyed in another order than they were made (two candidates' models freed by the garbage
+collector) leave the thread pointing at an unmapped stack, and the next signal delivered to a Python
+handler there (installed with ``SA_ONSTACK``: the scheduler's SIGTERM the pipeline turns into a
+graceful stop) kills the process with SIGSEGV (measured with openvino 2026.4: two Cores made, the
+first destroyed first). So every model here compiles on one process-wide Core (:func:`core`),
+and every call into OpenVINO or NNCF that may make or destroy a Core runs inside
+:func:`signal_stack_kept`, which puts the thread's alternate signal stack back as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +49,57 @@ def require_openvino(what: str = "the openvino runtime") -> Any:
     return ov
 
 
+class _StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaltstack.argtypes = [ctypes.POINTER(_StackT), ctypes.POINTER(_StackT)]
+        return libc
+    except (OSError, AttributeError):  # no sigaltstack here: nothing to keep
+        return None
+
+
+def signal_stack() -> tuple[int, int, int] | None:
+    """This thread's alternate signal stack: (address, flags, size), or None where it cannot be read."""
+    libc = _libc()
+    if libc is None:
+        return None
+    st = _StackT()
+    if libc.sigaltstack(None, ctypes.byref(st)) != 0:
+        return None
+    return (st.ss_sp or 0, st.ss_flags, st.ss_size)
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Run the body, then give this thread back the alternate signal stack it had before (see the
+    module docstring: OpenVINO's Cores replace it and may leave it dangling)."""
+    before = signal_stack()
+    try:
+        yield
+    finally:
+        after = signal_stack()
+        if before is not None and after is not None and after != before:
+            sp, flags, size = before
+            st = _StackT(sp or None, flags, size)
+            if flags & 2:  # SS_DISABLE: no alternate stack before
+                st = _StackT(None, 2, 0)
+            _libc().sigaltstack(ctypes.byref(st), None)
+
+
+@functools.cache
+def core() -> Any:
+    """The process-wide ``openvino.Core`` every model here compiles and reads on (never destroyed
+    before exit; see the module docstring)."""
+    ov = require_openvino()
+    with signal_stack_kept():
+        return ov.Core()
+
+
 def ov_convert(model: nn.Module, example: Any) -> tuple[Any, InputSpec, Any]:
     """``model`` (eval, CPU fp32) as an ``openvino.Model`` traced on ``example`` (the model's inputs)
     -> (ov model, input spec, output structure). The batch axis (and token inputs' sequence axis)
@@ -52,7 +116,7 @@ def ov_convert(model: nn.Module, example: Any) -> tuple[Any, InputSpec, Any]:
         arg = spec.ordered(example)
         arg = tuple(arg) if isinstance(arg, list) else arg
         try:
-            with torch.no_grad(), quiet():
+            with torch.no_grad(), quiet(), signal_stack_kept():
                 om = ov.convert_model(model, example_input=arg)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -120,9 +184,9 @@ class OvModule(nn.Module):
     @classmethod
     def from_file(cls, path: str | Path, threads: int | None = None) -> OvModule:
         """Read an IR written by :meth:`save` (``model.xml`` next to its ``model.bin``)."""
-        ov = require_openvino()
         try:
-            return cls(ov.Core().read_model(str(path)), threads)
+            with signal_stack_kept():
+                return cls(core().read_model(str(path)), threads)
         except RuntimeError as e:
             raise SourceError(
                 f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})"
@@ -131,13 +195,13 @@ class OvModule(nn.Module):
     def compile(self) -> Any:
         """The infer request over the compiled model (created once, outside any timed region)."""
         if self.__dict__.get("_request") is None:
-            ov = require_openvino()
             # f32: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO's default is bf16 inference,
             # which is neither the fp32 model nor what a quantized model's float parts were checked in
             config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = int(self.threads)
-            compiled = ov.Core().compile_model(self.__dict__["ov_model"], "CPU", config)
+            with signal_stack_kept():
+                compiled = core().compile_model(self.__dict__["ov_model"], "CPU", config)
             self.__dict__["_compiled"] = compiled
             self.__dict__["_request"] = compiled.create_infer_request()
         return self.__dict__["_request"]

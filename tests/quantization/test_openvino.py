@@ -148,22 +148,7 @@ def test_export_writes_an_ir_that_loads(tmp_path):
 
 
 def test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model():
-    """What load() does: the same graph quantized on a dummy batch, the recorded constants put back.
-
-    Run in a child process: after NNCF has quantized twice in the pytest process, a later test's
-    SIGTERM to itself (tests/stages/test_hpo.py) segfaulted inside kill(); not reproduced outside
-    pytest (the same conversions, then the pipeline's own SIGTERM handling, in one script)."""
-    import os
-    import subprocess
-    import sys
-
-    if os.environ.get("COMPRESS_OV_CHILD") != "1":
-        node = f"{__file__}::test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model"
-        env = {**os.environ, "COMPRESS_OV_CHILD": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", node]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return
+    """What load() does: the same graph quantized on a dummy batch, the recorded constants put back."""
     torch.manual_seed(0)
     model, _ = fold_batchnorm(digits_cnn().eval(), torch.randn(2, 1, 8, 8))
     spec = InputSpec.from_example(torch.randn(2, 1, 8, 8))
