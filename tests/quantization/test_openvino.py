@@ -147,22 +147,88 @@ def test_export_writes_an_ir_that_loads(tmp_path):
         assert torch.allclose(OvModule.from_file(xml)(x), state.model.eval()(x), atol=1e-5)
 
 
+def in_child(test: str) -> bool:
+    """Run ``test`` (a test of this file) in a child pytest process unless this is that child; True
+    in the child (go on), False in the parent (the child ran it and passed). After NNCF has
+    quantized in the pytest process, a later test's SIGTERM to itself (tests/stages/test_hpo.py)
+    segfaulted inside kill(); not reproduced outside pytest."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("COMPRESS_OV_CHILD") == "1":
+        return True
+    env = {**os.environ, "COMPRESS_OV_CHILD": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"{__file__}::{test}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return False
+
+
+def test_snapped_weights_are_the_int8_grid_and_the_checkpoint_reloads_the_runner(tmp_path):
+    """The checkpoint stores NNCF's int8 weights (codes * scale: 8 bits a value after the codec),
+    the recorded constants hold no float weight tensor, and load() gives the runner's outputs."""
+    if not in_child("test_snapped_weights_are_the_int8_grid_and_the_checkpoint_reloads_the_runner"):
+        return
+    import numpy as np
+
+    from compress_cli.checkpoint.codec import _rowgrid
+
+    state, res, d = run_stage(tmp_path, scheme="openvino_int8", calibration_batches=2)
+    det, entry = res.details, state.transforms[-1]
+    assert det["quantized_weights"] == 3 and "weights_not_snapped" not in det  # conv1, conv2, fc
+    for name in ("conv1.weight", "conv2.weight", "fc.weight"):
+        w = state.model.get_parameter(name).detach().numpy()
+        assert _rowgrid(w.reshape(w.shape[0], -1)) is not None, name  # each row: int8 codes * scale
+    # activation ranges, bias corrections, per-channel scales: no float weight tensor
+    rec = [r["value"] for r in entry["ov_constants"].values()]
+    assert all(r["dtype"] != "float32" or int(np.prod(r["shape"])) <= 64 for r in rec), rec
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(outputs(compress_cli.load(d), x), outputs(state.runner, x))
+
+
+def test_budget_keeps_the_outlier_layer_in_float_and_load_rebuilds_it(tmp_path):
+    """openvino_int8 under max_accuracy_drop on the outlier CNN: plain int8 is far over the budget,
+    conv2 (whose input is the outlier tensor) goes back to float through NNCF's ignored scope, the
+    entry records it, and load() rebuilds the kept result exactly."""
+    if not in_child("test_budget_keeps_the_outlier_layer_in_float_and_load_rebuilds_it"):
+        return
+    from compress_cli.state import save_snapshot
+
+    state = tiny_state(
+        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
+        tmp_path,
+        task={"type": "fidelity", "primary": "cosine"},
+        limit_train=128,
+    )
+    cfg = QuantizeConfig(
+        type="quantize",
+        scheme="openvino_int8",
+        calibration_batches=1,
+        min_sqnr_db=0,
+        max_accuracy_drop=0.005,  # cosine (fidelity's units)
+        max_float_layers=2,
+        budget_batches=2,
+    )
+    res = Quantize(cfg, 1).run(state)
+    b = res.details["budget"]
+    assert b["steps"][0]["drop"] > 0.05 and b["met"] and b["float_layers"] == ["conv2"], b["steps"]
+    assert b["sensitivity"][0]["layer"] == "conv2" and not res.violations
+    assert state.transforms[-1]["exclude"] == ["conv2"] and len(state.transforms) == 1
+    assert res.details["ignored_nodes"] >= 1 and res.details["quantized_weights"] == 4  # all but conv2
+    save_snapshot(state, tmp_path / "model")
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    loaded = compress_cli.load(tmp_path / "model")
+    assert isinstance(loaded, OvModule) and torch.equal(outputs(loaded, x), outputs(state.runner, x))
+
+
 def test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model():
     """What load() does: the same graph quantized on a dummy batch, the recorded constants put back.
 
     Run in a child process: after NNCF has quantized twice in the pytest process, a later test's
     SIGTERM to itself (tests/stages/test_hpo.py) segfaulted inside kill(); not reproduced outside
     pytest (the same conversions, then the pipeline's own SIGTERM handling, in one script)."""
-    import os
-    import subprocess
-    import sys
-
-    if os.environ.get("COMPRESS_OV_CHILD") != "1":
-        node = f"{__file__}::test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model"
-        env = {**os.environ, "COMPRESS_OV_CHILD": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", node]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if not in_child("test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model"):
         return
     torch.manual_seed(0)
     model, _ = fold_batchnorm(digits_cnn().eval(), torch.randn(2, 1, 8, 8))
