@@ -9,11 +9,30 @@ does not run on torch 2.14), fast bias correction on, ``subset_size`` = the cali
 ``nncf.IgnoredScope`` over the OpenVINO node names, which carry the module path
 (``__module.layer1.0.conv1/aten::_convolution/Convolution``).
 
-What load() rebuilds: the stored module (BN folded, weights as they were: NNCF derives the int8
-weights from them alone) converted again and quantized again on one dummy batch, then every
-constant that differs from the calibrated model's (activation ranges, bias corrections) is put
-back from the entry, where the stage recorded it. The stage runs that same rebuild before it
-records, so what it records is exactly what load() needs.
+What the checkpoint stores: the module with BN folded and every weight NNCF quantized put on
+NNCF's grid. NNCF compresses each weight FakeQuantize into ``Constant(int8) -> Convert ->
+Multiply(scale)`` (symmetric, one scale per output channel: max|w| / 127, codes -127..127; on the
+first layer its overflow fix uses half the range, max|w| / 63.5); the stored weight is
+``codes * scale`` in float32, exactly what OpenVINO computes, so the codec stores it at 8 bits a
+value (``rowgrid``). Weights whose codes are not their own rounding (SmoothQuant's rescaled MatMul
+weights in transformer mode) stay as they were and are listed in the details
+(``weights_not_snapped``).
+
+What load() rebuilds: the stored module converted again and quantized again on one dummy batch;
+NNCF derives the same int8 codes and scales from the snapped weights (but the first layer's: its
+snapped maximum is 64 * scale, not 63.5 * scale, so its codes and scales are recorded), then
+every constant that differs from the calibrated model's (activation ranges, bias corrections) is
+put back from the entry, where the stage recorded it. The stage runs that same rebuild before it
+records, so what it records is exactly what load() needs. Calibration and fast bias correction
+see the fp32 weights, as NNCF used directly does; the int8 weights they produce are the snapped
+ones.
+
+``max_accuracy_drop`` (quantization/budget.py) works through ``exclude``: each fallback step
+converts again with the most sensitive layers in the ignored scope, and the entry's ``exclude``
+lets load() rebuild the kept step. NNCF's own ``quantize_with_accuracy_control`` is not used: it
+is the same greedy loop (revert the most harmful quantizers until the drop fits) run inside NNCF
+on the calibrated graph, which load() could not rebuild from the stored module, and it returns
+its last model, not the best one, when the drop is not met.
 """
 
 from __future__ import annotations
