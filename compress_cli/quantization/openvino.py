@@ -210,7 +210,7 @@ def snap_ov_weights_(model: nn.Module, fp32: Any, quantized: Any) -> tuple[list[
     snapped, left = [], []
     for consumer, port, codes, scale in int8_weights(quantized):
         name = _param_for(consumer, sources.get((consumer, port)), params, codes.size)
-        if name is None:
+        if name is None or name in snapped:  # a tied weight takes its first consumer's grid only
             left.append(consumer)
             continue
         p = params[name]
