@@ -289,6 +289,7 @@ class _Budget:
         from compress_cli.pruning import permanent_copy
         from compress_cli.quantization.base import cpu_inputs
         from compress_cli.quantization.cpu import choose_reduce_range
+        from compress_cli.quantization.schemes import get_scheme
 
         data = self.state.data
         batches = data.calibration_inputs()[:SENSITIVITY_BATCHES]
@@ -300,7 +301,10 @@ class _Budget:
                 "max_accuracy_drop: no calibration data to rank layers by (the training split is empty)"
             )
         rr = self.options.reduce_range
-        reduce_range = choose_reduce_range()[0] if rr is None else bool(rr)
+        if "reduce_range" not in get_scheme(self.options.scheme).options:
+            reduce_range = False  # OpenVINO: full 8-bit activations, its kernels choose for themselves
+        else:
+            reduce_range = choose_reduce_range()[0] if rr is None else bool(rr)
         model = permanent_copy(self.fp32).cpu().eval()
         outputs = getattr(self.handler, "quantizes_outputs", None)
         return layer_sensitivity(

@@ -9,11 +9,30 @@ does not run on torch 2.14), fast bias correction on, ``subset_size`` = the cali
 ``nncf.IgnoredScope`` over the OpenVINO node names, which carry the module path
 (``__module.layer1.0.conv1/aten::_convolution/Convolution``).
 
-What load() rebuilds: the stored module (BN folded, weights as they were: NNCF derives the int8
-weights from them alone) converted again and quantized again on one dummy batch, then every
-constant that differs from the calibrated model's (activation ranges, bias corrections) is put
-back from the entry, where the stage recorded it. The stage runs that same rebuild before it
-records, so what it records is exactly what load() needs.
+What the checkpoint stores: the module with BN folded and every weight NNCF quantized put on
+NNCF's grid. NNCF compresses each weight FakeQuantize into ``Constant(int8) -> Convert ->
+Multiply(scale)`` (symmetric, one scale per output channel: max|w| / 127, codes -127..127; on the
+first layer its overflow fix uses half the range, max|w| / 63.5); the stored weight is
+``codes * scale`` in float32, exactly what OpenVINO computes, so the codec stores it at 8 bits a
+value (``rowgrid``). Weights whose codes are not their own rounding (SmoothQuant's rescaled MatMul
+weights in transformer mode) stay as they were and are listed in the details
+(``weights_not_snapped``).
+
+What load() rebuilds: the stored module converted again and quantized again on one dummy batch;
+NNCF derives the same int8 codes and scales from the snapped weights (but the first layer's: its
+snapped maximum is 64 * scale, not 63.5 * scale, so its codes and scales are recorded), then
+every constant that differs from the calibrated model's (activation ranges, bias corrections) is
+put back from the entry, where the stage recorded it. The stage runs that same rebuild before it
+records, so what it records is exactly what load() needs. Calibration and fast bias correction
+see the fp32 weights, as NNCF used directly does; the int8 weights they produce are the snapped
+ones.
+
+``max_accuracy_drop`` (quantization/budget.py) works through ``exclude``: each fallback step
+converts again with the most sensitive layers in the ignored scope, and the entry's ``exclude``
+lets load() rebuild the kept step. NNCF's own ``quantize_with_accuracy_control`` is not used: it
+is the same greedy loop (revert the most harmful quantizers until the drop fits) run inside NNCF
+on the calibrated graph, which load() could not rebuild from the stored module, and it returns
+its last model, not the best one, when the drop is not met.
 """
 
 from __future__ import annotations
@@ -137,6 +156,75 @@ def put_constants(ov_model: Any, recorded: dict[str, Any]) -> Any:
     return ov_model
 
 
+def weight_sources(ov_model: Any) -> dict[tuple[str, int], str]:
+    """(consumer node name, input port) -> the name of the Constant feeding it, for every input an
+    fp32 graph takes from a constant (``openvino.convert_model`` names a parameter's constant
+    ``self.<parameter path>``; a constant it folded, e.g. a depthwise kernel's reshape, keeps the
+    name of the op it came from)."""
+    out = {}
+    for op in ov_model.get_ordered_ops():
+        for i, inp in enumerate(op.inputs()):
+            src = inp.get_source_output().get_node()
+            if src.get_type_name() == "Constant":
+                out[(op.get_friendly_name(), i)] = src.get_friendly_name()
+    return out
+
+
+def int8_weights(ov_model: Any) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """The weights NNCF quantized in ``ov_model``: ``(consumer node, input port, int8 codes, scale)``
+    for each ``Constant(int8) -> Convert -> Multiply(scale)``: the symmetric grid its weight
+    FakeQuantize was compressed into (``codes * scale`` in float32 is the weight the runtime uses)."""
+    out = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "Multiply":
+            continue
+        conv, scale = (op.input_value(i).get_node() for i in (0, 1))
+        if conv.get_type_name() != "Convert" or scale.get_type_name() != "Constant":
+            continue
+        codes = conv.input_value(0).get_node()
+        if codes.get_type_name() != "Constant" or codes.get_data().dtype != np.int8:
+            continue
+        for target in op.output(0).get_target_inputs():
+            node = target.get_node()
+            out.append((node.get_friendly_name(), target.get_index(), codes.get_data(), scale.get_data()))
+    return out
+
+
+def _param_for(consumer: str, const: str | None, params: dict[str, nn.Parameter], n: int) -> str | None:
+    """The parameter of ``n`` values a quantized weight came from: the constant's own name
+    (``self.<path>``), else the ``weight`` of the module its consumer node is named after."""
+    names = [const[5:]] if const is not None and const.startswith("self.") else []
+    m = re.match(r"__module\.(.+?)/", consumer)
+    names += [f"{m.group(1)}.weight"] if m else []
+    return next((k for k in names if k in params and params[k].numel() == n), None)
+
+
+def snap_ov_weights_(model: nn.Module, fp32: Any, quantized: Any) -> tuple[list[str], list[str]]:
+    """Write the weights NNCF quantized in ``quantized`` (an int8 graph of ``fp32``, the graph of
+    ``model``) into ``model`` as ``codes * scale`` in float32 (what OpenVINO computes; rows that
+    are exact multiples of one scale, which the checkpoint codec stores at 8 bits a value).
+    -> (parameters snapped, consumer nodes whose weight was left as it is: no parameter maps to it,
+    or the codes are not its rounding, e.g. a weight SmoothQuant rescaled)."""
+    params = dict(model.named_parameters())
+    sources = weight_sources(fp32)
+    snapped, left = [], []
+    for consumer, port, codes, scale in int8_weights(quantized):
+        name = _param_for(consumer, sources.get((consumer, port)), params, codes.size)
+        if name is None or name in snapped:  # a tied weight takes its first consumer's grid only
+            left.append(consumer)
+            continue
+        p = params[name]
+        w = p.detach().cpu().float().numpy().reshape(codes.shape)
+        grid = codes.astype(np.float32) * scale.astype(np.float32)
+        if not (np.abs(w - grid) <= np.abs(scale) * np.float32(0.5 + 1e-3)).all():
+            left.append(consumer)
+            continue
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(grid)).reshape(p.shape))
+        snapped.append(name)
+    return snapped, left
+
+
 def _dummy(spec: InputSpec) -> list[Any]:
     return [spec.example(2, rng=np.random.default_rng(0))]
 
@@ -183,6 +271,7 @@ class OpenVinoInt8(Int8Handler):
         job.details.pop("reduce_range_reason", None)
         transformer = is_transformer_like(model)
         calibrated = nncf_quantize(om, spec, batches, job.exclude, transformer)
+        snapped, left = snap_ov_weights_(model, om, calibrated)
         # a preflight's trial builds the runtime on its own dummy-batch rebuild: nothing to record
         rebuilt = (
             calibrated if job.trial is not None else self._rebuild(model, spec, job.exclude, transformer)
@@ -195,7 +284,11 @@ class OpenVinoInt8(Int8Handler):
                 1 for op in calibrated.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
             ),
             recorded_constants=len(job.entry["ov_constants"]),
+            recorded_bytes=sum(unpack_array(r["value"]).nbytes for r in job.entry["ov_constants"].values()),
+            quantized_weights=len(snapped),
         )
+        if left:
+            job.details["weights_not_snapped"] = left  # int8 at run time, stored as they were
         return model
 
     def _rebuild(self, model: nn.Module, spec: InputSpec, exclude: list[str], transformer: bool) -> Any:

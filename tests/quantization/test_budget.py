@@ -153,7 +153,7 @@ def test_budget_on_a_scheme_without_layers_to_fall_back_is_refused_with_the_key(
         QuantizeConfig(type="quantize", scheme="int8_static", max_float_layers=2)
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         QuantizeConfig(type="quantize", scheme="int8_static", max_accuracy_drop=-1)
-    for scheme in ("int8_dynamic", "int8_static", "onnxruntime_int8"):
+    for scheme in ("int8_dynamic", "int8_static", "onnxruntime_int8", "openvino_int8"):
         QuantizeConfig(type="quantize", scheme=scheme, max_accuracy_drop=0.5, max_float_layers=2)
 
 

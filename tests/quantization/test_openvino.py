@@ -4,6 +4,7 @@ export stage writes an IR that loads."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 import compress_cli  # noqa: E402
+from compress_cli.checkpoint.codec import _rowgrid  # noqa: E402
 from compress_cli.errors import StageError  # noqa: E402
 from compress_cli.quantization.fold import fold_batchnorm  # noqa: E402
 from compress_cli.quantization.openvino import (
@@ -18,6 +20,7 @@ from compress_cli.quantization.openvino import (
     ignored_nodes,
     nncf_quantize,
     put_constants,
+    snap_ov_weights_,
 )  # noqa: E402
 from compress_cli.runtime.inputs import InputSpec  # noqa: E402
 from compress_cli.runtime.openvino import OvModule, ov_convert  # noqa: E402
@@ -101,6 +104,11 @@ def test_openvino_int8_converts_saves_and_reloads_bit_exact(tmp_path):
     assert torch.equal(outputs(state.runner), direct)
     loaded = compress_cli.load(d)  # rebuilt from the stored module and the recorded constants
     assert isinstance(loaded, OvModule) and torch.equal(outputs(loaded), direct)
+    # the checkpoint holds NNCF's int8 weights: every row int8 codes * one scale (8 bits a value)
+    assert det["quantized_weights"] == 3 and "weights_not_snapped" not in det  # conv1, conv2, fc
+    for name in ("conv1.weight", "conv2.weight", "fc.weight"):
+        w = state.model.get_parameter(name).detach().numpy()
+        assert _rowgrid(w.reshape(w.shape[0], -1)) is not None, name
 
 
 def test_exclude_reaches_the_ignored_scope():
@@ -121,6 +129,25 @@ def test_exclude_reaches_the_ignored_scope():
     # conv2's input quantizer (on relu1's output) and its weight quantizer are gone, nothing else
     assert fewer < every and not any("conv2" in n for n in fewer)
     assert any(n.startswith("__module.relu1/") for n in every - fewer)
+
+
+def test_every_layer_the_budget_ranks_has_nodes_in_the_ignored_scope(tmp_path):
+    """The budget's fallback candidates are module names; on the BN-folded model each one's
+    IgnoredScope pattern matches its OpenVINO nodes (the conv names survive the folding), so
+    every fallback step excludes something."""
+    from compress_cli.quantization import handler
+    from compress_cli.quantization.budget import _Budget
+
+    state = tiny_state({"source": "zoo:outlier_cnn"}, tmp_path, limit_train=64)
+    cfg = QuantizeConfig(type="quantize", scheme="openvino_int8", max_accuracy_drop=0.5)
+    names = _Budget(handler("openvino_int8"), state, cfg, "quantize").candidates()
+    assert names == ["conv1", "gain", "conv2", "fc1", "fc2"]
+    x = torch.rand(2, 1, 8, 8)
+    model, folded = fold_batchnorm(state.model.eval(), x)
+    assert folded
+    found = ignored_nodes(ov_convert(model, x)[0], names)
+    assert all(found[n] for n in names), found
+    assert "__module.gain/aten::_convolution/GroupConvolution" in found["gain"]  # depthwise
 
 
 def test_preflight_refuses_an_exclude_without_nodes_and_leaves_the_state(tmp_path):
@@ -147,15 +174,60 @@ def test_export_writes_an_ir_that_loads(tmp_path):
         assert torch.allclose(OvModule.from_file(xml)(x), state.model.eval()(x), atol=1e-5)
 
 
+@pytest.mark.slow  # ~20 s of CPU on the tiny model: 8 NNCF conversions (preflight, 2 steps x 3, load())
+def test_budget_keeps_the_outlier_layer_in_float_and_load_rebuilds_it(tmp_path):
+    """openvino_int8 under max_accuracy_drop on the outlier CNN: plain int8 is far over the budget,
+    conv2 (whose input is the outlier tensor) goes back to float through NNCF's ignored scope, the
+    entry records it, and load() rebuilds the kept result exactly."""
+    from compress_cli.state import save_snapshot
+
+    state = tiny_state(
+        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
+        tmp_path,
+        task={"type": "fidelity", "primary": "cosine"},
+        limit_train=128,
+    )
+    cfg = QuantizeConfig(
+        type="quantize",
+        scheme="openvino_int8",
+        calibration_batches=1,
+        min_sqnr_db=0,
+        max_accuracy_drop=0.005,  # cosine (fidelity's units)
+        max_float_layers=2,
+        budget_batches=2,
+    )
+    res = Quantize(cfg, 1).run(state)
+    b = res.details["budget"]
+    assert b["steps"][0]["drop"] > 0.05 and b["met"] and b["float_layers"] == ["conv2"], b["steps"]
+    assert b["sensitivity"][0]["layer"] == "conv2" and not res.violations
+    assert state.transforms[-1]["exclude"] == ["conv2"] and len(state.transforms) == 1
+    assert res.details["ignored_nodes"] >= 1 and res.details["quantized_weights"] == 4  # all but conv2
+    save_snapshot(state, tmp_path / "model")
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    loaded = compress_cli.load(tmp_path / "model")
+    assert isinstance(loaded, OvModule) and torch.equal(outputs(loaded, x), outputs(state.runner, x))
+
+
 def test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model():
     """What load() does: the same graph quantized on a dummy batch, the recorded constants put back."""
     torch.manual_seed(0)
     model, _ = fold_batchnorm(digits_cnn().eval(), torch.randn(2, 1, 8, 8))
     spec = InputSpec.from_example(torch.randn(2, 1, 8, 8))
     example = spec.example(2)
-    calibrated = nncf_quantize(ov_convert(model, example)[0], spec, [torch.randn(8, 1, 8, 8)], [], False)
+    fp32 = ov_convert(model, example)[0]
+    calibrated = nncf_quantize(fp32, spec, [torch.randn(8, 1, 8, 8)], [], False)
+    # the stored weights: NNCF's int8 grid (codes * scale), rows the codec stores at 8 bits a value
+    snapped, left = snap_ov_weights_(model, fp32, calibrated)
+    assert sorted(snapped) == ["conv1.weight", "conv2.weight", "fc.weight"] and not left
+    for name in snapped:
+        w = model.get_parameter(name).detach().numpy()
+        assert _rowgrid(w.reshape(w.shape[0], -1)) is not None, name
     rebuilt = nncf_quantize(ov_convert(model, example)[0], spec, [example], [], False)
     recorded = constant_diff(calibrated, rebuilt)
     assert recorded and all(r["name"].endswith(("_low", "_high", "_N")) for r in recorded.values())
+    # ranges, bias corrections, the first layer's codes (int8) and scales: never a float weight
+    assert all(
+        r["value"]["dtype"] != "float32" or np.prod(r["value"]["shape"]) <= 32 for r in recorded.values()
+    ), [r["value"]["shape"] for r in recorded.values()]
     assert not torch.equal(outputs(OvModule(rebuilt)), outputs(OvModule(calibrated)))
     assert torch.equal(outputs(OvModule(put_constants(rebuilt, recorded))), outputs(OvModule(calibrated)))
