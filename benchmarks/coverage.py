@@ -337,7 +337,26 @@ def exactness_section() -> str:
             if ex
             else f"| {name} | {r.get('params_m', '')} | {st}{text} | | |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + EXACT_NOTES
+
+
+#: what the exactness rerun's rows do not say (hand-written, measured), under its table
+EXACT_NOTES = """
+- **swin_t, swin_v2_t** (killed by the OOM killer in the first exactness rerun) and **swin_v2_s,
+  swin_v2_b** (stopped then, swin_v2_s at 7.4 GB): rerun one at a time under a 12 GB
+  address-space limit (`ulimit -v`), all four are refused up front by the index-mapping bound
+  (torch-pruning would map channels through their window reshapes into 67 108 864 indices; limit
+  2 097 152), each in 20-26 s at a peak of 1.7 (swin_t, swin_v2_t), 2.1 (swin_v2_s) and 2.7 GB
+  (swin_v2_b) resident. Index lists of that length, built as Python lists, are most likely where
+  the earlier kills' memory went, as coatnet_nano's did (benchmarks/COVERAGE_TIMM.md).
+- **vit_l_32** (305M parameters): confirmed exact, 65 s, 6.2 GB peak resident; **vit_l_16**
+  (303M): confirmed exact, 54 s, 6.3 GB.
+- **Not run here: vit_h_14 (630M parameters) and regnet_y_128gf (637M)**, twice vit_l_32's size:
+  prune_channels holds the model, the preflight's pruned copy and the zeroed reference the
+  exactness check compares with, so scaled by parameters from vit_l_32's 6.2 GB they would need
+  about 13 GB, past the 12 GB limit these runs had on a 24 GB machine shared with other jobs. The
+  full chain above ran both (before the exactness check existed).
+"""
 
 
 EXACT_HEADING = "## prune_channels with the exactness check"

@@ -249,6 +249,15 @@ def constant_nodes(graph: Any) -> list[str]:
     return out
 
 
+def graph_layout(src: bytes | Path) -> tuple[Any, ...]:
+    """What ONNX Runtime's quantizer names its constants after, values aside: every node's op type,
+    inputs and outputs, and the initializers' names. Two exports with the same layout quantize to
+    graphs with the same scale / zero-point names."""
+    g = load_onnx(src).graph
+    nodes = tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in g.node)
+    return nodes, tuple(sorted(i.name for i in g.initializer))
+
+
 def onnx_nodes_for_modules(fp32: bytes | Path, modules: Iterable[str]) -> list[str]:
     """Names of the ONNX nodes that read a parameter of one of ``modules`` (for nodes_to_exclude)."""
     prefixes = tuple(m + "." for m in modules)
@@ -524,6 +533,18 @@ class OnnxRuntimeInt8(Int8Handler):
             params, snapped = ort_record(q)
             del q
             derived = snap_onnx_weights_(model, fp32, snapped)
+            # load() exports the snapped model, and an exporter's graph may depend on the weights'
+            # values (the dynamo exporter's optimizer drops a bias that snapping rounded to all
+            # zeros): where the snapped model exports to another graph, record from that graph
+            again = Path(d) / "snapped.onnx"
+            write_fp32_onnx(model, spec, again, options.opset, exporter)
+            if graph_layout(again) != graph_layout(fp32):
+                nodes = onnx_nodes_for_modules(again, job.exclude)
+                q = ort_quantize(again, batches, job.reduce_range, options.calibrate_method, nodes, ops, mode)
+                params, snapped = ort_record(q)
+                del q
+                derived = snap_onnx_weights_(model, again, snapped)
+                details["rerecorded"] = "the snapped model exports to another graph"
         # constants the exporter derived from parameters (e.g. Swin's gathered relative-position
         # bias) have no state-dict key: they stay fp32 in the checkpoint, and load() derives and
         # quantizes them again with the recorded scales, exactly as here
@@ -544,11 +565,14 @@ class OnnxRuntimeInt8(Int8Handler):
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
         """Export the stored module again and rebuild the quantized graph with the recorded scales."""
+        from compress_cli.runtime.export import merging_equal_initializers
+
         spec = InputSpec.from_entry(entry)
-        with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
-            fp32 = Path(d) / "fp32.onnx"
-            write_fp32_onnx(model, spec, fp32, entry.get("opset", 17), entry.get("exporter", "torchscript"))
-            q = ort_requantize(
+        exporter = entry.get("exporter", "torchscript")
+
+        def rebuild(fp32: Path) -> bytes:
+            write_fp32_onnx(model, spec, fp32, entry.get("opset", 17), exporter)
+            return ort_requantize(
                 fp32,
                 entry["onnx_qparams"],
                 entry["reduce_range"],
@@ -557,6 +581,20 @@ class OnnxRuntimeInt8(Int8Handler):
                 entry.get("op_types_to_quantize"),
                 entry.get("mode", "static"),
             )
+
+        with tempfile.TemporaryDirectory(prefix="compress-onnx-") as d:
+            try:
+                q = rebuild(Path(d) / "fp32.onnx")
+            except SourceError as first:
+                if exporter != "torchscript":
+                    raise
+                # a checkpoint written while the exporter merged parameters of equal value (one
+                # initializer for every all-zero bias) recorded its scales on that graph
+                try:
+                    with merging_equal_initializers():
+                        q = rebuild(Path(d) / "fp32.onnx")
+                except SourceError:
+                    raise first from None
         return OrtModule(q)
 
     def save(self, runtime: nn.Module, state: State, details: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ them. The one ONNX export path: :func:`onnx_bytes` (with :func:`write_onnx` for 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
@@ -163,9 +164,26 @@ def with_metadata(data: bytes, spec: Any, layout: OutputLayout) -> bytes:
     return data + extra.SerializeToString()
 
 
+#: whether the TorchScript exporter may merge parameters of equal value (see
+#: :func:`merging_equal_initializers`)
+_MERGE_EQUAL: contextvars.ContextVar[bool] = contextvars.ContextVar("merge_equal", default=False)
+
+
+@contextlib.contextmanager
+def merging_equal_initializers() -> Iterator[None]:
+    """Exports inside this block merge parameters of equal value into one initializer, as the
+    TorchScript exporter did here before: the graph an onnxruntime_int8 checkpoint written then
+    recorded its scales on."""
+    token = _MERGE_EQUAL.set(True)
+    try:
+        yield
+    finally:
+        _MERGE_EQUAL.reset(token)
+
+
 @contextlib.contextmanager
 def _torchscript_exporter_fixes() -> Iterator[None]:
-    """Two quirks of torch's TorchScript ONNX exporter, undone for the export:
+    """Three quirks of torch's TorchScript ONNX exporter, undone for the export:
 
     - ``nn.MultiheadAttention`` takes its fused fast path in eval mode without grad, and the fused op
       (``aten::_native_multi_head_attention``) has no symbolic: every ViT fell back to the dynamo
@@ -173,17 +191,30 @@ def _torchscript_exporter_fixes() -> Iterator[None]:
     - The exporter switches its C++ log on for good (``setup_onnx_logging`` tests the function
       ``_jit_is_onnx_log_enabled`` for truth, not its result), then prints the whole IR graph to the
       process's stdout when an op fails: thousands of lines for a ViT, past Python's redirection.
+    - In eval mode it merges parameters of equal value into one initializer, so the graph's names
+      depend on the weights' values: two tiny biases (timm's transformer MLPs start at std 1e-6)
+      that int8 snapping rounds to zero became one initializer when load() exported the snapped
+      model, and the ONNX Runtime graph rebuilt from it no longer had the recorded bias scales
+      (coatnet_nano_rw_224's onnxruntime_int8). Only parameters that are the same tensor (tied
+      weights) are merged now, as the exporter does in training mode (inside
+      :func:`merging_equal_initializers`: as before).
     """
     import torch
 
     mha, c = torch.backends.mha, torch._C
     fast, log, set_log = mha.get_fastpath_enabled(), c._jit_is_onnx_log_enabled(), c._jit_set_onnx_log_enabled
+    dedup = c._jit_pass_onnx_deduplicate_initializers
     mha.set_fastpath_enabled(False)
     set_log(False)
     c._jit_set_onnx_log_enabled = lambda enabled: None
+    if not _MERGE_EQUAL.get():  # is_train True: the merge by data pointer only, not by value
+        c._jit_pass_onnx_deduplicate_initializers = lambda graph, params_dict, is_train: dedup(
+            graph, params_dict, True
+        )
     try:
         yield
     finally:
+        c._jit_pass_onnx_deduplicate_initializers = dedup
         c._jit_set_onnx_log_enabled = set_log
         set_log(log)
         mha.set_fastpath_enabled(fast)

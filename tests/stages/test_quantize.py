@@ -205,6 +205,50 @@ def test_pruned_weights_stay_zero_through_quantization(tmp_path, scheme):
     assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
 
 
+def tiny_shift_state(tmp_path: Path):
+    """zoo:digits_resnet whose three same-shaped BatchNorms shift by distinct amounts far below
+    their int32 bias step (timm starts transformer MLP biases at std 1e-6): folded into the
+    convolutions, int8 snapping rounds those biases to all zeros, so they become equal."""
+    r = recipe(tmp_path, [{"type": "quantize", "scheme": "onnxruntime_int8"}], model="zoo:digits_resnet")
+    state = build_state(r, torch.device("cpu"), tmp_path / "out")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for bn in (state.model.bn1, state.model.layer1[0].bn1, state.model.layer1[0].bn2):
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=g) * 1e-9)
+    return state
+
+
+def ort_config(**kw) -> QuantizeConfig:
+    """onnxruntime_int8 on one calibration batch, no SQNR gate (the model is random)."""
+    return QuantizeConfig(
+        type="quantize", scheme="onnxruntime_int8", min_sqnr_db=0, calibration_batches=1, **kw
+    )
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_onnxruntime_int8_reloads_when_snapping_makes_biases_equal(tmp_path, exporter):
+    """The TorchScript exporter merged equal initializers into one and the dynamo exporter drops an
+    all-zero bias, so load()'s export of the snapped model quantized to a graph without the
+    recorded bias scales (timm coatnet_nano_rw_224 was refused in the preflight)."""
+    state = tiny_shift_state(tmp_path)
+    res = Quantize(ort_config(exporter=exporter), 1).run(state)  # its runtime is built as load() does
+    assert ("rerecorded" in res.details) == (exporter == "dynamo")  # torchscript: no longer merged
+    for name in ("conv1", "layer1.0.conv1", "layer1.0.conv2"):
+        assert not state.model.get_submodule(name).bias.any()  # the folded shifts, snapped to 0
+    save_snapshot(state, tmp_path / "m")
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
+
+
+def test_onnxruntime_int8_checkpoint_recorded_on_merged_initializers_still_loads(tmp_path):
+    """A checkpoint written while the exporter merged equal parameters (before the fix above) has
+    its scales recorded on that graph: load() exports that way again when the graph differs."""
+    state = tiny_shift_state(tmp_path)
+    with export.merging_equal_initializers():
+        Quantize(ort_config(), 1).run(state)
+    save_snapshot(state, tmp_path / "m")
+    assert torch.equal(outputs(state.runner), outputs(compress_cli.load(tmp_path / "m")))
+
+
 @pytest.mark.cuda  # torchao weight-only kernels need CUDA
 def test_int8_weight_only_on_cuda_reloads_equal(tmp_path):
     r = recipe(
