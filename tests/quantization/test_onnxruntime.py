@@ -99,3 +99,35 @@ def test_dynamic_mode_records_scales_and_rebuilds_the_same_graph(bert):
     snap_onnx_weights_(model, fp32, snapped)  # the model's weights on ORT's grid, as the stage stores
     again = ort_requantize(bert_onnx(model), params, False, None, (), ops, "dynamic", dummy=[feeds(5)])
     assert torch.equal(run(again, test), y)
+
+
+def test_a_bias_that_quantizes_to_zeros_still_rebuilds_the_same_graph():
+    """A bias far below its int32 scale (input scale x weight scale) has all-zero codes: snapped,
+    it is zeros, the exporter shares two equal zero biases as one constant, and ONNX Runtime does
+    not quantize it in the rebuilt graph (mobilenet_v3_large with re-estimated batch norms); load()
+    must rebuild the graph anyway, with the same output."""
+    torch.manual_seed(0)
+    c1, c2 = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3)
+    model = torch.nn.Sequential(c1, torch.nn.ReLU(), c2, torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        c1.bias.fill_(1e-12)
+        c2.bias.fill_(2e-12)
+
+    def export(m) -> bytes:
+        buf = io.BytesIO()
+        axes = {"x": {0: "batch"}, "y": {0: "batch"}}
+        x = torch.zeros(2, 1, 8, 8)
+        names = {"input_names": ["x"], "output_names": ["y"], "dynamic_axes": axes}
+        torch.onnx.export(m, (x,), buf, dynamo=False, **names)
+        return buf.getvalue()
+
+    g = torch.Generator().manual_seed(0)
+    calib = [{"x": torch.rand(8, 1, 8, 8, generator=g).numpy()} for _ in range(2)]
+    fp32 = export(model)
+    q = ort_quantize(fp32, calib, False)
+    params, snapped = ort_record(q)
+    assert any(k.endswith("bias_quantized_scale") for k in params)
+    snap_onnx_weights_(model, fp32, snapped)
+    again = ort_requantize(export(model), params, False, None, dummy=[calib[0]])
+    test = {"x": torch.rand(4, 1, 8, 8, generator=g).numpy()}
+    assert torch.equal(run(again, test), run(q, test))
