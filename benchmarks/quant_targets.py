@@ -15,9 +15,18 @@ For one model (``--model fashion | resnet18 | mobilenet_v3_large``):
    here, for the timing only), and ``auto.decide`` picks ours from the same timings, as
    ``scheme: auto`` with that target would.
 
-Writes one JSON line per (model, batch, threads) to ``--out``. The fashion CNN is scored on the
-Fashion-MNIST test split (accuracy budget 1.0 point); resnet18 and mobilenet_v3_large are random
-init at 224x224 on synthetic data (speed only: their budget is 100 points).
+Writes one JSON line per (model, batch, threads) to ``--out``. Every choice and drop is scored on
+the split ``scheme: auto`` selects on (``budget.selection_split``: validation). The fashion CNN
+is trained (accuracy budget 1.0 point); resnet18 and mobilenet_v3_large are random init at
+224x224 on synthetic data (speed only: their budget is 100 points), with their batch-norm
+statistics re-estimated on the calibration batches before anything is converted
+(:func:`reestimate_batchnorm`): BN running stats of (0, 1) at random init leave some networks'
+activations near zero (mobilenet_v3_large: every int8 conversion at 0 dB output SQNR), which no
+trained network has. Ours and every peer get that same model. On those random-init models our
+candidates' SQNR gate is lowered to ``MIN_SQNR_SPEED_ONLY`` dB (``min_sqnr_db`` of the auto stage,
+as a speed-only run would set it; NNCF and ``quantize_static`` have no gate): random logits are a
+poor fidelity signal, and every output SQNR (ours and the peers', on one batch of the selection
+split) is recorded in the JSON line.
 
     PYTHONPATH=. python benchmarks/quant_targets.py --model fashion --fashion-model runs/fashion_train/model
 """
@@ -42,11 +51,15 @@ import yaml
 from compress_cli.config.yaml import parse_yaml
 from compress_cli.engine.setup import build_state
 from compress_cli.quantization import auto
+from compress_cli.quantization.base import sqnr_db
+from compress_cli.quantization.budget import selection_split as budget_split
 from compress_cli.runtime.measure import evaluate
 from compress_cli.stages.quantize import QuantizeConfig
 from compress_cli.stages.registry import validate
 
 LOCK = "/tmp/quiet.lock"
+#: the SQNR gate of our candidates on the random-init (speed-only) models, dB
+MIN_SQNR_SPEED_ONLY = 5.0
 PEERS = ("nncf+openvino (defaults)", "nncf+openvino (f32)", "ort quantize_static")
 
 
@@ -108,6 +121,27 @@ class Fn:
     def __call__(self, x: Any) -> Any:
         with torch.inference_mode():
             return self.fn(x)
+
+
+def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Re-estimate ``model``'s batch-norm running statistics on ``batches`` in place: reset, one
+    train-mode forward per batch with ``momentum=None`` (a cumulative average over all batches,
+    not an exponential one), then eval with the original momenta. Only the BN layers run in train
+    mode (dropout stays off). Returns what was done, for the JSON line."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.eval()
+    return {"bn_layers": len(bns), "batches": len(batches), "samples": sum(len(x) for x in batches)}
 
 
 def direct_nncf(model: torch.nn.Module, calib: list[torch.Tensor]) -> Any:
@@ -227,12 +261,14 @@ def main() -> None:
         r = validate(parse_yaml(yaml.safe_dump(recipe(args.model, args.fashion_model, tmp / "out"))))
         state = build_state(r, torch.device("cpu"), tmp / "out")
         torch.set_num_threads(2)
-        task, split = state.data.get_task(), r.measure.split
-        opts = QuantizeConfig(type="quantize", scheme="auto")
+        task, split = state.data.get_task(), budget_split(state)
+        calib = state.data.calibration_inputs()[: state.data.calibration_batches]  # what ours uses
+        bn = None if args.model == "fashion" else reestimate_batchnorm(state.model, calib)
+        gate = {} if args.model == "fashion" else {"min_sqnr_db": MIN_SQNR_SPEED_ONLY}
+        opts = QuantizeConfig(type="quantize", scheme="auto", **gate)
         t0 = time.perf_counter()
         fp32, ref, cands = auto.convert_all(state, opts, "quantize", list(auto.RUNTIMES))
         ours_s = time.perf_counter() - t0
-        calib = state.data.calibration_inputs()[: state.data.calibration_batches]  # what ours used
         model = state.model.cpu().eval()
         t0 = time.perf_counter()
         nncf_model = direct_nncf(model, calib)
@@ -247,10 +283,13 @@ def main() -> None:
             "nncf+openvino (f32)": lambda t: ov_runner(nncf_model, t, f32=True),
             "ort quantize_static": lambda t: ort_runner(ort_bytes, t),
         }
-        peer_scores, peers_failed = {}, {}
+        peer_scores, peers_failed, peer_sqnr = {}, {}, {}
+        xs = task.inputs(next(iter(state.data.loader(split))))
+        y_ref = fp32(xs)
         for k, make in makers.items():
             try:
                 peer_scores[k] = score(make(2))
+                peer_sqnr[k] = sqnr_db(y_ref, make(2)(xs))
             except RuntimeError as e:  # e.g. OpenVINO's bf16 CPU path: "No suitable implementations"
                 peers_failed[k] = f"{type(e).__name__}: {' '.join(str(e).split())[-200:]}"
         makers = {k: v for k, v in makers.items() if k in peer_scores}
@@ -276,21 +315,33 @@ def main() -> None:
                 "batch": batch,
                 "threads": threads,
                 "fp32_score": ref,
+                "split": split,
+                "batchnorm_reestimated": bn,
                 "fp32_ms": lat[auto.FP32] * 1e3,
                 "ours": winner.scheme if winner else "fp32 (nothing faster)",
                 "ours_ms": (winner.row["latency"] if winner else lat[auto.FP32]) * 1e3,
                 "ours_drop": winner.row["drop"] if winner else 0.0,
                 "candidates": {
-                    c.scheme: {"ms": c.row["latency"] * 1e3, "drop": c.row["drop"], "why": c.row["why"]}
+                    c.scheme: {
+                        "ms": c.row["latency"] * 1e3,
+                        "drop": c.row["drop"],
+                        "why": c.row["why"],
+                        "sqnr_db": (c.done.details.get("sqnr_db") if c.done is not None else None),
+                    }
                     for c in ok
                 },
                 "failed": {c.scheme: c.error for c in cands if c.error is not None},
                 "peers": {
-                    k: {"ms": lat[k] * 1e3, "drop": auto.drop_points(task, ref, peer_scores[k])}
+                    k: {
+                        "ms": lat[k] * 1e3,
+                        "drop": auto.drop_points(task, ref, peer_scores[k]),
+                        "sqnr_db": peer_sqnr[k],
+                    }
                     for k in peers
                 },
                 "peers_failed": peers_failed,
                 "convert_s": {"ours (all candidates)": ours_s, "peers": peers_s},
+                "min_sqnr_db": opts.min_sqnr_db,
                 "rounds": args.rounds,
                 "iterations": iters,
             }

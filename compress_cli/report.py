@@ -261,20 +261,29 @@ def budget_lines(b: dict[str, Any]) -> list[str]:
     return out
 
 
-def candidate_table(rows: list[dict[str, Any]], primary: str) -> list[str]:
-    """A stage's candidate table (``quantize`` with ``scheme: auto``) as markdown lines."""
+def candidate_table(rows: list[dict[str, Any]], primary: str, split: str | None = None) -> list[str]:
+    """A stage's candidate table (``quantize`` with ``scheme: auto``) as markdown lines; ``split``:
+    the split the scores and drops were measured on. A candidate that ran the per-layer fallback
+    lists the layers it kept in float and its steps."""
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
+    def kept(r: dict[str, Any]) -> str:
+        if "fallback_steps" not in r:
+            return "-"
+        return f"{', '.join(r.get('float_layers') or []) or 'none'} ({r['fallback_steps']} step(s))"
+
+    metric = f"{primary} ({split})" if split else primary
     out = [
-        f"| scheme | runtime | {primary} | drop | latency ms | throughput/s | size | convert s | result |",
-        "|" + "---|" * 9,
+        f"| scheme | runtime | {metric} | drop | float layers | latency ms | throughput/s | size | "
+        "convert s | result |",
+        "|" + "---|" * 10,
     ]
     for r in rows:
         out.append(
             f"| {r.get('scheme')} | {r.get('runtime')} | {f(r.get('score'), '.4f')} | "
-            f"{f(r.get('drop'), '.2f')} | "
+            f"{f(r.get('drop'), '.2f')} | {kept(r)} | "
             f"{f(r.get('latency_ms'), '.3f')} | {f(r.get('throughput'), ',.0f')} | "
             f"{human_bytes(r.get('size_bytes'))} | {f(r.get('convert_s'), '.1f')} | {r.get('status', '')} |"
         )
@@ -305,7 +314,11 @@ def to_markdown(report: Report) -> str:
         if isinstance(s.details.get("candidates"), list) and s.details["candidates"]:
             lines += [
                 "",
-                *candidate_table(s.details["candidates"], str(s.details.get("primary", "score"))),
+                *candidate_table(
+                    s.details["candidates"],
+                    str(s.details.get("primary", "score")),
+                    s.details.get("split"),
+                ),
                 "",
             ]
     srb = report.final.same_runtime_baseline if report.final is not None else None

@@ -7,6 +7,14 @@ stage received (torch eager) in this process (round by round, medians), the chec
 the conversion time. The fastest candidate within the accuracy budget wins; a candidate slower than
 the fp32 model is flagged and never chosen; when none is faster within budget, the fp32 model stays
 as it is (a valid outcome, said so). A candidate that cannot convert is a row with its reason.
+
+The evaluation split is the one the accuracy budget measures on (``budget.selection_split``:
+validation, so the choice is not made on the numbers the pipeline reports). With
+``max_accuracy_drop`` set, every candidate whose scheme takes it (``Scheme.options``) converts
+through the budget's per-layer fallback (``budget.convert_within_budget``: its row lists the layers
+kept in float and the steps; a budget not met rejects the candidate, it is no stage violation),
+the fp32 candidates convert plainly, and the int8 candidates' SQNR gate is relaxed as for a single
+scheme under a budget (``budget.gate_options``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from compress_cli.errors import StageError
 from compress_cli.quantization.base import Quantized
-from compress_cli.quantization.budget import drop_points
+from compress_cli.quantization.budget import drop_points, gate_options, selection_split
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,6 +102,20 @@ class Candidate:
     row: dict[str, Any] = field(default_factory=dict)
 
 
+def candidate_options(options: Any, scheme: str) -> Any:
+    """The stage's ``options`` for candidate ``scheme``: the scheme replaced; the SQNR gate relaxed
+    under a budget (:func:`~compress_cli.quantization.budget.gate_options`); ``max_accuracy_drop``
+    kept only where the scheme takes it (then :func:`compress_cli.quantization.quantize` runs the
+    per-layer fallback), so an fp32 candidate converts once."""
+    from compress_cli.quantization.schemes import SCHEMES
+
+    opts = gate_options(options).model_copy(update={"scheme": scheme})
+    known = SCHEMES.get(scheme)
+    if opts.max_accuracy_drop is not None and (known is None or "max_accuracy_drop" not in known.options):
+        opts = opts.model_copy(update={"max_accuracy_drop": None})
+    return opts
+
+
 def convert_candidate(state: State, options: Any, scheme: str, runtime: str, label: str) -> Candidate:
     """Convert ``state.model`` with ``scheme`` (``options``: the stage's, scheme replaced), leaving
     the state as it was; the one path every candidate takes. Conversion time includes preparing the
@@ -106,7 +128,7 @@ def convert_candidate(state: State, options: Any, scheme: str, runtime: str, lab
 
     saved = (state.model, list(state.transforms), state.runner, list(state.edits.items))
     cand = Candidate(scheme, runtime)
-    opts = options.model_copy(update={"scheme": scheme})
+    opts = candidate_options(options, scheme)
     t0 = time.perf_counter()
     try:
         done = quantize(state, opts, label)
@@ -157,10 +179,18 @@ def interleaved_latency(
     return {k: statistics.median(v) for k, v in per.items()}
 
 
+def fallback_of(c: Candidate) -> dict[str, Any] | None:
+    """The per-layer fallback's record of candidate ``c`` (``details["budget"]`` of its conversion:
+    steps, layers kept in float, met or not), or None when it converted without one."""
+    b = c.done.details.get("budget") if c.done is not None else None
+    return b if isinstance(b, dict) else None
+
+
 def decide(cands: list[Candidate], base: float, budget: float) -> Candidate | None:
     """The fastest of ``cands`` (each with ``row["latency"]`` and ``row["drop"]``) within ``budget``
     and faster than ``base`` (the fp32 model's latency); an int8 candidate slower than the fp32
-    candidate of its own runtime is flagged too. Each candidate's ``row["why"]`` says why it was
+    candidate of its own runtime is flagged too, and one whose per-layer fallback did not meet the
+    budget is rejected with the fallback's verdict. Each candidate's ``row["why"]`` says why it was
     not eligible ("" when it was). None: no candidate is."""
     same_fp32 = {c.runtime: c.row["latency"] for c in cands if c.scheme.endswith("_fp32")}
     eligible = []
@@ -171,7 +201,13 @@ def decide(cands: list[Candidate], base: float, budget: float) -> Candidate | No
             why.append(f"slower than fp32 ({lat * 1e3:.3f} ms vs {base * 1e3:.3f} ms)")
         elif not c.scheme.endswith("_fp32") and lat >= same_fp32.get(c.runtime, float("inf")):
             why.append(f"slower than {c.runtime} fp32")
-        if c.row["drop"] > budget:
+        fallback = fallback_of(c)
+        if fallback is not None and not fallback.get("met"):
+            why.append(
+                f"max_accuracy_drop not met by the fallback: {fallback.get('why', '')} "
+                f"(max_float_layers {fallback.get('max_float_layers')})"
+            )
+        elif c.row["drop"] > budget:
             why.append(f"drop {c.row['drop']:.2f} > budget {budget:g}")
         c.row["why"] = "; ".join(why)
         if not why:
@@ -182,16 +218,17 @@ def decide(cands: list[Candidate], base: float, budget: float) -> Candidate | No
 def convert_all(
     state: State, options: Any, label: str, runtimes: list[str]
 ) -> tuple[Runner, float, list[Candidate]]:
-    """Every candidate of ``runtimes`` converted and scored on the evaluation split -> (the fp32
-    model's eager runner, its primary metric, the candidates: ``row["score"]`` or ``error``).
-    StageError when none converts."""
+    """Every candidate of ``runtimes`` converted and scored on the selection split
+    (:func:`~compress_cli.quantization.budget.selection_split`) -> (the fp32 model's eager runner,
+    its primary metric, the candidates: ``row["score"]`` or ``error``). StageError when none
+    converts."""
     import torch
 
     from compress_cli.runtime.measure import evaluate
     from compress_cli.runtime.runners import EagerRunner
 
     data, task = state.data, state.data.get_task()
-    split = state.recipe.measure.split
+    split = selection_split(state)
     fp32_runner = EagerRunner(copy.deepcopy(state.model).cpu().eval(), torch.device("cpu"))
     ref = float(evaluate(fp32_runner, data.loader(split), task, split=split)[task.primary])
     cands = []
@@ -224,7 +261,9 @@ def choose(
     timer: Timer | None = None,
 ) -> Quantized:
     """Convert every candidate, measure all on one harness, keep the fastest within ``budget``
-    (points of the primary metric) that is faster than the fp32 model; leave it in the state.
+    (points of the primary metric, on the selection split) that is faster than the fp32 model;
+    leave it in the state. The chosen candidate's own violations (none from the budget: a
+    candidate that did not meet it is not chosen) are the stage's.
     ``timer`` replaces :func:`interleaved_latency` (tests make the timings deterministic)."""
     data, task = state.data, state.data.get_task()
     fp32_runner, ref, cands = convert_all(state, options, label, runtimes)
@@ -255,19 +294,22 @@ def choose(
             )
             continue
         status = "chosen" if c is winner else (c.row["why"] or "slower than the chosen one")
-        rows.append(
-            _row(
-                c.scheme,
-                c.runtime,
-                c.row["score"],
-                c.row["drop"],
-                c.row["latency"],
-                batch,
-                c.size_bytes,
-                c.convert_s,
-                status,
-            )
+        row = _row(
+            c.scheme,
+            c.runtime,
+            c.row["score"],
+            c.row["drop"],
+            c.row["latency"],
+            batch,
+            c.size_bytes,
+            c.convert_s,
+            status,
         )
+        fallback = fallback_of(c)
+        if fallback is not None:
+            row["float_layers"] = list(fallback.get("float_layers") or [])
+            row["fallback_steps"] = len(fallback.get("steps") or [])
+        rows.append(row)
     for c in cands:  # the losers' deployment files go
         if c is not winner and c.done is not None:
             for p in c.done.artifacts:
@@ -277,6 +319,7 @@ def choose(
         "target": {"batch": batch, "runtimes": runtimes, "threads": threads},
         "max_accuracy_drop": budget,
         "primary": task.primary,
+        "split": selection_split(state),
         "candidates": rows,
     }
     if winner is None:
@@ -290,17 +333,21 @@ def choose(
         state.transforms.append(winner.entry)
     state.edits.record(label, op="quantize", scheme=winner.scheme, auto=True)
     assert winner.done is not None
-    details.update(
-        chosen=winner.scheme,
-        runtime=winner.runtime,
-        **{f"chosen_{k}": v for k, v in winner.done.details.items()},
-    )
+    chosen = dict(winner.done.details)
+    fallback = chosen.pop("budget", None)
+    details.update(chosen=winner.scheme, runtime=winner.runtime)
+    details.update({f"chosen_{k}": v for k, v in chosen.items()})
     notes = (
         f"auto -> {winner.scheme} ({winner.runtime}): {base / winner.row['latency']:.2f}x fp32 "
         f"at batch {batch}, "
-        f"drop {winner.row['drop']:.2f} (budget {budget:g}); {len(cands)} candidates"
+        f"drop {winner.row['drop']:.2f} on {details['split']} (budget {budget:g}); {len(cands)} candidates"
     )
-    return Quantized(notes=notes, details=details, artifacts=winner.done.artifacts)
+    if fallback is not None:  # the chosen candidate's fallback steps, as report.md lists a fixed scheme's
+        details["budget"] = fallback
+        notes += f"; float: {', '.join(fallback.get('float_layers') or []) or 'none'}"
+    return Quantized(
+        notes=notes, details=details, artifacts=winner.done.artifacts, violations=winner.done.violations
+    )
 
 
 def _row(

@@ -18,6 +18,8 @@ the handler's ``convert`` when the budget is set (any scheme whose handler honou
   not), which the per-layer local SQNR misses; measuring "the gain when it alone stays float"
   would need one conversion per layer. It follows the schemes' arithmetic only approximately
   (their observers, fusions and kernels differ), which is why every step is re-measured.
+* The SQNR gate (``min_sqnr_db``) is 0 unless the recipe sets it (:func:`gate_options`): the
+  budget is the gate, and a step it would refuse is one the fallback may recover.
 * Whatever happens, the best result found (smallest drop; on ties the fewest float layers) is what
   the state keeps: the pipeline saves it like any stage result. When the budget is not met the
   stage reports a violation, handled as a guard violation after the stage (the stage's
@@ -200,6 +202,24 @@ def drop_points(task: Any, ref: float, value: float) -> float:
     return round(worse * (100.0 if task.name == "classification" else 1.0), 4)
 
 
+def gate_options(options: Any) -> Any:
+    """The options a conversion under ``max_accuracy_drop`` runs with: the budget, measured on
+    the data, is the gate, so ``min_sqnr_db`` is 0 unless the recipe sets it (a low logit SQNR may
+    be what the fallback recovers). Without a budget, ``options`` as they are."""
+    if getattr(options, "max_accuracy_drop", None) is None or "min_sqnr_db" in options.model_fields_set:
+        return options
+    return options.model_copy(update={"min_sqnr_db": 0.0})
+
+
+def selection_split(state: State) -> str:
+    """The split a quantization choice is scored on (the budget loop's steps, ``scheme: auto``'s
+    candidates): ``val``, so that nothing is selected on the numbers the pipeline reports, or the
+    measure split when there is no validation split (``val_fraction: 0``)."""
+    if len(state.data.loader("val").dataset) == 0:  # type: ignore[arg-type]
+        return state.recipe.measure.split
+    return "val"
+
+
 class _Budget:
     """One budgeted conversion: the evaluation it repeats and the state it restores between tries."""
 
@@ -208,9 +228,7 @@ class _Budget:
         self.task = state.data.get_task()
         #: what a drop is counted in (see drop_points)
         self.unit = " points" if self.task.name == "classification" else ""
-        self.split = "val"
-        if len(state.data.loader("val").dataset) == 0:  # type: ignore[arg-type]
-            self.split = state.recipe.measure.split  # no validation split (val_fraction: 0)
+        self.split = selection_split(state)
         self.fp32 = state.model
         self.runner = state.runner
         self.n_transforms = len(state.transforms)
@@ -325,6 +343,7 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
     budget is not met, one violation. A StageError only when no conversion succeeded at all."""
     import torch
 
+    options = gate_options(options)
     b = _Budget(handler, state, options, label)
     budget, cap = float(options.max_accuracy_drop), int(options.max_float_layers)
     fp32 = b.score(state.current_runner())

@@ -25,7 +25,9 @@ _TRAINING = frozenset(TrainOptions.model_fields)
 #: ``scheme: auto``: every candidate scheme of the target's runtimes, measured, the fastest kept
 AUTO = "auto"
 #: the options of ``scheme: auto`` (each candidate gets them)
-_AUTO_OPTIONS = frozenset({"target", "max_accuracy_drop", "exclude", "min_sqnr_db", "calibration_batches"})
+_AUTO_OPTIONS = frozenset(
+    {"target", "max_accuracy_drop", "max_float_layers", "exclude", "min_sqnr_db", "calibration_batches"}
+)
 
 
 def _scheme_enum(schema: dict[str, Any]) -> None:
@@ -70,8 +72,8 @@ class QuantizeConfig(StageConfig, TrainOptions):
         description="accuracy budget: how much the task's primary metric may fall on the validation "
         "split against the model the stage receives (classification: top-1 points; other tasks: the "
         "metric's units); a fixed int8 scheme returns its most sensitive layers to float one at a "
-        "time until it holds (max_float_layers); scheme auto keeps the fastest candidate within it "
-        "(unset: 1.0)",
+        "time until it holds (max_float_layers); scheme auto does so for each int8 candidate that "
+        "supports it and keeps the fastest candidate within it (unset: 1.0, no fallback)",
     )
     calibration_batches: int | None = Field(
         None,
@@ -89,7 +91,8 @@ class QuantizeConfig(StageConfig, TrainOptions):
         20.0,
         ge=0,
         le=100,
-        description="refuse the result when the int8 logits' SQNR against fp32 is below this (dB)",
+        description="refuse the result when the int8 logits' SQNR against fp32 is below this (dB); "
+        "with max_accuracy_drop: 0 unless set (the budget is the gate)",
     )
     exclude: list[str] = Field(
         default_factory=list, description="module name globs to keep in floating point"
@@ -156,6 +159,13 @@ class QuantizeConfig(StageConfig, TrainOptions):
     @model_validator(mode="after")
     def _options_match_scheme(self) -> QuantizeConfig:
         fields = type(self).model_fields
+        budgeting = [k for k in ("max_float_layers", "budget_batches") if k in self.model_fields_set]
+        budgeting = [k for k in budgeting if getattr(self, k) != fields[k].get_default()]
+        if budgeting and self.max_accuracy_drop is None:
+            raise ValueError(
+                f"{', '.join(budgeting)}: only with max_accuracy_drop (the accuracy budget they bound); "
+                "set max_accuracy_drop or remove them"
+            )
         if self.scheme == AUTO:
             extra = [
                 k
@@ -200,13 +210,6 @@ class QuantizeConfig(StageConfig, TrainOptions):
                 )
         if self.op_types_to_quantize is not None and not self.op_types_to_quantize:
             raise ValueError("op_types_to_quantize is empty: list the ONNX op types, or leave it unset")
-        budgeting = [k for k in ("max_float_layers", "budget_batches") if k in self.model_fields_set]
-        budgeting = [k for k in budgeting if getattr(self, k) != fields[k].get_default()]
-        if budgeting and self.max_accuracy_drop is None:
-            raise ValueError(
-                f"{', '.join(budgeting)}: only with max_accuracy_drop (the accuracy budget they bound); "
-                "set max_accuracy_drop or remove them"
-            )
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two (got {self.group_size})")
         return self
@@ -231,7 +234,9 @@ class Quantize(Stage[QuantizeConfig]):
     ``max_accuracy_drop`` (the post-training int8 schemes): an accuracy budget on the validation
     split; over it, the most sensitive layers return to float one at a time, each step re-converted
     and re-measured, up to ``max_float_layers``; the best result is kept and a budget not met is a
-    violation of the stage, handled like a guard's (compress_cli/quantization/budget.py).
+    violation of the stage, handled like a guard's (compress_cli/quantization/budget.py). With
+    ``scheme: auto`` each int8 candidate that supports the budget runs that fallback; one that
+    does not meet it is a rejected row of the candidate table, not a violation.
     """
 
     example = {"scheme": "int8_dynamic"}
@@ -294,10 +299,9 @@ class Quantize(Stage[QuantizeConfig]):
         if self.config.scheme == AUTO:
             self._auto_runtimes()
             return
-        options = self.config
-        if options.max_accuracy_drop is not None:  # a low SQNR may be what the fallback recovers
-            options = options.model_copy(update={"min_sqnr_db": 0.0})
-        handler(self.config.scheme).preflight(state, options)
+        from compress_cli.quantization.budget import gate_options
+
+        handler(self.config.scheme).preflight(state, gate_options(self.config))
 
     def preview(self, state: State) -> list[str]:
         """The layers the scheme would convert (auto: the candidates)."""
@@ -339,7 +343,9 @@ class Quantize(Stage[QuantizeConfig]):
                 budget=DEFAULT_BUDGET if budget is None else budget,
                 threads=lat.threads if lat is not None else None,
             )
-            return StageResult(notes=done.notes, details=done.details, artifacts=done.artifacts)
+            return StageResult(
+                notes=done.notes, details=done.details, artifacts=done.artifacts, violations=done.violations
+            )
         done = quantize(state, self.config, self.name)
         return StageResult(
             notes=done.notes, details=done.details, artifacts=done.artifacts, violations=done.violations

@@ -135,3 +135,93 @@ def test_target_mistakes_are_located_recipe_errors(tmp_path, stage, message):
     first = next(i for i, t in enumerate(text.splitlines(), 1) if "type: quantize" in t)
     found = re.match(r"<recipe>:(\d+): stages\[0\] \(quantize\)", str(e.value))
     assert message in str(e.value) and found and int(found[1]) >= first  # the stage's line, or the key's
+
+
+# ----------------------------------------------------------- the accuracy budget on the candidates
+def test_candidate_options_budget_and_sqnr_gate():
+    from compress_cli.quantization.schemes import SCHEMES
+
+    plain = QuantizeConfig(type="quantize", scheme="auto", min_sqnr_db=3)
+    for scheme in ("int8_static", "onnxruntime_int8", "openvino_int8"):  # a speed-only run lowers it
+        assert auto.candidate_options(plain, scheme).min_sqnr_db == 3.0
+    budgeted = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.5, max_float_layers=2)
+    for scheme, _ in auto.candidate_schemes(tiny_mlp(), list(auto.RUNTIMES)):
+        o = auto.candidate_options(budgeted, scheme)
+        takes = "max_accuracy_drop" in SCHEMES[scheme].options  # whichever schemes take the budget
+        assert o.scheme == scheme and o.max_accuracy_drop == (0.5 if takes else None)
+        assert o.min_sqnr_db == 0.0 and o.max_float_layers == 2  # the gate relaxed as for one scheme
+    assert auto.candidate_options(budgeted, "onnxruntime_fp32").max_accuracy_drop is None  # no loop
+    kept = budgeted.model_copy(update={"min_sqnr_db": 10.0})  # a gate the recipe sets stays
+    assert auto.candidate_options(kept, "onnxruntime_int8").min_sqnr_db == 10.0
+
+
+def test_a_lowered_min_sqnr_db_reaches_the_chosen_int8_candidate(tmp_path):
+    state = state_for(tmp_path)
+    opts = QuantizeConfig(type="quantize", scheme="auto", min_sqnr_db=3)
+    t = timer({"onnxruntime_int8": 0.5, "onnxruntime_fp32": 0.8})
+    done = auto.choose(state, opts, "quantize", runtimes=ORT, batch=1, budget=100.0, threads=1, timer=t)
+    assert done.details["chosen"] == "onnxruntime_int8" and done.details["chosen_min_sqnr_db"] == 3.0
+
+
+def _outlier_state(tmp_path):
+    from compress_cli.testing import tiny_state
+
+    return tiny_state(
+        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
+        tmp_path,
+        task={"type": "fidelity", "primary": "cosine"},
+        limit_train=128,
+    )
+
+
+def _spy(monkeypatch):
+    """Record the scheme and SQNR gate of every budgeted conversion and every split evaluated."""
+    from compress_cli.quantization import budget
+    from compress_cli.runtime import measure
+
+    loops, splits = [], []
+    real_loop, real_eval = budget.convert_within_budget, measure.evaluate
+
+    def loop(handler, state, options, label):
+        loops.append((options.scheme, options.min_sqnr_db))
+        return real_loop(handler, state, options, label)
+
+    def evaluate(*a, **kw):
+        splits.append(kw.get("split"))
+        return real_eval(*a, **kw)
+
+    monkeypatch.setattr(budget, "convert_within_budget", loop)
+    monkeypatch.setattr(measure, "evaluate", evaluate)
+    return loops, splits
+
+
+def test_auto_with_a_budget_recovers_the_int8_candidate_by_per_layer_fallback(tmp_path, monkeypatch):
+    state = _outlier_state(tmp_path)
+    loops, splits = _spy(monkeypatch)
+    opts = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.005, max_float_layers=2)
+    t = timer({"onnxruntime_int8": 0.5, "onnxruntime_fp32": 0.8})
+    done = auto.choose(state, opts, "quantize", runtimes=ORT, batch=1, budget=0.005, threads=1, timer=t)
+    assert loops == [("onnxruntime_int8", 0.0)]  # the fp32 candidate converted once, no loop
+    assert set(splits) == {"val"} and done.details["split"] == "val"  # selected on val, not test
+    rows = {r["scheme"]: r for r in done.details["candidates"]}
+    q = rows["onnxruntime_int8"]
+    assert q["status"] == "chosen" and q["fallback_steps"] == 3
+    assert set(q["float_layers"]) == {"gain", "conv2"}
+    assert q["drop"] <= 0.005 and "fallback_steps" not in rows["onnxruntime_fp32"]
+    assert done.details["budget"]["met"] and not done.violations and "float: " in done.notes
+    assert set(state.transforms[-1]["exclude"]) == set(q["float_layers"])
+    md = "\n".join(candidate_table(done.details["candidates"], "cosine", done.details["split"]))
+    assert "| cosine (val) |" in md and "(3 step(s))" in md
+
+
+def test_a_candidate_whose_fallback_misses_the_budget_is_rejected_not_a_violation(tmp_path, monkeypatch):
+    state = _outlier_state(tmp_path)
+    opts = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.005, max_float_layers=1)
+    t = timer({"onnxruntime_int8": 0.5, "onnxruntime_fp32": 0.8})
+    done = auto.choose(state, opts, "quantize", runtimes=ORT, batch=1, budget=0.005, threads=1, timer=t)
+    rows = {r["scheme"]: r for r in done.details["candidates"]}
+    q = rows["onnxruntime_int8"]
+    assert q["status"].startswith("max_accuracy_drop not met by the fallback: not met")
+    assert q["fallback_steps"] == 2
+    assert "max_float_layers 1" in q["status"] and len(q["float_layers"]) == 1
+    assert done.details["chosen"] == "onnxruntime_fp32" and not done.violations  # auto picked another

@@ -233,3 +233,23 @@ def test_with_a_budget_the_preflight_leaves_a_low_sqnr_to_the_fallback(tmp_path,
     with pytest.raises(StageError, match=r"trial conversion calibrated on \d+ samples gives output SQNR"):
         Quantize(plain, 1).preflight(state)
     Quantize(plain.model_copy(update={"max_accuracy_drop": 0.5}), 1).preflight(state)
+
+
+def test_under_a_budget_the_sqnr_gate_is_zero_unless_the_recipe_sets_it(monkeypatch):
+    """The budget is the gate: every step converts with min_sqnr_db 0 (as the preflight does),
+    unless the recipe sets min_sqnr_db."""
+    seen = []
+
+    class Gate(Fake):
+        def convert(self, state, options, label):
+            seen.append(options.min_sqnr_db)
+            return super().convert(state, options, label)
+
+    monkeypatch.setattr(budget._Budget, "ranking", lambda self: [("fc3", 1.0)])
+    for kw, want in (({}, 0.0), ({"min_sqnr_db": 10.0}, 10.0)):
+        seen.clear()
+        cfg = QuantizeConfig(type="quantize", scheme="int8_dynamic", max_accuracy_drop=0.01, **kw)
+        budget.convert_within_budget(Gate({(): 0.0}), tiny_state(task=FIDELITY), cfg, "quantize")
+        assert seen == [want]
+    plain = QuantizeConfig(type="quantize", scheme="int8_dynamic")
+    assert budget.gate_options(plain) is plain  # no budget: the gate as set

@@ -99,3 +99,36 @@ def test_dynamic_mode_records_scales_and_rebuilds_the_same_graph(bert):
     snap_onnx_weights_(model, fp32, snapped)  # the model's weights on ORT's grid, as the stage stores
     again = ort_requantize(bert_onnx(model), params, False, None, (), ops, "dynamic", dummy=[feeds(5)])
     assert torch.equal(run(again, test), y)
+
+
+def test_a_bias_that_quantizes_to_zeros_still_rebuilds_the_same_graph(tmp_path):
+    """A bias far below its int32 scale (input scale x weight scale) has all-zero codes: snapped,
+    it is zeros. The TorchScript exporter used to share equal parameters as one constant, which
+    ONNX Runtime then did not quantize, so load()'s rebuild lacked the recorded bias scales
+    (mobilenet_v3_large with re-estimated batch norms; timm's coatnet): our export keeps them apart
+    and the rebuild has the same graph and output."""
+    from compress_cli.quantization.onnxruntime import load_onnx, write_fp32_onnx
+
+    torch.manual_seed(0)
+    c1, c2 = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3)
+    model = torch.nn.Sequential(c1, torch.nn.ReLU(), c2, torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        c1.bias.fill_(1e-12)
+        c2.bias.fill_(2e-12)
+
+    def export(m, path) -> bytes:
+        write_fp32_onnx(m, (1, 8, 8), path, 17, "torchscript")
+        return path.read_bytes()
+
+    fp32 = export(model, tmp_path / "a.onnx")
+    name = load_onnx(fp32).graph.input[0].name
+    g = torch.Generator().manual_seed(0)
+    calib = [{name: torch.rand(8, 1, 8, 8, generator=g).numpy()} for _ in range(2)]
+    q = ort_quantize(fp32, calib, False)
+    params, snapped = ort_record(q)
+    assert any(k.endswith("bias_quantized_scale") for k in params)
+    snap_onnx_weights_(model, fp32, snapped)
+    assert torch.equal(c1.bias, c2.bias)  # both snapped to zeros
+    again = ort_requantize(export(model, tmp_path / "b.onnx"), params, False, None, dummy=[calib[0]])
+    test = {name: torch.rand(4, 1, 8, 8, generator=g).numpy()}
+    assert torch.equal(run(again, test), run(q, test))
