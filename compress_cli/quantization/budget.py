@@ -361,6 +361,7 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
         "steps": [],
     }
     best: _Kept | None = None
+    best_step = 0
     ranked: list[tuple[str, float]] | None = None
     float_layers: list[str] = []
     met = False
@@ -383,6 +384,7 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
                 f"drop {drop:.4g} <= {budget}{b.unit}" if met else f"drop {drop:.4g} > {budget}{b.unit}"
             )
             if best is None or drop < best.drop:
+                best_step = len(info["steps"])
                 best = _Kept(
                     state.model,
                     state.transforms[b.n_transforms :],
@@ -416,6 +418,10 @@ def convert_within_budget(handler: SchemeHandler, state: State, options: Any, la
     b.keep(best)
     info.update(met=met, float_layers=best.float_layers, drop=best.drop)
     done = best.done
+    save = getattr(handler, "save", None)  # the handlers that write deployment files
+    if best_step != len(info["steps"]) - 1 and done.artifacts and callable(save) and best.runner is not None:
+        # every later step (a refused one too) wrote its own deployment files over the kept one's
+        done.artifacts = save(best.runner.model, state, done.details)
     done.details["budget"] = info
     where = f"{info['samples']} {b.split} samples"
     kept = ", ".join(best.float_layers) or "none"

@@ -4,6 +4,7 @@ order, where it stops, the best result kept, the config rules, and real int8 sch
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,38 @@ def test_max_float_layers_caps_the_loop_and_the_best_result_is_kept(monkeypatch)
     (v,) = done.violations
     assert v.startswith("quantize.max_accuracy_drop: int8_dynamic drops") and "max_float_layers 1" in v
     assert "NOT met" in done.notes
+
+
+class FakeWithFile(Fake):
+    """A Fake that, like the real schemes, writes its deployment file on every conversion."""
+
+    def convert(self, state, options, label):
+        from compress_cli.runtime.runners import EagerRunner
+
+        done = super().convert(state, options, label)
+        state.model.tag = repr(tuple(options.exclude))
+        state.runner = EagerRunner(state.model, torch.device("cpu"))
+        done.artifacts = self.save(state.model, state, done.details)
+        return done
+
+    def save(self, runtime, state, details):
+        path = state.ctx.output_dir / "model.fake"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(runtime.tag)
+        return [str(path)]
+
+
+def test_the_kept_results_deployment_file_is_the_one_left_on_disk(monkeypatch):
+    """The best step is the plain conversion, the last one put fc3 in float: the file on disk is
+    the kept result's, not the last step's."""
+    state = tiny_state(task=FIDELITY, seed=0)
+    monkeypatch.setattr(budget._Budget, "ranking", lambda self: [("fc3", 1.0)])
+    fake = FakeWithFile({(): 0.5, ("fc3",): 5.0})
+    cfg = QuantizeConfig(type="quantize", scheme="int8_dynamic", max_accuracy_drop=0.0, max_float_layers=1)
+    done = budget.convert_within_budget(fake, state, cfg, "quantize")
+    assert fake.calls == [[], ["fc3"]] and done.details["budget"]["float_layers"] == []
+    (path,) = done.artifacts
+    assert Path(path).read_text() == "()" and state.model.tag == "()"
 
 
 def test_a_refused_conversion_is_a_step_and_the_fallback_recovers_it(monkeypatch):
