@@ -267,9 +267,11 @@ class OpenVinoInt8(Int8Handler):
     """NNCF post-training int8 on the OpenVINO model; runs in OpenVINO on CPU."""
 
     def way_out(self, options: Any) -> str:
-        """Excluded layers, or the other CPU int8 schemes."""
+        """Excluded layers, f32 inference (OpenVINO's bf16 CPU path has refused int8 graphs that
+        compile in f32: "No suitable implementations"), or the other CPU int8 schemes."""
+        bf16 = "inference_precision: f32, " if precision_of(options) == "bf16" else ""
         return (
-            "keep the layers involved in float (exclude: [module globs]), "
+            f"{bf16}keep the layers involved in float (exclude: [module globs]), "
             "or use scheme onnxruntime_int8 or int8_static"
         )
 
