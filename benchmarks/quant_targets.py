@@ -3,7 +3,8 @@
 
 For one model (``--model fashion | resnet18 | mobilenet_v3_large``):
 
-1. every ``scheme: auto`` candidate (torch, onnxruntime, openvino) is converted and scored once,
+1. every ``scheme: auto`` candidate (torch, onnxruntime, openvino; the openvino ones also with
+   ``inference_precision: bf16`` where the CPU has bf16 units) is converted and scored once,
    through :func:`compress_cli.quantization.auto.convert_all` (what the stage does);
 2. the peers are built by hand from the libraries' own defaults, calibrated on the same batches:
    ``openvino.convert_model`` + ``nncf.quantize`` compiled with OpenVINO's defaults (bf16 inference
@@ -302,13 +303,13 @@ def main() -> None:
             for c in ok:
                 set_threads(c.runner, threads)
             peers = {k: make(threads) for k, make in makers.items()}
-            runners = {auto.FP32: fp32, **{c.scheme: c.runner for c in ok}, **peers}
+            runners = {auto.FP32: fp32, **{c.name: c.runner for c in ok}, **peers}
             x = state.data.example_input(batch)
             iters = 20 if batch == 1 else 3
             with lock(exclusive=True):
                 lat = auto.interleaved_latency(runners, x, threads, rounds=args.rounds, iterations=iters)
             for c in ok:
-                c.row["latency"] = lat[c.scheme]
+                c.row["latency"] = lat[c.name]
             winner = auto.decide(ok, lat[auto.FP32], budget)
             line = {
                 "model": args.model,
@@ -318,11 +319,11 @@ def main() -> None:
                 "split": split,
                 "batchnorm_reestimated": bn,
                 "fp32_ms": lat[auto.FP32] * 1e3,
-                "ours": winner.scheme if winner else "fp32 (nothing faster)",
+                "ours": winner.name if winner else "fp32 (nothing faster)",
                 "ours_ms": (winner.row["latency"] if winner else lat[auto.FP32]) * 1e3,
                 "ours_drop": winner.row["drop"] if winner else 0.0,
                 "candidates": {
-                    c.scheme: {
+                    c.name: {
                         "ms": c.row["latency"] * 1e3,
                         "drop": c.row["drop"],
                         "why": c.row["why"],
@@ -330,7 +331,7 @@ def main() -> None:
                     }
                     for c in ok
                 },
-                "failed": {c.scheme: c.error for c in cands if c.error is not None},
+                "failed": {c.name: c.error for c in cands if c.error is not None},
                 "peers": {
                     k: {
                         "ms": lat[k] * 1e3,

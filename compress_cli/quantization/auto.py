@@ -71,18 +71,30 @@ def linear_dominated(model: nn.Module) -> bool:
     return lin > conv
 
 
-def candidate_schemes(model: nn.Module, runtimes: list[str]) -> list[tuple[str, str]]:
-    """(scheme, runtime) of every candidate for ``runtimes``, in order."""
-    out: list[tuple[str, str]] = []
+def candidate_name(scheme: str, precision: str = "f32") -> str:
+    """A candidate's row name: the scheme, with a non-default inference precision in brackets
+    (``openvino_int8 (bf16)``)."""
+    return scheme if precision == "f32" else f"{scheme} ({precision})"
+
+
+def candidate_schemes(model: nn.Module, runtimes: list[str]) -> list[tuple[str, str, str]]:
+    """(scheme, runtime, inference precision) of every candidate for ``runtimes``, in order; the
+    openvino schemes also in bf16 where the CPU has bf16 units (OpenVINO's default there: a speed
+    the budget may accept, measured rather than assumed)."""
+    out: list[tuple[str, str, str]] = []
     for r in runtimes:
         if r == "torch":
-            out.append(("int8_static", "torch"))
+            out.append(("int8_static", "torch", "f32"))
             if linear_dominated(model):
-                out.append(("int8_dynamic", "torch"))
+                out.append(("int8_dynamic", "torch", "f32"))
         elif r == "onnxruntime":
-            out += [("onnxruntime_int8", r), ("onnxruntime_fp32", r)]
+            out += [("onnxruntime_int8", r, "f32"), ("onnxruntime_fp32", r, "f32")]
         elif r == "openvino":
-            out += [("openvino_int8", r), ("openvino_fp32", r)]
+            from compress_cli.runtime import openvino as ovrt
+
+            out += [("openvino_int8", r, "f32"), ("openvino_fp32", r, "f32")]
+            if ovrt.bf16_supported():
+                out += [("openvino_int8", r, "bf16"), ("openvino_fp32", r, "bf16")]
     return out
 
 
@@ -92,6 +104,7 @@ class Candidate:
 
     scheme: str
     runtime: str
+    precision: str = "f32"  # inference_precision (the openvino schemes)
     model: Any = None  # the module the checkpoint stores
     entry: dict[str, Any] | None = None  # its manifest transforms entry
     runner: Any = None
@@ -101,23 +114,32 @@ class Candidate:
     error: str | None = None
     row: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """The row name (:func:`candidate_name`)."""
+        return candidate_name(self.scheme, self.precision)
 
-def candidate_options(options: Any, scheme: str) -> Any:
-    """The stage's ``options`` for candidate ``scheme``: the scheme replaced; the SQNR gate relaxed
+
+def candidate_options(options: Any, scheme: str, precision: str = "f32") -> Any:
+    """The stage's ``options`` for candidate ``scheme``: the scheme and ``inference_precision``
+    (``precision``) replaced; the SQNR gate relaxed
     under a budget (:func:`~compress_cli.quantization.budget.gate_options`); ``max_accuracy_drop``
     kept only where the scheme takes it (then :func:`compress_cli.quantization.quantize` runs the
     per-layer fallback), so an fp32 candidate converts once."""
     from compress_cli.quantization.schemes import SCHEMES
 
-    opts = gate_options(options).model_copy(update={"scheme": scheme})
+    opts = gate_options(options).model_copy(update={"scheme": scheme, "inference_precision": precision})
     known = SCHEMES.get(scheme)
     if opts.max_accuracy_drop is not None and (known is None or "max_accuracy_drop" not in known.options):
         opts = opts.model_copy(update={"max_accuracy_drop": None})
     return opts
 
 
-def convert_candidate(state: State, options: Any, scheme: str, runtime: str, label: str) -> Candidate:
-    """Convert ``state.model`` with ``scheme`` (``options``: the stage's, scheme replaced), leaving
+def convert_candidate(
+    state: State, options: Any, scheme: str, runtime: str, label: str, precision: str = "f32"
+) -> Candidate:
+    """Convert ``state.model`` with ``scheme`` at ``precision`` (``options``: the stage's, scheme
+    replaced), leaving
     the state as it was; the one path every candidate takes. Conversion time includes preparing the
     runner and its first call at batch 1 (a compilation, a session). A failure is the candidate's
     ``error``, not an exception."""
@@ -127,8 +149,8 @@ def convert_candidate(state: State, options: Any, scheme: str, runtime: str, lab
     from compress_cli.state import save_snapshot
 
     saved = (state.model, list(state.transforms), state.runner, list(state.edits.items))
-    cand = Candidate(scheme, runtime)
-    opts = candidate_options(options, scheme)
+    cand = Candidate(scheme, runtime, precision)
+    opts = candidate_options(options, scheme, precision)
     t0 = time.perf_counter()
     try:
         done = quantize(state, opts, label)
@@ -192,15 +214,15 @@ def decide(cands: list[Candidate], base: float, budget: float) -> Candidate | No
     candidate of its own runtime is flagged too, and one whose per-layer fallback did not meet the
     budget is rejected with the fallback's verdict. Each candidate's ``row["why"]`` says why it was
     not eligible ("" when it was). None: no candidate is."""
-    same_fp32 = {c.runtime: c.row["latency"] for c in cands if c.scheme.endswith("_fp32")}
+    same_fp32 = {(c.runtime, c.precision): c.row["latency"] for c in cands if c.scheme.endswith("_fp32")}
     eligible = []
     for c in cands:
         why = []
         lat = c.row["latency"]
         if lat >= base:
             why.append(f"slower than fp32 ({lat * 1e3:.3f} ms vs {base * 1e3:.3f} ms)")
-        elif not c.scheme.endswith("_fp32") and lat >= same_fp32.get(c.runtime, float("inf")):
-            why.append(f"slower than {c.runtime} fp32")
+        elif not c.scheme.endswith("_fp32") and lat >= same_fp32.get((c.runtime, c.precision), float("inf")):
+            why.append(f"slower than {candidate_name(c.runtime + ' fp32', c.precision)}")
         fallback = fallback_of(c)
         if fallback is not None and not fallback.get("met"):
             why.append(
@@ -232,12 +254,12 @@ def convert_all(
     fp32_runner = EagerRunner(copy.deepcopy(state.model).cpu().eval(), torch.device("cpu"))
     ref = float(evaluate(fp32_runner, data.loader(split), task, split=split)[task.primary])
     cands = []
-    for scheme, runtime in candidate_schemes(state.model, runtimes):
-        state.ctx.listener.on_message(f"quantize auto: {scheme}")
-        cands.append(convert_candidate(state, options, scheme, runtime, label))
+    for scheme, runtime, precision in candidate_schemes(state.model, runtimes):
+        state.ctx.listener.on_message(f"quantize auto: {candidate_name(scheme, precision)}")
+        cands.append(convert_candidate(state, options, scheme, runtime, label, precision))
     if all(c.error is not None for c in cands):
         raise StageError(
-            "scheme auto: no candidate converted (" + "; ".join(f"{c.scheme}: {c.error}" for c in cands) + ")"
+            "scheme auto: no candidate converted (" + "; ".join(f"{c.name}: {c.error}" for c in cands) + ")"
         )
     for c in cands:
         if c.error is not None:
@@ -269,19 +291,19 @@ def choose(
     fp32_runner, ref, cands = convert_all(state, options, label, runtimes)
     ok = [c for c in cands if c.error is None]
     x = data.example_input(batch)
-    runners = {FP32: fp32_runner, **{c.scheme: c.runner for c in ok}}
+    runners = {FP32: fp32_runner, **{c.name: c.runner for c in ok}}
     lat = (timer or (lambda rs, xb: interleaved_latency(rs, xb, threads)))(runners, x)
     base = lat[FP32]
     for c in ok:
         c.row["drop"] = drop_points(task, ref, c.row["score"])
-        c.row["latency"] = lat[c.scheme]
+        c.row["latency"] = lat[c.name]
     winner = decide(ok, base, budget)
     rows = [_row(FP32, "torch", ref, 0.0, base, batch, None, 0.0, "the model received (baseline)")]
     for c in cands:
         if c.error is not None:
             rows.append(
                 _row(
-                    c.scheme,
+                    c.name,
                     c.runtime,
                     None,
                     None,
@@ -295,7 +317,7 @@ def choose(
             continue
         status = "chosen" if c is winner else (c.row["why"] or "slower than the chosen one")
         row = _row(
-            c.scheme,
+            c.name,
             c.runtime,
             c.row["score"],
             c.row["drop"],
@@ -335,10 +357,10 @@ def choose(
     assert winner.done is not None
     chosen = dict(winner.done.details)
     fallback = chosen.pop("budget", None)
-    details.update(chosen=winner.scheme, runtime=winner.runtime)
+    details.update(chosen=winner.name, runtime=winner.runtime)
     details.update({f"chosen_{k}": v for k, v in chosen.items()})
     notes = (
-        f"auto -> {winner.scheme} ({winner.runtime}): {base / winner.row['latency']:.2f}x fp32 "
+        f"auto -> {winner.name} ({winner.runtime}): {base / winner.row['latency']:.2f}x fp32 "
         f"at batch {batch}, "
         f"drop {winner.row['drop']:.2f} on {details['split']} (budget {budget:g}); {len(cands)} candidates"
     )

@@ -49,6 +49,7 @@ from compress_cli._utils.quiet import quiet
 from compress_cli.errors import SourceError, StageError
 from compress_cli.quantization.base import Int8Handler, Int8Job, Quantized, SchemeHandler
 from compress_cli.quantization.schemes import register_scheme
+from compress_cli.runtime import openvino as ovrt
 from compress_cli.runtime.inputs import InputSpec
 from compress_cli.runtime.openvino import INSTALL, OvModule, ir_bytes, ov_convert, signal_stack_kept
 from compress_cli.runtime.runners import OpenVinoRunner, Runner
@@ -234,6 +235,28 @@ def _convert_example(spec: InputSpec) -> Any:
     return spec.example(2, rng=np.random.default_rng(0))
 
 
+def precision_of(options: Any) -> str:
+    """The ``inference_precision`` the stage's ``options`` ask for (f32 unless set)."""
+    return str(getattr(options, "inference_precision", "f32"))
+
+
+def check_precision(options: Any) -> None:
+    """StageError, naming the key, when ``inference_precision: bf16`` is asked on a CPU without
+    bf16 units (OpenVINO would compile it as f32: not what the recipe says it measured)."""
+    if precision_of(options) == "bf16" and not ovrt.bf16_supported():
+        raise StageError(
+            f"inference_precision: bf16 (scheme {options.scheme}) needs a CPU with bf16 units "
+            "(AVX512_BF16 or AMX); OpenVINO's CPU OPTIMIZATION_CAPABILITIES list no BF16 here; "
+            "set inference_precision: f32, or let scheme auto measure the precisions this CPU has"
+        )
+
+
+def _runtime(ov_model: Any, entry: dict[str, Any]) -> OvModule:
+    """``ov_model`` as the module that runs, compiled with the entry's ``inference_precision``
+    (f32 for entries written before it was recorded)."""
+    return OvModule(ov_model, precision=str(entry.get("inference_precision", "f32")))
+
+
 def _threads(state: State) -> int:
     lat = state.recipe.measure.latency
     return lat.threads if lat is not None and lat.threads else torch.get_num_threads()
@@ -244,9 +267,11 @@ class OpenVinoInt8(Int8Handler):
     """NNCF post-training int8 on the OpenVINO model; runs in OpenVINO on CPU."""
 
     def way_out(self, options: Any) -> str:
-        """Excluded layers, or the other CPU int8 schemes."""
+        """Excluded layers, f32 inference (OpenVINO's bf16 CPU path has refused int8 graphs that
+        compile in f32: "No suitable implementations"), or the other CPU int8 schemes."""
+        bf16 = "inference_precision: f32, " if precision_of(options) == "bf16" else ""
         return (
-            "keep the layers involved in float (exclude: [module globs]), "
+            f"{bf16}keep the layers involved in float (exclude: [module globs]), "
             "or use scheme onnxruntime_int8 or int8_static"
         )
 
@@ -276,9 +301,14 @@ class OpenVinoInt8(Int8Handler):
         rebuilt = (
             calibrated if job.trial is not None else self._rebuild(model, spec, job.exclude, transformer)
         )
-        job.entry.update(ov_constants=constant_diff(calibrated, rebuilt), transformer=transformer)
+        job.entry.update(
+            ov_constants=constant_diff(calibrated, rebuilt),
+            transformer=transformer,
+            inference_precision=precision_of(job.options),
+        )
         job.details.update(
             model_type="transformer" if transformer else "default",
+            inference_precision=precision_of(job.options),
             ignored_nodes=sum(len(v) for v in found.values()),
             fake_quantize=sum(
                 1 for op in calibrated.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
@@ -299,7 +329,12 @@ class OpenVinoInt8(Int8Handler):
         """Convert and quantize the stored module on a dummy batch, then put the recorded constants back."""
         spec = InputSpec.from_entry(entry)
         rebuilt = self._rebuild(model, spec, list(entry.get("exclude", [])), bool(entry.get("transformer")))
-        return OvModule(put_constants(rebuilt, entry.get("ov_constants", {})))
+        return _runtime(put_constants(rebuilt, entry.get("ov_constants", {})), entry)
+
+    def preflight(self, state: State, options: Any) -> None:
+        """``inference_precision`` available on this CPU, then the int8 trial conversion."""
+        check_precision(options)
+        super().preflight(state, options)
 
     def save(self, runtime: nn.Module, state: State, details: dict[str, Any]) -> list[str]:
         """The int8 IR as ``OUTPUT/model.xml`` + ``model.bin``, the files to deploy."""
@@ -319,7 +354,10 @@ class OpenVinoInt8(Int8Handler):
         """openvino: the int8 model the runner measured, as it is."""
         if fmt != "openvino":
             return None, {}
-        return state.runner.model, {"converter": "openvino_int8 (NNCF FakeQuantize graph as quantized)"}
+        return state.runner.model, {
+            "converter": "openvino_int8 (NNCF FakeQuantize graph as quantized)",
+            "inference_precision": entry.get("inference_precision", "f32"),  # a compile option, not in the IR
+        }
 
 
 @register_scheme("openvino_fp32")
@@ -327,17 +365,24 @@ class OpenVinoFp32(SchemeHandler):
     """The fp32 model converted to OpenVINO (a deployment choice of its own: no quantization)."""
 
     def entry(self, state: State, options: Any) -> dict[str, Any]:
-        """The scheme and the input spec (load() converts with it)."""
+        """The scheme, the input spec and the inference precision (load() converts and compiles
+        with them)."""
         from compress_cli.quantization.base import cpu_inputs
 
         spec = InputSpec.from_example(cpu_inputs(state.data.example_input(2)), state.model)
-        return {"type": "quantize", "scheme": options.scheme, "input_spec": spec.to_json()}
+        return {
+            "type": "quantize",
+            "scheme": options.scheme,
+            "input_spec": spec.to_json(),
+            "inference_precision": precision_of(options),
+        }
 
     def preflight(self, state: State, options: Any) -> None:
-        """OpenVINO installed."""
+        """OpenVINO installed, ``inference_precision`` available on this CPU."""
         from compress_cli.runtime.openvino import require_openvino
 
         require_openvino(f"scheme {options.scheme}")
+        check_precision(options)
 
     def build_runtime(self, model: nn.Module, entry: dict[str, Any], device: Any = None) -> nn.Module:
         """``openvino.convert_model`` of the stored module (CPU fp32 copy when it is elsewhere)."""
@@ -347,7 +392,7 @@ class OpenVinoFp32(SchemeHandler):
         ready = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in model.parameters())
         work = model if ready else copy.deepcopy(model).cpu().float()
         om, _, _ = ov_convert(work, _convert_example(spec))
-        return OvModule(om)
+        return _runtime(om, entry)
 
     def runner(self, runtime: nn.Module, entry: dict[str, Any], state: State) -> Runner | None:
         """OpenVINO with the measurement's threads."""
@@ -359,12 +404,17 @@ class OpenVinoFp32(SchemeHandler):
         """Convert; the model stays as it is (the checkpoint is the fp32 module)."""
         done = super().convert(state, options, label)
         assert state.runner is not None
-        done.notes = f"{options.scheme} -> openvino (fp32, converted, not quantized)"
+        precision = precision_of(options)
+        done.notes = f"{options.scheme} -> openvino (fp32 weights, {precision} inference, not quantized)"
         done.details["openvino_bytes"] = ir_bytes(state.runner.model)
+        done.details["inference_precision"] = precision
         return done
 
     def export_model(self, fmt: str, state: State, entry: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """openvino: the converted model the runner measured."""
         if fmt != "openvino":
             return None, {}
-        return state.runner.model, {"converter": "openvino.convert_model"}
+        return state.runner.model, {
+            "converter": "openvino.convert_model",
+            "inference_precision": entry.get("inference_precision", "f32"),  # a compile option, not in the IR
+        }

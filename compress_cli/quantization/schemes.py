@@ -155,7 +155,7 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "openvino",
             freezes=True,
-            options=_INT8 | _BUDGET | {"calibration_batches"},
+            options=_INT8 | _BUDGET | {"calibration_batches", "inference_precision"},
             formats=("openvino",),
             formats_why="the model is an OpenVINO int8 graph (NNCF FakeQuantize): it exists only as "
             "OpenVINO IR (.xml/.bin)",
@@ -165,6 +165,7 @@ SCHEMES: dict[str, Scheme] = {
             "cpu",
             "openvino",
             freezes=True,
+            options=frozenset({"inference_precision"}),
             formats=("openvino",),
             formats_why="the model runs as OpenVINO IR: export it as openvino",
         ),

@@ -38,6 +38,9 @@ from compress_cli.runtime.inputs import InputSpec
 RT_INPUTS, RT_OUTPUTS = "compress_inputs", "compress_outputs"
 #: the pip extra that installs OpenVINO and NNCF
 INSTALL = "pip install 'compress-cli[openvino]'"
+#: the inference precisions an OpenVINO model may be compiled with (the quantize stage's
+#: ``inference_precision``): f32, or bf16 on CPUs with bf16 units
+PRECISIONS = ("f32", "bf16")
 
 
 def require_openvino(what: str = "the openvino runtime") -> Any:
@@ -98,6 +101,27 @@ def core() -> Any:
     ov = require_openvino()
     with signal_stack_kept():
         return ov.Core()
+
+
+def bf16_supported() -> bool:
+    """Whether the CPU plugin can infer in bf16 here (``OPTIMIZATION_CAPABILITIES`` lists ``BF16``:
+    AVX512_BF16 or AMX units); elsewhere OpenVINO compiles a bf16 hint as f32."""
+    with signal_stack_kept():
+        return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def compile_config(threads: int | None, precision: str = "f32") -> dict[str, Any]:
+    """The CPU plugin configuration every model here is compiled with: ``PERFORMANCE_HINT:
+    LATENCY``, ``INFERENCE_PRECISION_HINT`` = ``precision`` (stated, because on CPUs with bf16
+    units OpenVINO's default is bf16 inference, which is neither the fp32 model nor what a
+    quantized model's float parts were checked in unless chosen), ``INFERENCE_NUM_THREADS`` =
+    ``threads`` when set."""
+    if precision not in PRECISIONS:
+        raise StageError(f"inference_precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
 
 
 def ov_convert(model: nn.Module, example: Any) -> tuple[Any, InputSpec, Any]:
@@ -167,14 +191,15 @@ class OvModule(nn.Module):
     or the model's dict / tuple of tensors.
 
     ``ov_model`` is the ``openvino.Model`` (``save(path)`` writes ``.xml`` + ``.bin``); ``threads``
-    sets ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default), with ``PERFORMANCE_HINT: LATENCY`` and
-    ``INFERENCE_PRECISION_HINT: f32`` (not the bf16 default on CPUs with bf16 units).
+    sets ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default) and ``precision`` the
+    ``INFERENCE_PRECISION_HINT`` (f32 unless chosen; see :func:`compile_config`).
     Compiled on first use, not pickled. Inference only."""
 
-    def __init__(self, ov_model: Any, threads: int | None = None):
+    def __init__(self, ov_model: Any, threads: int | None = None, precision: str = "f32"):
         super().__init__()
         self.__dict__["ov_model"] = ov_model
         self.threads = threads
+        self.precision = precision
         self.__dict__["_request"] = None
         spec = ov_model.get_rt_info(RT_INPUTS).astype(str) if ov_model.has_rt_info(RT_INPUTS) else None
         out = ov_model.get_rt_info(RT_OUTPUTS).astype(str) if ov_model.has_rt_info(RT_OUTPUTS) else "null"
@@ -182,11 +207,11 @@ class OvModule(nn.Module):
         self.structure = json.loads(out)
 
     @classmethod
-    def from_file(cls, path: str | Path, threads: int | None = None) -> OvModule:
+    def from_file(cls, path: str | Path, threads: int | None = None, precision: str = "f32") -> OvModule:
         """Read an IR written by :meth:`save` (``model.xml`` next to its ``model.bin``)."""
         try:
             with signal_stack_kept():
-                return cls(core().read_model(str(path)), threads)
+                return cls(core().read_model(str(path)), threads, precision)
         except RuntimeError as e:
             raise SourceError(
                 f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})"
@@ -195,11 +220,7 @@ class OvModule(nn.Module):
     def compile(self) -> Any:
         """The infer request over the compiled model (created once, outside any timed region)."""
         if self.__dict__.get("_request") is None:
-            # f32: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO's default is bf16 inference,
-            # which is neither the fp32 model nor what a quantized model's float parts were checked in
-            config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = int(self.threads)
+            config = compile_config(self.threads, getattr(self, "precision", "f32"))
             with signal_stack_kept():
                 compiled = core().compile_model(self.__dict__["ov_model"], "CPU", config)
             self.__dict__["_compiled"] = compiled

@@ -214,7 +214,8 @@ class OpenVinoRunner(Runner):
         return {"runtime": self.runtime, "device": "cpu", "openvino": ov.get_version().split("-")[0]}
 
     def same_runtime_baseline(self, state: Any) -> dict[str, Any] | None:
-        """The original fp32 model converted to OpenVINO on the data's example input, same threads."""
+        """The original fp32 model converted to OpenVINO on the data's example input, same threads,
+        f32 inference (a bf16 ``inference_precision`` is part of what is measured against it)."""
         from compress_cli.runtime.openvino import OvModule, ov_convert
 
         original = state.original_model()

@@ -51,7 +51,8 @@ class TargetConfig(BaseModel):
         min_length=1,
         description="runtimes whose schemes are candidates (torch: int8_static [+ int8_dynamic for "
         "Linear-dominated models]; onnxruntime: onnxruntime_int8, onnxruntime_fp32; openvino: "
-        "openvino_int8, openvino_fp32); default: the installed ones",
+        "openvino_int8, openvino_fp32, each also with inference_precision bf16 where the CPU has bf16 "
+        "units); default: the installed ones",
     )
 
 
@@ -130,6 +131,12 @@ class QuantizeConfig(StageConfig, TrainOptions):
     )
     group_size: int = Field(
         128, ge=16, le=1024, description="int4_weight_only: weights per scale along the input dimension"
+    )
+    inference_precision: Literal["f32", "bf16"] = Field(
+        "f32",
+        description="openvino_int8/openvino_fp32: the precision OpenVINO computes the model's float "
+        "parts in (INFERENCE_PRECISION_HINT); bf16 needs a CPU with bf16 units (AVX512_BF16, AMX) and "
+        "trades fidelity to fp32 for speed; scheme auto measures both where the CPU has them",
     )
     max_float_layers: int = Field(
         8,
@@ -308,9 +315,10 @@ class Quantize(Stage[QuantizeConfig]):
         from torch import nn
 
         if self.config.scheme == AUTO:
-            from compress_cli.quantization.auto import candidate_schemes
+            from compress_cli.quantization.auto import candidate_name, candidate_schemes
 
-            names = [s for s, _ in candidate_schemes(state.model, self._auto_runtimes())]
+            found = candidate_schemes(state.model, self._auto_runtimes())
+            names = [candidate_name(s, p) for s, _, p in found]
             return [f"auto: candidates {', '.join(names)}"]
         kinds = tuple(getattr(nn, name) for name in SCHEMES[self.config.scheme].layers)
         skip = {n for n, _ in state.select_modules(self.config.exclude)} if self.config.exclude else set()

@@ -45,20 +45,34 @@ def choose(state, budget=100.0, **ms):
     )
 
 
-def test_candidates_by_runtime_and_model_family():
+def test_candidates_by_runtime_and_model_family(monkeypatch):
+    from compress_cli.runtime import openvino as ovrt
+
+    monkeypatch.setattr(ovrt, "bf16_supported", lambda: False)
     both = ["torch", "onnxruntime", "openvino"]
     convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    assert [s for s, _ in auto.candidate_schemes(convnet, both)] == [
+    assert [s for s, _, _ in auto.candidate_schemes(convnet, both)] == [
         "int8_static",
         "onnxruntime_int8",
         "onnxruntime_fp32",
         "openvino_int8",
         "openvino_fp32",
     ]
-    assert ("int8_dynamic", "torch") in auto.candidate_schemes(tiny_mlp(), ["torch"])  # Linear-dominated
-    ov = [("openvino_int8", "openvino"), ("openvino_fp32", "openvino")]
+    assert ("int8_dynamic", "torch", "f32") in auto.candidate_schemes(
+        tiny_mlp(), ["torch"]
+    )  # Linear-dominated
+    ov = [("openvino_int8", "openvino", "f32"), ("openvino_fp32", "openvino", "f32")]
     assert auto.candidate_schemes(tiny_mlp(), ["openvino"]) == ov
     assert "torch" in auto.installed_runtimes()
+    # a CPU with bf16 units: the openvino schemes are candidates in bf16 too, named so in the table
+    monkeypatch.setattr(ovrt, "bf16_supported", lambda: True)
+    found = auto.candidate_schemes(tiny_mlp(), ["onnxruntime", "openvino"])
+    assert found[2:] == [*ov, ("openvino_int8", "openvino", "bf16"), ("openvino_fp32", "openvino", "bf16")]
+    assert [auto.candidate_name(s, p) for s, _, p in found[-2:]] == [
+        "openvino_int8 (bf16)",
+        "openvino_fp32 (bf16)",
+    ]
+    assert all(p == "f32" for _, r, p in found if r != "openvino")
 
 
 def test_auto_keeps_the_fastest_within_budget_and_it_reloads(tmp_path):
@@ -110,7 +124,9 @@ def test_a_candidate_over_the_budget_is_not_chosen(tmp_path, monkeypatch):
 def test_a_failing_candidate_is_a_row_not_a_failed_stage(tmp_path, monkeypatch):
     state = state_for(tmp_path)
     real = auto.candidate_schemes
-    monkeypatch.setattr(auto, "candidate_schemes", lambda m, r: [*real(m, r), ("no_such_scheme", "torch")])
+    monkeypatch.setattr(
+        auto, "candidate_schemes", lambda m, r: [*real(m, r), ("no_such_scheme", "torch", "f32")]
+    )
     done = choose(state, onnxruntime_int8=0.5, onnxruntime_fp32=0.8)
     row = done.details["candidates"][-1]
     assert row["scheme"] == "no_such_scheme" and row["status"].startswith("failed: ")
@@ -145,7 +161,7 @@ def test_candidate_options_budget_and_sqnr_gate():
     for scheme in ("int8_static", "onnxruntime_int8", "openvino_int8"):  # a speed-only run lowers it
         assert auto.candidate_options(plain, scheme).min_sqnr_db == 3.0
     budgeted = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.5, max_float_layers=2)
-    for scheme, _ in auto.candidate_schemes(tiny_mlp(), list(auto.RUNTIMES)):
+    for scheme, _, _ in auto.candidate_schemes(tiny_mlp(), list(auto.RUNTIMES)):
         o = auto.candidate_options(budgeted, scheme)
         takes = "max_accuracy_drop" in SCHEMES[scheme].options  # whichever schemes take the budget
         assert o.scheme == scheme and o.max_accuracy_drop == (0.5 if takes else None)
@@ -225,3 +241,63 @@ def test_a_candidate_whose_fallback_misses_the_budget_is_rejected_not_a_violatio
     assert q["fallback_steps"] == 2
     assert "max_float_layers 1" in q["status"] and len(q["float_layers"]) == 1
     assert done.details["chosen"] == "onnxruntime_fp32" and not done.violations  # auto picked another
+
+
+def test_an_int8_candidate_is_compared_with_the_fp32_candidate_of_its_own_precision():
+    """openvino_int8 in f32 is not refused for being slower than openvino_fp32 in bf16 (which
+    may be over the budget): each precision has its own same-runtime fp32 row."""
+
+    def cand(scheme, precision, ms, drop=0.0):
+        c = auto.Candidate(scheme, "openvino", precision)
+        c.row.update(latency=ms / 1e3, drop=drop)
+        return c
+
+    cands = [
+        cand("openvino_int8", "f32", 0.4),
+        cand("openvino_fp32", "f32", 0.6),
+        cand("openvino_int8", "bf16", 0.35, drop=2.0),
+        cand("openvino_fp32", "bf16", 0.3, drop=2.0),
+    ]
+    assert auto.decide(cands, 1e-3, 1.0) is cands[0]
+    assert [c.row["why"] for c in cands] == [
+        "",
+        "",
+        "slower than openvino fp32 (bf16); drop 2.00 > budget 1",
+        "drop 2.00 > budget 1",
+    ]
+    cands[2].row["drop"] = cands[3].row["drop"] = 0.5  # within budget: the fastest, bf16 fp32, wins
+    assert auto.decide(cands, 1e-3, 1.0).name == "openvino_fp32 (bf16)"
+
+
+@pytest.mark.slow  # ~12 s on 2 busy cores: NNCF twice, three OpenVINO compiles, an evaluation each
+def test_auto_measures_the_openvino_bf16_candidates_and_the_chosen_one_reloads(tmp_path, monkeypatch):
+    """Where the CPU has bf16 units: the bf16 rows are converted and timed on the same harness,
+    one chosen by the timings is recorded with its precision and load() compiles it so (the f32
+    int8 row, which converts as the bf16 one does, is left out: NNCF is the slow part)."""
+    from compress_cli.runtime import openvino as ovrt
+
+    if not ovrt.bf16_supported():
+        pytest.skip("this CPU has no bf16 units (OpenVINO OPTIMIZATION_CAPABILITIES)")
+    real = auto.candidate_schemes
+    f32_int8 = ("openvino_int8", "openvino", "f32")
+    monkeypatch.setattr(auto, "candidate_schemes", lambda m, r: [c for c in real(m, r) if c != f32_int8])
+    state = state_for(tmp_path)
+    opts = QuantizeConfig(type="quantize", scheme="auto", calibration_batches=1)
+    t = timer({"openvino_fp32": 0.8, "openvino_int8 (bf16)": 0.5, "openvino_fp32 (bf16)": 0.7})
+    done = auto.choose(
+        state, opts, "quantize", runtimes=["openvino"], batch=1, budget=100.0, threads=1, timer=t
+    )
+    rows = {r["scheme"]: r for r in done.details["candidates"]}
+    assert (
+        done.details["chosen"] == "openvino_int8 (bf16)"
+        and rows["openvino_int8 (bf16)"]["status"] == "chosen"
+    )
+    assert rows["openvino_fp32 (bf16)"]["score"] is not None  # evaluated on the selection split too
+    assert [t["scheme"] for t in state.transforms] == ["openvino_int8"]
+    assert state.transforms[-1]["inference_precision"] == "bf16"
+    save_snapshot(state, tmp_path / "model")
+    loaded = compress_cli.load(tmp_path / "model")
+    loaded.compile()
+    assert loaded.__dict__["_compiled"].get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+    x = state.data.example_input(3)
+    assert torch.equal(loaded(x), state.runner(x))

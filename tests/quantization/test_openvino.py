@@ -22,6 +22,7 @@ from compress_cli.quantization.openvino import (
     put_constants,
     snap_ov_weights_,
 )  # noqa: E402
+from compress_cli.runtime import openvino as ovrt  # noqa: E402
 from compress_cli.runtime.inputs import InputSpec  # noqa: E402
 from compress_cli.runtime.openvino import OvModule, ov_convert  # noqa: E402
 from compress_cli.runtime.runners import OpenVinoRunner  # noqa: E402
@@ -231,3 +232,86 @@ def test_recorded_constants_turn_a_dummy_batch_rebuild_into_the_calibrated_model
     ), [r["value"]["shape"] for r in recorded.values()]
     assert not torch.equal(outputs(OvModule(rebuilt)), outputs(OvModule(calibrated)))
     assert torch.equal(outputs(OvModule(put_constants(rebuilt, recorded))), outputs(OvModule(calibrated)))
+
+
+# ------------------------------------------------------------------ inference_precision (f32 | bf16)
+def _precision(module: OvModule) -> str:
+    """The INFERENCE_PRECISION_HINT ``module`` was compiled with, as OpenVINO reports it."""
+    module.compile()
+    return module.__dict__["_compiled"].get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+needs_bf16 = pytest.mark.skipif(
+    not ovrt.bf16_supported(), reason="this CPU has no bf16 units (OPTIMIZATION_CAPABILITIES)"
+)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"scheme": "int8_static", "inference_precision": "bf16"}, "inference_precision: not an option"),
+        ({"scheme": "auto", "inference_precision": "bf16"}, "not an option of scheme auto"),
+        ({"scheme": "openvino_fp32", "inference_precision": "fp16"}, "inference_precision"),
+    ],
+)
+def test_inference_precision_is_an_openvino_option(tmp_path, stage, message):
+    import yaml
+
+    from compress_cli.config.yaml import parse_yaml
+    from compress_cli.errors import RecipeError
+    from compress_cli.stages.registry import validate
+
+    d = tiny_recipe_dict(tmp_path, stages=[{"type": "quantize", **stage}])
+    with pytest.raises(RecipeError, match=message) as e:
+        validate(parse_yaml(yaml.safe_dump(d)))
+    assert "stages[0] (quantize)" in str(e.value)
+    ok = {"type": "quantize", "scheme": "openvino_int8", "inference_precision": "bf16"}
+    ok = tiny_recipe_dict(tmp_path, stages=[ok])
+    validate(parse_yaml(yaml.safe_dump(ok)))
+
+
+@pytest.mark.parametrize("scheme", ["openvino_fp32", "openvino_int8"])
+def test_bf16_without_cpu_support_is_a_preflight_error(tmp_path, monkeypatch, scheme):
+    monkeypatch.setattr(ovrt, "bf16_supported", lambda: False)
+    state = state_for(tmp_path, scheme=scheme)
+    cfg = QuantizeConfig(type="quantize", scheme=scheme, inference_precision="bf16")
+    with pytest.raises(StageError, match=r"inference_precision: bf16 .* no BF16 here; set inference_"):
+        Quantize(cfg, 1).preflight(state)
+    assert state.transforms == [] and state.runner is None
+
+
+def test_the_entry_records_f32_by_default_and_load_compiles_with_it(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="openvino_fp32")
+    assert state.transforms[-1]["inference_precision"] == "f32"
+    assert res.details["inference_precision"] == "f32"
+    loaded = compress_cli.load(d)
+    assert isinstance(loaded, OvModule) and _precision(loaded) == "f32"
+    assert ovrt.compile_config(2, "bf16") == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "INFERENCE_NUM_THREADS": 2,
+    }
+
+
+@needs_bf16
+def test_openvino_fp32_in_bf16_is_recorded_and_load_compiles_it_so(tmp_path):
+    state, res, d = run_stage(tmp_path, scheme="openvino_fp32", inference_precision="bf16")
+    assert state.transforms[-1]["inference_precision"] == "bf16" and "bf16 inference" in res.notes
+    assert _precision(state.runner.model) == "bf16"
+    loaded = compress_cli.load(d)
+    assert isinstance(loaded, OvModule) and _precision(loaded) == "bf16"
+    assert torch.equal(outputs(loaded), outputs(state.runner))  # compiled the same way: same numbers
+    f32 = OvModule(loaded.ov_model)
+    assert _precision(f32) == "f32" and not torch.equal(outputs(f32), outputs(loaded))  # bf16 really ran
+    with torch.no_grad():
+        assert torch.allclose(outputs(loaded), outputs(state.original_model().eval()), atol=0.1)
+
+
+@needs_bf16
+@pytest.mark.slow  # ~15 s on 2 busy cores: NNCF runs three times (calibrated, recorded, load())
+def test_openvino_int8_in_bf16_passes_the_gate_and_reloads_bit_exact(tmp_path):
+    cfg = {"calibration_batches": 2, "inference_precision": "bf16"}
+    state, res, d = run_stage(tmp_path, scheme="openvino_int8", **cfg)
+    assert state.transforms[-1]["inference_precision"] == "bf16" and res.details["sqnr_db"] >= 20
+    loaded = compress_cli.load(d)
+    assert _precision(loaded) == "bf16" and torch.equal(outputs(loaded), outputs(state.runner))
