@@ -147,7 +147,8 @@ def test_signal_finishes_the_step_saves_and_exits_130(sig, tmp_path):
     p.send_signal(sig)
     assert p.wait(timeout=60) == 130
     err = p.stderr.read()
-    assert f"interrupted by {sig.name} during stage 1 (finetune)" in err and "--resume" in err
+    assert f"interrupted by {sig.name} during stage 1 (finetune); no stage had finished" in err
+    assert "--resume" in err
     assert (out / "stages" / "01-finetune" / "interrupted" / "model" / "manifest.json").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["incomplete"] is True and "interrupted" in report["error"]

@@ -352,9 +352,10 @@ class Run:
         with contextlib.suppress(Exception):
             save_snapshot(state, sdir / "interrupted" / "model")
             kept = f"; its partial model is in {sdir / 'interrupted' / 'model'}"
+        done = {1: "no stage had finished", 2: "stage 1 is kept"}.get(i, f"stages 1..{i - 1} are kept")
         msg = (
             f"interrupted by {signal.Signals(self.stop.signal).name} during stage {i} ({cfg.type}); "
-            f"stages 1..{i - 1} are kept in {self.snapshots.root}{kept}"
+            f"{done} (snapshots in {self.snapshots.root}){kept}"
         )
         self.write_partial(report, last, msg)
         raise Interrupted(msg)
