@@ -184,6 +184,18 @@ def tiny_state(
     return state
 
 
+def outlier_state(tmp_path: str | Path | None = None) -> Any:
+    """A :func:`tiny_state` over ``zoo:outlier_cnn`` with a 1000x outlier channel, scored by cosine
+    fidelity: plain int8 loses far more than a small budget, one layer back in float recovers it
+    (the accuracy-budget tests of every scheme and of ``scheme: auto``)."""
+    return tiny_state(
+        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
+        tmp_path,
+        task={"type": "fidelity", "primary": "cosine"},
+        limit_train=128,
+    )
+
+
 def branchy_cnn(seed: int = 0, num_classes: int = 10, on_values: bool = False) -> nn.Module:
     """A 1x8x8 -> ``num_classes`` CNN (conv-BN-ReLU x2, a residual tap before one BN) whose forward
     branches on its input, which ``torch.fx`` cannot trace: on its shape (``if x.dim() == 3``, a

@@ -20,7 +20,7 @@ from compress_cli.runtime.ort import OrtModule
 from compress_cli.stages.quantize import QuantizeConfig
 from compress_cli.stages.registry import validate
 from compress_cli.state import save_snapshot
-from compress_cli.testing import tiny_mlp, tiny_recipe_dict
+from compress_cli.testing import outlier_state, tiny_mlp, tiny_recipe_dict
 
 ORT = ["onnxruntime"]  # the two ONNX Runtime candidates convert in seconds; torch.compile does not
 
@@ -179,17 +179,6 @@ def test_a_lowered_min_sqnr_db_reaches_the_chosen_int8_candidate(tmp_path):
     assert done.details["chosen"] == "onnxruntime_int8" and done.details["chosen_min_sqnr_db"] == 3.0
 
 
-def _outlier_state(tmp_path):
-    from compress_cli.testing import tiny_state
-
-    return tiny_state(
-        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
-        tmp_path,
-        task={"type": "fidelity", "primary": "cosine"},
-        limit_train=128,
-    )
-
-
 def _spy(monkeypatch):
     """Record the scheme and SQNR gate of every budgeted conversion and every split evaluated."""
     from compress_cli.quantization import budget
@@ -212,7 +201,7 @@ def _spy(monkeypatch):
 
 
 def test_auto_with_a_budget_recovers_the_int8_candidate_by_per_layer_fallback(tmp_path, monkeypatch):
-    state = _outlier_state(tmp_path)
+    state = outlier_state(tmp_path)
     loops, splits = _spy(monkeypatch)
     opts = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.005, max_float_layers=2)
     t = timer({"onnxruntime_int8": 0.5, "onnxruntime_fp32": 0.8})
@@ -231,7 +220,7 @@ def test_auto_with_a_budget_recovers_the_int8_candidate_by_per_layer_fallback(tm
 
 
 def test_a_candidate_whose_fallback_misses_the_budget_is_rejected_not_a_violation(tmp_path, monkeypatch):
-    state = _outlier_state(tmp_path)
+    state = outlier_state(tmp_path)
     opts = QuantizeConfig(type="quantize", scheme="auto", max_accuracy_drop=0.005, max_float_layers=1)
     t = timer({"onnxruntime_int8": 0.5, "onnxruntime_fp32": 0.8})
     done = auto.choose(state, opts, "quantize", runtimes=ORT, batch=1, budget=0.005, threads=1, timer=t)

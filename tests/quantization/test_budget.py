@@ -13,7 +13,7 @@ from compress_cli.errors import StageError
 from compress_cli.quantization import Quantized, SchemeHandler, budget
 from compress_cli.report import budget_lines
 from compress_cli.stages.quantize import Quantize, QuantizeConfig
-from compress_cli.testing import seeded_zoo, tiny_state
+from compress_cli.testing import outlier_state, seeded_zoo, tiny_state
 
 FIDELITY = {"type": "fidelity", "primary": "agreement"}
 
@@ -204,17 +204,9 @@ def test_recipe_validation_locates_the_budget_key(tmp_path):
 
 
 # ------------------------------------------------------------------------- real int8 schemes
-def _outlier_state():
-    return tiny_state(
-        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
-        task={"type": "fidelity", "primary": "cosine"},
-        limit_train=128,
-    )
-
-
 @pytest.mark.slow  # two PT2E conversions: ~75 s on the loaded 2-core machine
 def test_int8_static_recovers_the_outlier_model_by_keeping_conv2_in_float():
-    state = _outlier_state()
+    state = outlier_state()
     cfg = QuantizeConfig(
         type="quantize",
         scheme="int8_static",
@@ -232,7 +224,7 @@ def test_int8_static_recovers_the_outlier_model_by_keeping_conv2_in_float():
 
 
 def test_onnxruntime_int8_needs_both_sides_of_the_outlier_tensor_in_float():
-    state = _outlier_state()
+    state = outlier_state()
     cfg = QuantizeConfig(
         type="quantize",
         scheme="onnxruntime_int8",

@@ -31,6 +31,7 @@ from compress_cli.stages.quantize import Quantize, QuantizeConfig  # noqa: E402
 from compress_cli.stages.registry import get_stage  # noqa: E402
 from compress_cli.testing import (  # noqa: E402
     dict_model,
+    outlier_state,
     tiny_recipe_dict,  # noqa: E402
     tiny_state,
 )
@@ -182,12 +183,7 @@ def test_budget_keeps_the_outlier_layer_in_float_and_load_rebuilds_it(tmp_path):
     entry records it, and load() rebuilds the kept result exactly."""
     from compress_cli.state import save_snapshot
 
-    state = tiny_state(
-        {"source": "zoo:outlier_cnn", "kwargs": {"outlier": 1000.0}},
-        tmp_path,
-        task={"type": "fidelity", "primary": "cosine"},
-        limit_train=128,
-    )
+    state = outlier_state(tmp_path)
     cfg = QuantizeConfig(
         type="quantize",
         scheme="openvino_int8",
